@@ -1,0 +1,219 @@
+"""The job queue: submit, claim (atomic), heartbeat, finish, cancel, reprioritise, reap stale jobs.
+
+States: queued -> running -> completed | failed | cancelled, and queued -> cancelled. Rows are never deleted:
+the history is a feature. Every state change is one guarded UPDATE, so two processes can never both move a job.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+from sqlalchemy import and_, select, update
+
+from lab.db import is_sqlite, read_session, session
+from lab.errors import LabError
+from lab.settings import Settings
+from lab.tables import TERMINAL_STATES, Job, utcnow
+from lab.tables import Worker as WorkerRow
+
+
+def enqueue(settings: Settings, *, experiment_id: int, plugin: str, params: dict, model_id: int | None = None,
+            dataset_id: int | None = None, priority: int = 0) -> int:
+    """Put a job in the queue (inputs already validated) and return its id."""
+    with session(settings) as s:
+        job = Job(experiment_id=experiment_id, plugin=plugin, params=params, model_id=model_id,
+                  dataset_id=dataset_id, priority=priority, status="queued")
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def has_queued(settings: Settings) -> bool:
+    """A cheap read that never takes the write lock: idle workers call it many times a second."""
+    with read_session(settings) as s:
+        return s.scalar(select(Job.id).where(Job.status == "queued").limit(1)) is not None
+
+
+def claim_next(settings: Settings, worker_id: str) -> Job | None:
+    """Move the most urgent queued job to running for `worker_id`, atomically; None when the queue is empty.
+
+    One UPDATE ... WHERE id = (SELECT ... LIMIT 1) ... RETURNING, inside a write transaction (BEGIN IMMEDIATE on
+    SQLite; FOR UPDATE SKIP LOCKED on PostgreSQL), so a job is never handed to two workers.
+    """
+    now = utcnow()
+    pick = select(Job.id).where(Job.status == "queued").order_by(Job.priority.desc(), Job.id).limit(1)
+    if not is_sqlite(settings):
+        pick = pick.with_for_update(skip_locked=True)
+    stmt = (
+        update(Job)
+        .where(and_(Job.id == pick.scalar_subquery(), Job.status == "queued"))
+        .values(status="running", worker=worker_id, started_at=now, heartbeat_at=now, attempts=Job.attempts + 1)
+        .returning(Job.id)
+    )
+    with session(settings) as s:
+        job_id = s.execute(stmt).scalar()
+        if job_id is None:
+            return None
+        return s.get(Job, job_id)
+
+
+def get(settings: Settings, job_id: int) -> Job:
+    with read_session(settings) as s:
+        job = s.get(Job, job_id)
+    if job is None:
+        raise LabError(f"no job {job_id}", "see `lab jobs list`")
+    return job
+
+
+def _update_running(settings: Settings, job_id: int, worker_id: str | None = None, **values) -> bool:
+    cond = [Job.id == job_id, Job.status == "running"]
+    if worker_id is not None:
+        cond.append(Job.worker == worker_id)
+    with session(settings) as s:
+        return s.execute(update(Job).where(*cond).values(**values)).rowcount == 1
+
+
+def started(settings: Settings, job_id: int, worker_id: str, pid: int, run_dir: str) -> bool:
+    return _update_running(settings, job_id, worker_id, pid=pid, run_dir=run_dir)
+
+
+def heartbeat(settings: Settings, job_id: int, worker_id: str) -> bool:
+    """Refresh the job's heartbeat; False when the job is no longer this worker's (e.g. reaped)."""
+    return _update_running(settings, job_id, worker_id, heartbeat_at=utcnow())
+
+
+def progress(settings: Settings, job_id: int, step: int, total: int | None) -> None:
+    _update_running(settings, job_id, step=step, total_steps=total)
+
+
+def record_error(settings: Settings, job_id: int, error: str) -> None:
+    """The job process states why it is failing; the worker keeps it when it records the outcome."""
+    _update_running(settings, job_id, error=error[:4000])
+
+
+def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit_code: int | None,
+           error: str | None = None, log_tail: str | None = None) -> bool:
+    """Record the outcome of a running job owned by `worker_id`. An error recorded by the job itself wins."""
+    assert status in TERMINAL_STATES
+    with session(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != "running" or job.worker != worker_id:
+            return False
+        job.status = status
+        job.exit_code = exit_code
+        job.finished_at = utcnow()
+        job.log_tail = log_tail
+        if status == "completed":
+            job.error = None
+        elif error and not job.error:
+            job.error = error
+        elif error and job.error and error not in job.error:
+            job.error = f"{job.error}\n({error})"
+        if status == "completed" and job.total_steps:
+            job.step = job.total_steps
+        return True
+
+
+def cancel(settings: Settings, job_id: int) -> str:
+    """Cancel a queued job at once, or ask the worker to stop a running one. Returns the job's status after."""
+    with session(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise LabError(f"no job {job_id}", "see `lab jobs list`")
+        if job.status == "queued":
+            job.status = "cancelled"
+            job.finished_at = utcnow()
+            job.error = "cancelled before it started"
+            return "cancelled"
+        if job.status == "running":
+            job.cancel_requested = True
+            return "cancelling"
+        raise LabError(f"job {job_id} is already {job.status}")
+
+
+def cancel_requested(settings: Settings, job_id: int) -> bool:
+    with read_session(settings) as s:
+        return bool(s.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def set_priority(settings: Settings, job_id: int, priority: int) -> None:
+    with session(settings) as s:
+        if s.execute(update(Job).where(Job.id == job_id, Job.status == "queued").values(priority=priority)).rowcount:
+            return
+        job = s.get(Job, job_id)
+    if job is None:
+        raise LabError(f"no job {job_id}", "see `lab jobs list`")
+    raise LabError(f"job {job_id} is {job.status}: only queued jobs can change priority")
+
+
+def queue_position(settings: Settings, job_id: int) -> int | None:
+    """1 for the next job to start; None when the job is not queued."""
+    with read_session(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != "queued":
+            return None
+        ahead = select(Job.id).where(
+            Job.status == "queued",
+            (Job.priority > job.priority) | ((Job.priority == job.priority) & (Job.id < job.id)),
+        )
+        return len(s.scalars(ahead).all()) + 1
+
+
+def _process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_stale(settings: Settings) -> list[int]:
+    """Fail running jobs whose heartbeat is older than the lease and whose process is gone; their ids.
+
+    A job process on another machine cannot be checked, so there the lease alone decides.
+    """
+    cutoff = utcnow() - timedelta(seconds=settings.lease_s)
+    host = socket.gethostname()
+    reaped = []
+    with session(settings) as s:
+        stale = s.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)).all()
+        for job in stale:
+            same_host = (job.worker or "").split(":")[0] == host
+            if same_host and _process_alive(job.pid):
+                continue  # its process still runs: it notices its lost worker and stops itself
+            job.status = "failed"
+            job.finished_at = utcnow()
+            age = (utcnow() - job.heartbeat_at).total_seconds()
+            job.error = (f"lost: no heartbeat from worker {job.worker} for {age:.0f} s "
+                         f"(lease {settings.lease_s:.0f} s); the worker or its machine stopped")
+            reaped.append(job.id)
+    return reaped
+
+
+# --- workers ---------------------------------------------------------------------------------------------------
+
+
+def worker_seen(settings: Settings, worker_id: str, status: str, job_id: int | None = None) -> None:
+    """Create or refresh a worker's row (its own heartbeat, shown in the UI and used by `lab run --wait`)."""
+    host, pid = worker_id.split(":")[:2]
+    with session(settings) as s:
+        row = s.get(WorkerRow, worker_id)
+        if row is None:
+            s.add(WorkerRow(id=worker_id, host=host, pid=int(pid), status=status, job_id=job_id))
+        else:
+            row.status, row.job_id, row.heartbeat_at = status, job_id, utcnow()
+
+
+def live_workers(settings: Settings) -> list[WorkerRow]:
+    """Workers that heartbeat within the lease (and, on this machine, whose process exists)."""
+    cutoff = utcnow() - timedelta(seconds=settings.lease_s)
+    host = socket.gethostname()
+    with read_session(settings) as s:
+        rows = s.scalars(select(WorkerRow).where(WorkerRow.status != "stopped", WorkerRow.heartbeat_at >= cutoff))
+        return [w for w in rows if w.host != host or _process_alive(w.pid)]

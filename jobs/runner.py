@@ -1,0 +1,182 @@
+"""Run one job: `python -m jobs.runner JOB_ID`, started by a worker in its own process group; the exit code is the truth.
+
+Exit codes: 0 the plugin returned and its outputs exist; 3 cancelled; anything else failed (the reason is stored on
+the job and the traceback is in log.txt).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+from jobs import queue
+from lab import datasets as datasets_mod
+from lab import plugins, registry
+from lab.db import read_session
+from lab.errors import CANCELLED_EXIT, JobCancelled, LabError
+from lab.sdk import RunContext
+from lab.settings import Settings, load
+from lab.tables import Dataset, Experiment, Model, utcnow
+
+PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "llm-lab")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def _watch_parent(parent: int) -> None:
+    """Stop this job's whole process group when the worker that started it dies: no orphaned training."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            print("[lab] the worker went away; stopping this job", flush=True)
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _model_info(model: Model | None, base: Model | None) -> dict | None:
+    if model is None:
+        return None
+    return {"id": model.id, "name": model.name, "path": model.path, "kind": model.kind, "source": model.source,
+            "architecture": model.architecture, "fingerprint": model.fingerprint,
+            "base_model_id": model.base_model_id, "base_model": base and base.name, "base_path": base and base.path}
+
+
+def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.Plugin, object]:
+    job = queue.get(settings, job_id)
+    plugin = plugins.get(settings, job.plugin)
+    params = plugins.validate_params(plugin, job.params)
+    with read_session(settings) as s:
+        experiment = s.get(Experiment, job.experiment_id)
+        model = s.get(Model, job.model_id) if job.model_id else None
+        dataset = s.get(Dataset, job.dataset_id) if job.dataset_id else None
+        base = s.get(Model, model.base_model_id) if model and model.base_model_id else None
+    if not job.run_dir:
+        raise LabError(f"job {job_id} has no run folder: it was not started by a worker")
+    ctx = RunContext(
+        settings=settings, job_id=job.id, plugin=plugin.id, experiment=experiment.name, run_dir=Path(job.run_dir),
+        model=_model_info(model, base),
+        dataset=None if dataset is None else {**datasets_mod.info(settings, dataset.name)},
+        report_to=[] if settings.wandb == "off" else ["wandb"],
+    )
+    ctx.output_dir.mkdir(parents=True, exist_ok=True)
+    ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "job_id": job.id, "plugin": plugin.id, "plugin_origin": plugin.origin, "experiment": experiment.name,
+        "params": params.model_dump(mode="json"), "seed": getattr(params, "seed", None), "priority": job.priority,
+        "model": ctx.model, "dataset": ctx.dataset and {k: ctx.dataset[k] for k in ("id", "name", "format", "rows",
+                                                                                  "fingerprint", "path")},
+        "worker": job.worker, "attempt": job.attempts, "created_at": job.created_at.isoformat(),
+        "started_at": (job.started_at or utcnow()).isoformat(), "versions": _versions(), "git_commit": _git_commit(),
+        "command": command_line(plugin.id, params.model_dump(mode="json", exclude_defaults=True),
+                                model and model.name, dataset and dataset.name, experiment.name),
+    }
+    (ctx.run_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n")
+    return ctx, plugin, params
+
+
+def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str) -> str:
+    """The `lab run` command that queues the same job."""
+    parts = ["lab", "run", plugin]
+    if model:
+        parts += ["--model", model]
+    if dataset:
+        parts += ["--dataset", dataset]
+    parts += ["--experiment", experiment]
+    for key, value in params.items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        parts += ["--set", f"{key}={text}"]
+    return shlex.join(parts)
+
+
+def _setup_wandb(ctx: RunContext) -> None:
+    if ctx.settings.wandb == "off":
+        os.environ["WANDB_DISABLED"] = "true"
+        return
+    os.environ.setdefault("WANDB_MODE", ctx.settings.wandb)
+    os.environ["WANDB_DIR"] = str(ctx.run_dir)
+    os.environ.setdefault("WANDB_PROJECT", ctx.experiment)
+    os.environ["WANDB_NAME"] = f"{ctx.job_id}-{ctx.plugin}"
+    os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _register_output(ctx: RunContext) -> None:
+    """A run whose output is a model or adapter becomes a registered model, linked to the run and its input."""
+    out = ctx.output_dir
+    if not ((out / "config.json").is_file() or (out / "adapter_config.json").is_file()):
+        return
+    name = f"{ctx.plugin}-{ctx.job_id}"
+    taken = {m["name"] for m in registry.list_all(ctx.settings)}
+    n = 2
+    while name in taken:  # e.g. the database was reset but models of that name remain
+        name, n = f"{ctx.plugin}-{ctx.job_id}.{n}", n + 1
+    base = None
+    if ctx.model:  # an adapter trained on top of an adapter still applies to the same full model
+        base = ctx.model["base_model_id"] if ctx.model["kind"] == "adapter" else ctx.model["id"]
+    info = registry.register_output(ctx.settings, name, out, ctx.job_id, base)
+    ctx.log(f"[lab] output registered as model {info['name']} ({info['kind']})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job_id = int(argv[0])
+    settings = load()
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    try:
+        ctx, plugin, params = build_context(settings, job_id)
+        ctx.log(f"[lab] job {job_id}: {plugin.id} in experiment {ctx.experiment}; folder {ctx.run_dir}")
+        _setup_wandb(ctx)
+        plugin.run(ctx, params)
+        if not ctx.output_dir.is_dir() or not any(ctx.output_dir.iterdir()):
+            raise LabError(f"plugin {plugin.id} returned but wrote nothing to {ctx.output_dir}")
+        _register_output(ctx)
+    except JobCancelled as exc:
+        print(f"[lab] {exc}", flush=True)
+        return CANCELLED_EXIT
+    except LabError as exc:
+        traceback.print_exc()
+        queue.record_error(settings, job_id, str(exc))
+        return 1
+    except BaseException as exc:  # the plugin's own failure: keep the traceback in the log, the reason on the job
+        traceback.print_exc()
+        queue.record_error(settings, job_id, f"{type(exc).__name__}: {exc}")
+        return 1
+    finally:
+        if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+            sys.modules["wandb"].finish()  # flush the offline run before the hard exit below
+    print(f"[lab] job {job_id} finished; outputs in {ctx.output_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit skips interpreter teardown, where stray non-daemon threads (W&B, dataloaders) can hang the exit
+    os._exit(code)

@@ -1,0 +1,417 @@
+"""The `lab` command. Thin: every command calls a lab.* service and prints its answer (a table, or JSON)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from lab import datasets, experiments, plugins, registry, runs
+from lab.errors import LabError
+from lab.settings import Settings, load
+
+app = typer.Typer(help="A lab to pretrain, fine-tune, align and compare language models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+models_app = typer.Typer(help="Register, import and list models.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Import, validate and inspect datasets.", no_args_is_help=True)
+plugins_app = typer.Typer(help="The training and evaluation methods.", no_args_is_help=True)
+jobs_app = typer.Typer(help="The queue and the history of runs.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(datasets_app, name="datasets")
+app.add_typer(plugins_app, name="plugins")
+app.add_typer(jobs_app, name="jobs")
+
+# wide tables when piped (rich would assume 80 columns); the terminal's width otherwise
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+WorkspaceOpt = Annotated[
+    Path | None, typer.Option("--workspace", "-w", help="Workspace folder [env LAB_WORKSPACE; default ./workspace]")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+def _settings(workspace: Path | None) -> Settings:
+    return load(workspace)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _table(rows: list[dict], columns: list[str], title: str | None = None) -> None:
+    if not rows:
+        out.print(f"(no {title or 'rows'})")
+        return
+    table = Table(title=title, show_lines=False)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in columns])
+    out.print(table)
+
+
+def _size(n: int | None) -> str:
+    if not n:
+        return ""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f}{unit}"
+    return str(n)
+
+
+# --- models ----------------------------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list(workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
+    """List registered models."""
+    rows = registry.list_all(_settings(workspace))
+    if as_json:
+        return _print_json(rows)
+    for r in rows:
+        r["size"] = _size(r["parameters"])
+    _table(rows, ["name", "kind", "source", "architecture", "size", "base_model", "job_id"], "models")
+
+
+@models_app.command("show")
+def models_show(name: str, workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
+    """Show one model."""
+    info = registry.info(_settings(workspace), name)
+    if as_json:
+        return _print_json(info)
+    for k, v in info.items():
+        out.print(f"{k:>12}: {v}")
+
+
+@models_app.command("add")
+def models_add(name: str, path: Path, workspace: WorkspaceOpt = None):
+    """Register a local Hugging Face model folder (it stays where it is)."""
+    info = registry.add_folder(_settings(workspace), name, path)
+    out.print(f"registered model {info['name']}: {info['architecture']}, {_size(info['parameters'])} parameters")
+
+
+@models_app.command("import-gguf")
+def models_import_gguf(name: str, file: Path, workspace: WorkspaceOpt = None):
+    """Import a GGUF file as an HF model folder in the workspace (dequantised to fp32)."""
+    out.print(f"importing {file} ...")
+    info = registry.import_gguf(_settings(workspace), name, file)
+    out.print(f"imported model {info['name']} into {info['path']}")
+
+
+@models_app.command("starter")
+def models_starter(workspace: WorkspaceOpt = None):
+    """Make sure the starter model (SmolLM2-135M-Instruct) is in the workspace."""
+    info = registry.ensure_starter(_settings(workspace))
+    out.print(f"starter model {info['name']} is ready: {info['path']}")
+
+
+@models_app.command("create-tiny")
+def models_create_tiny(
+    name: str,
+    workspace: WorkspaceOpt = None,
+    hidden: Annotated[int, typer.Option(min=8, max=4096, help="Hidden size.")] = 64,
+    layers: Annotated[int, typer.Option(min=1, max=64, help="Transformer layers.")] = 2,
+    vocab_size: Annotated[int, typer.Option(min=300, max=65536, help="Tokenizer vocabulary.")] = 384,
+):
+    """Create a tiny random Llama-style model with a freshly trained tokenizer (for tests and quick trials)."""
+    if hidden % 4:
+        raise LabError("--hidden must be a multiple of 4 (4 attention heads)")
+    info = registry.create_tiny(_settings(workspace), name, hidden=hidden, layers=layers, vocab_size=vocab_size)
+    out.print(f"created tiny model {info['name']} ({_size(info['parameters'])} parameters) in {info['path']}")
+
+
+# --- datasets --------------------------------------------------------------------------------------------------
+
+
+@datasets_app.command("list")
+def datasets_list(workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
+    """List datasets."""
+    rows = datasets.list_all(_settings(workspace))
+    if as_json:
+        return _print_json(rows)
+    for r in rows:
+        r["columns"] = ", ".join(r["columns"])
+    _table(rows, ["name", "format", "rows", "columns", "created_at"], "datasets")
+
+
+@datasets_app.command("add")
+def datasets_add(
+    name: str,
+    file: Path,
+    fmt: Annotated[str | None, typer.Option("--format", help="Format; detected from the columns if omitted.")] = None,
+    workspace: WorkspaceOpt = None,
+):
+    """Validate a JSONL, JSON, CSV, Parquet or text file and register it."""
+    info = datasets.add(_settings(workspace), name, file, fmt)
+    out.print(f"added dataset {info['name']}: {info['rows']} rows, format {info['format']}")
+
+
+@datasets_app.command("show")
+def datasets_show(name: str, rows: Annotated[int, typer.Option(min=0)] = 5, workspace: WorkspaceOpt = None,
+                  as_json: JsonOpt = False):
+    """Show a dataset and its first rows."""
+    s = _settings(workspace)
+    info = datasets.info(s, name)
+    info["preview"] = datasets.preview(s, name, rows)
+    if as_json:
+        return _print_json(info)
+    for k, v in info.items():
+        if k != "preview":
+            out.print(f"{k:>12}: {v}")
+    for i, row in enumerate(info["preview"], start=1):
+        out.print(f"--- row {i}")
+        out.print(json.dumps(row, ensure_ascii=False, indent=1)[:2000])
+
+
+# --- plugins ---------------------------------------------------------------------------------------------------
+
+
+@plugins_app.command("list")
+def plugins_list(workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
+    """List plugins."""
+    found, broken = plugins.discover(_settings(workspace))
+    rows = [{"id": p.id, "kind": p.kind, "accepts": ", ".join(p.accepts), "origin": p.origin,
+             "description": p.description} for p in found.values()]
+    if as_json:
+        return _print_json({"plugins": rows, "broken": broken})
+    _table(rows, ["id", "kind", "accepts", "origin", "description"], "plugins")
+    for line in broken:
+        err.print(f"[yellow]could not load plugin {line}[/]")
+
+
+@plugins_app.command("show")
+def plugins_show(plugin_id: str, workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
+    """Show a plugin's parameters with their defaults, bounds and help."""
+    p = plugins.get(_settings(workspace), plugin_id)
+    params = plugins.describe_params(p)
+    if as_json:
+        return _print_json({"id": p.id, "kind": p.kind, "accepts": p.accepts, "description": p.description,
+                            "origin": p.origin, "example": p.example, "params": params})
+    out.print(f"[bold]{p.id}[/] ({p.kind}): {p.description}")
+    out.print(f"accepts: {', '.join(p.accepts) or '(no dataset)'}")
+    if p.example:
+        out.print(f"example: {p.example}")
+    rows = []
+    for f in params:
+        bounds = " ".join(f"{k} {v}" for k, v in f["bounds"].items())
+        kind = "choice: " + "|".join(map(str, f["choices"])) if f["choices"] else f["type"]
+        rows.append({"name": f["name"] + (" *" if f["advanced"] else ""), "type": kind, "default": f["default"],
+                     "bounds": bounds, "description": f["description"]})
+    _table(rows, ["name", "type", "default", "bounds", "description"], "parameters (* advanced)")
+
+
+# --- run and jobs ----------------------------------------------------------------------------------------------
+
+
+@app.command("run")
+def run_cmd(
+    plugin: str,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model or run output.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Registered dataset.")] = None,
+    experiment: Annotated[str, typer.Option("--experiment", "-e")] = experiments.DEFAULT,
+    sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Parameter as key=value; repeatable.")] = None,
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end; exit non-zero unless it completed.")]
+    = False,
+    workspace: WorkspaceOpt = None,
+):
+    """Queue a job and print its id."""
+    s = _settings(workspace)
+    job_id = runs.submit(s, plugin, model=model, dataset=dataset, experiment=experiment,
+                         params=plugins.parse_sets(sets or []), priority=priority)
+    print(job_id)
+    if wait:
+        raise typer.Exit(_wait(s, job_id))
+
+
+def _wait(s: Settings, job_id: int) -> int:
+    """Follow a job with a progress bar; run a worker here for the time of the wait when none is alive."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from jobs import queue
+    from jobs.worker import Worker
+
+    worker = thread = None
+    if not queue.live_workers(s):
+        worker = Worker(s, say=lambda m: err.print(f"[dim]{m}[/]"))
+        thread = threading.Thread(target=worker.serve, kwargs={"until_job": job_id}, daemon=True)
+        thread.start()
+        err.print("[dim]no worker is running: this command runs one until the job ends[/]")
+    columns = (TextColumn("job {task.fields[job]} {task.fields[status]}"), BarColumn(),
+               TextColumn("{task.fields[steps]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=err, transient=False) as bar:
+            task = bar.add_task("", total=None, job=job_id, status="queued", steps="")
+            while True:
+                job = runs.get_job(s, job_id)
+                steps = f"step {job['step']}/{job['total_steps']}" if job["total_steps"] else ""
+                bar.update(task, completed=job["step"], total=job["total_steps"], status=job["status"], steps=steps)
+                if job["status"] in ("completed", "failed", "cancelled"):
+                    break
+                time.sleep(0.3)
+    except KeyboardInterrupt:
+        if worker is not None:
+            worker.stop.set()
+            thread.join()
+            err.print(f"interrupted: job {job_id} was stopped")
+        else:
+            err.print(f"stopped following; job {job_id} goes on in its worker (`lab jobs cancel {job_id}` stops it)")
+        return 130
+    if thread is not None:
+        thread.join()
+    if job["status"] == "completed":
+        err.print(f"job {job_id} completed; outputs in {Path(job['run_dir']) / 'output'}")
+        if job.get("output_model"):
+            err.print(f"registered as model {job['output_model']}")
+        return 0
+    err.print(f"job {job_id} {job['status']}: {job['error'] or ''}")
+    if job["status"] == "failed" and job.get("log_tail"):
+        err.print("last lines of its log:\n" + "\n".join(job["log_tail"].splitlines()[-15:]), markup=False)
+    return 1
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@jobs_app.command("list")
+def jobs_list(
+    experiment: Annotated[str | None, typer.Option("--experiment", "-e")] = None,
+    status: Annotated[str | None, typer.Option(help="queued, running, completed, failed or cancelled")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """List jobs, newest first."""
+    rows = runs.list_jobs(_settings(workspace), experiment=experiment, status=status, limit=limit)
+    if as_json:
+        return _print_json(rows)
+    for r in rows:
+        r["progress"] = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else ""
+        r["duration"] = _fmt_duration(r["duration_s"])
+        r["eta"] = _fmt_duration(r["eta_s"])
+        r["queue"] = r["queue_position"]
+    _table(rows, ["id", "experiment", "plugin", "model", "dataset", "status", "progress", "eta", "queue",
+                  "created_at", "duration"], "jobs")
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: int, workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
+    """Show one job: state, parameters, folders, error."""
+    job = runs.get_job(_settings(workspace), job_id)
+    if as_json:
+        return _print_json(job)
+    for k, v in job.items():
+        if k not in ("log_tail", "params"):
+            out.print(f"{k:>16}: {'' if v is None else v}", markup=False)
+    out.print(f"{'params':>16}: {json.dumps(job['params'])}", markup=False)
+    if job["status"] == "failed" and job["log_tail"]:
+        out.print("--- last lines of the log\n" + job["log_tail"], markup=False)
+
+
+@jobs_app.command("logs")
+def jobs_logs(job_id: int, follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+              workspace: WorkspaceOpt = None):
+    """Print a job's log; with --follow, keep printing until the job ends."""
+    s = _settings(workspace)
+    job = runs.get_job(s, job_id)
+    while follow and not job["run_dir"] and job["status"] == "queued":
+        time.sleep(0.3)
+        job = runs.get_job(s, job_id)
+    if not job["run_dir"]:
+        raise LabError(f"job {job_id} is {job['status']} and has no log")
+    path = Path(job["run_dir"]) / "log.txt"
+    pos = 0
+    try:
+        while True:
+            if path.exists():
+                with open(path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos += len(chunk)
+                sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+                sys.stdout.flush()
+            if not follow:
+                break
+            if runs.get_job(s, job_id)["status"] in ("completed", "failed", "cancelled"):
+                follow = False  # one more read for what was written last
+                continue
+            time.sleep(0.3)
+    except KeyboardInterrupt:
+        pass
+
+
+@jobs_app.command("cancel")
+def jobs_cancel(job_id: int, workspace: WorkspaceOpt = None):
+    """Cancel a queued job, or stop a running one."""
+    from jobs import queue
+
+    state = queue.cancel(_settings(workspace), job_id)
+    out.print(f"job {job_id}: {state}" + (" (its worker stops it within seconds)" if state == "cancelling" else ""))
+
+
+@jobs_app.command("priority")
+def jobs_priority(job_id: int, priority: int, workspace: WorkspaceOpt = None):
+    """Change the priority of a queued job (higher runs first)."""
+    from jobs import queue
+
+    queue.set_priority(_settings(workspace), job_id, priority)
+    out.print(f"job {job_id}: priority {priority}")
+
+
+# --- processes -------------------------------------------------------------------------------------------------
+
+
+@app.command("worker")
+def worker_cmd(
+    once: Annotated[bool, typer.Option("--once", help="Run at most one job, then exit.")] = False,
+    until_empty: Annotated[bool, typer.Option("--until-empty", help="Exit when the queue is empty.")] = False,
+    echo: Annotated[bool, typer.Option("--echo", help="Also print the jobs' output here.")] = False,
+    workspace: WorkspaceOpt = None,
+):
+    """Run jobs from the queue until stopped (Ctrl-C or SIGTERM)."""
+    from jobs.worker import Worker, install_signal_handlers
+
+    s = _settings(workspace)
+    worker = Worker(s, echo=echo, say=lambda m: out.print(m))
+    install_signal_handlers(worker)
+    out.print(f"worker {worker.id} on {s.workspace} ({'once' if once else 'until empty' if until_empty else 'ready'})")
+    n = worker.serve(once=once, until_empty=until_empty)
+    out.print(f"worker {worker.id} stopped after {n} job(s)")
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2; never a traceback unless LAB_DEBUG=1."""
+    try:
+        app()
+    except LabError as exc:
+        err.print("[red]error:[/]", escape(exc.message))
+        if exc.hint:
+            err.print("hint:", escape(exc.hint))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:
+        if os.environ.get("LAB_DEBUG"):
+            traceback.print_exc()
+        else:
+            err.print("[red]error:[/]", escape(f"unexpected {type(exc).__name__}: {exc}"),
+                      "(set LAB_DEBUG=1 for the traceback)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

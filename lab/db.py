@@ -1,0 +1,104 @@
+"""Engine factory and sessions. SQLite gets WAL, a busy timeout and foreign keys; writes take the lock up front.
+
+Write transactions on SQLite start with `BEGIN IMMEDIATE`, so a transaction that reads and then writes never
+fails half-way with "database is locked": it waits (busy timeout) for the write lock before it starts.
+Read-only sessions (`read_session`) use a plain deferred `BEGIN`, which in WAL mode never blocks writers.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from lab.errors import LabError
+from lab.settings import Settings
+
+BUSY_TIMEOUT_MS = 30_000
+_engines: dict[str, Engine] = {}
+_ready: set[str] = set()
+_lock = threading.Lock()
+
+
+def _sqlite_engine(url: str) -> Engine:
+    path = make_url(url).database
+    if path and path != ":memory:":
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT_MS / 1000, "check_same_thread": False})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        dbapi_conn.isolation_level = None  # let SQLAlchemy's begin event below issue BEGIN itself
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        readonly = conn.get_execution_options().get("lab_readonly", False)
+        conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+    return engine
+
+
+def engine_for(settings: Settings) -> Engine:
+    """The process-wide engine for the settings' database, created on first use and migrated to the newest schema."""
+    url = settings.database_url
+    with _lock:
+        engine = _engines.get(url)
+        if engine is None:
+            try:
+                if url.startswith("sqlite"):
+                    engine = _sqlite_engine(url)
+                else:
+                    engine = create_engine(url, pool_pre_ping=True)
+            except Exception as exc:  # bad URL, missing driver
+                raise LabError(f"cannot open database {url!r}: {exc}") from exc
+            _engines[url] = engine
+        if url not in _ready:
+            from lab.migrate import upgrade
+
+            upgrade(engine)
+            _ready.add(url)
+    return engine
+
+
+def dispose_all() -> None:
+    """Close every pooled connection (tests, and before a process hands its database to another)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose()
+        _engines.clear()
+        _ready.clear()
+
+
+@contextmanager
+def session(settings: Settings) -> Iterator[Session]:
+    """A write transaction: committed when the block ends, rolled back on an exception."""
+    with Session(engine_for(settings), expire_on_commit=False) as s, s.begin():
+        yield s
+
+
+@contextmanager
+def read_session(settings: Settings) -> Iterator[Session]:
+    """A read-only transaction that never takes the write lock."""
+    engine = engine_for(settings).execution_options(lab_readonly=True)
+    with Session(engine, expire_on_commit=False) as s, s.begin():
+        yield s
+
+
+def is_sqlite(settings: Settings) -> bool:
+    return settings.database_url.startswith("sqlite")
+
+
+def ping(settings: Settings) -> None:
+    with read_session(settings) as s:
+        s.execute(text("SELECT 1"))

@@ -1,0 +1,38 @@
+"""Errors meant for users: a message, and where useful a hint. The CLI and the UI turn them into one line each."""
+
+from __future__ import annotations
+
+
+class LabError(Exception):
+    """Something the user can fix; `message` says what, `hint` how."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\nHint: {self.hint}"
+
+
+class ValidationError(LabError):
+    """Several problems found at once (e.g. bad rows of a dataset); the message lists the first ones."""
+
+    MAX_SHOWN = 20
+
+    def __init__(self, summary: str, problems: list[str], hint: str | None = None):
+        shown = problems[: self.MAX_SHOWN]
+        lines = [summary, *(f"  - {p}" for p in shown)]
+        if len(problems) > len(shown):
+            lines.append(f"  ... and {len(problems) - len(shown)} more")
+        super().__init__("\n".join(lines), hint)
+        self.summary = summary
+        self.problems = problems
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's process when the user cancelled it; the runner exits with CANCELLED_EXIT."""
+
+
+CANCELLED_EXIT = 3
+

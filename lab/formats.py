@@ -1,0 +1,178 @@
+"""Dataset formats: how each is recognised, what a valid row looks like, and the conversions between them.
+
+| format            | columns                                   | used by                          |
+|-------------------|-------------------------------------------|----------------------------------|
+| chat              | messages: [{role, content}, ...]          | sft                              |
+| alpaca            | instruction, input (optional), output     | sft                              |
+| prompt_completion | prompt, completion                        | sft                              |
+| preference        | chosen, rejected, prompt (optional)       | reward, dpo                      |
+| classification    | text, label                               | classify                         |
+| text              | text                                      | pretrain                         |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+FORMATS: dict[str, str] = {
+    "chat": "conversations: `messages` is a list of {role, content} with at least one assistant turn",
+    "alpaca": "instructions: `instruction`, optional `input`, `output`",
+    "prompt_completion": "`prompt` and `completion` strings",
+    "preference": "`chosen` and `rejected` replies, with an optional shared `prompt`",
+    "classification": "`text` and its `label`",
+    "text": "raw `text` for pretraining",
+}
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def detect(columns: Iterable[str]) -> str | None:
+    """The format whose columns are present, most specific first; None when nothing fits."""
+    cols = set(columns)
+    if "messages" in cols:
+        return "chat"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"chosen", "rejected"} <= cols:
+        return "preference"
+    if {"prompt", "completion"} <= cols:
+        return "prompt_completion"
+    if {"text", "label"} <= cols:
+        return "classification"
+    if "text" in cols:
+        return "text"
+    return None
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _text(row: dict, key: str, *, required: bool = True, allow_empty: bool = False) -> list[str]:
+    if key not in row or row[key] is None:
+        return [f"`{key}` is missing"] if required else []
+    value = row[key]
+    if not isinstance(value, str):
+        return [f"`{key}` must be text, got {_type_name(value)}"]
+    if not allow_empty and not value.strip():
+        return [f"`{key}` is empty"]
+    return []
+
+
+def _messages(value: Any, key: str = "messages", need_assistant: bool = True) -> list[str]:
+    if not isinstance(value, list) or not value:
+        return [f"`{key}` must be a non-empty list of {{role, content}}, got {_type_name(value)}"]
+    problems = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            problems.append(f"`{key}[{i}]` must be an object with role and content, got {_type_name(m)}")
+        elif m.get("role") not in ROLES:
+            problems.append(f"`{key}[{i}].role` must be one of {', '.join(ROLES)}, got {m.get('role')!r}")
+        elif not isinstance(m.get("content"), str):
+            problems.append(f"`{key}[{i}].content` must be text, got {_type_name(m.get('content'))}")
+    if not problems and need_assistant and not any(m["role"] == "assistant" for m in value):
+        problems.append(f"`{key}` has no assistant turn to learn from")
+    return problems
+
+
+def _reply(row: dict, key: str) -> list[str]:
+    value = row.get(key)
+    if isinstance(value, list):
+        return _messages(value, key, need_assistant=False)
+    return _text(row, key)
+
+
+def _check_chat(row: dict) -> list[str]:
+    if "messages" not in row:
+        return ["`messages` is missing"]
+    problems = _messages(row["messages"])
+    if not problems and row["messages"][0]["role"] == "assistant" and len(row["messages"]) == 1:
+        problems.append("`messages` has only an assistant turn: there is no prompt before it")
+    return problems
+
+
+def _check_alpaca(row: dict) -> list[str]:
+    return _text(row, "instruction") + _text(row, "input", required=False, allow_empty=True) + _text(row, "output")
+
+
+def _check_prompt_completion(row: dict) -> list[str]:
+    return _text(row, "prompt") + _text(row, "completion")
+
+
+def _check_preference(row: dict) -> list[str]:
+    problems = _reply(row, "chosen") + _reply(row, "rejected")
+    if "prompt" in row and row["prompt"] is not None:
+        problems += _reply(row, "prompt")
+    if not problems and row["chosen"] == row["rejected"]:
+        problems.append("`chosen` and `rejected` are the same")
+    return problems
+
+
+def _check_classification(row: dict) -> list[str]:
+    problems = _text(row, "text")
+    label = row.get("label")
+    if label is None or (isinstance(label, str) and not label.strip()):
+        problems.append("`label` is missing")
+    elif isinstance(label, bool) or not isinstance(label, (str, int)):
+        problems.append(f"`label` must be text or a whole number, got {_type_name(label)}")
+    return problems
+
+
+def _check_text(row: dict) -> list[str]:
+    return _text(row, "text")
+
+
+CHECKS: dict[str, Callable[[dict], list[str]]] = {
+    "chat": _check_chat,
+    "alpaca": _check_alpaca,
+    "prompt_completion": _check_prompt_completion,
+    "preference": _check_preference,
+    "classification": _check_classification,
+    "text": _check_text,
+}
+
+
+def check_row(fmt: str, row: Any) -> list[str]:
+    """What is wrong with one row in format `fmt` (an empty list when it is valid)."""
+    if not isinstance(row, dict):
+        return [f"must be an object with named fields, got {_type_name(row)}"]
+    return CHECKS[fmt](row)
+
+
+# --- conversions ----------------------------------------------------------------------------------------------
+
+
+def alpaca_to_prompt(row: dict) -> str:
+    """The user turn of an alpaca row: the instruction, then the input (when there is one) after a blank line."""
+    extra = (row.get("input") or "").strip()
+    return row["instruction"].strip() + (f"\n\n{extra}" if extra else "")
+
+
+def to_prompt_completion(fmt: str, row: dict) -> dict:
+    """A conversational prompt/completion pair: the prompt turns, and the assistant reply that is learned.
+
+    Chat rows learn their last assistant turn; the turns before it are the prompt.
+    """
+    if fmt == "chat":
+        messages = row["messages"]
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompt = [{"role": m["role"], "content": m["content"]} for m in messages[:last]]
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": messages[last]["content"]}]}
+    if fmt == "alpaca":
+        user = alpaca_to_prompt(row)
+        return {
+            "prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": row["output"]}],
+        }
+    if fmt == "prompt_completion":
+        return {
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "completion": [{"role": "assistant", "content": row["completion"]}],
+        }
+    raise ValueError(f"no conversion from {fmt} to prompt/completion")
+
+
+def to_messages(fmt: str, row: dict) -> dict:
+    """The whole conversation as `messages` (every token counts towards the loss)."""
+    pair = to_prompt_completion(fmt, row)
+    return {"messages": pair["prompt"] + pair["completion"]}

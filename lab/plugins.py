@@ -1,0 +1,193 @@
+"""Plugin discovery and parameter validation.
+
+A plugin is a module with:
+    ID: str                  unique id, used in `lab run ID`
+    KIND: str                "train" or "eval"
+    ACCEPTS: tuple[str, ...] dataset formats it takes (see lab.formats); () when it needs no dataset
+    Params: pydantic model   every parameter with default, bounds and description
+    run(ctx, params)         does the work (lab.sdk.RunContext)
+and optionally DESCRIPTION (else the docstring's first line), NEEDS_MODEL (default True), PASSTHROUGH (True when
+unknown `--set` names go to `params.extra_args`) and check(params) -> list of problems, run before queueing.
+
+Built-ins are found exactly like third-party plugins: a list of module names, plus the `lab.plugins` entry-point
+group, plus `LAB_EXTRA_PLUGINS`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel
+
+from lab.errors import LabError, ValidationError
+from lab.settings import Settings
+
+BUILTINS = ("plugins.sft",)
+ENTRY_POINT_GROUP = "lab.plugins"
+KINDS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Plugin:
+    id: str
+    kind: str
+    description: str
+    accepts: tuple[str, ...]
+    params: type[BaseModel]
+    module: types.ModuleType
+    origin: str  # "built-in", "entry point <dist>", or "LAB_EXTRA_PLUGINS"
+    needs_model: bool = True
+    passthrough: bool = False
+    example: str = field(default="")
+
+    @property
+    def needs_dataset(self) -> bool:
+        return bool(self.accepts)
+
+    def run(self, ctx, params: BaseModel) -> None:
+        self.module.run(ctx, params)
+
+    def check(self, params: BaseModel) -> list[str]:
+        check = getattr(self.module, "check", None)
+        return list(check(params)) if check else []
+
+
+def _example(doc: str) -> str:
+    return next((line.strip() for line in doc.splitlines() if line.strip().startswith("lab run")), "")
+
+
+def _load(module_name: str, origin: str) -> Plugin:
+    module = importlib.import_module(module_name)
+    missing = [a for a in ("ID", "KIND", "ACCEPTS", "Params", "run") if not hasattr(module, a)]
+    if missing:
+        raise LabError(f"plugin module {module_name} lacks {', '.join(missing)}")
+    if module.KIND not in KINDS:
+        raise LabError(f"plugin {module.ID}: KIND must be one of {KINDS}, got {module.KIND!r}")
+    if not (isinstance(module.Params, type) and issubclass(module.Params, BaseModel)):
+        raise LabError(f"plugin {module.ID}: Params must be a pydantic model")
+    doc = module.__doc__ or ""
+    return Plugin(
+        id=module.ID, kind=module.KIND, accepts=tuple(module.ACCEPTS), params=module.Params, module=module,
+        description=getattr(module, "DESCRIPTION", None) or (doc.strip().splitlines() or [""])[0],
+        origin=origin, needs_model=getattr(module, "NEEDS_MODEL", True),
+        passthrough=getattr(module, "PASSTHROUGH", False), example=_example(doc),
+    )
+
+
+def discover(settings: Settings) -> tuple[dict[str, Plugin], list[str]]:
+    """All plugins by id, and one line per plugin that failed to load (a broken plugin never breaks the lab)."""
+    sources = [(m, "built-in") for m in BUILTINS]
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        sources.append((ep.value.split(":")[0], f"entry point {ep.dist.name if ep.dist else ep.name}"))
+    sources += [(m, "LAB_EXTRA_PLUGINS") for m in settings.extra_plugins]
+    found: dict[str, Plugin] = {}
+    broken: list[str] = []
+    for module_name, origin in sources:
+        try:
+            plugin = _load(module_name, origin)
+        except Exception as exc:
+            broken.append(f"{module_name} ({origin}): {exc}")
+            continue
+        if plugin.id in found:
+            broken.append(f"{module_name} ({origin}): id {plugin.id!r} is already taken by {found[plugin.id].origin}")
+            continue
+        found[plugin.id] = plugin
+    return found, broken
+
+
+def get(settings: Settings, plugin_id: str) -> Plugin:
+    found, _ = discover(settings)
+    if plugin_id not in found:
+        raise LabError(f"unknown plugin {plugin_id!r}", f"available: {', '.join(sorted(found)) or '(none)'}")
+    return found[plugin_id]
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+    """`key=value` strings from the command line, as a dict of strings; types come from the plugin's Params."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise LabError(f"--set expects key=value, got {item!r}")
+        if key in out:
+            raise LabError(f"--set {key} is given twice")
+        out[key] = value
+    return out
+
+
+def _wants_json(annotation: Any) -> bool:
+    """True for dict/list fields, whose command-line value is JSON."""
+    origin = typing.get_origin(annotation) or annotation
+    if origin in (typing.Union, types.UnionType):
+        return any(_wants_json(a) for a in typing.get_args(annotation))
+    return origin in (dict, list, tuple)
+
+
+def _from_text(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
+def _problem(err: dict) -> str:
+    where = ".".join(str(p) for p in err["loc"]) or "(parameters)"
+    if err["type"] == "extra_forbidden":
+        return f"unknown parameter `{where}`"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"`{where}`: {err['msg']}{shown}"
+
+
+def validate_params(plugin: Plugin, values: dict[str, Any]) -> BaseModel:
+    """The plugin's Params from `values` (strings from `--set` or typed values from the UI and job.json)."""
+    fields = plugin.params.model_fields
+    typed: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in fields:
+            typed[key] = _from_text(value) if isinstance(value, str) and _wants_json(fields[key].annotation) else value
+        elif plugin.passthrough:
+            extra[key] = _from_text(value) if isinstance(value, str) else value
+        else:
+            typed[key] = value  # reported as unknown below
+    if extra:
+        typed["extra_args"] = {**(typed.get("extra_args") or {}), **extra}
+    try:
+        params = plugin.params.model_validate(typed)
+    except pydantic.ValidationError as exc:
+        problems = [_problem(e) for e in exc.errors()]
+        raise ValidationError(f"invalid parameters for {plugin.id}:", problems,
+                              hint=f"see `lab plugins show {plugin.id}` for every parameter") from None
+    problems = plugin.check(params)
+    if problems:
+        raise ValidationError(f"invalid parameters for {plugin.id}:", problems,
+                              hint=f"see `lab plugins show {plugin.id}` for every parameter")
+    return params
+
+
+def describe_params(plugin: Plugin) -> list[dict]:
+    """One entry per parameter: name, type, default, bounds, description, advanced (for help text and forms)."""
+    out = []
+    for name, f in plugin.params.model_fields.items():
+        bounds = {}
+        for m in f.metadata:
+            for attr in ("ge", "gt", "le", "lt"):
+                if getattr(m, attr, None) is not None:
+                    bounds[attr] = getattr(m, attr)
+        annotation = f.annotation
+        choices = list(typing.get_args(annotation)) if typing.get_origin(annotation) is typing.Literal else None
+        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        out.append({"name": name, "type": "choice" if choices else type_name, "choices": choices,
+                    "default": f.get_default(call_default_factory=True), "bounds": bounds,
+                    "description": f.description or "", "advanced": bool(extra.get("advanced"))})
+    return out

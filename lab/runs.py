@@ -1,0 +1,136 @@
+"""Runs as users see them: submit a job (validated before anything is queued), list, show, metrics.
+
+The CLI and the UI both call these; neither touches the queue tables directly.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime, timezone
+
+from sqlalchemy import select
+
+from jobs import queue
+from lab import datasets, experiments, plugins, registry
+from lab.db import read_session
+from lab.errors import LabError
+from lab.settings import Settings
+from lab.tables import Dataset, Experiment, Job, Metric, Model, utcnow
+
+
+def submit(settings: Settings, plugin_id: str, *, model: str | None = None, dataset: str | None = None,
+           experiment: str = experiments.DEFAULT, params: dict | None = None, priority: int = 0) -> int:
+    """Validate plugin, parameters, model and dataset, then queue the job and return its id (nothing on error)."""
+    plugin = plugins.get(settings, plugin_id)
+    resolved = plugins.validate_params(plugin, params or {})
+    model_id = dataset_id = None
+    if plugin.needs_model:
+        if not model:
+            raise LabError(f"plugin {plugin.id} needs a model", "pass --model NAME (see `lab models list`)")
+        model_id = registry.get(settings, model).id
+    elif model:
+        raise LabError(f"plugin {plugin.id} takes no model")
+    if plugin.needs_dataset:
+        if not dataset:
+            raise LabError(f"plugin {plugin.id} needs a dataset", "pass --dataset NAME (see `lab datasets list`)")
+        ds = datasets.get(settings, dataset)
+        if ds.format not in plugin.accepts:
+            raise LabError(
+                f"dataset {ds.name} is in {ds.format} format; plugin {plugin.id} accepts {', '.join(plugin.accepts)}",
+                f"see `lab plugins show {plugin.id}`",
+            )
+        dataset_id = ds.id
+    elif dataset:
+        raise LabError(f"plugin {plugin.id} takes no dataset")
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise LabError(f"priority must be a whole number, got {priority!r}")
+    experiment_id = experiments.get_or_create(settings, experiment)
+    return queue.enqueue(settings, experiment_id=experiment_id, plugin=plugin.id,
+                         params=resolved.model_dump(mode="json"), model_id=model_id, dataset_id=dataset_id,
+                         priority=priority)
+
+
+def _iso(t: datetime | None) -> str | None:
+    return t.isoformat(timespec="seconds") if t else None
+
+
+def _duration_s(job: Job) -> float | None:
+    if not job.started_at:
+        return None
+    return ((job.finished_at or utcnow()) - job.started_at).total_seconds()
+
+
+def _eta_s(job: Job) -> float | None:
+    if job.status != "running" or not job.step or not job.total_steps or not job.started_at:
+        return None
+    elapsed = (utcnow() - job.started_at).total_seconds()
+    return max(0.0, elapsed / job.step * (job.total_steps - job.step))
+
+
+def _row(job: Job, names: dict, positions: dict[int, int]) -> dict:
+    return {
+        "id": job.id, "experiment": names["experiment"].get(job.experiment_id), "plugin": job.plugin,
+        "model": names["model"].get(job.model_id), "dataset": names["dataset"].get(job.dataset_id),
+        "status": job.status, "priority": job.priority, "step": job.step, "total_steps": job.total_steps,
+        "progress": round(job.step / job.total_steps, 4) if job.total_steps else None,
+        "eta_s": _eta_s(job), "queue_position": positions.get(job.id), "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at), "duration_s": _duration_s(job),
+        "cancel_requested": job.cancel_requested, "error": job.error, "worker": job.worker,
+    }
+
+
+def _names(s) -> dict[str, dict[int, str]]:
+    return {
+        "experiment": dict(s.execute(select(Experiment.id, Experiment.name)).all()),
+        "model": dict(s.execute(select(Model.id, Model.name)).all()),
+        "dataset": dict(s.execute(select(Dataset.id, Dataset.name)).all()),
+    }
+
+
+def _positions(s) -> dict[int, int]:
+    queued = s.scalars(select(Job.id).where(Job.status == "queued").order_by(Job.priority.desc(), Job.id))
+    return {job_id: n for n, job_id in enumerate(queued, start=1)}
+
+
+def list_jobs(settings: Settings, *, experiment: str | None = None, status: str | None = None,
+              limit: int = 200) -> list[dict]:
+    """Newest first."""
+    with read_session(settings) as s:
+        names = _names(s)
+        query = select(Job).order_by(Job.id.desc()).limit(limit)
+        if experiment:
+            ids = [i for i, n in names["experiment"].items() if n == experiment]
+            if not ids:
+                raise LabError(f"no experiment named {experiment!r}")
+            query = query.where(Job.experiment_id == ids[0])
+        if status:
+            query = query.where(Job.status == status)
+        positions = _positions(s)
+        return [_row(j, names, positions) for j in s.scalars(query)]
+
+
+def get_job(settings: Settings, job_id: int) -> dict:
+    """Everything about one job: its row, parameters, folders, error and log tail, and its output model."""
+    with read_session(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise LabError(f"no job {job_id}", "see `lab jobs list`")
+        out = _row(job, _names(s), _positions(s))
+        output_model = s.scalar(select(Model.name).where(Model.job_id == job_id).order_by(Model.id).limit(1))
+    out.update({"params": job.params, "run_dir": job.run_dir, "exit_code": job.exit_code, "pid": job.pid,
+                "attempts": job.attempts, "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
+                "output_model": output_model})
+    return out
+
+
+def metrics(settings: Settings, job_ids: list[int], keys: list[str] | None = None) -> dict[int, dict[str, list]]:
+    """{job_id: {key: [[step, value, unix_time], ...]}} in step order."""
+    out: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    with read_session(settings) as s:
+        query = select(Metric.job_id, Metric.key, Metric.step, Metric.value, Metric.time).where(
+            Metric.job_id.in_(job_ids))
+        if keys:
+            query = query.where(Metric.key.in_(keys))
+        for job_id, key, step, value, t in s.execute(query.order_by(Metric.job_id, Metric.key, Metric.step)):
+            out[job_id][key].append([step, value, t.replace(tzinfo=timezone.utc).timestamp()])
+    return {j: dict(v) for j, v in out.items()}

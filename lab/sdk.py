@@ -1,0 +1,113 @@
+"""What a plugin gets: the RunContext (folders, inputs, metrics, progress, cancellation) and a Trainer callback."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import insert
+
+from jobs import queue
+from lab.datasets import iter_rows
+from lab.db import session
+from lab.errors import JobCancelled
+from lab.settings import Settings
+from lab.tables import Metric, utcnow
+
+
+@dataclass
+class RunContext:
+    """Everything a plugin may use. Plugins never touch the queue, SQL or the UI directly."""
+
+    settings: Settings
+    job_id: int
+    plugin: str
+    experiment: str
+    run_dir: Path
+    model: dict | None = None  # registry info: name, path, kind, ...; None for plugins that need no model
+    dataset: dict | None = None  # dataset info: name, path, format, rows, ...
+    report_to: list[str] = field(default_factory=list)  # ["wandb"] unless W&B is off
+    _last_cancel_check: float = 0.0
+
+    @property
+    def output_dir(self) -> Path:
+        return self.run_dir / "output"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def rows(self) -> list[dict]:
+        """The dataset's rows, as validated at import."""
+        if self.dataset is None:
+            raise RuntimeError(f"plugin {self.plugin} asked for rows but the job has no dataset")
+        return list(iter_rows(self.dataset["path"]))
+
+    def log(self, message: str) -> None:
+        """A line in the run's log.txt (stdout goes there)."""
+        print(message, flush=True)
+
+    def log_metrics(self, step: int, values: dict[str, Any]) -> None:
+        """Store every finite number in `values` as a metric point at `step`."""
+        now = utcnow()
+        points = [
+            {"job_id": self.job_id, "step": int(step), "key": str(k), "value": float(v), "time": now}
+            for k, v in values.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        ]
+        if points:
+            with session(self.settings) as s:
+                s.execute(insert(Metric), points)
+
+    def set_progress(self, step: int, total: int | None) -> None:
+        queue.progress(self.settings, self.job_id, step, total)
+
+    def cancelled(self) -> bool:
+        """True once the user asked to cancel this job."""
+        self._last_cancel_check = time.monotonic()
+        return queue.cancel_requested(self.settings, self.job_id)
+
+    def check_cancelled(self, every_s: float = 0.5) -> None:
+        """Raise JobCancelled when the job was cancelled; cheap enough to call every step (checks twice a second)."""
+        if time.monotonic() - self._last_cancel_check >= every_s and self.cancelled():
+            raise JobCancelled(f"job {self.job_id} was cancelled")
+
+    def callback(self):
+        """A transformers TrainerCallback that records metrics and progress and stops on cancel."""
+        from transformers import TrainerCallback
+
+        ctx = self
+
+        class LabCallback(TrainerCallback):
+            def __init__(self):
+                self._last_progress = 0.0
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                ctx.set_progress(state.global_step, state.max_steps or None)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                now = time.monotonic()
+                if now - self._last_progress >= 0.5:
+                    self._last_progress = now
+                    ctx.set_progress(state.global_step, state.max_steps or None)
+                ctx.check_cancelled()
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                logs = dict(logs or {})
+                ctx.log_metrics(state.global_step, logs)
+                shown = " ".join(f"{k}={_fmt(v)}" for k, v in logs.items() if isinstance(v, (int, float)))
+                ctx.log(f"[lab] step {state.global_step}/{state.max_steps} {shown}")
+
+            def on_train_end(self, args, state, control, **kwargs):
+                ctx.set_progress(state.global_step, state.max_steps or None)
+
+        return LabCallback()
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.4g}"

@@ -1,0 +1,94 @@
+"""Settings read once from the command line and the environment, validated, and passed down explicitly.
+
+Every setting has an environment variable; the command line's `--workspace` wins over `LAB_WORKSPACE`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from lab.errors import LabError
+
+# name -> (environment variable, default, help). The README's settings table is checked against this by a test.
+SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
+    "workspace": ("LAB_WORKSPACE", "./workspace", "Folder holding the database, datasets, models and runs."),
+    "database_url": (
+        "LAB_DATABASE_URL",
+        "sqlite:///<workspace>/lab.db",
+        "SQLAlchemy URL of the database (e.g. postgresql+psycopg://user@host/lab).",
+    ),
+    "lease_s": ("LAB_LEASE_S", "30", "A running job whose heartbeat is older than this is considered lost."),
+    "heartbeat_s": ("LAB_HEARTBEAT_S", "5", "How often a worker refreshes the heartbeat of its job and itself."),
+    "poll_s": ("LAB_POLL_S", "0.1", "How often an idle worker looks for queued jobs (a cheap read)."),
+    "cancel_grace_s": ("LAB_CANCEL_GRACE_S", "3", "Seconds between SIGTERM and SIGKILL when a job is stopped."),
+    "wandb": ("LAB_WANDB", "offline", "W&B logging: offline (files in the run folder), online, or off."),
+    "extra_plugins": (
+        "LAB_EXTRA_PLUGINS",
+        "",
+        "Comma-separated importable module names loaded as plugins, beside built-ins and entry points.",
+    ),
+}
+
+
+def _env(name: str) -> str | None:
+    value = os.environ.get(SETTINGS_DOC[name][0])
+    return value if value not in (None, "") else None
+
+
+def _float(name: str) -> float:
+    raw = _env(name) or SETTINGS_DOC[name][1]
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LabError(f"{SETTINGS_DOC[name][0]} must be a number, got {raw!r}") from None
+    if value <= 0:
+        raise LabError(f"{SETTINGS_DOC[name][0]} must be positive, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    workspace: Path
+    database_url: str
+    lease_s: float = 30.0
+    heartbeat_s: float = 5.0
+    poll_s: float = 0.1
+    cancel_grace_s: float = 3.0
+    wandb: str = "offline"
+    extra_plugins: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment variables that make a child process see these same settings."""
+        return {
+            "LAB_WORKSPACE": str(self.workspace),
+            "LAB_DATABASE_URL": self.database_url,
+            "LAB_LEASE_S": str(self.lease_s),
+            "LAB_HEARTBEAT_S": str(self.heartbeat_s),
+            "LAB_POLL_S": str(self.poll_s),
+            "LAB_CANCEL_GRACE_S": str(self.cancel_grace_s),
+            "LAB_WANDB": self.wandb,
+            "LAB_EXTRA_PLUGINS": ",".join(self.extra_plugins),
+        }
+
+
+def load(workspace: str | Path | None = None) -> Settings:
+    """Settings from the environment; `workspace` (the `--workspace` option) overrides `LAB_WORKSPACE`."""
+    ws = Path(workspace or _env("workspace") or SETTINGS_DOC["workspace"][1]).expanduser().resolve()
+    if ws.exists() and not ws.is_dir():
+        raise LabError(f"workspace {ws} exists and is not a folder")
+    url = _env("database_url") or f"sqlite:///{ws / 'lab.db'}"
+    wandb = (_env("wandb") or "offline").lower()
+    if wandb not in ("offline", "online", "off"):
+        raise LabError(f"LAB_WANDB must be offline, online or off, got {wandb!r}")
+    extra = tuple(m.strip() for m in (_env("extra_plugins") or "").split(",") if m.strip())
+    settings = Settings(workspace=ws, database_url=url, wandb=wandb, extra_plugins=extra)
+    return replace(
+        settings,
+        lease_s=_float("lease_s"),
+        heartbeat_s=_float("heartbeat_s"),
+        poll_s=_float("poll_s"),
+        cancel_grace_s=_float("cancel_grace_s"),
+    )

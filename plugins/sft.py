@@ -1,0 +1,174 @@
+"""Supervised fine-tuning with TRL's SFTTrainer: LoRA (peft) or full, on chat, alpaca or prompt/completion data.
+
+    lab run sft --model smollm2-135m-instruct --dataset alpaca --set max_steps=100 --set lora_r=16
+
+Rows are turned into a conversation and the model's chat template is applied. By default only the reply counts
+towards the loss (the prompt tokens are masked); for chat rows the reply is the last assistant turn. The adapter
+(or the full model) is saved in Hugging Face format under the run's `output/`, with the tokenizer.
+Any further `SFTConfig` argument can be given by name (`--set warmup_ratio=0.1`); an unknown name is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lab import formats
+
+ID = "sft"
+KIND = "train"
+ACCEPTS = ("chat", "alpaca", "prompt_completion")
+DESCRIPTION = "Supervised fine-tuning on instructions or conversations (TRL SFTTrainer; LoRA or full)."
+PASSTHROUGH = True
+
+# SFTConfig arguments the lab sets itself; passing them through would break the run's folder layout or tracking
+RESERVED = {"output_dir", "report_to", "run_name", "logging_dir", "use_cpu", "disable_tqdm", "push_to_hub",
+            "hub_token", "completion_only_loss", "assistant_only_loss", "dataset_text_field"}
+
+
+def advanced(**kw) -> dict:
+    return {"json_schema_extra": {"advanced": True}, **kw}
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    use_lora: bool = Field(True, description="Train a LoRA adapter (small, fast) instead of every weight.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank: the adapter's capacity.")
+    lora_alpha: int = Field(32, ge=1, le=4096, description="LoRA scaling; commonly twice the rank.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (try 2e-4 for LoRA, 2e-5 full).")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Examples per device per step.")
+    grad_accum: int = Field(1, ge=1, le=1024, description="Steps whose gradients are summed before an update.")
+    max_length: int = Field(1024, ge=8, le=131072, description="Longest sequence in tokens; longer ones are cut.")
+    completion_only: bool = Field(True, description="Learn only the replies; prompt tokens do not count.")
+    packing: bool = Field(False, description="Pack several short examples into each sequence (faster).")
+    eval_split: float = Field(0.0, ge=0, lt=0.5, description="Fraction of rows held out to measure eval loss.")
+    seed: int = Field(42, description="Random seed for shuffling, the split and initialisation.")
+    lora_dropout: float = Field(0.05, **advanced(ge=0, lt=1, description="Dropout inside the LoRA layers."))
+    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", **advanced(description="Learning-rate schedule."))
+    warmup_steps: int = Field(0, **advanced(ge=0, description="Steps of linear warm-up."))
+    weight_decay: float = Field(0.0, **advanced(ge=0, le=1, description="AdamW weight decay."))
+    logging_steps: int = Field(1, **advanced(ge=1, description="Record metrics every this many steps."))
+    eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps (with eval_split)."))
+    save_steps: int = Field(0, **advanced(ge=0, description="Checkpoint every this many steps; 0 for none."))
+    merge: bool = Field(False, **advanced(description="Also save the LoRA merged into the model (output/merged)."))
+    extra_args: dict[str, Any] = Field(default_factory=dict, **advanced(
+        description="Further TRL SFTConfig arguments by name, e.g. {\"max_grad_norm\": 0.5}."))
+
+
+def check(params: Params) -> list[str]:
+    """Before queueing: every extra argument must be a real SFTConfig field that the lab does not set itself."""
+    if not params.extra_args:
+        return []
+    from trl import SFTConfig
+
+    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    problems = [f"unknown parameter `{k}` (neither an sft parameter nor an SFTConfig argument)"
+                for k in params.extra_args if k not in known]
+    problems += [f"`{k}` is set by the lab and cannot be passed through" for k in params.extra_args if k in RESERVED]
+    if not problems:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                SFTConfig(output_dir=tmp, use_cpu=True, report_to=[], **params.extra_args)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"SFTConfig refuses the extra arguments: {exc}")
+    return problems
+
+
+def _load_model(ctx, use_lora: bool):
+    """The model to train: a full model, or an earlier run's LoRA on its base (kept trainable, or merged for full)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    info = ctx.model
+    if info["kind"] != "adapter":
+        return AutoModelForCausalLM.from_pretrained(info["path"], dtype=torch.float32), info["path"]
+    base = AutoModelForCausalLM.from_pretrained(info["base_path"], dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, info["path"], is_trainable=use_lora)
+    if not use_lora:
+        model = model.merge_and_unload()
+    ctx.log(f"[lab] starting from adapter {info['name']} on {info['base_path']}")
+    return model, info["base_path"]
+
+
+def run(ctx, params: Params) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoTokenizer, PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    # 1. data: rows -> conversations (prompt/completion to mask the prompt, or whole messages)
+    fmt = ctx.dataset["format"]
+    convert = formats.to_prompt_completion if params.completion_only else formats.to_messages
+    data = Dataset.from_list([convert(fmt, row) for row in ctx.rows()])
+    train, evaluation = data, None
+    if params.eval_split > 0:
+        split = data.train_test_split(test_size=params.eval_split, seed=params.seed)
+        train, evaluation = split["train"], split["test"]
+    ctx.log(f"[lab] {len(train)} training rows" + (f", {len(evaluation)} held out" if evaluation else ""))
+
+    # 2. model and tokenizer
+    model, tokenizer_path = _load_model(ctx, params.use_lora)
+    tokenizer = AutoTokenizer.from_pretrained(ctx.model["path"] if ctx.model["kind"] == "adapter" else tokenizer_path)
+    if tokenizer.chat_template is None:
+        from lab.registry import CHATML_TEMPLATE
+
+        ctx.log("[lab] the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)")
+        tokenizer.chat_template = CHATML_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    # 3. configuration
+    config = SFTConfig(
+        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
+        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum, max_length=params.max_length, packing=params.packing,
+        completion_only_loss=params.completion_only if params.completion_only else None,
+        lr_scheduler_type=params.scheduler, warmup_steps=params.warmup_steps, weight_decay=params.weight_decay,
+        logging_steps=params.logging_steps, seed=params.seed, data_seed=params.seed,
+        eval_strategy="steps" if evaluation is not None else "no", eval_steps=params.eval_steps,
+        save_strategy="steps" if params.save_steps else "no", save_steps=params.save_steps or 500,
+        disable_tqdm=True, use_cpu=not _has_gpu(), dataloader_num_workers=0,
+        **params.extra_args,
+    )
+    already_adapter = isinstance(model, PeftModel)
+    peft_config = None
+    if params.use_lora and not already_adapter:
+        peft_config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+                                 target_modules=_targets(params.lora_target), task_type="CAUSAL_LM")
+
+    # 4. trainer, 5. train
+    trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
+                         processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
+    trainer.remove_callback(PrinterCallback)  # the lab's callback prints one tidier line per log
+    trainer.train()
+    if evaluation is not None:
+        ctx.log_metrics(trainer.state.global_step, trainer.evaluate())
+
+    # 6. save: adapter (or full model) and tokenizer in HF format; optionally the merged model
+    trainer.save_model(str(ctx.output_dir))
+    tokenizer.save_pretrained(str(ctx.output_dir))
+    if params.merge and params.use_lora:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(str(ctx.output_dir / "merged"))
+        tokenizer.save_pretrained(str(ctx.output_dir / "merged"))
+    ctx.log(f"[lab] saved {'adapter' if params.use_lora else 'model'} to {ctx.output_dir}")
+
+
+def _targets(spec: str) -> str | list[str]:
+    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,30 @@
+"""Test plugin: sleeps without ever checking for cancellation; writes its pid to pid.txt in the run folder."""
+
+import os
+import subprocess
+import sys
+import time
+
+from pydantic import BaseModel, Field
+
+ID = "sleeping"
+KIND = "train"
+ACCEPTS = ()
+NEEDS_MODEL = False
+
+
+class Params(BaseModel):
+    seconds: float = Field(60, gt=0)
+    child: bool = Field(False, description="Also start a grandchild process that sleeps (to test tree kills).")
+
+
+def run(ctx, params: Params) -> None:
+    (ctx.run_dir / "pid.txt").write_text(str(os.getpid()))
+    if params.child:
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+        (ctx.run_dir / "child_pid.txt").write_text(str(child.pid))
+    print("sleeping", flush=True)
+    deadline = time.monotonic() + params.seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    (ctx.output_dir / "done.txt").write_text("slept\n")

@@ -1,4 +1,4 @@
-"""Run one job: `python -m jobs.runner JOB_ID`, started by a worker in its own process group; the exit code is the truth.
+"""Run one job: `python -m jobs.runner JOB_ID`, in its own process group under a worker; the exit code is the truth.
 
 Exit codes: 0 the plugin returned and its outputs exist; 3 cancelled; anything else failed (the reason is stored on
 the job and the traceback is in log.txt).
@@ -56,7 +56,7 @@ def _watch_parent(parent: int) -> None:
     while True:
         time.sleep(1.0)
         if os.getppid() != parent:
-            print("[lab] the worker went away; stopping this job", flush=True)
+            # no message: the log pipe went away with the worker, and writing to it would raise here
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
 

@@ -393,6 +393,36 @@ def worker_cmd(
     out.print(f"worker {worker.id} stopped after {n} job(s)")
 
 
+DEMO_DATASET = "demo-instructions"
+
+
+@app.command("demo")
+def demo_cmd(
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="Training steps of the demo job.")] = 8,
+    workspace: WorkspaceOpt = None,
+):
+    """Set up the starter model and a demo dataset, then run a short LoRA fine-tune through the queue."""
+    s = _settings(workspace)
+    out.print("1/3 starter model (the first time this imports SmolLM2-135M-Instruct from its GGUF: ~30 s)")
+    model = registry.ensure_starter(s)
+    out.print(f"    {model['name']}: {model['path']}")
+    out.print("2/3 demo dataset")
+    if DEMO_DATASET not in {d["name"] for d in datasets.list_all(s)}:
+        datasets.add(s, DEMO_DATASET, Path(__file__).with_name("demo") / "instructions.jsonl")
+    out.print(f"    {DEMO_DATASET}: {datasets.info(s, DEMO_DATASET)['rows']} rows")
+    out.print(f"3/3 a {steps}-step LoRA fine-tune: lab run sft --model {model['name']} --dataset {DEMO_DATASET} "
+              f"--experiment demo --set max_steps={steps} --wait")
+    job_id = runs.submit(s, "sft", model=model["name"], dataset=DEMO_DATASET, experiment="demo",
+                         params={"max_steps": steps, "lora_r": 8})
+    code = _wait(s, job_id)
+    if code == 0:
+        job = runs.get_job(s, job_id)
+        out.print(f"\nrun folder: {job['run_dir']}\n  job.json   the resolved configuration\n"
+                  f"  log.txt    the log\n  output/    the LoRA adapter (Hugging Face format)\n"
+                  f"metrics: lab jobs show {job_id}; all jobs: lab jobs list --workspace {s.workspace}")
+    raise typer.Exit(code)
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2; never a traceback unless LAB_DEBUG=1."""
     try:

@@ -143,7 +143,7 @@ def _problem(err: dict) -> str:
     if err["type"] == "extra_forbidden":
         return f"unknown parameter `{where}`"
     got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) else f" (got {got})" if isinstance(got, str) and got else f" (got {got!r})"
     return f"`{where}`: {err['msg']}{shown}"
 
 

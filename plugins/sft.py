@@ -5,7 +5,8 @@
 Rows are turned into a conversation and the model's chat template is applied. By default only the reply counts
 towards the loss (the prompt tokens are masked); for chat rows the reply is the last assistant turn. The adapter
 (or the full model) is saved in Hugging Face format under the run's `output/`, with the tokenizer.
-Any further `SFTConfig` argument can be given by name (`--set warmup_ratio=0.1`); an unknown name is an error.
+Any further `SFTConfig` argument can be given by name (`--set max_grad_norm=0.5`); it wins over the lab's own
+choice for that argument, and an unknown name is an error.
 """
 
 from __future__ import annotations
@@ -127,7 +128,7 @@ def run(ctx, params: Params) -> None:
         tokenizer.pad_token = tokenizer.eos_token
 
     # 3. configuration
-    config = SFTConfig(
+    kwargs = dict(
         output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
         learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
         per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
@@ -138,8 +139,8 @@ def run(ctx, params: Params) -> None:
         eval_strategy="steps" if evaluation is not None else "no", eval_steps=params.eval_steps,
         save_strategy="steps" if params.save_steps else "no", save_steps=params.save_steps or 500,
         disable_tqdm=True, use_cpu=not _has_gpu(), dataloader_num_workers=0,
-        **params.extra_args,
     )
+    config = SFTConfig(**{**kwargs, **params.extra_args})  # passed-through arguments win over the lab's choices
     already_adapter = isinstance(model, PeftModel)
     peft_config = None
     if params.use_lora and not already_adapter:

@@ -1,0 +1,68 @@
+"""Shared fixtures: a fresh workspace per test (real SQLite file), fake plugins, a tiny model built once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lab import db, settings
+from lab.tables import TERMINAL_STATES
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+FAKE_PLUGINS = "fake_plugins.instant,fake_plugins.failing,fake_plugins.sleeping,fake_plugins.silent"
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """Settings for a new workspace under tmp_path; child processes (workers, runners) inherit them."""
+    monkeypatch.setenv("LAB_WORKSPACE", str(tmp_path / "ws"))
+    monkeypatch.delenv("LAB_DATABASE_URL", raising=False)
+    monkeypatch.setenv("LAB_WANDB", "off")
+    monkeypatch.setenv("LAB_EXTRA_PLUGINS", FAKE_PLUGINS)
+    monkeypatch.setenv("LAB_HEARTBEAT_S", "0.5")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    s = settings.load()
+    yield s
+    db.dispose_all()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama model with its own tokenizer, built once per session and registered by reference."""
+    from lab.registry import build_tiny
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny(folder)
+    return folder
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def lab_cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the `lab` command as a user would, in a child process with the current environment."""
+    done = subprocess.run([sys.executable, "-m", "lab.cli", *args], capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"lab {' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def wait_for_status(s, job_id: int, statuses=TERMINAL_STATES, timeout: float = 120) -> str:
+    from jobs import queue
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = queue.get(s, job_id).status
+        if status in statuses:
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} still {status} after {timeout} s")

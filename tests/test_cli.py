@@ -1,0 +1,114 @@
+"""The `lab` command as a user runs it: the contract's names, --json, one clear line for bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import lab_cli, write_jsonl
+
+from lab import runs
+
+
+def _listed_jobs(s) -> list:
+    return runs.list_jobs(s)
+
+
+def test_whole_flow_from_the_command_line(ws, tmp_path, tiny_model_dir):
+    lab_cli("models", "add", "tiny", str(tiny_model_dir), check=True)
+    rows = [{"prompt": "2+2=", "completion": "4"}, {"prompt": "3+3=", "completion": "6"}]
+    added = lab_cli("datasets", "add", "sums", str(write_jsonl(tmp_path / "sums.jsonl", rows)), check=True)
+    assert "2 rows, format prompt_completion" in added.stdout
+    done = lab_cli("run", "sft", "--model", "tiny", "--dataset", "sums", "--experiment", "cli", "--set",
+                   "max_steps=3", "--wait", check=True)
+    job_id = int(done.stdout.split()[0])
+    assert "registered as model sft-" in done.stderr
+    listed = json.loads(lab_cli("jobs", "list", "--json", check=True).stdout)
+    assert [(j["id"], j["status"], j["experiment"]) for j in listed] == [(job_id, "completed", "cli")]
+    shown = json.loads(lab_cli("jobs", "show", str(job_id), "--json", check=True).stdout)
+    assert shown["params"]["max_steps"] == 3 and shown["exit_code"] == 0
+    assert "[lab] step 3/3" in lab_cli("jobs", "logs", str(job_id), check=True).stdout
+    model = json.loads(lab_cli("models", "show", shown["output_model"], "--json", check=True).stdout)
+    assert (model["kind"], model["base_model"], model["job_id"]) == ("adapter", "tiny", job_id)
+    assert {m["name"] for m in json.loads(lab_cli("models", "list", "--json", check=True).stdout)} == {
+        "tiny", shown["output_model"]}
+    ds = json.loads(lab_cli("datasets", "show", "sums", "--rows", "1", "--json", check=True).stdout)
+    assert ds["preview"] == [rows[0]]
+    assert json.loads(lab_cli("datasets", "list", "--json", check=True).stdout)[0]["rows"] == 2
+    assert "learning_rate" in lab_cli("plugins", "show", "sft", check=True).stdout
+    assert "sft" in {p["id"] for p in json.loads(lab_cli("plugins", "list", "--json", check=True).stdout)["plugins"]}
+
+
+def test_wait_exits_non_zero_when_the_job_fails(ws):
+    done = lab_cli("run", "failing", "--wait")
+    assert done.returncode == 1
+    assert "failed: RuntimeError: boom from the plugin" in done.stderr
+    assert "last lines of its log" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "nope"], "unknown plugin 'nope'"),
+        (["run", "sft", "--dataset", "x"], "plugin sft needs a model"),
+        (["run", "sft", "--model", "ghost", "--dataset", "x"], "no model named 'ghost'"),
+        (["run", "instant", "--set", "steps=-4"], "`steps`: Input should be greater than or equal to 0"),
+        (["run", "instant", "--set", "steps"], "--set expects key=value"),
+        (["run", "instant", "--set", "colour=red"], "unknown parameter `colour`"),
+        (["run", "instant", "--experiment", "../up"], "invalid experiment name"),
+        (["run", "instant", "--model", "m"], "plugin instant takes no model"),
+        (["jobs", "show", "77"], "no job 77"),
+        (["jobs", "cancel", "77"], "no job 77"),
+        (["datasets", "add", "x", "/no/such.jsonl"], "no such file"),
+        (["datasets", "show", "x"], "no dataset named 'x'"),
+        (["models", "add", "m", "/no/such/folder"], "no such folder"),
+        (["models", "show", "smollm2-135m-instruct"], "hint: run `lab models starter`"),
+    ],
+)
+def test_bad_input_is_one_clear_line_and_queues_nothing(ws, args, message):
+    done = lab_cli(*args)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert _listed_jobs(ws) == []
+
+
+def test_a_dataset_in_the_wrong_format_is_refused_before_queueing(ws, tmp_path, tiny_model_dir):
+    lab_cli("models", "add", "tiny", str(tiny_model_dir), check=True)
+    lab_cli("datasets", "add", "spam", str(write_jsonl(tmp_path / "s.jsonl", [{"text": "a", "label": "x"}])),
+            check=True)
+    done = lab_cli("run", "sft", "--model", "tiny", "--dataset", "spam")
+    assert done.returncode == 2
+    assert "dataset spam is in classification format; plugin sft accepts chat, alpaca, prompt_completion" in done.stderr
+    assert _listed_jobs(ws) == []
+
+
+def test_bad_rows_are_reported_by_the_cli_and_nothing_is_registered(ws, tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    done = lab_cli("datasets", "add", "bad", str(path))
+    assert done.returncode == 2
+    assert "line 2: `output` is missing" in done.stderr
+    assert json.loads(lab_cli("datasets", "list", "--json").stdout) == []
+
+
+def test_worker_once_with_an_empty_queue_returns(ws):
+    done = lab_cli("worker", "--once", check=True)
+    assert "stopped after 0 job(s)" in done.stdout
+
+
+def test_cancel_and_priority_from_the_command_line(ws):
+    first = int(lab_cli("run", "instant", check=True).stdout)
+    second = int(lab_cli("run", "instant", "--priority", "1", check=True).stdout)
+    assert [j["queue_position"] for j in sorted(_listed_jobs(ws), key=lambda j: j["id"])] == [2, 1]
+    lab_cli("jobs", "priority", str(first), "5", check=True)
+    assert {j["id"]: j["queue_position"] for j in _listed_jobs(ws)} == {first: 1, second: 2}
+    assert "cancelled" in lab_cli("jobs", "cancel", str(first), check=True).stdout
+    assert lab_cli("jobs", "cancel", str(first)).returncode == 2
+
+
+def test_workspace_option_wins_over_the_environment(ws, tmp_path):
+    other = tmp_path / "elsewhere"
+    lab_cli("run", "instant", "--workspace", str(other), check=True)
+    assert (other / "lab.db").exists()
+    assert _listed_jobs(ws) == []

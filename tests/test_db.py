@@ -1,0 +1,41 @@
+"""The schema comes from alembic and matches the tables; several processes can open a new database at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+
+from lab.db import engine_for
+from lab.migrate import current_revision, head_revision
+from lab.tables import Base
+
+
+def test_migrations_build_exactly_the_declared_schema(ws):
+    engine = engine_for(ws)
+    assert current_revision(engine) == head_revision()
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == []
+    indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("metrics")}
+    assert indexes["ix_metrics_key_job_step"] == ["key", "job_id", "step"]
+
+
+def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(ws):
+    with engine_for(ws).connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+
+
+def test_concurrent_first_opens_migrate_once(ws):
+    code = "from lab import settings, db; db.engine_for(settings.load()); print('ok')"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(4)]
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0 and out.strip() == "ok", err
+    assert current_revision(engine_for(ws)) == head_revision()

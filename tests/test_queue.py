@@ -1,0 +1,123 @@
+"""The queue and its state machine, on a real SQLite file; the no-double-claim proof runs several processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import update
+
+from jobs import queue
+from lab import experiments
+from lab.db import session
+from lab.errors import LabError
+from lab.tables import Job, utcnow
+
+
+def _enqueue(s, n=1, priority=0, plugin="instant"):
+    exp = experiments.get_or_create(s, "default")
+    return [queue.enqueue(s, experiment_id=exp, plugin=plugin, params={}, priority=priority) for _ in range(n)]
+
+
+def test_claim_order_is_priority_then_fifo(ws):
+    low = _enqueue(ws, 2)
+    high = _enqueue(ws, 1, priority=5)
+    claimed = [queue.claim_next(ws, "w:1").id for _ in range(3)]
+    assert claimed == [high[0], low[0], low[1]]
+    assert queue.claim_next(ws, "w:1") is None
+
+
+def test_claim_marks_running_with_worker_and_times(ws):
+    (job_id,) = _enqueue(ws)
+    job = queue.claim_next(ws, "host:42")
+    assert (job.id, job.status, job.worker, job.attempts) == (job_id, "running", "host:42", 1)
+    assert job.started_at is not None and job.heartbeat_at is not None
+
+
+def test_cancel_queued_job_leaves_the_queue(ws):
+    a, b = _enqueue(ws, 2)
+    assert queue.cancel(ws, a) == "cancelled"
+    assert queue.get(ws, a).status == "cancelled"
+    assert queue.claim_next(ws, "w:1").id == b
+
+
+def test_cancel_running_job_only_asks_the_worker(ws):
+    (job_id,) = _enqueue(ws)
+    queue.claim_next(ws, "w:1")
+    assert queue.cancel(ws, job_id) == "cancelling"
+    assert queue.get(ws, job_id).status == "running"
+    assert queue.cancel_requested(ws, job_id)
+
+
+def test_finished_jobs_cannot_be_cancelled_or_finished_twice(ws):
+    (job_id,) = _enqueue(ws)
+    queue.claim_next(ws, "w:1")
+    assert queue.finish(ws, job_id, "w:1", "completed", exit_code=0)
+    assert not queue.finish(ws, job_id, "w:1", "failed", exit_code=1)
+    assert queue.get(ws, job_id).status == "completed"
+    with pytest.raises(LabError, match="already completed"):
+        queue.cancel(ws, job_id)
+
+
+def test_only_the_owning_worker_finishes_a_job(ws):
+    (job_id,) = _enqueue(ws)
+    queue.claim_next(ws, "w:1")
+    assert not queue.finish(ws, job_id, "w:2", "completed", exit_code=0)
+    assert queue.get(ws, job_id).status == "running"
+
+
+def test_priority_changes_only_for_queued_jobs(ws):
+    a, b = _enqueue(ws, 2)
+    assert queue.queue_position(ws, b) == 2
+    queue.set_priority(ws, b, 10)
+    assert queue.queue_position(ws, b) == 1
+    assert queue.claim_next(ws, "w:1").id == b
+    with pytest.raises(LabError, match="only queued jobs"):
+        queue.set_priority(ws, b, 3)
+    with pytest.raises(LabError, match="no job 999"):
+        queue.set_priority(ws, 999, 3)
+
+
+def test_reaper_fails_running_jobs_with_an_expired_lease(ws):
+    stale, fresh = _enqueue(ws, 2)
+    queue.claim_next(ws, "elsewhere:1")
+    queue.claim_next(ws, "elsewhere:2")
+    with session(ws) as s:
+        s.execute(update(Job).where(Job.id == stale).values(heartbeat_at=utcnow() - timedelta(seconds=600)))
+    assert queue.reap_stale(ws) == [stale]
+    job = queue.get(ws, stale)
+    assert job.status == "failed" and "no heartbeat" in job.error
+    assert queue.get(ws, fresh).status == "running"
+
+
+CLAIMER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from jobs import queue
+    from lab import settings
+    s = settings.load()
+    go = Path(sys.argv[2])
+    while not go.exists():
+        time.sleep(0.01)
+    while (job := queue.claim_next(s, sys.argv[1])) is not None:
+        print(job.id, flush=True)
+""")
+
+
+def test_several_processes_never_claim_the_same_job(ws, tmp_path):
+    ids = _enqueue(ws, 300)
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, f"claimer:{n}", str(go)], stdout=subprocess.PIPE,
+                              text=True) for n in range(4)]
+    go.touch()
+    claimed = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        claimed += [int(line) for line in stdout.split()]
+    assert sorted(claimed) == sorted(ids), "every job claimed exactly once"
+    per_worker = {queue.get(ws, i).worker for i in ids}
+    assert len(per_worker) > 1, "the claims were spread over several processes"

@@ -1,0 +1,181 @@
+"""The worker and runner with fake plugins: outcomes, failures, kills, cancellation, several worker processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from conftest import wait_for_status
+
+from jobs import queue
+from jobs.worker import Worker
+from lab import runs
+
+
+def _serve_in_thread(s) -> tuple[Worker, threading.Thread]:
+    worker = Worker(s, say=lambda m: None)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    return worker, thread
+
+
+def _wait_for_file(path: Path, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return path.read_text().strip()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); its state letter says it is gone
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(")")[-1].split()[0] != "Z"
+
+
+def test_completed_job_has_metrics_log_and_job_json(ws):
+    job_id = runs.submit(ws, "instant", params={"steps": "4"})
+    Worker(ws, say=lambda m: None).serve(once=True)
+    job = runs.get_job(ws, job_id)
+    assert job["status"] == "completed" and job["exit_code"] == 0 and job["error"] is None
+    assert (job["step"], job["total_steps"]) == (4, 4)
+    points = runs.metrics(ws, [job_id])[job_id]["loss"]
+    assert [p[0] for p in points] == [1, 2, 3, 4] and points[-1][1] == 0.25
+    run_dir = Path(job["run_dir"])
+    assert run_dir == ws.workspace / "experiments" / "default" / "runs" / f"{job_id}-instant"
+    assert (run_dir / "output" / "result.txt").read_text() == f"job {job_id}\n"
+    assert f"job {job_id}: instant" in (run_dir / "log.txt").read_text()
+    record = (run_dir / "job.json").read_text()
+    assert '"plugin": "instant"' in record and '"steps": 4' in record and '"versions"' in record
+
+
+def test_plugin_exception_fails_the_job_with_its_reason(ws):
+    job_id = runs.submit(ws, "failing")
+    Worker(ws, say=lambda m: None).serve(once=True)
+    job = runs.get_job(ws, job_id)
+    assert job["status"] == "failed" and job["exit_code"] == 1
+    assert "RuntimeError: boom from the plugin" in job["error"]
+    assert "about to fail" in job["log_tail"] and "Traceback" in job["log_tail"]
+
+
+def test_job_without_outputs_is_never_completed(ws):
+    job_id = runs.submit(ws, "silent")
+    Worker(ws, say=lambda m: None).serve(once=True)
+    job = runs.get_job(ws, job_id)
+    assert job["status"] == "failed"
+    assert "wrote nothing" in job["error"]
+
+
+def test_job_process_killed_with_sigkill_is_failed_and_says_so(ws):
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "60"})
+    worker, thread = _serve_in_thread(ws)
+    try:
+        wait_for_status(ws, job_id, ("running",))
+        run_dir = Path(queue.get(ws, job_id).run_dir or "")
+        pid = int(_wait_for_file(ws.workspace / "experiments/default/runs" / f"{job_id}-sleeping" / "pid.txt"))
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for_status(ws, job_id, timeout=30) == "failed"
+    finally:
+        worker.stop.set()
+        thread.join(30)
+    job = runs.get_job(ws, job_id)
+    assert job["exit_code"] == -signal.SIGKILL
+    assert "killed by SIGKILL" in job["error"]
+    assert "sleeping" in job["log_tail"]
+    assert run_dir.name == f"{job_id}-sleeping"
+
+
+def test_cancelling_a_running_job_stops_its_whole_tree_within_5_seconds(ws):
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "120", "child": "true"})
+    worker, thread = _serve_in_thread(ws)
+    try:
+        wait_for_status(ws, job_id, ("running",))
+        run_dir = ws.workspace / "experiments/default/runs" / f"{job_id}-sleeping"
+        pid = int(_wait_for_file(run_dir / "pid.txt"))
+        child = int(_wait_for_file(run_dir / "child_pid.txt"))
+        t0 = time.monotonic()
+        assert queue.cancel(ws, job_id) == "cancelling"
+        assert wait_for_status(ws, job_id, timeout=10) == "cancelled"
+        assert time.monotonic() - t0 < 5
+    finally:
+        worker.stop.set()
+        thread.join(30)
+    assert not _alive(pid) and not _alive(child)
+    assert runs.get_job(ws, job_id)["error"] == "cancelled by the user"
+
+
+def test_stopping_the_worker_marks_its_running_job_interrupted(ws):
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "120"})
+    worker, thread = _serve_in_thread(ws)
+    wait_for_status(ws, job_id, ("running",))
+    _wait_for_file(ws.workspace / "experiments/default/runs" / f"{job_id}-sleeping" / "pid.txt")
+    worker.stop.set()
+    thread.join(30)
+    job = runs.get_job(ws, job_id)
+    assert job["status"] == "failed" and job["error"].startswith("interrupted")
+    assert not queue.live_workers(ws)
+
+
+def test_worker_process_sigterm_interrupts_its_job_cleanly(ws):
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "120"})
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.PIPE, text=True)
+    wait_for_status(ws, job_id, ("running",))
+    pid = int(_wait_for_file(ws.workspace / "experiments/default/runs" / f"{job_id}-sleeping" / "pid.txt"))
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stdout
+    assert "SIGTERM received" in stdout
+    assert runs.get_job(ws, job_id)["status"] == "failed"
+    assert not _alive(pid)
+
+
+def test_job_process_stops_itself_when_its_worker_dies(ws):
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "120"})
+    proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.DEVNULL)
+    wait_for_status(ws, job_id, ("running",))
+    pid = int(_wait_for_file(ws.workspace / "experiments/default/runs" / f"{job_id}-sleeping" / "pid.txt"))
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid), "no training process outlives its worker"
+
+
+def test_three_worker_processes_run_every_job_exactly_once(ws, tmp_path):
+    record = tmp_path / "ran.txt"
+    ids = [runs.submit(ws, "instant", params={"record": str(record), "steps": "0"}) for _ in range(24)]
+    procs = [subprocess.Popen([sys.executable, "-m", "lab.cli", "worker", "--until-empty"], stdout=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    for p in procs:
+        p.communicate(timeout=240)
+        assert p.returncode == 0
+    ran = [int(x) for x in record.read_text().split()]
+    assert sorted(ran) == sorted(ids)
+    jobs = [runs.get_job(ws, i) for i in ids]
+    assert all(j["status"] == "completed" and j["attempts"] == 1 for j in jobs)
+    assert len({j["worker"] for j in jobs}) > 1
+
+
+def test_a_new_run_never_reuses_another_runs_folder(ws):
+    # a folder left by an earlier database with the same job id
+    stale = ws.workspace / "experiments/default/runs/1-instant"
+    stale.mkdir(parents=True)
+    (stale / "log.txt").write_text("an older run\n")
+    job_id = runs.submit(ws, "instant")
+    assert job_id == 1
+    Worker(ws, say=lambda m: None).serve(once=True)
+    job = runs.get_job(ws, job_id)
+    assert job["status"] == "completed"
+    assert Path(job["run_dir"]).name == "1-instant.2"
+    assert (stale / "log.txt").read_text() == "an older run\n"

@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install lint demo bench clean
+.PHONY: run test install chromium demo bench clean
 
 install: $(VENV)/.installed
 
@@ -22,9 +22,18 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 run: install
+	$(BIN)/lab setup
+	$(BIN)/lab serve
+
+demo: install
 	$(BIN)/lab demo
 
-test: install
+# Debian's Chromium for the browser tests (Playwright's own browser download does not work offline)
+chromium:
+	@command -v chromium >/dev/null || { echo "installing chromium for the browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+
+test: install chromium
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

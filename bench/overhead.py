@@ -36,11 +36,13 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
-model_path, data_path, steps, out, cfg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], json.loads(sys.argv[5])
+model_path, data_path, out = sys.argv[1], sys.argv[2], sys.argv[4]
+steps, cfg = int(sys.argv[3]), json.loads(sys.argv[5])
 rows = [json.loads(l) for l in open(data_path)][:200]
 def convert(r):
     user = r["instruction"].strip() + (f"\n\n{r['input'].strip()}" if r.get("input", "").strip() else "")
-    return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": r["output"]}]}
+    return {"prompt": [{"role": "user", "content": user}],
+            "completion": [{"role": "assistant", "content": r["output"]}]}
 data = Dataset.from_list([convert(r) for r in rows])
 tok = AutoTokenizer.from_pretrained(model_path)
 model = AutoModelForCausalLM.from_pretrained(model_path)
@@ -120,7 +122,8 @@ def main() -> None:
     data = ALPACA if ALPACA.exists() else DEMO
     # the same first 200 rows on both sides
     subset = Path(tmp) / "rows.jsonl"
-    subset.write_text("".join(open(data).readlines()[:200]))
+    with open(data) as f:
+        subset.write_text("".join(f.readlines()[:200]))
     datasets.add(s, "rows", subset)
     info = registry.ensure_starter(s) if args.model == "starter" else registry.create_tiny(s, "tiny")
     registry.create_tiny(s, "rows-model", hidden=8, layers=1)  # a stand-in input for the callback timing
@@ -137,9 +140,9 @@ def main() -> None:
     def wall(results: list[dict]) -> float:
         return statistics.median(r["wall"] for r in results)
 
-    for i, (b, l) in enumerate(zip(bare, lab, strict=True), start=1):
-        print(f"repeat {i}: bare {b['tokens']:.0f} tokens in {b['runtime']:.1f} s, lab {l['tokens']:.0f} tokens in "
-              f"{l['runtime']:.1f} s")
+    for i, (b, lb) in enumerate(zip(bare, lab, strict=True), start=1):
+        print(f"repeat {i}: bare {b['tokens']:.0f} tokens in {b['runtime']:.1f} s, lab {lb['tokens']:.0f} tokens in "
+              f"{lb['runtime']:.1f} s")
     print(f"{'':>10} {'tokens/s':>10} {'end-to-end':>11}")
     print(f"{'bare TRL':>10} {tps(bare):>10.1f} {wall(bare):>10.1f}s")
     print(f"{'lab':>10} {tps(lab):>10.1f} {wall(lab):>10.1f}s")

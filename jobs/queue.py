@@ -116,6 +116,17 @@ def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit
         return True
 
 
+def requeue(settings: Settings, job_id: int, worker_id: str, note: str) -> bool:
+    """Put a running job back in the queue (its worker was stopped); it keeps its run folder and its place."""
+    with session(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != "running" or job.worker != worker_id:
+            return False
+        job.status, job.worker, job.pid, job.heartbeat_at = "queued", None, None, None
+        job.started_at, job.step, job.total_steps, job.error = None, 0, None, note
+        return True
+
+
 def cancel(settings: Settings, job_id: int) -> str:
     """Cancel a queued job at once, or ask the worker to stop a running one. Returns the job's status after."""
     with session(settings) as s:

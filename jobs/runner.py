@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shlex
 import signal
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from pathlib import Path
 
 from jobs import queue
 from lab import datasets as datasets_mod
-from lab import plugins, registry
+from lab import plugins, registry, runs
 from lab.db import read_session
 from lab.errors import CANCELLED_EXIT, JobCancelled, LabError
 from lab.sdk import RunContext
@@ -85,6 +84,8 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         dataset=None if dataset is None else {**datasets_mod.info(settings, dataset.name)},
         report_to=[] if settings.wandb == "off" else ["wandb"],
     )
+    if job.attempts > 1 and runs.clear_metrics(settings, job.id):
+        ctx.log(f"[lab] attempt {job.attempts}: training starts over, the earlier attempt's metrics were cleared")
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     record = {
@@ -94,25 +95,11 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
                                                                                   "fingerprint", "path")},
         "worker": job.worker, "attempt": job.attempts, "created_at": job.created_at.isoformat(),
         "started_at": (job.started_at or utcnow()).isoformat(), "versions": _versions(), "git_commit": _git_commit(),
-        "command": command_line(plugin.id, params.model_dump(mode="json", exclude_defaults=True),
+        "command": runs.command_line(plugin.id, params.model_dump(mode="json", exclude_defaults=True),
                                 model and model.name, dataset and dataset.name, experiment.name),
     }
     (ctx.run_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n")
     return ctx, plugin, params
-
-
-def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str) -> str:
-    """The `lab run` command that queues the same job."""
-    parts = ["lab", "run", plugin]
-    if model:
-        parts += ["--model", model]
-    if dataset:
-        parts += ["--dataset", dataset]
-    parts += ["--experiment", experiment]
-    for key, value in params.items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        parts += ["--set", f"{key}={text}"]
-    return shlex.join(parts)
 
 
 def _setup_wandb(ctx: RunContext) -> None:

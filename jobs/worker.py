@@ -132,6 +132,13 @@ class Worker:
             tee.join(timeout=5)
         _kill_group(proc.pid, signal.SIGKILL)  # whatever the job left behind in its group
         status, error = self._outcome(proc.returncode, reason, run_dir)
+        if status == "interrupted":
+            with open(log_path, "a") as log:
+                log.write(f"[lab] {error}\n")
+            queue.requeue(s, job.id, self.id, error)
+            queue.worker_seen(s, self.id, "idle")
+            self.say(f"job {job.id} interrupted: back in the queue")
+            return "queued"
         queue.finish(s, job.id, self.id, status, exit_code=proc.returncode, error=error, log_tail=log_tail(log_path))
         queue.worker_seen(s, self.id, "idle")
         self.say(f"job {job.id} {status}" + (f": {error}" if error and status != "completed" else ""))
@@ -184,7 +191,7 @@ class Worker:
         if reason == "cancel" or code == CANCELLED_EXIT:
             return "cancelled", "cancelled by the user"
         if reason == "interrupted":
-            return "failed", "interrupted: the worker was stopped while the job ran"
+            return "interrupted", "interrupted: its worker was stopped; the job went back to the queue"
         if reason == "lost":
             return "failed", "the job's lease was lost (no heartbeat in time); it was stopped"
         if code == 0:
@@ -198,7 +205,7 @@ class Worker:
 
 
 def install_signal_handlers(worker: Worker) -> None:
-    """SIGTERM and SIGINT stop the worker cleanly: the running job is stopped and recorded as interrupted."""
+    """SIGTERM and SIGINT stop the worker cleanly: the running job is stopped and put back in the queue."""
 
     def _handler(signum, _frame):
         worker.say(f"worker {worker.id}: {signal.Signals(signum).name} received, stopping")

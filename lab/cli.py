@@ -260,10 +260,13 @@ def _wait(s: Settings, job_id: int) -> int:
                     break
                 time.sleep(0.3)
     except KeyboardInterrupt:
-        if worker is not None:
-            worker.stop.set()
+        if worker is not None:  # the job runs in this command: Ctrl-C means stop it
+            from jobs import queue
+
+            if runs.get_job(s, job_id)["status"] in ("queued", "running"):
+                queue.cancel(s, job_id)
             thread.join()
-            err.print(f"interrupted: job {job_id} was stopped")
+            err.print(f"interrupted: job {job_id} was cancelled")
         else:
             err.print(f"stopped following; job {job_id} goes on in its worker (`lab jobs cancel {job_id}` stops it)")
         return 130
@@ -375,6 +378,20 @@ def jobs_priority(job_id: int, priority: int, workspace: WorkspaceOpt = None):
 # --- processes -------------------------------------------------------------------------------------------------
 
 
+@app.command("serve")
+def serve_cmd(
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs a password.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
+    workers: Annotated[int, typer.Option(min=0, max=64, help="Worker processes to start with the UI.")] = 1,
+    password: Annotated[str | None, typer.Option(envvar="LAB_PASSWORD", help="Password for the user 'lab'.")] = None,
+    workspace: WorkspaceOpt = None,
+):
+    """Start the web UI on http://HOST:PORT with its worker processes."""
+    from lab.serve import serve
+
+    serve(_settings(workspace), host, port, workers, password, say=lambda m: out.print(m, markup=False))
+
+
 @app.command("worker")
 def worker_cmd(
     once: Annotated[bool, typer.Option("--once", help="Run at most one job, then exit.")] = False,
@@ -396,6 +413,22 @@ def worker_cmd(
 DEMO_DATASET = "demo-instructions"
 
 
+def _setup(s: Settings) -> dict:
+    out.print("starter model (the first time, SmolLM2-135M-Instruct is imported from its GGUF file: ~30 s)")
+    model = registry.ensure_starter(s)
+    out.print(f"    {model['name']}: {model['path']}")
+    if DEMO_DATASET not in {d["name"] for d in datasets.list_all(s)}:
+        datasets.add(s, DEMO_DATASET, Path(__file__).with_name("demo") / "instructions.jsonl")
+    out.print(f"demo dataset {DEMO_DATASET}: {datasets.info(s, DEMO_DATASET)['rows']} rows")
+    return model
+
+
+@app.command("setup")
+def setup_cmd(workspace: WorkspaceOpt = None):
+    """Make sure the starter model and the demo dataset are in the workspace (what `make run` does first)."""
+    _setup(_settings(workspace))
+
+
 @app.command("demo")
 def demo_cmd(
     steps: Annotated[int, typer.Option(min=1, max=1000, help="Training steps of the demo job.")] = 8,
@@ -403,14 +436,8 @@ def demo_cmd(
 ):
     """Set up the starter model and a demo dataset, then run a short LoRA fine-tune through the queue."""
     s = _settings(workspace)
-    out.print("1/3 starter model (the first time this imports SmolLM2-135M-Instruct from its GGUF: ~30 s)")
-    model = registry.ensure_starter(s)
-    out.print(f"    {model['name']}: {model['path']}")
-    out.print("2/3 demo dataset")
-    if DEMO_DATASET not in {d["name"] for d in datasets.list_all(s)}:
-        datasets.add(s, DEMO_DATASET, Path(__file__).with_name("demo") / "instructions.jsonl")
-    out.print(f"    {DEMO_DATASET}: {datasets.info(s, DEMO_DATASET)['rows']} rows")
-    out.print(f"3/3 a {steps}-step LoRA fine-tune: lab run sft --model {model['name']} --dataset {DEMO_DATASET} "
+    model = _setup(s)
+    out.print(f"a {steps}-step LoRA fine-tune: lab run sft --model {model['name']} --dataset {DEMO_DATASET} "
               f"--experiment demo --set max_steps={steps} --wait")
     job_id = runs.submit(s, "sft", model=model["name"], dataset=DEMO_DATASET, experiment="demo",
                          params={"max_steps": steps, "lora_r": 8})

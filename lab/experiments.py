@@ -35,3 +35,39 @@ def list_all(settings: Settings) -> list[dict]:
              "created_at": e.created_at.isoformat(timespec="seconds")}
             for e in s.scalars(select(Experiment).order_by(Experiment.id))
         ]
+
+
+def _get(s, name: str) -> Experiment:
+    row = s.scalar(select(Experiment).where(Experiment.name == name))
+    if row is None:
+        raise LabError(f"no experiment named {name!r}")
+    return row
+
+
+def create(settings: Settings, name: str, notes: str = "") -> dict:
+    check_name(name, "experiment")
+    with session(settings) as s:
+        if s.scalar(select(Experiment.id).where(Experiment.name == name)) is not None:
+            raise LabError(f"an experiment named {name!r} already exists")
+        s.add(Experiment(name=name, notes=notes or ""))
+    return next(e for e in list_all(settings) if e["name"] == name)
+
+
+def rename(settings: Settings, name: str, new_name: str) -> None:
+    """Rename an experiment. Runs keep their folders; later runs go under the new name's folder."""
+    check_name(new_name, "experiment")
+    with session(settings) as s:
+        if s.scalar(select(Experiment.id).where(Experiment.name == new_name)) is not None:
+            raise LabError(f"an experiment named {new_name!r} already exists")
+        _get(s, name).name = new_name
+
+
+def set_notes(settings: Settings, name: str, notes: str) -> None:
+    with session(settings) as s:
+        _get(s, name).notes = notes or ""
+
+
+def set_archived(settings: Settings, name: str, archived: bool) -> None:
+    """Archived experiments stay listed with their runs but take no new runs."""
+    with session(settings) as s:
+        _get(s, name).archived = archived

@@ -175,7 +175,8 @@ def validate_params(plugin: Plugin, values: dict[str, Any]) -> BaseModel:
 
 
 def describe_params(plugin: Plugin) -> list[dict]:
-    """One entry per parameter: name, type, default, bounds, description, advanced (for help text and forms)."""
+    """One entry per parameter: name, type, default, bounds, description, and the form hints `advanced` (folded
+    away) and `widget` ("slider"), which a field sets with json_schema_extra."""
     out = []
     for name, f in plugin.params.model_fields.items():
         bounds = {}
@@ -189,5 +190,6 @@ def describe_params(plugin: Plugin) -> list[dict]:
         extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
         out.append({"name": name, "type": "choice" if choices else type_name, "choices": choices,
                     "default": f.get_default(call_default_factory=True), "bounds": bounds,
-                    "description": f.description or "", "advanced": bool(extra.get("advanced"))})
+                    "description": f.description or "", "advanced": bool(extra.get("advanced")),
+                    "widget": extra.get("widget")})
     return out

@@ -248,6 +248,14 @@ def get(settings: Settings, name: str) -> Model:
     return row
 
 
+def base_of(settings: Settings, model: Model) -> Model:
+    """The full model whose weights an adapter applies to (the model itself when it is not an adapter)."""
+    if model.kind != "adapter" or not model.base_model_id:
+        return model
+    with read_session(settings) as s:
+        return s.get(Model, model.base_model_id) or model
+
+
 def _info(row: Model, names: dict[int, str]) -> dict:
     return {"id": row.id, "name": row.name, "kind": row.kind, "source": row.source,
             "architecture": row.architecture, "parameters": row.parameters, "path": row.path,

@@ -5,14 +5,16 @@ The CLI and the UI both call these; neither touches the queue tables directly.
 
 from __future__ import annotations
 
+import json
+import shlex
 from collections import defaultdict
 from datetime import datetime, timezone
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 
 from jobs import queue
 from lab import datasets, experiments, plugins, registry
-from lab.db import read_session
+from lab.db import read_session, session
 from lab.errors import LabError
 from lab.settings import Settings
 from lab.tables import Dataset, Experiment, Job, Metric, Model, utcnow
@@ -48,6 +50,22 @@ def submit(settings: Settings, plugin_id: str, *, model: str | None = None, data
     return queue.enqueue(settings, experiment_id=experiment_id, plugin=plugin.id,
                          params=resolved.model_dump(mode="json"), model_id=model_id, dataset_id=dataset_id,
                          priority=priority)
+
+
+def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str,
+                 priority: int = 0) -> str:
+    """The `lab run` command that queues the same job (pass only the parameters that differ from defaults)."""
+    parts = ["lab", "run", plugin]
+    if model:
+        parts += ["--model", model]
+    if dataset:
+        parts += ["--dataset", dataset]
+    parts += ["--experiment", experiment]
+    for key, value in params.items():
+        parts += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    if priority:
+        parts += ["--priority", str(priority)]
+    return shlex.join(parts)
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -121,6 +139,12 @@ def get_job(settings: Settings, job_id: int) -> dict:
                 "attempts": job.attempts, "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
                 "output_model": output_model})
     return out
+
+
+def clear_metrics(settings: Settings, job_id: int) -> int:
+    """Drop a job's metric points (a retried job starts its curves again); returns how many went."""
+    with session(settings) as s:
+        return s.execute(delete(Metric).where(Metric.job_id == job_id)).rowcount
 
 
 def metrics(settings: Settings, job_ids: list[int], keys: list[str] | None = None) -> dict[int, dict[str, list]]:

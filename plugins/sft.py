@@ -30,8 +30,9 @@ RESERVED = {"output_dir", "report_to", "run_name", "logging_dir", "use_cpu", "di
             "hub_token", "completion_only_loss", "assistant_only_loss", "dataset_text_field"}
 
 
-def advanced(**kw) -> dict:
-    return {"json_schema_extra": {"advanced": True}, **kw}
+def advanced(widget: str | None = None, **kw) -> dict:
+    """Field arguments for a parameter the form folds away."""
+    return {"json_schema_extra": {"advanced": True, "widget": widget}, **kw}
 
 
 class Params(BaseModel):
@@ -48,9 +49,10 @@ class Params(BaseModel):
     max_length: int = Field(1024, ge=8, le=131072, description="Longest sequence in tokens; longer ones are cut.")
     completion_only: bool = Field(True, description="Learn only the replies; prompt tokens do not count.")
     packing: bool = Field(False, description="Pack several short examples into each sequence (faster).")
-    eval_split: float = Field(0.0, ge=0, lt=0.5, description="Fraction of rows held out to measure eval loss.")
+    eval_split: float = Field(0.0, ge=0, lt=0.5, description="Fraction of rows held out to measure eval loss.",
+                              json_schema_extra={"widget": "slider"})
     seed: int = Field(42, description="Random seed for shuffling, the split and initialisation.")
-    lora_dropout: float = Field(0.05, **advanced(ge=0, lt=1, description="Dropout inside the LoRA layers."))
+    lora_dropout: float = Field(0.05, **advanced("slider", ge=0, lt=1, description="Dropout inside the LoRA layers."))
     lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "linear", **advanced(description="Learning-rate schedule."))

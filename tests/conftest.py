@@ -24,6 +24,7 @@ def ws(tmp_path, monkeypatch):
     """Settings for a new workspace under tmp_path; child processes (workers, runners) inherit them."""
     monkeypatch.setenv("LAB_WORKSPACE", str(tmp_path / "ws"))
     monkeypatch.delenv("LAB_DATABASE_URL", raising=False)
+    monkeypatch.delenv("LAB_PASSWORD", raising=False)
     monkeypatch.setenv("LAB_WANDB", "off")
     monkeypatch.setenv("LAB_EXTRA_PLUGINS", FAKE_PLUGINS)
     monkeypatch.setenv("LAB_HEARTBEAT_S", "0.5")
@@ -66,3 +67,59 @@ def wait_for_status(s, job_id: int, statuses=TERMINAL_STATES, timeout: float = 1
             return status
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {status} after {timeout} s")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LabServer:
+    """`lab serve` in a child process, as a user starts it."""
+
+    def __init__(self, workspace: Path, workers: int = 1, extra: tuple[str, ...] = ()):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.workspace = workspace
+        self.workers = workers
+        self.extra = extra
+        self.proc: subprocess.Popen | None = None
+        self.log = workspace.parent / f"serve-{self.port}.log"
+
+    def start(self, timeout: float = 90) -> LabServer:
+        import urllib.error
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lab.cli", "serve", "--port", str(self.port), "--workers", str(self.workers),
+             *self.extra],
+            stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lab serve exited:\n{self.log.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except urllib.error.HTTPError:
+                return self  # it answers (e.g. 401 behind a password)
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError(f"lab serve did not answer in {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=60)
+        return self.proc.returncode if self.proc else 0
+
+
+@pytest.fixture
+def lab_server(ws):
+    server = LabServer(ws.workspace)
+    yield server
+    server.stop()

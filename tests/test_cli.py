@@ -79,7 +79,8 @@ def test_a_dataset_in_the_wrong_format_is_refused_before_queueing(ws, tmp_path, 
             check=True)
     done = lab_cli("run", "sft", "--model", "tiny", "--dataset", "spam")
     assert done.returncode == 2
-    assert "dataset spam is in classification format; plugin sft accepts chat, alpaca, prompt_completion" in done.stderr
+    expected = "dataset spam is in classification format; plugin sft accepts chat, alpaca, prompt_completion"
+    assert expected in done.stderr
     assert _listed_jobs(ws) == []
 
 

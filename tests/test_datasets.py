@@ -37,7 +37,8 @@ def test_csv_json_parquet_and_text_files(ws, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.Table.from_pylist([{"text": "x", "label": 1}, {"text": "y", "label": 0}]), tmp_path / "d.parquet")
+    table = pa.Table.from_pylist([{"text": "x", "label": 1}, {"text": "y", "label": 0}])
+    pq.write_table(table, tmp_path / "d.parquet")
     assert datasets.add(ws, "a", tmp_path / "a.csv")["format"] == "classification"
     assert datasets.add(ws, "b", tmp_path / "b.json")["format"] == "prompt_completion"
     c = datasets.add(ws, "c", tmp_path / "c.txt")

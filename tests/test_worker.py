@@ -11,10 +11,13 @@ import time
 from pathlib import Path
 
 from conftest import wait_for_status
+from sqlalchemy import update
 
 from jobs import queue
 from jobs.worker import Worker
 from lab import runs
+from lab.db import session
+from lab.tables import Job
 
 
 def _serve_in_thread(s) -> tuple[Worker, threading.Thread]:
@@ -114,16 +117,25 @@ def test_cancelling_a_running_job_stops_its_whole_tree_within_5_seconds(ws):
     assert runs.get_job(ws, job_id)["error"] == "cancelled by the user"
 
 
-def test_stopping_the_worker_marks_its_running_job_interrupted(ws):
+def test_stopping_the_worker_puts_its_running_job_back_in_the_queue(ws):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "120"})
     worker, thread = _serve_in_thread(ws)
     wait_for_status(ws, job_id, ("running",))
-    _wait_for_file(ws.workspace / "experiments/default/runs" / f"{job_id}-sleeping" / "pid.txt")
+    run_dir = ws.workspace / "experiments/default/runs" / f"{job_id}-sleeping"
+    pid = int(_wait_for_file(run_dir / "pid.txt"))
     worker.stop.set()
     thread.join(30)
     job = runs.get_job(ws, job_id)
-    assert job["status"] == "failed" and job["error"].startswith("interrupted")
-    assert not queue.live_workers(ws)
+    assert job["status"] == "queued" and job["error"].startswith("interrupted")
+    assert not _alive(pid) and not queue.live_workers(ws)
+    assert "interrupted" in (run_dir / "log.txt").read_text()
+    # the next worker runs it again, in the same folder, to the end
+    with session(ws) as s:
+        s.execute(update(Job).where(Job.id == job_id).values(params={"seconds": 0.2}))
+    Worker(ws, say=lambda m: None).serve(once=True)
+    job = runs.get_job(ws, job_id)
+    assert (job["status"], job["attempts"], job["run_dir"]) == ("completed", 2, str(run_dir))
+    assert job["error"] is None
 
 
 def test_worker_process_sigterm_interrupts_its_job_cleanly(ws):
@@ -135,7 +147,7 @@ def test_worker_process_sigterm_interrupts_its_job_cleanly(ws):
     stdout, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, stdout
     assert "SIGTERM received" in stdout
-    assert runs.get_job(ws, job_id)["status"] == "failed"
+    assert runs.get_job(ws, job_id)["status"] == "queued"
     assert not _alive(pid)
 
 

@@ -1,0 +1,100 @@
+"""`lab serve`: the web UI plus its worker processes. Stopping it stops the workers cleanly: a job they were
+running goes back to the queue, marked interrupted, and runs again when the lab is started next."""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from lab import experiments
+from lab.errors import LabError
+from lab.settings import Settings
+
+LOOPBACK = ("localhost",)
+
+
+def is_loopback(host: str) -> bool:
+    if host in LOOPBACK:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _start_worker(settings: Settings, n: int) -> subprocess.Popen:
+    logs = settings.workspace / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = open(logs / f"worker-{n}.log", "ab")  # noqa: SIM115 (kept open for the worker's life)
+    return subprocess.Popen([sys.executable, "-m", "lab.cli", "worker", "--workspace", str(settings.workspace)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **settings.env})
+
+
+def _stop_workers(procs: list[subprocess.Popen], grace: float) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def serve(settings: Settings, host: str, port: int, workers: int, password: str | None, say=print) -> None:
+    """Run the UI and `workers` worker processes until SIGINT or SIGTERM."""
+    if not is_loopback(host) and not password:
+        raise LabError(f"binding to {host} makes the lab reachable from other machines: set a password",
+                       "pass --password or set LAB_PASSWORD (user name: lab), or bind to 127.0.0.1")
+    if workers < 0:
+        raise LabError("--workers must be 0 or more")
+    experiments.get_or_create(settings, experiments.DEFAULT)
+    from lab.ui.app import launch
+
+    stop = threading.Event()
+
+    def _handler(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    procs: list[subprocess.Popen] = []
+    try:
+        try:
+            _, url, _ = launch(settings, host, port, auth=("lab", password) if password else None,
+                               prevent_thread_lock=True)
+        except OSError as exc:
+            raise LabError(f"cannot listen on {host}:{port}: {exc}", "pick another port with --port") from None
+        procs = [_start_worker(settings, n) for n in range(1, workers + 1)]
+        # the dataset preview and the Train estimate use tokenizers: import transformers now, not on first click
+        threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
+        say(f"LLM Lab on {url}  (workspace {settings.workspace}; {workers} worker(s), logs in "
+            f"{Path(settings.workspace) / 'logs'})")
+        if password:
+            say(f"access needs the user name 'lab' and the password; the lab listens on {host}")
+        if not is_loopback(host):
+            say(f"warning: {host} is not loopback: anyone who can reach this port and knows the password can use "
+                "the lab")
+        say("Ctrl-C stops the lab and its workers; a running job goes back to the queue.")
+        while not stop.wait(1.0):
+            for i, p in enumerate(procs):
+                if p.poll() is not None:  # a worker died: start another, so the queue keeps moving
+                    say(f"worker {i + 1} exited with code {p.returncode}; starting a new one")
+                    procs[i] = _start_worker(settings, i + 1)
+    finally:
+        say("stopping the workers ...")
+        _stop_workers(procs, settings.cancel_grace_s + 10)
+        import gradio as gr
+
+        gr.close_all()
+        say("stopped")

@@ -1,0 +1,1 @@
+"""The web lab (Gradio): app.py assembles one module per tab."""

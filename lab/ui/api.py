@@ -1,0 +1,95 @@
+"""Named API endpoints, so `gradio_client` can drive the lab exactly as the pages do.
+
+    from gradio_client import Client, handle_file
+    lab = Client("http://127.0.0.1:7860/")
+    lab.predict("notes", handle_file("notes.jsonl"), "auto", api_name="/upload_dataset")
+    job = lab.predict("sft", "smollm2-135m-instruct", "notes", "default", '{"max_steps": 20}', 0,
+                      api_name="/submit_job")
+    lab.predict(job["id"], api_name="/get_job")["status"]
+"""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+from gradio import FileData
+
+from jobs import queue
+from lab import datasets, registry, runs
+from lab.errors import LabError
+from lab.ui.common import UI, user_errors
+from lab.ui.tabs import datasets as datasets_tab
+
+NAMES = ("submit_job", "list_jobs", "get_job", "cancel_job", "job_metrics", "list_models", "list_datasets",
+         "upload_dataset")
+
+
+def _public(info: dict) -> dict:
+    """A model or dataset as the API gives it: its folder under `folder`, since gradio_client would take a dict
+    with a `path` for a file to download."""
+    return {("folder" if k == "path" else k): v for k, v in info.items()}
+
+
+def api_errors(fn):
+    return user_errors(fn, html=False)
+
+
+def register(ui: UI) -> None:
+    s = ui.settings
+
+    @api_errors
+    def submit_job(plugin: str, model: str, dataset: str, experiment: str, params: str, priority: int) -> dict:
+        """Queue a job. `params` is a JSON object of parameter values; returns the new job."""
+        try:
+            values = json.loads(params or "{}")
+        except json.JSONDecodeError as exc:
+            raise LabError(f"params must be a JSON object: {exc.msg}") from None
+        if not isinstance(values, dict):
+            raise LabError("params must be a JSON object")
+        job_id = runs.submit(s, plugin, model=model or None, dataset=dataset or None,
+                             experiment=experiment or "default", params=values, priority=int(priority or 0))
+        return runs.get_job(s, job_id)
+
+    @api_errors
+    def list_jobs(experiment: str, status: str) -> list:
+        """Jobs, newest first; empty strings mean no filter."""
+        return runs.list_jobs(s, experiment=experiment or None, status=status or None)
+
+    @api_errors
+    def get_job(job_id: int) -> dict:
+        """One job with its parameters, folder, error and log tail."""
+        return runs.get_job(s, int(job_id))
+
+    @api_errors
+    def cancel_job(job_id: int) -> str:
+        """Cancel a queued job or stop a running one; returns 'cancelled' or 'cancelling'."""
+        return queue.cancel(s, int(job_id))
+
+    @api_errors
+    def job_metrics(job_id: int, keys: str) -> dict:
+        """{metric: [[step, value, unix time], ...]} for one job; `keys` is comma-separated, empty for all."""
+        runs.get_job(s, int(job_id))
+        wanted = [k.strip() for k in (keys or "").split(",") if k.strip()] or None
+        return runs.metrics(s, [int(job_id)], wanted).get(int(job_id), {})
+
+    @api_errors
+    def list_models() -> list:
+        """Registered models, run outputs included."""
+        return [_public(m) for m in registry.list_all(s)]
+
+    @api_errors
+    def list_datasets() -> list:
+        """Datasets with format, rows and columns."""
+        return [_public(d) for d in datasets.list_all(s)]
+
+    @api_errors
+    def upload_dataset(name: str, file: FileData, format: str) -> dict:  # noqa: A002 (the API's word)
+        """Validate an uploaded file and register it; `format` is 'auto' or a format name."""
+        path = file["path"] if isinstance(file, dict) else getattr(file, "path", file)
+        return _public(datasets_tab.import_file(ui, path, name, format))
+
+    for fn in (submit_job, list_jobs, get_job, cancel_job, job_metrics, list_models, list_datasets,
+               upload_dataset):
+        assert fn.__name__ in NAMES
+        gr.api(fn, api_name=fn.__name__)

@@ -1,0 +1,119 @@
+"""The web lab: gr.Blocks assembled from one module per tab, plus the named API endpoints. It holds no state:
+every view is read from the database and the workspace, so reloads, extra tabs and restarts lose nothing."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from lab import experiments
+from lab.settings import Settings
+from lab.ui import api
+from lab.ui.common import UI
+from lab.ui.tabs import datasets as datasets_tab
+from lab.ui.tabs import experiments as experiments_tab
+from lab.ui.tabs import jobs as jobs_tab
+from lab.ui.tabs import models as models_tab
+from lab.ui.tabs import run as run_tab
+from lab.ui.tabs import train as train_tab
+
+REFRESH_S = 2.0
+
+CSS = """
+.gradio-container {max-width: 1400px !important}
+#lab-title h2 {margin: 0}
+.badge {color: white; padding: 2px 10px; border-radius: 10px; font-size: 0.85em; font-weight: 600}
+.run-head {font-size: 1.05em; margin-bottom: 6px}
+.run-timing {color: var(--body-text-color-subdued); font-size: 0.9em; margin-top: 4px}
+.progress {background: var(--neutral-200); border-radius: 6px; height: 10px; overflow: hidden}
+.progress-bar {background: #2563eb; height: 10px; transition: width 0.5s}
+.error-box {border: 1px solid #dc2626; background: #fef2f2; color: #7f1d1d; padding: 10px 14px;
+            border-radius: 8px; margin: 6px 0}
+.error-box pre {white-space: pre-wrap; font-size: 0.8em; max-height: 260px; overflow: auto; margin: 8px 0 0}
+.ok-box {border: 1px solid #059669; background: #ecfdf5; color: #064e3b; padding: 10px 14px; border-radius: 8px}
+.tok-sample {font-family: var(--font-mono); font-size: 0.85em; line-height: 1.9; white-space: pre-wrap;
+             border: 1px solid var(--border-color-primary); padding: 10px; border-radius: 8px}
+.tok-train {background: #bbf7d0; color: #14532d; border-radius: 3px; padding: 1px 1px;
+            box-shadow: inset 0 0 0 1px #86efac}
+.tok-mask {background: #f3f4f6; color: #6b7280; border-radius: 3px; padding: 1px 1px}
+.tok-legend {margin-bottom: 6px; font-size: 0.9em}
+"""
+
+
+def build(settings: Settings) -> gr.Blocks:
+    ui = UI(settings)
+    with gr.Blocks(title="LLM Lab") as demo:
+        with gr.Row(equal_height=True):
+            gr.Markdown("## LLM Lab · train, align and compare language models", elem_id="lab-title")
+            ui["experiment"] = gr.Dropdown(label="Current experiment", choices=["default"], value="default",
+                                           allow_custom_value=False, scale=0, min_width=240,
+                                           elem_id="current-experiment")
+        remembered = gr.BrowserState("default", storage_key="lab-current-experiment")
+        ui["timer"] = gr.Timer(REFRESH_S)
+        with gr.Tabs() as tabs:
+            ui["tabs"] = tabs
+            with gr.Tab("Run", id="run", render=False) as run_tab_block:
+                run_tab.build(ui)  # built first: Train and Jobs send the user to it
+            with gr.Tab("Experiments", id="experiments"):
+                experiments_tab.build(ui)
+            with gr.Tab("Datasets", id="datasets"):
+                datasets_tab.build(ui)
+            with gr.Tab("Models", id="models"):
+                models_tab.build(ui)
+            with gr.Tab("Train", id="train"):
+                train_tab.build(ui)
+            with gr.Tab("Jobs", id="jobs"):
+                jobs_tab.build(ui)
+            run_tab_block.render()
+        api.register(ui)
+
+        def refresh(saved: str, plugin: str | None, jobs_experiment: str, jobs_status: str):
+            """Every list and table read afresh from the database."""
+            if "default" not in experiments_tab.names(ui):
+                experiments.get_or_create(settings, "default")
+            names = experiments_tab.names(ui, include_archived=False)
+            train_models, train_datasets = train_tab.refresh_choices(ui, plugin)
+            return {
+                ui["experiment"]: gr.update(choices=names, value=saved if saved in names else "default"),
+                ui["exp_table"]: experiments_tab.table(ui),
+                ui["exp_chosen"]: gr.update(choices=experiments_tab.names(ui)),
+                ui["ds_table"]: datasets_tab.table(ui),
+                ui["ds_chosen"]: gr.update(choices=datasets_tab.names(ui)),
+                ui["ds_model"]: gr.update(choices=models_tab.choices(ui)),
+                ui["models_table"]: models_tab.table(ui),
+                ui["models_status"]: models_tab.starter_status(ui),
+                ui["train_model"]: train_models,
+                ui["train_dataset"]: train_datasets,
+                ui["jobs_experiment"]: gr.update(choices=["all", *experiments_tab.names(ui)]),
+                ui["jobs_table"]: jobs_tab.table(ui, jobs_experiment, jobs_status),
+                ui["jobs_workers"]: jobs_tab.workers_line(ui),
+            }
+
+        refresh_inputs = [remembered, ui["train_plugin"], ui["jobs_experiment"], ui["jobs_status"]]
+        refresh_outputs = [ui[n] for n in ("experiment", "exp_table", "exp_chosen", "ds_table", "ds_chosen",
+                                           "ds_model", "models_table", "models_status", "train_model",
+                                           "train_dataset", "jobs_experiment", "jobs_table", "jobs_workers")]
+
+        def on_load(saved, plugin, jobs_experiment, jobs_status, request: gr.Request):
+            """The page opens with everything filled; `?job=N` in the address opens that run."""
+            job = (request.query_params.get("job") or "") if request else ""
+            opened = {ui["run_job"]: int(job), ui["tabs"]: gr.update(selected="run")} if job.isdigit() else {}
+            return {**refresh(saved, plugin, jobs_experiment, jobs_status), **opened}
+
+        demo.load(on_load, refresh_inputs, [*refresh_outputs, ui["run_job"], ui["tabs"]])
+        tabs.select(refresh, refresh_inputs, refresh_outputs, show_progress="hidden")
+        preview_fn, preview_inputs, preview_outputs = ui["train_preview"]
+        demo.load(preview_fn, preview_inputs, preview_outputs, show_progress="hidden")
+        ui["experiment"].change(lambda name: name, [ui["experiment"]], [remembered])
+        for fn in demo.fns.values():  # the page's own events stay out of the API documentation
+            if fn.api_name not in api.NAMES and fn.api_visibility == "public":
+                fn.api_visibility = "undocumented"
+    return demo
+
+
+def launch(settings: Settings, host: str, port: int, auth: tuple[str, str] | None = None,
+           prevent_thread_lock: bool = False):
+    demo = build(settings)
+    demo.queue(default_concurrency_limit=8)
+    return demo.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=prevent_thread_lock,
+                       allowed_paths=[str(settings.workspace)], css=CSS, theme=gr.themes.Soft(), quiet=True,
+                       footer_links=["api"], show_error=True)

@@ -1,0 +1,124 @@
+"""Datasets: upload and validate a file, browse a dataset page by page, and see a row as a model will see it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from lab import datasets, formats, preview, registry
+from lab.errors import LabError, ValidationError
+from lab.ui.common import UI, error_box, ok_box, user_errors
+
+COLUMNS = ["name", "format", "rows", "columns", "created_at"]
+PAGE = 10
+
+
+def table(ui: UI) -> pd.DataFrame:
+    rows = datasets.list_all(ui.settings)
+    return pd.DataFrame([{**{c: r[c] for c in COLUMNS}, "columns": ", ".join(r["columns"])} for r in rows],
+                        columns=COLUMNS)
+
+
+def names(ui: UI, accepts: tuple[str, ...] | None = None) -> list[str]:
+    return [d["name"] for d in datasets.list_all(ui.settings) if accepts is None or d["format"] in accepts]
+
+
+def _cell(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def page_frame(ui: UI, name: str, page: int) -> tuple[pd.DataFrame, str]:
+    info = datasets.info(ui.settings, name)
+    pages = max(1, -(-info["rows"] // PAGE))
+    page = min(max(1, int(page or 1)), pages)
+    rows = datasets.preview(ui.settings, name, PAGE, (page - 1) * PAGE)
+    frame = pd.DataFrame([{"row": (page - 1) * PAGE + i + 1, **{k: _cell(v) for k, v in r.items()}}
+                          for i, r in enumerate(rows)])
+    summary = (f"**{name}**: {info['format']} ({formats.FORMATS[info['format']]}), {info['rows']} rows, "
+               f"columns {', '.join(info['columns'])}. Page {page} of {pages}. "
+               f"Fingerprint `{info['fingerprint'][:12]}`")
+    return frame, summary
+
+
+def import_file(ui: UI, file: str | None, name: str, fmt: str) -> dict:
+    """Validate and register an uploaded file (shared with the `upload_dataset` API)."""
+    if not file:
+        raise LabError("choose a file to upload")
+    name = (name or "").strip() or Path(file).stem.replace(" ", "-")
+    return datasets.add(ui.settings, name, file, None if fmt in (None, "", "auto") else fmt)
+
+
+def build(ui: UI) -> None:
+    with gr.Row():
+        with gr.Column(scale=1):
+            gr.Markdown("#### Import a dataset\nJSONL, JSON, CSV, Parquet or plain text. Every row is checked "
+                        "before anything is stored.")
+            upload = gr.File(label="File", file_types=[".jsonl", ".json", ".csv", ".parquet", ".txt"],
+                             type="filepath", elem_id="dataset-upload")
+            name = gr.Textbox(label="Name", placeholder="taken from the file name when empty")
+            fmt = gr.Dropdown(label="Format", choices=["auto", *formats.FORMATS], value="auto",
+                              info="auto: detected from the columns")
+            go = gr.Button("Import", variant="primary")
+            report = gr.HTML(elem_id="dataset-report")
+        with gr.Column(scale=2):
+            ui["ds_table"] = gr.Dataframe(interactive=False, label="Datasets", wrap=True)
+    gr.Markdown("#### Browse")
+    with gr.Row():
+        chosen = gr.Dropdown(label="Dataset", choices=names(ui), value=None, scale=2, elem_id="dataset-browse")
+        page = gr.Number(label="Page", value=1, precision=0, minimum=1, scale=1)
+    summary = gr.Markdown()
+    rows = gr.Dataframe(interactive=False, wrap=True, label="Rows", max_height=420, visible=False)
+    gr.Markdown("#### As the model sees it\nThe chat template applied, exactly as `sft` trains on it: "
+                "<span class='tok-train'>learned tokens</span> count towards the loss, "
+                "<span class='tok-mask'>masked prompt tokens</span> do not.")
+    with gr.Row():
+        model = gr.Dropdown(label="Model (its tokenizer and chat template)", choices=[], value=None, scale=2,
+                            elem_id="ds-model")
+        row_no = gr.Number(label="Row", value=1, precision=0, minimum=1, scale=1)
+        completion_only = gr.Checkbox(label="Learn only the reply (completion_only)", value=True, scale=1)
+        show = gr.Button("Show", scale=1)
+    sample = gr.HTML(elem_id="token-sample")
+    ui["ds_chosen"], ui["ds_model"] = chosen, model
+
+    def on_import(file, nm, f):
+        try:
+            info = import_file(ui, file, nm, f)
+        except ValidationError as exc:
+            items = "".join(f"<li>{p}</li>" for p in exc.problems[: exc.MAX_SHOWN])
+            more = f"<li>... and {len(exc.problems) - exc.MAX_SHOWN} more</li>" if len(exc.problems) > 20 else ""
+            html = f'<div class="error-box"><b>{exc.summary}</b><ul>{items}{more}</ul>Nothing was stored.</div>'
+            return html, table(ui), gr.update(), None
+        except LabError as exc:
+            return error_box(f"{exc}\nNothing was stored."), table(ui), gr.update(), None
+        msg = (f"Imported {info['name']}: {info['rows']} rows, format {info['format']}, "
+               f"columns {', '.join(info['columns'])}")
+        return ok_box(msg), table(ui), gr.update(choices=names(ui), value=info["name"]), None
+
+    # the file box is emptied after each try, ready for the next file; the report names what was tried
+    go.click(on_import, [upload, name, fmt], [report, ui["ds_table"], chosen, upload])
+
+    @user_errors
+    def on_browse(nm, pg):
+        if not nm:
+            return gr.update(visible=False), "Pick a dataset to see its rows."
+        frame, text = page_frame(ui, nm, pg)
+        return gr.update(value=frame, visible=True), text
+
+    chosen.change(on_browse, [chosen, page], [rows, summary])
+    page.change(on_browse, [chosen, page], [rows, summary])
+
+    @user_errors
+    def on_show(nm, model_name, n, only):
+        if not nm or not model_name:
+            raise LabError("pick a dataset and a model")
+        ds = datasets.info(ui.settings, nm)
+        found = datasets.preview(ui.settings, nm, 1, max(0, int(n or 1) - 1))
+        if not found:
+            raise LabError(f"{nm} has {ds['rows']} rows")
+        model_path = registry.info(ui.settings, model_name)["path"]
+        return preview.sample_html(preview.tokenize_row(model_path, ds["format"], found[0], bool(only)))
+
+    show.click(on_show, [chosen, model, row_no, completion_only], [sample])

@@ -1,0 +1,103 @@
+"""Jobs: the queue and history, filtered; cancel, reprioritise, open, or clone a job into the Train form."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from jobs import queue
+from lab import runs
+from lab.errors import LabError
+from lab.tables import JOB_STATES
+from lab.ui.common import UI, duration, user_errors
+from lab.ui.tabs import train as train_tab
+
+COLUMNS = ["id", "experiment", "plugin", "model", "dataset", "status", "progress", "ETA", "queue", "created",
+           "started", "duration"]
+
+
+def table(ui: UI, experiment: str | None, status: str | None) -> pd.DataFrame:
+    rows = runs.list_jobs(ui.settings, experiment=None if experiment in (None, "", "all") else experiment,
+                          status=None if status in (None, "", "all") else status)
+    out = []
+    for j in rows:
+        progress = ""
+        if j["total_steps"]:
+            progress = f"{j['step']}/{j['total_steps']} ({100 * j['step'] / j['total_steps']:.0f}%)"
+        out.append({
+            "id": j["id"], "experiment": j["experiment"], "plugin": j["plugin"], "model": j["model"] or "",
+            "dataset": j["dataset"] or "", "status": j["status"] + (" (cancelling)" if j["cancel_requested"]
+                                                                     and j["status"] == "running" else ""),
+            "progress": progress, "ETA": duration(j["eta_s"]), "queue": j["queue_position"] or "",
+            "created": (j["created_at"] or "").replace("T", " "), "started": (j["started_at"] or "").replace("T", " "),
+            "duration": duration(j["duration_s"]),
+        })
+    return pd.DataFrame(out, columns=COLUMNS)
+
+
+def workers_line(ui: UI) -> str:
+    live = queue.live_workers(ui.settings)
+    if not live:
+        return "**No worker is running**: queued jobs wait until one starts (`lab serve` or `lab worker`)."
+    busy = [w for w in live if w.status == "busy"]
+    return f"{len(live)} worker(s) alive, {len(busy)} busy."
+
+
+def build(ui: UI) -> None:
+    with gr.Row():
+        experiment = gr.Dropdown(label="Experiment", choices=["all"], value="all", scale=1)
+        status = gr.Dropdown(label="Status", choices=["all", *JOB_STATES], value="all", scale=1)
+        workers = gr.Markdown()
+    jobs = gr.Dataframe(interactive=False, label="Jobs (newest first)",
+                        elem_id="jobs-table", wrap=True, max_height=520)
+    with gr.Row():
+        job_id = gr.Number(label="Selected job (click a row)", value=None, precision=0, scale=1,
+                           elem_id="selected-job")
+        with gr.Column(scale=4), gr.Row():
+            open_ = gr.Button("Open", variant="primary", size="sm")
+            cancel = gr.Button("Cancel", variant="stop", size="sm")
+            up = gr.Button("Priority +1", size="sm")
+            down = gr.Button("Priority −1", size="sm")
+            clone = gr.Button("Clone into Train", size="sm")
+    message = gr.Markdown()
+    ui.c.update(jobs_experiment=experiment, jobs_status=status, jobs_table=jobs, jobs_workers=workers)
+
+    filters = [experiment, status]
+    ui["timer"].tick(lambda e, s: (table(ui, e, s), workers_line(ui)), filters, [jobs, workers],
+                     show_progress="hidden")
+    experiment.change(lambda e, s: table(ui, e, s), filters, [jobs])
+    status.change(lambda e, s: table(ui, e, s), filters, [jobs])
+
+    def on_select(evt: gr.SelectData, frame: pd.DataFrame):
+        return int(frame.iloc[evt.index[0]]["id"])
+
+    jobs.select(on_select, [jobs], [job_id])
+
+    def need(job) -> int:
+        if not job:
+            raise LabError("select a job first (click its row)")
+        return int(job)
+
+    @user_errors
+    def on_cancel(job, e, s):
+        state = queue.cancel(ui.settings, need(job))
+        return f"job {int(job)}: {state}", table(ui, e, s)
+
+    @user_errors
+    def on_priority(job, delta, e, s):
+        current = runs.get_job(ui.settings, need(job))["priority"]
+        queue.set_priority(ui.settings, int(job), current + delta)
+        return f"job {int(job)}: priority {current + delta}", table(ui, e, s)
+
+    cancel.click(on_cancel, [job_id, *filters], [message, jobs])
+    up.click(lambda j, e, s: on_priority(j, 1, e, s), [job_id, *filters], [message, jobs])
+    down.click(lambda j, e, s: on_priority(j, -1, e, s), [job_id, *filters], [message, jobs])
+    open_.click(user_errors(lambda j: (need(j), gr.update(selected="run"))), [job_id], [ui["run_job"], ui["tabs"]])
+
+    @user_errors
+    def on_clone(job):
+        data = runs.get_job(ui.settings, need(job))
+        return [*train_tab.clone(ui, data), gr.update(selected="train")]
+
+    clone.click(on_clone, [job_id], [ui["train_plugin"], ui["train_model"], ui["train_dataset"],
+                                     ui["train_priority"], *ui["train_fields"], ui["tabs"]])

@@ -1,0 +1,133 @@
+"""Train: pick a plugin, its model and dataset, fill the form generated from its Params, see the equivalent
+command line and a rough cost, launch into the queue and land on the run."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from lab import plugins, preview, runs
+from lab.errors import LabError, ValidationError
+from lab.ui import forms
+from lab.ui.common import UI, error_box
+from lab.ui.tabs import datasets as datasets_tab
+from lab.ui.tabs import models as models_tab
+
+
+def build(ui: UI) -> None:
+    found, broken = plugins.discover(ui.settings)
+    ids = list(found)
+    first = ids[0] if ids else None
+    with gr.Row():
+        plugin = gr.Dropdown(label="Method (plugin)", choices=[(f"{p.id}: {p.description}", p.id)
+                                                                for p in found.values()], value=first, scale=3)
+        priority = gr.Number(label="Priority", value=0, precision=0, info="higher runs first", scale=1)
+    description = gr.Markdown(value=_describe(found[first]) if first else "No plugins are installed.")
+    with gr.Row():
+        model = gr.Dropdown(label="Base model: a registered model or an earlier run's output", choices=[],
+                            value=None, scale=1, elem_id="train-model")
+        dataset = gr.Dropdown(label="Dataset (only formats this method accepts)", choices=[], value=None, scale=1,
+                              elem_id="train-dataset")
+    form_of: dict[str, forms.Form] = {}
+    groups = []
+    for pid, p in found.items():
+        with gr.Column(visible=pid == first) as group:
+            form_of[pid] = forms.build(p)
+        groups.append(group)
+    all_fields = [c for f in form_of.values() for c in f.components]
+    with gr.Row(equal_height=True):
+        with gr.Column(scale=3):
+            command = gr.Code(label="The same job from the command line", language="shell", interactive=False,
+                              elem_id="train-command", wrap_lines=True, lines=3)
+        with gr.Column(scale=2):
+            estimate = gr.Markdown(elem_id="train-estimate")
+    launch = gr.Button("Launch", variant="primary", elem_id="launch")
+    message = gr.HTML(elem_id="train-message")
+    if broken:
+        gr.Markdown("Plugins that failed to load: " + "; ".join(broken))
+    ui.c.update(train_plugin=plugin, train_model=model, train_dataset=dataset, train_priority=priority)
+    ui["train_fields"], ui["train_forms"] = all_fields, form_of
+
+    def split(pid: str, values: list) -> dict:
+        """This plugin's parameter values out of every form's components."""
+        start = 0
+        for fid, form in form_of.items():
+            n = len(form.components)
+            if fid == pid:
+                return form.values(list(values[start:start + n]))
+            start += n
+        raise LabError(f"unknown plugin {pid!r}")
+
+    def on_plugin(pid, ds_name):
+        p = found[pid]
+        fitting = datasets_tab.names(ui, p.accepts)
+        return ([gr.update(visible=fid == pid) for fid in form_of]
+                + [_describe(p), gr.update(choices=fitting, value=ds_name if ds_name in fitting else None,
+                                           visible=p.needs_dataset), gr.update(visible=p.needs_model)])
+
+    plugin.change(on_plugin, [plugin, dataset], [*groups, description, dataset, model])
+
+    def on_preview(pid, model_name, ds_name, prio, experiment, *values):
+        """The command line and the estimate for the form as it is; an earlier launch's complaint goes away."""
+        if not pid:
+            return "", "", ""
+        try:
+            params = split(pid, values)
+            resolved = plugins.validate_params(found[pid], params)
+        except LabError as exc:
+            return "", error_box(str(exc)), ""
+        changed = resolved.model_dump(mode="json", exclude_defaults=True)
+        cmd = runs.command_line(pid, changed, model_name, ds_name, experiment or "default", int(prio or 0))
+        if not (model_name and ds_name):
+            return cmd, "Pick a model and a dataset to see the estimate.", ""
+        try:
+            est = preview.estimate(ui.settings, model_name, ds_name, resolved.model_dump())
+        except Exception as exc:  # an estimate is a courtesy: never block the form
+            return cmd, f"No estimate: {exc}", ""
+        gb = est["memory_gb"]
+        memory = f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
+        return cmd, (f"**Rough estimate**: about **{memory}** of memory, "
+                     f"**{est['tokens_per_step']:,} tokens per step** (rows average {est['mean_row_tokens']:.0f} "
+                     f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters."), ""
+
+    preview_inputs = [plugin, model, dataset, priority, ui["experiment"], *all_fields]
+    gr.on([c.change for c in preview_inputs], on_preview, preview_inputs, [command, estimate, message],
+          trigger_mode="always_last", show_progress="hidden")
+    ui["train_preview"] = (on_preview, preview_inputs, [command, estimate, message])
+
+    def on_launch(pid, model_name, ds_name, prio, experiment, *values):
+        try:
+            params = split(pid, values)
+            job_id = runs.submit(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
+                                 experiment=experiment or "default", params=params, priority=int(prio or 0))
+        except ValidationError as exc:
+            items = "".join(f"<li>{p}</li>" for p in exc.problems)
+            return (f'<div class="error-box"><b>{exc.summary}</b><ul>{items}</ul>Nothing was queued.</div>',
+                    gr.update(), gr.update())
+        except LabError as exc:
+            return error_box(f"{exc}\nNothing was queued."), gr.update(), gr.update()
+        return "", gr.update(selected="run"), job_id
+
+    launch.click(on_launch, preview_inputs, [message, ui["tabs"], ui["run_job"]])
+
+
+def _describe(p: plugins.Plugin) -> str:
+    accepts = ", ".join(p.accepts) or "no dataset"
+    return f"**{p.id}** ({p.kind}): {p.description} Accepts: {accepts}. Example: `{p.example}`"
+
+
+def refresh_choices(ui: UI, pid: str | None):
+    """Model and dataset choices for the current plugin (called on page load and after imports)."""
+    found, _ = plugins.discover(ui.settings)
+    accepts = found[pid].accepts if pid in found else None
+    return gr.update(choices=models_tab.choices(ui)), gr.update(choices=datasets_tab.names(ui, accepts))
+
+
+def clone(ui: UI, job: dict) -> list:
+    """Values for [plugin, model, dataset, priority, *every form field] that reproduce `job` in the form."""
+    form_of: dict[str, forms.Form] = ui["train_forms"]
+    if job["plugin"] not in form_of:
+        raise LabError(f"plugin {job['plugin']} is not installed here")
+    values = []
+    for fid, form in form_of.items():
+        values += form.fill(job["params"]) if fid == job["plugin"] else [gr.update()] * len(form.components)
+    return [job["plugin"], job["model"], job["dataset"], job["priority"], *values]

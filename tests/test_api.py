@@ -1,0 +1,109 @@
+"""The named API endpoints, driven with gradio_client against a running `lab serve`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from conftest import wait_for_status, write_jsonl
+from gradio_client import Client, handle_file
+
+from lab import registry, runs
+
+API = {"submit_job", "list_jobs", "get_job", "cancel_job", "job_metrics", "list_models", "list_datasets",
+       "upload_dataset"}
+
+
+def _poll(client: Client, job_id: int, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.predict(job_id, api_name="/get_job")
+        if job["status"] in ("completed", "failed", "cancelled"):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not finish")
+
+
+def test_a_client_uploads_trains_and_reads_metrics(ws, lab_server, tiny_model_dir, tmp_path):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    client = Client(lab_server.start().url, verbose=False)
+    named = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {f"/{n}" for n in API} == named, "exactly the documented endpoints are public"
+
+    rows = [{"instruction": "Say yes", "input": "", "output": "yes"}] * 6
+    info = client.predict("yes", handle_file(str(write_jsonl(tmp_path / "yes.jsonl", rows))), "auto",
+                          api_name="/upload_dataset")
+    assert (info["name"], info["format"], info["rows"]) == ("yes", "alpaca", 6)
+    assert [d["name"] for d in client.predict(api_name="/list_datasets")] == ["yes"]
+
+    job = client.predict("sft", "tiny", "yes", "api", json.dumps({"max_steps": 3}), 0, api_name="/submit_job")
+    assert job["status"] == "queued" and job["experiment"] == "api"
+    done = _poll(client, job["id"])
+    assert done["status"] == "completed", done["log_tail"]
+    metrics = client.predict(job["id"], "loss,learning_rate", api_name="/job_metrics")
+    assert len(metrics["loss"]) == 3 and set(metrics) == {"loss", "learning_rate"}
+    assert [j["id"] for j in client.predict("api", "", api_name="/list_jobs")] == [job["id"]]
+    assert done["output_model"] in {m["name"] for m in client.predict(api_name="/list_models")}
+
+
+def test_api_errors_are_messages_and_change_nothing(ws, lab_server, tmp_path):
+    client = Client(lab_server.start().url, verbose=False)
+    with pytest.raises(Exception, match="unknown plugin 'nope'"):
+        client.predict("nope", "", "", "default", "{}", 0, api_name="/submit_job")
+    with pytest.raises(Exception, match="params must be a JSON object"):
+        client.predict("instant", "", "", "default", "[1", 0, api_name="/submit_job")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": ""}\n')
+    with pytest.raises(Exception, match="line 1: `text` is empty"):
+        client.predict("bad", handle_file(str(bad)), "auto", api_name="/upload_dataset")
+    with pytest.raises(Exception, match="no job 42"):
+        client.predict(42, api_name="/cancel_job")
+    assert runs.list_jobs(ws) == [] and client.predict(api_name="/list_datasets") == []
+
+
+def test_cancel_through_the_api(ws, lab_server):
+    client = Client(lab_server.start().url, verbose=False)
+    job = client.predict("sleeping", "", "", "default", json.dumps({"seconds": 60}), 0, api_name="/submit_job")
+    wait_for_status(ws, job["id"], ("running",))
+    assert client.predict(job["id"], api_name="/cancel_job") == "cancelling"
+    assert _poll(client, job["id"], timeout=30)["status"] == "cancelled"
+
+
+def test_a_server_restart_mid_job_loses_nothing(ws, lab_server):
+    server = lab_server.start()
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "6"})
+    wait_for_status(ws, job_id, ("running",))
+    assert server.stop() == 0
+    job = runs.get_job(ws, job_id)
+    assert job["status"] == "queued" and job["error"].startswith("interrupted"), "never left running"
+    server.start()
+    assert wait_for_status(ws, job_id, timeout=90) == "completed"
+    assert runs.get_job(ws, job_id)["attempts"] == 2
+
+
+def test_binding_beyond_loopback_needs_a_password(ws):
+    from conftest import lab_cli
+
+    done = lab_cli("serve", "--host", "0.0.0.0", "--port", "1")
+    assert done.returncode == 2
+    assert "set a password" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_password_protects_the_page_and_the_api(ws):
+    import urllib.error
+    import urllib.request
+
+    from conftest import LabServer
+
+    server = LabServer(ws.workspace, workers=0, extra=("--password", "s3cret")).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(server.url + "config", timeout=5)
+        assert refused.value.code == 401
+        with pytest.raises(ValueError, match="Invalid credentials"):
+            Client(server.url, verbose=False, auth=("lab", "wrong"))
+        client = Client(server.url, verbose=False, auth=("lab", "s3cret"))
+        assert client.predict(api_name="/list_models") == []
+    finally:
+        server.stop()

@@ -1,0 +1,133 @@
+"""The web lab in a real browser (Debian's Chromium driven by Playwright): upload, launch, watch, reload.
+
+Screenshots of every page land in test-artifacts/ for a person to look at.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, write_jsonl
+
+from lab import registry, runs
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+SHOTS = ROOT / "test-artifacts"
+
+
+@pytest.fixture
+def page():
+    from playwright.sync_api import sync_playwright
+
+    assert shutil.which(CHROMIUM) or Path(CHROMIUM).exists(), "make test installs chromium"
+    SHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(30_000)
+        yield pg
+        browser.close()
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+    page.wait_for_timeout(800)
+
+
+def _choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def _shot(page, name: str) -> None:
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _wait_for_text(page, selector: str, pattern: str, timeout_s: float = 120) -> str:
+    for _ in range(int(timeout_s * 2)):
+        text = page.locator(selector).inner_text()
+        if re.search(pattern, text):
+            return text
+        page.wait_for_timeout(500)
+    raise AssertionError(f"{selector} never matched {pattern!r}; last: {text!r}")
+
+
+def _chart_points(page) -> int:
+    """Distinct data points Vega drew in the loss chart (each point, and the line itself, carries a label)."""
+    labels = page.locator('#loss-chart [aria-label^="step:"]').evaluate_all("els => els.map(e => e.ariaLabel)")
+    return len(set(labels))
+
+
+def test_upload_launch_watch_reload(ws, lab_server, tiny_model_dir, tmp_path, page):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    for name in ("Experiments", "Models", "Jobs"):
+        _tab(page, name)
+        _shot(page, name.lower())
+
+    # a wrong file: the report names the row, and nothing is stored
+    _tab(page, "Datasets")
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a"}\n')
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(bad))
+    page.wait_for_timeout(1000)
+    page.get_by_role("button", name="Import", exact=True).click()
+    report = _wait_for_text(page, "#dataset-report", "Nothing was stored", 30)
+    assert "line 2: `output` is missing" in report
+    _shot(page, "datasets-bad-file")
+
+    good = write_jsonl(tmp_path / "facts.jsonl",
+                       [{"instruction": "What is the capital of France?", "input": "", "output": "Paris."}] * 8)
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(good))
+    page.wait_for_timeout(1000)
+    page.get_by_role("button", name="Import", exact=True).click()
+    assert "8 rows, format alpaca" in _wait_for_text(page, "#dataset-report", "Imported", 30)
+
+    # the row as the model sees it: template applied, learned tokens marked apart from the masked prompt
+    _choose(page, "ds-model", "tiny")
+    page.get_by_role("button", name="Show", exact=True).click()
+    _wait_for_text(page, "#token-sample", "learned", 60)
+    assert page.locator("#token-sample .tok-train").count() > 0
+    assert page.locator("#token-sample .tok-mask").count() > page.locator("#token-sample .tok-train").count()
+    _shot(page, "datasets")
+
+    # a bad value is refused next to the form, nothing queued
+    _tab(page, "Train")
+    _choose(page, "train-model", "tiny")
+    _choose(page, "train-dataset", "facts")
+    page.get_by_label("max_length").fill("2")
+    page.locator("#launch").click()
+    assert "`max_length`" in _wait_for_text(page, "#train-message", "Nothing was queued", 30)
+    assert runs.list_jobs(ws) == []
+
+    page.get_by_label("max_length").fill("256")
+    page.get_by_label("max_steps").fill("60")
+    page.get_by_label("learning_rate").fill("0.003")
+    _wait_for_text(page, "#train-command", "max_steps=60", 30)
+    _wait_for_text(page, "#train-estimate", "tokens per step", 60)
+    _shot(page, "train")
+    page.locator("#launch").click()
+
+    # the run view opens on the new job and follows it live; a reload mid-run loses nothing
+    _wait_for_text(page, "#run-head", "running", 60)
+    job_id = runs.list_jobs(ws)[0]["id"]
+    page.reload()
+    page.wait_for_timeout(1500)
+    _tab(page, "Jobs")
+    assert re.search(rf"\b{job_id}\b.*sft.*tiny.*facts.*(running|completed)",
+                     page.locator("#jobs-table").inner_text().replace("\n", " ").replace("\t", " "))
+    page.goto(f"{lab_server.url}?job={job_id}")
+    _wait_for_text(page, "#run-head", "completed", 120)
+    page.wait_for_timeout(2500)
+    assert _chart_points(page) == 60, "one loss point per step"
+    _shot(page, "run")
+    _tab(page, "Jobs")
+    _wait_for_text(page, "#jobs-table", "completed", 10)
+    _shot(page, "jobs-after")

@@ -204,6 +204,19 @@ class Worker:
         return "failed", f"exited with code {code}"
 
 
+def stop_with_parent(worker: Worker, every_s: float = 1.0) -> None:
+    """Stop the worker cleanly (its job goes back to the queue) once the process that started it is gone."""
+    parent = os.getppid()
+
+    def watch():
+        while not worker.stop.wait(every_s):
+            if os.getppid() != parent:
+                worker.say(f"worker {worker.id}: the process that started it is gone, stopping")
+                worker.stop.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def install_signal_handlers(worker: Worker) -> None:
     """SIGTERM and SIGINT stop the worker cleanly: the running job is stopped and put back in the queue."""
 

@@ -213,22 +213,39 @@ def plugins_show(plugin_id: str, workspace: WorkspaceOpt = None, as_json: JsonOp
 # --- run and jobs ----------------------------------------------------------------------------------------------
 
 
+def _from_job_json(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+        return {"plugin": record["plugin"], "model": (record.get("model") or {}).get("name"),
+                "dataset": (record.get("dataset") or {}).get("name"), "experiment": record["experiment"],
+                "params": record["params"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise LabError(f"{path} is not a readable job.json: {exc}") from None
+
+
 @app.command("run")
 def run_cmd(
-    plugin: str,
+    plugin: Annotated[str | None, typer.Argument(help="Plugin id (see `lab plugins list`).")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model or run output.")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Registered dataset.")] = None,
-    experiment: Annotated[str, typer.Option("--experiment", "-e")] = experiments.DEFAULT,
+    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="[default: default]")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Parameter as key=value; repeatable.")] = None,
     priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    from_job_json: Annotated[Path | None, typer.Option("--from-job-json", help="Repeat the run a job.json describes; "
+                                                       "other options override it.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end; exit non-zero unless it completed.")]
     = False,
     workspace: WorkspaceOpt = None,
 ):
     """Queue a job and print its id."""
     s = _settings(workspace)
-    job_id = runs.submit(s, plugin, model=model, dataset=dataset, experiment=experiment,
-                         params=plugins.parse_sets(sets or []), priority=priority)
+    base = _from_job_json(from_job_json) if from_job_json else {"params": {}}
+    plugin = plugin or base.get("plugin")
+    if not plugin:
+        raise LabError("which plugin? `lab run PLUGIN ...` or `lab run --from-job-json PATH`")
+    job_id = runs.submit(s, plugin, model=model or base.get("model"), dataset=dataset or base.get("dataset"),
+                         experiment=experiment or base.get("experiment") or experiments.DEFAULT,
+                         params={**base["params"], **plugins.parse_sets(sets or [])}, priority=priority)
     print(job_id)
     if wait:
         raise typer.Exit(_wait(s, job_id))
@@ -397,14 +414,18 @@ def worker_cmd(
     once: Annotated[bool, typer.Option("--once", help="Run at most one job, then exit.")] = False,
     until_empty: Annotated[bool, typer.Option("--until-empty", help="Exit when the queue is empty.")] = False,
     echo: Annotated[bool, typer.Option("--echo", help="Also print the jobs' output here.")] = False,
+    with_parent: Annotated[bool, typer.Option("--with-parent", help="Stop when the process that started this "
+                                              "worker ends (how `lab serve` starts its workers).")] = False,
     workspace: WorkspaceOpt = None,
 ):
     """Run jobs from the queue until stopped (Ctrl-C or SIGTERM)."""
-    from jobs.worker import Worker, install_signal_handlers
+    from jobs.worker import Worker, install_signal_handlers, stop_with_parent
 
     s = _settings(workspace)
     worker = Worker(s, echo=echo, say=lambda m: out.print(m))
     install_signal_handlers(worker)
+    if with_parent:
+        stop_with_parent(worker)
     out.print(f"worker {worker.id} on {s.workspace} ({'once' if once else 'until empty' if until_empty else 'ready'})")
     n = worker.serve(once=once, until_empty=until_empty)
     out.print(f"worker {worker.id} stopped after {n} job(s)")

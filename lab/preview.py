@@ -28,7 +28,7 @@ def _tokenizer(path: str):
 
 def _ids(tok, messages: list[dict], **kw) -> list[int]:
     out = tok.apply_chat_template(messages, tokenize=True, **kw)
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in transformers 5
 
 
 def tokenize_row(tokenizer_path: str, fmt: str, row: dict, completion_only: bool = True) -> dict:

@@ -33,7 +33,8 @@ def _start_worker(settings: Settings, n: int) -> subprocess.Popen:
     logs = settings.workspace / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = open(logs / f"worker-{n}.log", "ab")  # noqa: SIM115 (kept open for the worker's life)
-    return subprocess.Popen([sys.executable, "-m", "lab.cli", "worker", "--workspace", str(settings.workspace)],
+    return subprocess.Popen([sys.executable, "-m", "lab.cli", "worker", "--with-parent", "--workspace",
+                             str(settings.workspace)],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, **settings.env})
 

@@ -101,9 +101,27 @@ def test_a_password_protects_the_page_and_the_api(ws):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(server.url + "config", timeout=5)
         assert refused.value.code == 401
-        with pytest.raises(ValueError, match="Invalid credentials"):
+        with pytest.raises(ValueError, match="Could not login"):
             Client(server.url, verbose=False, auth=("lab", "wrong"))
         client = Client(server.url, verbose=False, auth=("lab", "s3cret"))
         assert client.predict(api_name="/list_models") == []
     finally:
         server.stop()
+
+
+def test_workers_stop_when_the_server_is_killed(ws, lab_server):
+    import signal
+
+    from jobs import queue
+
+    server = lab_server.start()
+    deadline = time.monotonic() + 30
+    while not queue.live_workers(ws) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    (worker,) = queue.live_workers(ws)
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait()
+    deadline = time.monotonic() + 15
+    while queue.live_workers(ws) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not queue.live_workers(ws), f"worker {worker.id} outlived its server"

@@ -113,3 +113,14 @@ def test_workspace_option_wins_over_the_environment(ws, tmp_path):
     lab_cli("run", "instant", "--workspace", str(other), check=True)
     assert (other / "lab.db").exists()
     assert _listed_jobs(ws) == []
+
+
+def test_a_run_is_repeated_from_its_job_json(ws):
+    first = int(lab_cli("run", "instant", "--experiment", "again", "--set", "steps=2", "--wait", check=True)
+                .stdout.split()[0])
+    record = f"{runs.get_job(ws, first)['run_dir']}/job.json"
+    second = int(lab_cli("run", "--from-job-json", record, "--wait", check=True).stdout.split()[0])
+    a, b = runs.get_job(ws, first), runs.get_job(ws, second)
+    assert second != first and b["status"] == "completed"
+    assert (b["plugin"], b["experiment"], b["params"]) == (a["plugin"], a["experiment"], a["params"])
+    assert lab_cli("run", "--from-job-json", "/no/job.json").returncode == 2

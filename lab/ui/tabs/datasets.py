@@ -26,8 +26,12 @@ def names(ui: UI, accepts: tuple[str, ...] | None = None) -> list[str]:
     return [d["name"] for d in datasets.list_all(ui.settings) if accepts is None or d["format"] in accepts]
 
 
+CELL_CHARS = 160
+
+
 def _cell(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= CELL_CHARS else text[: CELL_CHARS - 1] + "…"
 
 
 def page_frame(ui: UI, name: str, page: int) -> tuple[pd.DataFrame, str]:
@@ -35,11 +39,11 @@ def page_frame(ui: UI, name: str, page: int) -> tuple[pd.DataFrame, str]:
     pages = max(1, -(-info["rows"] // PAGE))
     page = min(max(1, int(page or 1)), pages)
     rows = datasets.preview(ui.settings, name, PAGE, (page - 1) * PAGE)
-    frame = pd.DataFrame([{"row": (page - 1) * PAGE + i + 1, **{k: _cell(v) for k, v in r.items()}}
-                          for i, r in enumerate(rows)])
+    frame = pd.DataFrame([{"row": (page - 1) * PAGE + i + 1, **{c: _cell(r.get(c, "")) for c in info["columns"]}}
+                          for i, r in enumerate(rows)], columns=["row", *info["columns"]])
     summary = (f"**{name}**: {info['format']} ({formats.FORMATS[info['format']]}), {info['rows']} rows, "
-               f"columns {', '.join(info['columns'])}. Page {page} of {pages}. "
-               f"Fingerprint `{info['fingerprint'][:12]}`")
+               f"columns {', '.join(info['columns'])}. Page {page} of {pages}; long texts are cut at "
+               f"{CELL_CHARS} characters. Fingerprint `{info['fingerprint'][:12]}`")
     return frame, summary
 
 
@@ -77,7 +81,7 @@ def build(ui: UI) -> None:
     with gr.Row():
         model = gr.Dropdown(label="Model (its tokenizer and chat template)", choices=[], value=None, scale=2,
                             elem_id="ds-model")
-        row_no = gr.Number(label="Row", value=1, precision=0, minimum=1, scale=1)
+        row_no = gr.Number(label="Row", value=1, precision=0, minimum=1, scale=1, elem_id="sample-row")
         completion_only = gr.Checkbox(label="Learn only the reply (completion_only)", value=True, scale=1)
         show = gr.Button("Show", scale=1)
     sample = gr.HTML(elem_id="token-sample")

@@ -13,7 +13,13 @@ from lab.ui.common import UI, duration, user_errors
 from lab.ui.tabs import train as train_tab
 
 COLUMNS = ["id", "experiment", "plugin", "model", "dataset", "status", "progress", "ETA", "queue", "created",
-           "started", "duration"]
+           "duration"]
+WIDTHS = ["5%", "11%", "6%", "15%", "13%", "10%", "11%", "6%", "6%", "10%", "7%"]
+
+
+def _when(iso: str | None) -> str:
+    """'11-23 09:22' from an ISO time: short enough for the table."""
+    return iso[5:16].replace("T", " ") if iso else ""
 
 
 def table(ui: UI, experiment: str | None, status: str | None) -> pd.DataFrame:
@@ -29,8 +35,7 @@ def table(ui: UI, experiment: str | None, status: str | None) -> pd.DataFrame:
             "dataset": j["dataset"] or "", "status": j["status"] + (" (cancelling)" if j["cancel_requested"]
                                                                      and j["status"] == "running" else ""),
             "progress": progress, "ETA": duration(j["eta_s"]), "queue": j["queue_position"] or "",
-            "created": (j["created_at"] or "").replace("T", " "), "started": (j["started_at"] or "").replace("T", " "),
-            "duration": duration(j["duration_s"]),
+            "created": _when(j["created_at"]), "duration": duration(j["duration_s"]),
         })
     return pd.DataFrame(out, columns=COLUMNS)
 
@@ -48,10 +53,10 @@ def build(ui: UI) -> None:
         experiment = gr.Dropdown(label="Experiment", choices=["all"], value="all", scale=1)
         status = gr.Dropdown(label="Status", choices=["all", *JOB_STATES], value="all", scale=1)
         workers = gr.Markdown()
-    jobs = gr.Dataframe(interactive=False, label="Jobs (newest first)",
+    jobs = gr.Dataframe(interactive=False, column_widths=WIDTHS, label="Jobs (newest first)",
                         elem_id="jobs-table", wrap=True, max_height=520)
     with gr.Row():
-        job_id = gr.Number(label="Selected job (click a row)", value=None, precision=0, scale=1,
+        job_id = gr.Number(label="Selected job: click a row", value=None, precision=0, scale=1,
                            elem_id="selected-job")
         with gr.Column(scale=4), gr.Row():
             open_ = gr.Button("Open", variant="primary", size="sm")

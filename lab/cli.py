@@ -173,6 +173,25 @@ def datasets_show(name: str, rows: Annotated[int, typer.Option(min=0)] = 5, work
         out.print(json.dumps(row, ensure_ascii=False, indent=1)[:2000])
 
 
+@datasets_app.command("convert")
+def datasets_convert(
+    name: str,
+    new_name: str,
+    to: Annotated[str, typer.Option("--to", help="Target format, e.g. preference, prompt_completion, chat, text.")],
+    preview: Annotated[int, typer.Option(min=0, help="Only print this many converted rows; store nothing.")] = 0,
+    workspace: WorkspaceOpt = None,
+):
+    """Convert a dataset to another format as a new dataset (e.g. hh-rlhf transcripts into prompt/chosen/rejected)."""
+    s = _settings(workspace)
+    if preview:
+        for i, row in enumerate(datasets.converted_rows(s, name, to, preview), start=1):
+            out.print(f"--- row {i}", markup=False)
+            out.print(json.dumps(row, ensure_ascii=False, indent=1)[:2000], markup=False)
+        return
+    info = datasets.convert(s, name, new_name, to)
+    out.print(f"added dataset {info['name']}: {info['rows']} rows, format {info['format']} (from {name})")
+
+
 # --- plugins ---------------------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,8 +194,8 @@ def _jsonl_bytes(rows: list[Any]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
 
 
-def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None) -> dict:
-    """Validate `file` and register it as dataset `name`; all or nothing."""
+def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None, source: str | None = None) -> dict:
+    """Validate `file` and register it as dataset `name`; all or nothing. `source` says where it came from."""
     check_name(name, "dataset")
     file = Path(file).expanduser()
     with read_session(settings) as s:
@@ -205,8 +206,9 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None)
     data = _jsonl_bytes(loaded.rows)
     fingerprint = hashlib.sha256(data).hexdigest()
     final = datasets_dir(settings) / name
+    source = source or str(file.resolve())
     meta = {"name": name, "format": fmt, "columns": columns, "rows": len(loaded.rows), "fingerprint": fingerprint,
-            "source": str(file.resolve())}
+            "source": source}
     moved = False
     try:
         with session(settings) as s:
@@ -215,7 +217,7 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None)
                 shutil.copyfile(file, tmp / f"original{file.suffix.lower()}")
                 (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
                 s.add(Dataset(name=name, format=fmt, path=str(final), columns=columns, rows=len(loaded.rows),
-                              fingerprint=fingerprint, source=str(file.resolve())))
+                              fingerprint=fingerprint, source=source))
                 s.flush()  # a duplicate name fails here, before the folder is moved into place
             moved = True
     except Exception:
@@ -263,3 +265,28 @@ def preview(settings: Settings, name: str, rows: int = 5, offset: int = 0) -> li
         if i >= offset:
             out.append(row)
     return out
+
+
+def converted_rows(settings: Settings, name: str, to: str, limit: int | None = None) -> list[dict]:
+    """Rows of dataset `name` converted to format `to` (see formats.CONVERSIONS), without storing anything."""
+    info = get(settings, name)
+    convert = formats.CONVERSIONS.get((info.format, to))
+    if convert is None:
+        known = ", ".join(f"{a} -> {b}" for a, b in formats.CONVERSIONS)
+        raise LabError(f"no conversion from {info.format} to {to}", f"the lab converts {known}")
+    out = []
+    for i, row in enumerate(iter_rows(info.path)):
+        if limit is not None and i >= limit:
+            break
+        out.append(convert(row))
+    return out
+
+
+def convert(settings: Settings, name: str, new_name: str, to: str) -> dict:
+    """Store dataset `name` converted to format `to` as `new_name`; the result is validated like any import."""
+    check_name(new_name, "dataset")
+    rows = converted_rows(settings, name, to)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{new_name}.jsonl"
+        path.write_bytes(_jsonl_bytes(rows))
+        return add(settings, new_name, path, to, source=f"dataset {name} converted to {to}")

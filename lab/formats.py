@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -176,3 +177,86 @@ def to_messages(fmt: str, row: dict) -> dict:
     """The whole conversation as `messages` (every token counts towards the loss)."""
     pair = to_prompt_completion(fmt, row)
     return {"messages": pair["prompt"] + pair["completion"]}
+
+
+# --- preference pairs -------------------------------------------------------------------------------------------
+
+TURN = re.compile(r"\n\n(Human|Assistant):")
+ROLE_OF = {"Human": "user", "Assistant": "assistant"}
+
+
+def transcript_to_messages(text: str) -> list[dict] | None:
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' (the hh-rlhf style) as messages; None when the text has no turns.
+    A trailing empty assistant turn (a prompt waiting for its reply) is dropped."""
+    parts = TURN.split(text)
+    if len(parts) < 3:
+        return None
+    messages = [{"role": ROLE_OF[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts) - 1, 2)]
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    return messages
+
+
+def split_transcripts(chosen: str, rejected: str) -> dict | None:
+    """A chosen/rejected pair of whole transcripts split at the last assistant turn into one shared prompt and
+    two replies; None when they do not share everything before that turn."""
+    marker = "\n\nAssistant:"
+    a, b = chosen.rfind(marker), rejected.rfind(marker)
+    if a < 0 or b < 0 or chosen[: a + len(marker)] != rejected[: b + len(marker)]:
+        return None
+    return {"prompt": chosen[: a + len(marker)], "chosen": chosen[a + len(marker):].strip(),
+            "rejected": rejected[b + len(marker):].strip()}
+
+
+def _as_messages(value, role: str) -> list[dict]:
+    if isinstance(value, list):
+        return value
+    return transcript_to_messages(value) or [{"role": role, "content": value}]
+
+
+def to_preference_pair(row: dict) -> dict:
+    """A preference row in TRL's conversational form: prompt turns, and the chosen and rejected replies.
+    Whole transcripts without a `prompt` are split at their last assistant turn; plain texts with neither stay
+    an implicit-prompt text pair."""
+    if row.get("prompt") is None and isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
+        split = split_transcripts(row["chosen"], row["rejected"])
+        if split is None:
+            return {"chosen": row["chosen"], "rejected": row["rejected"]}
+        row = split
+    reply = lambda v: v if isinstance(v, list) else [{"role": "assistant", "content": v}]  # noqa: E731
+    return {"prompt": _as_messages(row["prompt"], "user"), "chosen": reply(row["chosen"]),
+            "rejected": reply(row["rejected"])}
+
+
+def prompt_of(fmt: str, row: dict) -> list[dict]:
+    """The prompt turns of a row of any format that has one (for generation: GRPO, PPO, evaluation)."""
+    if fmt == "preference":
+        pair = to_preference_pair(row)
+        if "prompt" not in pair:
+            raise ValueError("this preference row has no prompt to generate from")
+        return pair["prompt"]
+    return to_prompt_completion(fmt, row)["prompt"]
+
+
+# --- explicit conversions (lab datasets convert) -----------------------------------------------------------------
+
+def _text_of(fmt: str, row: dict) -> str:
+    if fmt == "text":
+        return row["text"]
+    return "\n\n".join(m["content"] for m in to_messages(fmt, row)["messages"])
+
+
+CONVERSIONS: dict[tuple[str, str], Callable[[dict], dict]] = {
+    ("preference", "preference"): lambda r: r if r.get("prompt") is not None else (
+        split_transcripts(r["chosen"], r["rejected"]) or r),
+    ("alpaca", "prompt_completion"): lambda r: {"prompt": alpaca_to_prompt(r), "completion": r["output"]},
+    ("chat", "prompt_completion"): lambda r: {
+        "prompt": "\n\n".join(m["content"] for m in to_prompt_completion("chat", r)["prompt"]),
+        "completion": to_prompt_completion("chat", r)["completion"][0]["content"]},
+    ("alpaca", "chat"): lambda r: to_messages("alpaca", r),
+    ("prompt_completion", "chat"): lambda r: to_messages("prompt_completion", r),
+    ("alpaca", "text"): lambda r: {"text": _text_of("alpaca", r)},
+    ("chat", "text"): lambda r: {"text": _text_of("chat", r)},
+    ("prompt_completion", "text"): lambda r: {"text": _text_of("prompt_completion", r)},
+    ("classification", "text"): lambda r: {"text": r["text"]},
+}

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from lab.errors import LabError, ValidationError
 from lab.settings import Settings
 
-BUILTINS = ("plugins.sft",)
+BUILTINS = ("plugins.sft", "plugins.classify", "plugins.reward", "plugins.dpo")
 ENTRY_POINT_GROUP = "lab.plugins"
 KINDS = ("train", "eval")
 
@@ -57,6 +57,12 @@ class Plugin:
     def check(self, params: BaseModel) -> list[str]:
         check = getattr(self.module, "check", None)
         return list(check(params)) if check else []
+
+
+def advanced(widget: str | None = None, **kw) -> dict:
+    """Field arguments for a parameter that forms fold away: `Field(default, **advanced(ge=0, description=...))`;
+    `widget="slider"` asks for a slider."""
+    return {"json_schema_extra": {"advanced": True, "widget": widget}, **kw}
 
 
 def _example(doc: str) -> str:

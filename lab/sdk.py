@@ -30,6 +30,7 @@ class RunContext:
     model: dict | None = None  # registry info: name, path, kind, ...; None for plugins that need no model
     dataset: dict | None = None  # dataset info: name, path, format, rows, ...
     report_to: list[str] = field(default_factory=list)  # ["wandb"] unless W&B is off
+    perplexity: bool = False  # also log exp(loss) (pretraining)
     _last_cancel_check: float = 0.0
 
     @property
@@ -75,8 +76,15 @@ class RunContext:
         if time.monotonic() - self._last_cancel_check >= every_s and self.cancelled():
             raise JobCancelled(f"job {self.job_id} was cancelled")
 
+    def use_bf16(self, requested: str, model, tokenizer) -> bool:
+        """Resolve a plugin's `precision` parameter (auto, bf16, fp32) for this model on this machine."""
+        from lab.speed import choose_bf16
+
+        return choose_bf16(requested, model, tokenizer, self.log)
+
     def callback(self):
-        """A transformers TrainerCallback that records metrics and progress and stops on cancel."""
+        """A transformers TrainerCallback that records metrics and progress, adds tokens/s and model FLOPs
+        utilisation (6 x parameters x tokens/s over the machine's measured matmul peak), and stops on cancel."""
         from transformers import TrainerCallback
 
         ctx = self
@@ -84,9 +92,33 @@ class RunContext:
         class LabCallback(TrainerCallback):
             def __init__(self):
                 self._last_progress = 0.0
+                self._parameters = 0
+                self._peak = None
+                self._mark = (time.monotonic(), 0.0)
 
-            def on_train_begin(self, args, state, control, **kwargs):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                if model is not None:
+                    self._parameters = sum(p.numel() for p in model.parameters())
+                try:
+                    from lab.speed import peak_flops
+
+                    self._peak = peak_flops(ctx.settings.workspace, "bf16" if args.bf16 else "fp32")
+                except Exception as exc:  # MFU is a courtesy; training goes on without it
+                    ctx.log(f"[lab] no matmul peak measured ({exc}): MFU will not be logged")
+                self._mark = (time.monotonic(), float(state.num_input_tokens_seen or 0))
                 ctx.set_progress(state.global_step, state.max_steps or None)
+
+            def _speed(self, logs: dict, state) -> None:
+                tokens = logs.get("num_tokens", logs.get("num_input_tokens_seen", state.num_input_tokens_seen))
+                if not tokens or "loss" not in logs:
+                    return
+                now = time.monotonic()
+                seconds, done = now - self._mark[0], float(tokens) - self._mark[1]
+                if seconds > 0 and done > 0:
+                    logs["tokens_per_s"] = done / seconds
+                    if self._parameters and self._peak:
+                        logs["mfu"] = 6 * self._parameters * logs["tokens_per_s"] / self._peak
+                self._mark = (now, float(tokens))
 
             def on_step_end(self, args, state, control, **kwargs):
                 now = time.monotonic()
@@ -97,6 +129,11 @@ class RunContext:
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 logs = dict(logs or {})
+                self._speed(logs, state)
+                if ctx.perplexity:
+                    for key in ("loss", "eval_loss"):
+                        if isinstance(logs.get(key), (int, float)):
+                            logs[key.replace("loss", "perplexity")] = math.exp(min(logs[key], 50.0))
                 ctx.log_metrics(state.global_step, logs)
                 shown = " ".join(f"{k}={_fmt(v)}" for k, v in logs.items() if isinstance(v, (int, float)))
                 ctx.log(f"[lab] step {state.global_step}/{state.max_steps} {shown}")

@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lab import formats
+from lab import formats, modeling, speed
+from lab.plugins import advanced
 
 ID = "sft"
 KIND = "train"
@@ -29,10 +30,6 @@ PASSTHROUGH = True
 RESERVED = {"output_dir", "report_to", "run_name", "logging_dir", "use_cpu", "disable_tqdm", "push_to_hub",
             "hub_token", "completion_only_loss", "assistant_only_loss", "dataset_text_field"}
 
-
-def advanced(widget: str | None = None, **kw) -> dict:
-    """Field arguments for a parameter the form folds away."""
-    return {"json_schema_extra": {"advanced": True, "widget": widget}, **kw}
 
 
 class Params(BaseModel):
@@ -52,6 +49,9 @@ class Params(BaseModel):
     eval_split: float = Field(0.0, ge=0, lt=0.5, description="Fraction of rows held out to measure eval loss.",
                               json_schema_extra={"widget": "slider"})
     seed: int = Field(42, description="Random seed for shuffling, the split and initialisation.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe shows no loss of "
+        "quality; fp32 otherwise.")
     lora_dropout: float = Field(0.05, **advanced("slider", ge=0, lt=1, description="Dropout inside the LoRA layers."))
     lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
@@ -85,27 +85,10 @@ def check(params: Params) -> list[str]:
     return problems
 
 
-def _load_model(ctx, use_lora: bool):
-    """The model to train: a full model, or an earlier run's LoRA on its base (kept trainable, or merged for full)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
-    info = ctx.model
-    if info["kind"] != "adapter":
-        return AutoModelForCausalLM.from_pretrained(info["path"], dtype=torch.float32), info["path"]
-    base = AutoModelForCausalLM.from_pretrained(info["base_path"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, info["path"], is_trainable=use_lora)
-    if not use_lora:
-        model = model.merge_and_unload()
-    ctx.log(f"[lab] starting from adapter {info['name']} on {info['base_path']}")
-    return model, info["base_path"]
-
-
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import AutoTokenizer, PrinterCallback
+    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     # 1. data: rows -> conversations (prompt/completion to mask the prompt, or whole messages)
@@ -118,16 +101,10 @@ def run(ctx, params: Params) -> None:
         train, evaluation = split["train"], split["test"]
     ctx.log(f"[lab] {len(train)} training rows" + (f", {len(evaluation)} held out" if evaluation else ""))
 
-    # 2. model and tokenizer
-    model, tokenizer_path = _load_model(ctx, params.use_lora)
-    tokenizer = AutoTokenizer.from_pretrained(ctx.model["path"] if ctx.model["kind"] == "adapter" else tokenizer_path)
-    if tokenizer.chat_template is None:
-        from lab.registry import CHATML_TEMPLATE
-
-        ctx.log("[lab] the model has no chat template; using ChatML (<|im_start|>role ... <|im_end|>)")
-        tokenizer.chat_template = CHATML_TEMPLATE
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    # 2. model and tokenizer: an earlier run's adapter goes on training (LoRA) or is merged in (full)
+    model = modeling.causal_lm(ctx.model, adapter="trainable" if params.use_lora else "merge", log=ctx.log)
+    tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
+    bf16 = ctx.use_bf16(params.precision, model, tokenizer)
 
     # 3. configuration
     kwargs = dict(
@@ -140,22 +117,22 @@ def run(ctx, params: Params) -> None:
         logging_steps=params.logging_steps, seed=params.seed, data_seed=params.seed,
         eval_strategy="steps" if evaluation is not None else "no", eval_steps=params.eval_steps,
         save_strategy="steps" if params.save_steps else "no", save_steps=params.save_steps or 500,
-        disable_tqdm=True, use_cpu=not _has_gpu(), dataloader_num_workers=0,
+        disable_tqdm=True, use_cpu=speed.device() == "cpu", dataloader_num_workers=0, bf16=bf16,
     )
     config = SFTConfig(**{**kwargs, **params.extra_args})  # passed-through arguments win over the lab's choices
     already_adapter = isinstance(model, PeftModel)
     peft_config = None
     if params.use_lora and not already_adapter:
         peft_config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                                 target_modules=_targets(params.lora_target), task_type="CAUSAL_LM")
+                                 target_modules=modeling.lora_targets(params.lora_target), task_type="CAUSAL_LM")
 
     # 4. trainer, 5. train
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
     trainer.remove_callback(PrinterCallback)  # the lab's callback prints one tidier line per log
     trainer.train()
-    if evaluation is not None:
-        ctx.log_metrics(trainer.state.global_step, trainer.evaluate())
+    if evaluation is not None and trainer.state.global_step % params.eval_steps:
+        trainer.evaluate()  # the final eval loss, recorded by the lab's callback like every logged value
 
     # 6. save: adapter (or full model) and tokenizer in HF format; optionally the merged model
     trainer.save_model(str(ctx.output_dir))
@@ -166,12 +143,3 @@ def run(ctx, params: Params) -> None:
         tokenizer.save_pretrained(str(ctx.output_dir / "merged"))
     ctx.log(f"[lab] saved {'adapter' if params.use_lora else 'model'} to {ctx.output_dir}")
 
-
-def _targets(spec: str) -> str | list[str]:
-    return spec if spec == "all-linear" else [t.strip() for t in spec.split(",") if t.strip()]
-
-
-def _has_gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()

@@ -1,0 +1,157 @@
+"""Sequence-classification fine-tuning (e.g. spam versus ham) with transformers' Trainer: LoRA or full.
+
+    lab run classify --model smollm2-135m-instruct --dataset sms-spam --set max_steps=80 --set max_length=128
+
+Labels are read from the data and the label map is saved with the model (config id2label). A causal LM gets a
+fresh scoring head. Held-out rows (`eval_split`) give accuracy, macro F1 and per-class precision and recall; the
+confusion matrix is saved to the run's `eval/confusion_matrix.json`. The output is a full classifier (a LoRA is
+merged in before saving), registered as model `classify-<job id>`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lab import modeling, speed
+from lab.plugins import advanced
+
+ID = "classify"
+KIND = "train"
+ACCEPTS = ("classification",)
+DESCRIPTION = "Classification fine-tuning on text/label data, e.g. spam vs ham (LoRA or full)."
+
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    use_lora: bool = Field(True, description="Train a LoRA adapter (and the new scoring head), not every weight.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (2e-4 for LoRA, 3e-5 full).")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples per device per step.")
+    max_length: int = Field(128, ge=8, le=131072, description="Longest text in tokens; longer ones are cut.")
+    eval_split: float = Field(0.1, ge=0, lt=0.5, description="Fraction of rows held out for accuracy and F1.",
+                              json_schema_extra={"widget": "slider"})
+    seed: int = Field(42, description="Random seed for shuffling, the split and the new head.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
+    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling; commonly twice the rank."))
+    lora_dropout: float = Field(0.05, **advanced("slider", ge=0, lt=1, description="Dropout inside the LoRA layers."))
+    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
+    grad_accum: int = Field(1, **advanced(ge=1, le=1024, description="Steps whose gradients are summed."))
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", **advanced(description="Learning-rate schedule."))
+    warmup_steps: int = Field(0, **advanced(ge=0, description="Steps of linear warm-up."))
+    weight_decay: float = Field(0.0, **advanced(ge=0, le=1, description="AdamW weight decay."))
+    logging_steps: int = Field(5, **advanced(ge=1, description="Record metrics every this many steps."))
+    eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps."))
+
+
+def _key(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:40]
+
+
+def scores(labels: list[str], truth: list[int], predicted: list[int]) -> tuple[dict, list[list[int]]]:
+    """Accuracy, macro F1, per-class precision and recall, and the confusion matrix (rows: truth)."""
+    k = len(labels)
+    matrix = [[0] * k for _ in range(k)]
+    for t, p in zip(truth, predicted, strict=True):
+        matrix[t][p] += 1
+    out = {"accuracy": sum(matrix[i][i] for i in range(k)) / max(1, len(truth))}
+    f1s = []
+    for i, label in enumerate(labels):
+        tp = matrix[i][i]
+        predicted_i = sum(matrix[r][i] for r in range(k))
+        actual_i = sum(matrix[i])
+        precision = tp / predicted_i if predicted_i else 0.0
+        recall = tp / actual_i if actual_i else 0.0
+        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
+        out[f"precision/{_key(label)}"] = precision
+        out[f"recall/{_key(label)}"] = recall
+    out["macro_f1"] = sum(f1s) / k
+    return out, matrix
+
+
+def run(ctx, params: Params) -> None:
+    import numpy as np
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+
+    # 1. data: labels as read from the rows, in a stable order
+    rows = ctx.rows()
+    labels = sorted({str(r["label"]) for r in rows})
+    if len(labels) < 2:
+        raise ValueError(f"classification needs at least two labels; the data has only {labels}")
+    index = {label: i for i, label in enumerate(labels)}
+    data = Dataset.from_list([{"text": r["text"], "label": index[str(r["label"])]} for r in rows])
+    train, held_out = data, None
+    if params.eval_split > 0:
+        split = data.train_test_split(test_size=params.eval_split, seed=params.seed)
+        train, held_out = split["train"], split["test"]
+    majority = max(np.bincount(train["label"])) / len(train)
+    ctx.log(f"[lab] labels {labels}; {len(train)} training rows" + (f", {len(held_out)} held out" if held_out else "")
+            + f"; majority-class share {majority:.3f}")
+
+    # 2. model: a scoring head on the base (an earlier run's adapter is merged in first)
+    tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
+    base = modeling.merged_folder(ctx.model, ctx.run_dir / "base-merged", log=ctx.log)
+    model = modeling.sequence_classifier(base, len(labels), tokenizer.pad_token_id, labels)
+    if params.use_lora:
+        model = get_peft_model(model, LoraConfig(
+            task_type="SEQ_CLS", r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
+            target_modules=modeling.lora_targets(params.lora_target)))
+    bf16 = ctx.use_bf16(params.precision, model, tokenizer)
+
+    def tokenize(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=params.max_length)
+
+    train = train.map(tokenize, batched=True, remove_columns=["text"])
+    held_out = held_out.map(tokenize, batched=True, remove_columns=["text"]) if held_out else None
+
+    def compute_metrics(prediction):
+        logits, truth = prediction
+        return scores(labels, list(truth), list(np.argmax(logits, axis=-1)))[0]
+
+    # 3. configuration, 4. trainer, 5. train
+    args = TrainingArguments(
+        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
+        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum, lr_scheduler_type=params.scheduler,
+        warmup_steps=params.warmup_steps, weight_decay=params.weight_decay, logging_steps=params.logging_steps,
+        eval_strategy="steps" if held_out else "no", eval_steps=params.eval_steps, save_strategy="no",
+        seed=params.seed, data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
+                      callbacks=[ctx.callback()])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+
+    # the final scores on the held-out rows, and the confusion matrix
+    if held_out is not None:
+        prediction = trainer.predict(held_out)
+        found, matrix = scores(labels, list(prediction.label_ids), list(np.argmax(prediction.predictions, -1)))
+        ctx.log_metrics(trainer.state.global_step, {f"final/{k}": v for k, v in found.items()}
+                        | {"final/majority_baseline": majority})
+        (ctx.run_dir / "eval").mkdir(exist_ok=True)
+        (ctx.run_dir / "eval" / "confusion_matrix.json").write_text(json.dumps(
+            {"labels": labels, "rows_are": "true label", "columns_are": "predicted label", "matrix": matrix,
+             **found, "majority_baseline": majority}, indent=2) + "\n")
+        ctx.log(f"[lab] held-out accuracy {found['accuracy']:.3f} (majority class {majority:.3f}), "
+                f"macro F1 {found['macro_f1']:.3f}")
+
+    # 6. save a plain classifier (LoRA merged in) with its label map, and the tokenizer
+    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
+    final.save_pretrained(str(ctx.output_dir))
+    tokenizer.save_pretrained(str(ctx.output_dir))
+    ctx.log(f"[lab] saved the classifier ({len(labels)} labels) to {ctx.output_dir}")
+

@@ -1,0 +1,106 @@
+"""Reward modeling with TRL's RewardTrainer: a scoring head learns which of two answers people preferred.
+
+    lab run reward --model sft-7 --dataset hh-rlhf --set max_steps=100 --set max_length=512
+
+Rows are preference pairs: `prompt`/`chosen`/`rejected`, or whole `chosen`/`rejected` transcripts (hh-rlhf style,
+split at the last assistant turn). The start is a base model or an SFT run's output (an adapter is merged in).
+Metrics: loss, pair accuracy (chosen scored above rejected) and the mean reward margin, on training and held-out
+pairs. The output is a sequence-classification model with one score (a LoRA is merged in), registered as a
+`reward` model that `ppo` and `grpo` can use.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lab import formats, modeling, speed
+from lab.plugins import advanced
+
+ID = "reward"
+KIND = "train"
+ACCEPTS = ("preference",)
+DESCRIPTION = "Reward model on human preference pairs (TRL RewardTrainer), the first stage of RLHF."
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    use_lora: bool = Field(True, description="Train a LoRA adapter (and the scoring head), not every weight.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the pairs (ignored when max_steps is set).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Pairs per device per step.")
+    max_length: int = Field(512, ge=8, le=131072, description="Longest prompt plus answer in tokens.")
+    eval_split: float = Field(0.1, ge=0, lt=0.5, description="Fraction of pairs held out for pair accuracy.",
+                              json_schema_extra={"widget": "slider"})
+    seed: int = Field(42, description="Random seed for shuffling, the split and the head.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
+    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling; commonly twice the rank."))
+    lora_dropout: float = Field(0.05, **advanced("slider", ge=0, lt=1, description="Dropout inside the LoRA layers."))
+    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
+    center_rewards: float = Field(0.0, **advanced(ge=0, description="Pull mean rewards towards 0 (e.g. 0.01)."))
+    grad_accum: int = Field(1, **advanced(ge=1, le=1024, description="Steps whose gradients are summed."))
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", **advanced(description="Learning-rate schedule."))
+    warmup_steps: int = Field(0, **advanced(ge=0, description="Steps of linear warm-up."))
+    logging_steps: int = Field(5, **advanced(ge=1, description="Record metrics every this many steps."))
+    eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps."))
+
+
+def run(ctx, params: Params) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import RewardConfig, RewardTrainer
+
+    # 1. data: pairs in TRL's conversational form (the chat template is applied by the trainer)
+    data = Dataset.from_list([formats.to_preference_pair(r) for r in ctx.rows()])
+    train, held_out = data, None
+    if params.eval_split > 0:
+        split = data.train_test_split(test_size=params.eval_split, seed=params.seed)
+        train, held_out = split["train"], split["test"]
+    ctx.log(f"[lab] {len(train)} training pairs" + (f", {len(held_out)} held out" if held_out else ""))
+
+    # 2. model: one score on top of the base (an earlier run's adapter is merged in first)
+    tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
+    base = modeling.merged_folder(ctx.model, ctx.run_dir / "base-merged", log=ctx.log)
+    model = modeling.sequence_classifier(base, 1, tokenizer.pad_token_id)
+    bf16 = ctx.use_bf16(params.precision, model, tokenizer)
+
+    # 3. configuration, 4. trainer, 5. train
+    args = RewardConfig(
+        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
+        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.grad_accum, max_length=params.max_length,
+        center_rewards_coefficient=params.center_rewards or None, lr_scheduler_type=params.scheduler,
+        warmup_steps=params.warmup_steps, logging_steps=params.logging_steps,
+        eval_strategy="steps" if held_out else "no", eval_steps=params.eval_steps, save_strategy="no",
+        seed=params.seed, data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if params.use_lora:
+        peft_config = LoraConfig(task_type="SEQ_CLS", r=params.lora_r, lora_alpha=params.lora_alpha,
+                                 lora_dropout=params.lora_dropout,
+                                 target_modules=modeling.lora_targets(params.lora_target))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                            processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    if held_out is not None:  # the final scores (evaluated again only if the last step was not an eval step)
+        found = (trainer.evaluate() if trainer.state.global_step % params.eval_steps
+                 else next(h for h in reversed(trainer.state.log_history) if "eval_loss" in h))
+        ctx.log(f"[lab] held-out pair accuracy {found.get('eval_accuracy', float('nan')):.3f}, "
+                f"mean margin {found.get('eval_margin', float('nan')):.3f}")
+
+    # 6. save a plain scoring model (LoRA merged in) and the tokenizer
+    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
+    final.config.pad_token_id = tokenizer.pad_token_id
+    final.save_pretrained(str(ctx.output_dir))
+    tokenizer.save_pretrained(str(ctx.output_dir))
+    ctx.log(f"[lab] saved the reward model to {ctx.output_dir}")

@@ -1,0 +1,108 @@
+"""Every training stage on a tiny model and toy data written here: each completes, writes an output of the right
+kind, and shows the behaviour it exists for (above chance, above the baseline, a growing margin, a falling loss)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+from jobs.worker import Worker
+from lab import datasets, registry, runs
+
+GOOD = ["Sure, here is a clear and helpful answer.", "Happy to help: the answer is below.",
+        "Here is a polite, correct reply."]
+BAD = ["No.", "Go away.", "I refuse to answer that."]
+QUESTIONS = ["How do I boil an egg?", "What is the capital of France?", "Can you help me with my homework?",
+             "Tell me a joke.", "How tall is Everest?", "What time is it in Tokyo?"]
+SPAM = ["win a free prize now", "claim your cash reward", "free entry to win money", "urgent cash offer claim"]
+HAM = ["see you at dinner", "are we meeting tomorrow", "thanks for the notes", "the bus is late again"]
+
+
+def preference_rows(n: int = 120) -> list[dict]:
+    r = random.Random(1)
+    return [{"prompt": r.choice(QUESTIONS), "chosen": r.choice(GOOD), "rejected": r.choice(BAD)} for _ in range(n)]
+
+
+def spam_rows(n: int = 200) -> list[dict]:
+    r = random.Random(0)
+    rows = []
+    for _ in range(n):
+        spam = r.random() < 0.3
+        text = f"{r.choice(SPAM if spam else HAM)} {r.randint(0, 99)}"
+        rows.append({"text": text, "label": "spam" if spam else "ham"})
+    return rows
+
+
+@pytest.fixture
+def lab(ws, tiny_model_dir, tmp_path):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "pairs", write_jsonl(tmp_path / "pairs.jsonl", preference_rows()))
+    datasets.add(ws, "spam", write_jsonl(tmp_path / "spam.jsonl", spam_rows()))
+    return ws
+
+
+def run_job(s, plugin: str, model: str | None, dataset: str | None, **params) -> dict:
+    job_id = runs.submit(s, plugin, model=model, dataset=dataset, params={k: str(v) for k, v in params.items()})
+    Worker(s, say=lambda m: None).serve(once=True)
+    job = runs.get_job(s, job_id)
+    assert job["status"] == "completed", f"{job['error']}\n{job['log_tail']}"
+    return job
+
+
+def series(s, job: dict, key: str) -> list[float]:
+    return [v for _, v, _ in runs.metrics(s, [job["id"]], [key])[job["id"]][key]]
+
+
+def test_classification_beats_the_majority_class(lab):
+    job = run_job(lab, "classify", "tiny", "spam", use_lora=False, learning_rate=3e-3, max_steps=30,
+                  eval_steps=30, precision="fp32")
+    accuracy, = series(lab, job, "final/accuracy")
+    baseline, = series(lab, job, "final/majority_baseline")
+    assert accuracy > baseline + 0.1, f"accuracy {accuracy:.3f} against the majority class {baseline:.3f}"
+    assert series(lab, job, "final/macro_f1")[0] > 0.6
+    assert {"eval_accuracy", "eval_macro_f1", "eval_precision/spam", "eval_recall/ham", "tokens_per_s"} <= set(
+        runs.metrics(lab, [job["id"]])[job["id"]])
+    confusion = json.loads((Path(job["run_dir"]) / "eval" / "confusion_matrix.json").read_text())
+    assert confusion["labels"] == ["ham", "spam"] and sum(map(sum, confusion["matrix"])) == 20
+    model = registry.info(lab, job["output_model"])
+    assert model["kind"] == "classifier"
+    config = json.loads((Path(model["path"]) / "config.json").read_text())
+    assert config["id2label"] == {"0": "ham", "1": "spam"}
+
+
+def test_reward_model_ranks_held_out_pairs_well_above_chance(lab):
+    job = run_job(lab, "reward", "tiny", "pairs", use_lora=False, learning_rate=1e-3, max_steps=30, eval_steps=30,
+                  precision="fp32")
+    assert series(lab, job, "eval_accuracy")[-1] >= 0.9, "chance is 0.5"
+    assert series(lab, job, "eval_margin")[-1] > 0.5
+    assert registry.info(lab, job["output_model"])["kind"] == "reward"
+
+
+def test_dpo_raises_the_chosen_minus_rejected_margin(lab):
+    job = run_job(lab, "dpo", "tiny", "pairs", learning_rate=5e-3, max_steps=15, precision="fp32")
+    margins = series(lab, job, "rewards/margins")
+    assert margins[0] == pytest.approx(0, abs=1e-6) and margins[-1] > 0.5
+    assert series(lab, job, "rewards/accuracies")[-1] > 0.8
+    model = registry.info(lab, job["output_model"])
+    assert model["kind"] == "full" and model["base_model"] == "tiny"
+
+
+def test_hh_transcripts_are_split_into_prompt_and_replies(ws, tmp_path):
+    from lab.formats import to_preference_pair
+
+    row = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: Fine, thanks.",
+           "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: how are you?\n\nAssistant: Leave me alone."}
+    pair = to_preference_pair(row)
+    assert pair["prompt"] == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                              {"role": "user", "content": "how are you?"}]
+    assert pair["chosen"] == [{"role": "assistant", "content": "Fine, thanks."}]
+    datasets.add(ws, "hh", write_jsonl(tmp_path / "hh.jsonl", [row]))
+    preview = datasets.converted_rows(ws, "hh", "preference")
+    assert preview[0]["prompt"].endswith("how are you?\n\nAssistant:") and preview[0]["rejected"] == "Leave me alone."
+    assert datasets.list_all(ws)[-1]["name"] == "hh", "a preview stores nothing"
+    info = datasets.convert(ws, "hh", "hh-split", "preference")
+    assert (info["format"], info["columns"]) == ("preference", ["chosen", "prompt", "rejected"])

@@ -8,6 +8,14 @@ from lab.errors import LabError
 from lab.registry import CHATML_TEMPLATE
 
 
+def not_causal(model: dict | None) -> list[str]:
+    """The problem with starting a generating method (sft, dpo, grpo, ppo) from `model`, if any."""
+    if model is not None and model["architecture"].endswith("ForMaskedLM"):
+        return [f"{model['name']} is a masked LM ({model['architecture']}): it cannot generate text; "
+                "start from a causal LM"]
+    return []
+
+
 def tokenizer(path: str, log=print, padding_side: str | None = None):
     from transformers import AutoTokenizer
 

@@ -6,8 +6,11 @@ A plugin is a module with:
     ACCEPTS: tuple[str, ...] dataset formats it takes (see lab.formats); () when it needs no dataset
     Params: pydantic model   every parameter with default, bounds and description
     run(ctx, params)         does the work (lab.sdk.RunContext)
-and optionally DESCRIPTION (else the docstring's first line), NEEDS_MODEL (default True), PASSTHROUGH (True when
-unknown `--set` names go to `params.extra_args`) and check(params) -> list of problems, run before queueing.
+and optionally DESCRIPTION (else the docstring's first line), NEEDS_MODEL (True, False or "optional";
+default True), PASSTHROUGH (True when
+unknown `--set` names go to `params.extra_args`), MODEL_KINDS (the registry kinds it starts from; default full and
+adapter), check(params) -> list of problems, and check_inputs(params, model, dataset, settings) -> list of
+problems (model and dataset as registry dicts, or None), both run before queueing.
 
 Built-ins are found exactly like third-party plugins: a list of module names, plus the `lab.plugins` entry-point
 group, plus `LAB_EXTRA_PLUGINS`.
@@ -29,7 +32,7 @@ from pydantic import BaseModel
 from lab.errors import LabError, ValidationError
 from lab.settings import Settings
 
-BUILTINS = ("plugins.sft", "plugins.classify", "plugins.reward", "plugins.dpo")
+BUILTINS = ("plugins.sft", "plugins.classify", "plugins.reward", "plugins.dpo", "plugins.pretrain")
 ENTRY_POINT_GROUP = "lab.plugins"
 KINDS = ("train", "eval")
 
@@ -43,8 +46,9 @@ class Plugin:
     params: type[BaseModel]
     module: types.ModuleType
     origin: str  # "built-in", "entry point <dist>", or "LAB_EXTRA_PLUGINS"
-    needs_model: bool = True
+    needs_model: bool | str = True  # True, False, or "optional"
     passthrough: bool = False
+    model_kinds: tuple[str, ...] = ("full", "adapter")
     example: str = field(default="")
 
     @property
@@ -57,6 +61,14 @@ class Plugin:
     def check(self, params: BaseModel) -> list[str]:
         check = getattr(self.module, "check", None)
         return list(check(params)) if check else []
+
+    def check_inputs(self, params: BaseModel, model: dict | None, dataset: dict | None, settings) -> list[str]:
+        problems = []
+        if model is not None and model["kind"] not in self.model_kinds:
+            problems.append(f"model {model['name']} is a {model['kind']} model; {self.id} starts from "
+                            f"{' or '.join(self.model_kinds)} models")
+        check = getattr(self.module, "check_inputs", None)
+        return problems + (list(check(params, model, dataset, settings)) if check and not problems else [])
 
 
 def advanced(widget: str | None = None, **kw) -> dict:
@@ -84,6 +96,7 @@ def _load(module_name: str, origin: str) -> Plugin:
         description=getattr(module, "DESCRIPTION", None) or (doc.strip().splitlines() or [""])[0],
         origin=origin, needs_model=getattr(module, "NEEDS_MODEL", True),
         passthrough=getattr(module, "PASSTHROUGH", False), example=_example(doc),
+        model_kinds=tuple(getattr(module, "MODEL_KINDS", ("full", "adapter"))),
     )
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import delete, select
 from jobs import queue
 from lab import datasets, experiments, plugins, registry
 from lab.db import read_session, session
-from lab.errors import LabError
+from lab.errors import LabError, ValidationError
 from lab.settings import Settings
 from lab.tables import Dataset, Experiment, Job, Metric, Model, utcnow
 
@@ -26,12 +26,14 @@ def submit(settings: Settings, plugin_id: str, *, model: str | None = None, data
     plugin = plugins.get(settings, plugin_id)
     resolved = plugins.validate_params(plugin, params or {})
     model_id = dataset_id = None
-    if plugin.needs_model:
-        if not model:
-            raise LabError(f"plugin {plugin.id} needs a model", "pass --model NAME (see `lab models list`)")
-        model_id = registry.get(settings, model).id
-    elif model:
+    model_info = dataset_info = None
+    if plugin.needs_model is True and not model:
+        raise LabError(f"plugin {plugin.id} needs a model", "pass --model NAME (see `lab models list`)")
+    if plugin.needs_model is False and model:
         raise LabError(f"plugin {plugin.id} takes no model")
+    if model:
+        model_info = registry.info(settings, model)
+        model_id = model_info["id"]
     if plugin.needs_dataset:
         if not dataset:
             raise LabError(f"plugin {plugin.id} needs a dataset", "pass --dataset NAME (see `lab datasets list`)")
@@ -42,8 +44,12 @@ def submit(settings: Settings, plugin_id: str, *, model: str | None = None, data
                 f"see `lab plugins show {plugin.id}`",
             )
         dataset_id = ds.id
+        dataset_info = datasets.info(settings, ds.name)
     elif dataset:
         raise LabError(f"plugin {plugin.id} takes no dataset")
+    problems = plugin.check_inputs(resolved, model_info, dataset_info, settings)
+    if problems:
+        raise ValidationError(f"cannot run {plugin.id} on these inputs:", problems)
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise LabError(f"priority must be a whole number, got {priority!r}")
     experiment_id = experiments.get_or_create(settings, experiment)

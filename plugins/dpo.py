@@ -56,6 +56,10 @@ class Params(BaseModel):
     eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps."))
 
 
+def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
+    return modeling.not_causal(model)
+
+
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig

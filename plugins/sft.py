@@ -85,6 +85,10 @@ def check(params: Params) -> list[str]:
     return problems
 
 
+def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
+    return modeling.not_causal(model)
+
+
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig, PeftModel

@@ -106,3 +106,33 @@ def test_hh_transcripts_are_split_into_prompt_and_replies(ws, tmp_path):
     assert datasets.list_all(ws)[-1]["name"] == "hh", "a preview stores nothing"
     info = datasets.convert(ws, "hh", "hh-split", "preference")
     assert (info["format"], info["columns"]) == ("preference", ["chosen", "prompt", "rejected"])
+
+
+CORPUS = ("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings and arrows "
+          "of outrageous fortune, or to take arms against a sea of troubles and by opposing end them.\n\n")
+
+
+def test_pretraining_from_scratch_lowers_the_loss_and_can_go_on(lab, tmp_path):
+    (tmp_path / "corpus.txt").write_text(CORPUS * 60)
+    datasets.add(lab, "corpus", tmp_path / "corpus.txt")
+    job = run_job(lab, "pretrain", None, "corpus", size="tiny", vocab_size=400, block_size=64, max_steps=40,
+                  learning_rate=3e-3, batch_size=8, logging_steps=2, eval_split=0, precision="fp32")
+    loss = series(lab, job, "loss")
+    assert loss[-1] < 0.6 * loss[0], f"loss went from {loss[0]:.2f} to only {loss[-1]:.2f}"
+    assert series(lab, job, "perplexity")[-1] == pytest.approx(2.718281828 ** loss[-1], rel=1e-3)
+    assert series(lab, job, "tokens_per_s")[-1] > 0 and 0 < series(lab, job, "mfu")[-1] < 1
+    model = registry.info(lab, job["output_model"])
+    assert model["architecture"] == "LlamaForCausalLM" and model["base_model"] is None
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model["path"])
+    assert len(tok) <= 400 and tok.chat_template, "a new BPE vocabulary, ready for SFT's chat template"
+
+    # continued pretraining of that output, and a masked-LM encoder from scratch
+    again = run_job(lab, "pretrain", job["output_model"], "corpus", block_size=64, max_steps=3, precision="fp32")
+    assert registry.info(lab, again["output_model"])["base_model"] == job["output_model"]
+    masked = run_job(lab, "pretrain", None, "corpus", objective="masked", size="tiny", vocab_size=400,
+                     block_size=64, max_steps=3, eval_split=0, precision="fp32")
+    assert registry.info(lab, masked["output_model"])["architecture"] == "BertForMaskedLM"
+    with pytest.raises(Exception, match="cannot generate text"):
+        runs.submit(lab, "dpo", model=masked["output_model"], dataset="pairs")

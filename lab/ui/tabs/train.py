@@ -62,7 +62,8 @@ def build(ui: UI) -> None:
         fitting = datasets_tab.names(ui, p.accepts)
         return ([gr.update(visible=fid == pid) for fid in form_of]
                 + [_describe(p), gr.update(choices=fitting, value=ds_name if ds_name in fitting else None,
-                                           visible=p.needs_dataset), gr.update(visible=p.needs_model)])
+                                           visible=p.needs_dataset),
+                   gr.update(visible=bool(p.needs_model), label=_model_label(p), choices=model_choices(ui, p))])
 
     plugin.change(on_plugin, [plugin, dataset], [*groups, description, dataset, model])
 
@@ -110,16 +111,28 @@ def build(ui: UI) -> None:
     launch.click(on_launch, preview_inputs, [message, ui["tabs"], ui["run_job"]])
 
 
+def _model_label(p: plugins.Plugin) -> str:
+    if p.needs_model == "optional":
+        return "Model to continue from (optional: leave empty to start from scratch)"
+    return "Base model: a registered model or an earlier run's output"
+
+
 def _describe(p: plugins.Plugin) -> str:
     accepts = ", ".join(p.accepts) or "no dataset"
     return f"**{p.id}** ({p.kind}): {p.description} Accepts: {accepts}. Example: `{p.example}`"
 
 
+def model_choices(ui: UI, p: plugins.Plugin | None) -> list[tuple[str, str]]:
+    optional = [("(none: start from scratch)", "")] if p is not None and p.needs_model == "optional" else []
+    return optional + models_tab.choices(ui)
+
+
 def refresh_choices(ui: UI, pid: str | None):
     """Model and dataset choices for the current plugin (called on page load and after imports)."""
     found, _ = plugins.discover(ui.settings)
-    accepts = found[pid].accepts if pid in found else None
-    return gr.update(choices=models_tab.choices(ui)), gr.update(choices=datasets_tab.names(ui, accepts))
+    p = found.get(pid)
+    return (gr.update(choices=model_choices(ui, p)),
+            gr.update(choices=datasets_tab.names(ui, p.accepts if p else None)))
 
 
 def clone(ui: UI, job: dict) -> list:

@@ -85,12 +85,16 @@ def models_list(workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
 
 @models_app.command("show")
 def models_show(name: str, workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
-    """Show one model."""
-    info = registry.info(_settings(workspace), name)
+    """Show one model, with its lineage (the runs that made it, from the first model on)."""
+    s = _settings(workspace)
+    info = registry.info(s, name)
+    info["lineage"] = registry.lineage(s, name)
     if as_json:
         return _print_json(info)
     for k, v in info.items():
-        out.print(f"{k:>12}: {v}")
+        if k != "lineage":
+            out.print(f"{k:>12}: {v}", markup=False)
+    out.print(f"{'lineage':>12}: {registry.lineage_text(info['lineage'])}", markup=False)
 
 
 @models_app.command("add")

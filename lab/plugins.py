@@ -32,7 +32,8 @@ from pydantic import BaseModel
 from lab.errors import LabError, ValidationError
 from lab.settings import Settings
 
-BUILTINS = ("plugins.sft", "plugins.classify", "plugins.reward", "plugins.dpo", "plugins.pretrain")
+BUILTINS = ("plugins.sft", "plugins.classify", "plugins.reward", "plugins.dpo", "plugins.pretrain", "plugins.grpo",
+            "plugins.ppo")
 ENTRY_POINT_GROUP = "lab.plugins"
 KINDS = ("train", "eval")
 

@@ -263,6 +263,45 @@ def _info(row: Model, names: dict[int, str]) -> dict:
             "fingerprint": row.fingerprint, "created_at": row.created_at.isoformat(timespec="seconds")}
 
 
+SIDE_INPUTS = ("reward_model",)  # job parameters that name a further model the run used
+
+
+def lineage(settings: Settings, name: str) -> list[dict]:
+    """How a model came to be, oldest first: each step is a model and, for run outputs, the run that made it from
+    the step before (its plugin, dataset, and side inputs such as a PPO run's reward model)."""
+    from lab.tables import Dataset, Job
+
+    chain: list[dict] = []
+    seen: set[int] = set()
+    row = get(settings, name)
+    with read_session(settings) as s:
+        while row is not None and row.id not in seen:
+            seen.add(row.id)
+            step = {"model": row.name, "kind": row.kind, "source": row.source, "job_id": row.job_id}
+            parent = None
+            job = s.get(Job, row.job_id) if row.job_id else None
+            if job is not None:
+                dataset = s.get(Dataset, job.dataset_id) if job.dataset_id else None
+                step.update(plugin=job.plugin, dataset=dataset.name if dataset else None,
+                            uses={k: job.params[k] for k in SIDE_INPUTS if job.params.get(k)})
+                parent = s.get(Model, job.model_id) if job.model_id else None
+            chain.append(step)
+            row = parent
+    return chain[::-1]
+
+
+def lineage_text(chain: list[dict]) -> str:
+    """'tiny → sft #5 → ppo #9 (reward model reward-7)'."""
+    parts = []
+    for step in chain:
+        if step.get("plugin"):
+            uses = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in step.get("uses", {}).items())
+            parts.append(f"{step['plugin']} #{step['job_id']}" + (f" ({uses})" if uses else ""))
+        else:
+            parts.append(step["model"])
+    return " → ".join(parts)
+
+
 def list_all(settings: Settings) -> list[dict]:
     with read_session(settings) as s:
         rows = list(s.scalars(select(Model).order_by(Model.id)))

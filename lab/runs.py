@@ -143,8 +143,18 @@ def get_job(settings: Settings, job_id: int) -> dict:
         output_model = s.scalar(select(Model.name).where(Model.job_id == job_id).order_by(Model.id).limit(1))
     out.update({"params": job.params, "run_dir": job.run_dir, "exit_code": job.exit_code, "pid": job.pid,
                 "attempts": job.attempts, "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
-                "output_model": output_model})
+                "output_model": output_model, "lineage": _lineage(settings, out, output_model)})
     return out
+
+
+def _lineage(settings: Settings, job: dict, output_model: str | None) -> str:
+    """The chain of models this run stands in, e.g. 'tiny → sft #5 → dpo #8' (this run last)."""
+    if output_model:
+        return registry.lineage_text(registry.lineage(settings, output_model))
+    uses = {k: job["params"][k] for k in registry.SIDE_INPUTS if job["params"].get(k)}
+    here = [{"plugin": job["plugin"], "job_id": job["id"], "uses": uses}]
+    before = registry.lineage(settings, job["model"]) if job["model"] else []
+    return registry.lineage_text(before + here)
 
 
 def clear_metrics(settings: Settings, job_id: int) -> int:

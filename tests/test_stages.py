@@ -136,3 +136,50 @@ def test_pretraining_from_scratch_lowers_the_loss_and_can_go_on(lab, tmp_path):
     assert registry.info(lab, masked["output_model"])["architecture"] == "BertForMaskedLM"
     with pytest.raises(Exception, match="cannot generate text"):
         runs.submit(lab, "dpo", model=masked["output_model"], dataset="pairs")
+
+
+def test_chain_sft_then_reward_then_ppo_records_its_lineage(lab, tmp_path):
+    facts = [{"instruction": q, "input": "", "output": g} for q, g in zip(QUESTIONS, GOOD * 2, strict=True)]
+    datasets.add(lab, "facts", write_jsonl(tmp_path / "facts.jsonl", facts * 3))
+    sft = run_job(lab, "sft", "tiny", "facts", max_steps=3, precision="fp32")
+    reward = run_job(lab, "reward", sft["output_model"], "pairs", max_steps=5, eval_split=0, precision="fp32")
+    ppo = run_job(lab, "ppo", sft["output_model"], "facts", reward_model=reward["output_model"], total_episodes=8,
+                  response_length=8, precision="fp32")
+    chain = registry.lineage(lab, ppo["output_model"])
+    assert [(s.get("plugin"), s["model"]) for s in chain] == [
+        (None, "tiny"), ("sft", sft["output_model"]), ("ppo", ppo["output_model"])]
+    assert chain[-1]["uses"] == {"reward_model": reward["output_model"]}
+    assert ppo["lineage"] == f"tiny → sft #{sft['id']} → ppo #{ppo['id']} (reward model {reward['output_model']})"
+    assert registry.lineage_text(registry.lineage(lab, reward["output_model"])) == (
+        f"tiny → sft #{sft['id']} → reward #{reward['id']}")
+    keys = set(runs.metrics(lab, [ppo["id"]])[ppo["id"]])
+    assert {"objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg",
+            "tokens_per_s"} <= keys
+    samples = [json.loads(line) for line in (Path(ppo["run_dir"]) / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"step", "prompt", "answer", "score"} <= set(samples[0])
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(registry.info(lab, ppo["output_model"])["path"]) is not None
+
+
+def test_ppo_and_grpo_refuse_a_missing_or_wrong_reward_model(lab):
+    with pytest.raises(Exception, match="`reward_model` is required"):
+        runs.submit(lab, "ppo", model="tiny", dataset="pairs")
+    with pytest.raises(Exception, match="tiny is a full model, not a reward model"):
+        runs.submit(lab, "ppo", model="tiny", dataset="pairs", params={"reward_model": "tiny"})
+    with pytest.raises(Exception, match="no reward"):
+        runs.submit(lab, "grpo", model="tiny", dataset="pairs")
+    assert runs.list_jobs(lab) == []
+
+
+def test_grpo_with_rule_rewards_keeps_samples(lab, tmp_path):
+    rows = [{"prompt": q, "completion": "yes"} for q in QUESTIONS] * 2
+    datasets.add(lab, "qa", write_jsonl(tmp_path / "qa.jsonl", rows))
+    job = run_job(lab, "grpo", "tiny", "qa", length_target=4, format_regex=r"\w", exact_match=True, max_steps=3,
+                  max_completion_length=8, precision="fp32")
+    keys = set(runs.metrics(lab, [job["id"]])[job["id"]])
+    assert {"reward", "rewards/length/mean", "rewards/format_match/mean", "rewards/exact/mean",
+            "completions/mean_length"} <= keys
+    samples = (Path(job["run_dir"]) / "samples.jsonl").read_text().splitlines()
+    assert {json.loads(s)["reward"] for s in samples} == {"length", "format_match", "exact"}
+    assert registry.info(lab, job["output_model"])["kind"] == "full"

@@ -37,7 +37,8 @@ def header(job: dict) -> str:
         timing.append(f"output registered as model <b>{escape(job['output_model'])}</b>")
     return (f'<div class="run-head">{badge(job["status"])} {" · ".join(bits)}</div>'
             f'<div class="progress"><div class="progress-bar" style="width:{pct:.1f}%"></div></div>'
-            f'<div class="run-timing">{" · ".join(timing)}</div>')
+            f'<div class="run-timing">{" · ".join(timing)}</div>'
+            f'<div class="run-timing">lineage: {escape(job["lineage"])}</div>')
 
 
 def failure(job: dict) -> str:

@@ -1,0 +1,201 @@
+"""Group relative policy optimisation (TRL GRPOTrainer): sample several answers per prompt, score them, and move
+the policy towards the better ones of each group.
+
+    lab run grpo --model sft-7 --dataset alpaca --set reward_model=reward-9 --set max_steps=50
+    lab run grpo --model sft-7 --dataset gsm --set exact_match=true --set format_regex='\\d+$'
+
+Rewards: a `reward` run's model, and/or rules: closeness to a target length in words, a regular expression the
+answer must match, exact match with the row's reference answer (the completion/output of the row). Prompts come
+from any dataset with prompts (the reply, where there is one, is the reference). Some generations with their
+rewards are kept in the run's `samples.jsonl`. Metrics: reward (and per reward function), KL, entropy, completion
+lengths, loss. The output is the tuned policy as a full model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lab import formats, modeling, registry, speed
+from lab.plugins import advanced
+
+ID = "grpo"
+KIND = "train"
+ACCEPTS = ("prompt_completion", "alpaca", "chat", "preference")
+DESCRIPTION = "GRPO: sample answer groups, reward them (reward model and/or rules), reinforce the better ones."
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reward_model: str = Field("", description="A reward model (output of a `reward` run) that scores answers.")
+    length_target: int = Field(0, ge=0, le=10_000, description="Rule: reward answers near this many words (0: off).")
+    format_regex: str = Field("", description="Rule: reward 1 when the answer matches this regular expression.")
+    exact_match: bool = Field(False, description="Rule: reward 1 when the answer equals the row's reference.")
+    num_generations: int = Field(4, ge=2, le=64, description="Answers sampled per prompt (the group).")
+    max_completion_length: int = Field(64, ge=1, le=8192, description="Longest answer in tokens.")
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate (1e-5 full, 5e-5 LoRA).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the prompts (ignored when max_steps is set).")
+    batch_size: int = Field(4, ge=1, le=4096, description="Answers per device per step (a multiple of the group).")
+    use_lora: bool = Field(True, description="Train a LoRA adapter instead of every weight.")
+    seed: int = Field(42, description="Random seed for sampling and shuffling.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
+    beta: float = Field(0.0, **advanced(ge=0, le=10, description="KL penalty towards the starting policy."))
+    temperature: float = Field(1.0, **advanced(gt=0, le=5, description="Sampling temperature."))
+    max_prompt_tokens: int = Field(256, **advanced(ge=8, description="Prompts longer than this are left out."))
+    lora_r: int = Field(16, **advanced(ge=1, le=1024, description="LoRA rank."))
+    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling."))
+    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters."))
+    logging_steps: int = Field(1, **advanced(ge=1, description="Record metrics every this many steps."))
+    sample_every: int = Field(5, **advanced(ge=1, description="Keep generations every this many scoring rounds."))
+
+
+def check(params: Params) -> list[str]:
+    problems = []
+    if not (params.reward_model or params.length_target or params.format_regex or params.exact_match):
+        problems.append("no reward: set `reward_model`, `length_target`, `format_regex` or `exact_match`")
+    if params.format_regex:
+        try:
+            re.compile(params.format_regex)
+        except re.error as exc:
+            problems.append(f"`format_regex` is not a regular expression: {exc}")
+    if params.batch_size % params.num_generations:
+        problems.append(f"`batch_size` ({params.batch_size}) must be a multiple of `num_generations` "
+                        f"({params.num_generations})")
+    return problems
+
+
+def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
+    problems = modeling.not_causal(model)
+    if params.reward_model:
+        try:
+            kind = registry.info(settings, params.reward_model)["kind"]
+        except Exception:
+            return problems + [f"`reward_model`: no model named {params.reward_model!r}"]
+        if kind != "reward":
+            problems.append(f"`reward_model`: {params.reward_model} is a {kind} model, not a reward model")
+    if params.exact_match and dataset and dataset["format"] == "preference":
+        problems.append("`exact_match` needs a reference answer: use prompt/completion, alpaca or chat data")
+    return problems
+
+
+def _text(completion) -> str:
+    return completion[-1]["content"] if isinstance(completion, list) else completion
+
+
+def rule_rewards(params: Params, samples) -> list:
+    """The rule reward functions chosen, each f(prompts, completions, **columns) -> list of floats."""
+    funcs = []
+    if params.length_target:
+        def length(prompts, completions, **_):
+            words = [len(_text(c).split()) for c in completions]
+            return [max(0.0, 1 - abs(n - params.length_target) / params.length_target) for n in words]
+        funcs.append(length)
+    if params.format_regex:
+        pattern = re.compile(params.format_regex)
+
+        def format_match(prompts, completions, **_):
+            return [1.0 if pattern.search(_text(c).strip()) else 0.0 for c in completions]
+        funcs.append(format_match)
+    if params.exact_match:
+        def exact(prompts, completions, reference, **_):
+            return [1.0 if _text(c).strip() == r.strip() else 0.0 for c, r in zip(completions, reference, strict=True)]
+        funcs.append(exact)
+    return [samples.wrap(f) for f in funcs]
+
+
+def model_reward(path: str):
+    """A reward model (a `reward` run's output) as a reward function: it scores prompt + answer conversations."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    tok = modeling.tokenizer(path, log=lambda m: None, padding_side="right")
+    scorer = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+
+    def reward_model(prompts, completions, **_):
+        texts = [tok.apply_chat_template(p + [{"role": "assistant", "content": _text(c)}], tokenize=False)
+                 for p, c in zip(prompts, completions, strict=True)]
+        batch = tok(texts, padding=True, truncation=True, max_length=1024, return_tensors="pt")
+        with torch.no_grad():
+            return scorer(**batch).logits[:, 0].float().tolist()
+
+    return reward_model
+
+
+class Samples:
+    """Keeps some generations with their rewards in the run's samples.jsonl, every few scoring rounds."""
+
+    def __init__(self, path, every: int):
+        self.path, self.every, self.calls = path, every, {}
+
+    def wrap(self, func):
+        def scored(prompts, completions, **columns):
+            rewards = func(prompts, completions, **columns)
+            n = self.calls[func.__name__] = self.calls.get(func.__name__, -1) + 1
+            if n % self.every == 0:
+                with open(self.path, "a") as f:
+                    for p, c, r in list(zip(prompts, completions, rewards, strict=True))[:2]:
+                        f.write(json.dumps({"round": n, "reward": func.__name__, "value": r,
+                                            "prompt": _text(p), "completion": _text(c)}, ensure_ascii=False) + "\n")
+            return rewards
+        scored.__name__ = func.__name__
+        return scored
+
+
+def run(ctx, params: Params) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    # 1. prompts (and the reference answer where the format has one)
+    tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log, padding_side="left")
+    fmt, rows = ctx.dataset["format"], []
+    for row in ctx.rows():
+        prompt = formats.prompt_of(fmt, row)
+        if len(tokenizer.apply_chat_template(prompt, tokenize=False)) > params.max_prompt_tokens * 4:
+            continue  # a cheap length guard: about four characters per token
+        reference = "" if fmt == "preference" else formats.to_prompt_completion(fmt, row)["completion"][0]["content"]
+        rows.append({"prompt": prompt, "reference": reference})
+    if not rows:
+        raise ValueError(f"no prompt is shorter than max_prompt_tokens={params.max_prompt_tokens}")
+    ctx.log(f"[lab] {len(rows)} prompts, {params.num_generations} answers each")
+
+    # 2. policy and rewards
+    model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log)
+    bf16 = ctx.use_bf16(params.precision, model, tokenizer)
+    samples = Samples(ctx.run_dir / "samples.jsonl", params.sample_every)
+    rewards = rule_rewards(params, samples)
+    if params.reward_model:
+        rewards.insert(0, samples.wrap(model_reward(registry.info(ctx.settings, params.reward_model)["path"])))
+
+    # 3. configuration, 4. trainer, 5. train
+    args = GRPOConfig(
+        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
+        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size, num_generations=params.num_generations,
+        max_completion_length=params.max_completion_length, temperature=params.temperature, beta=params.beta,
+        logging_steps=params.logging_steps, save_strategy="no", seed=params.seed,
+        data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
+        dataloader_num_workers=0,
+    )
+    peft_config = None
+    if params.use_lora:
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
+                                 target_modules=modeling.lora_targets(params.lora_target))
+    trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows),
+                          processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+
+    # 6. save the policy as a full model
+    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
+    final.save_pretrained(str(ctx.output_dir))
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(str(ctx.output_dir))
+    ctx.log(f"[lab] saved the tuned policy to {ctx.output_dir}; sample generations in samples.jsonl")

@@ -32,8 +32,8 @@ from pydantic import BaseModel
 from lab.errors import LabError, ValidationError
 from lab.settings import Settings
 
-BUILTINS = ("plugins.sft", "plugins.classify", "plugins.reward", "plugins.dpo", "plugins.pretrain", "plugins.grpo",
-            "plugins.ppo")
+BUILTINS = ("plugins.pretrain", "plugins.sft", "plugins.classify", "plugins.reward", "plugins.ppo", "plugins.dpo",
+            "plugins.orpo", "plugins.kto", "plugins.grpo")
 ENTRY_POINT_GROUP = "lab.plugins"
 KINDS = ("train", "eval")
 

@@ -143,7 +143,8 @@ def get_job(settings: Settings, job_id: int) -> dict:
         output_model = s.scalar(select(Model.name).where(Model.job_id == job_id).order_by(Model.id).limit(1))
     out.update({"params": job.params, "run_dir": job.run_dir, "exit_code": job.exit_code, "pid": job.pid,
                 "attempts": job.attempts, "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
-                "output_model": output_model, "lineage": _lineage(settings, out, output_model)})
+                "output_model": output_model})
+    out["lineage"] = _lineage(settings, out, output_model)
     return out
 
 

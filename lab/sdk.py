@@ -82,6 +82,18 @@ class RunContext:
 
         return choose_bf16(requested, model, tokenizer, self.log)
 
+    def token_counter(self, tokens_per_step: float):
+        """For a trainer that counts no tokens: a callback (put it before `callback()`) that logs `num_tokens` as
+        steps x an average of tokens per step, so tokens/s and MFU can be derived."""
+        from transformers import TrainerCallback
+
+        class TokenCounter(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs is not None and "loss" in logs and not logs.get("num_input_tokens_seen"):
+                    logs["num_tokens"] = state.global_step * tokens_per_step
+
+        return TokenCounter()
+
     def callback(self):
         """A transformers TrainerCallback that records metrics and progress, adds tokens/s and model FLOPs
         utilisation (6 x parameters x tokens/s over the machine's measured matmul peak), and stops on cancel."""

@@ -183,3 +183,15 @@ def test_grpo_with_rule_rewards_keeps_samples(lab, tmp_path):
     samples = (Path(job["run_dir"]) / "samples.jsonl").read_text().splitlines()
     assert {json.loads(s)["reward"] for s in samples} == {"length", "format_match", "exact"}
     assert registry.info(lab, job["output_model"])["kind"] == "full"
+
+
+@pytest.mark.parametrize(("plugin", "keys"), [
+    ("orpo", {"rewards/margins", "log_odds_ratio", "nll_loss", "tokens_per_s"}),
+    ("kto", {"rewards/chosen", "rewards/rejected", "kl", "tokens_per_s"}),
+])
+def test_orpo_and_kto_tune_on_preference_pairs(lab, plugin, keys):
+    job = run_job(lab, plugin, "tiny", "pairs", max_steps=8, learning_rate=5e-3, precision="fp32")
+    assert keys <= set(runs.metrics(lab, [job["id"]])[job["id"]])
+    if plugin == "kto":  # desirable answers end up above undesirable ones
+        assert series(lab, job, "rewards/chosen")[-1] > series(lab, job, "rewards/rejected")[-1]
+    assert registry.info(lab, job["output_model"])["kind"] == "full"

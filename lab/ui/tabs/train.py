@@ -16,7 +16,7 @@ from lab.ui.tabs import models as models_tab
 def build(ui: UI) -> None:
     found, broken = plugins.discover(ui.settings)
     ids = list(found)
-    first = ids[0] if ids else None
+    first = "sft" if "sft" in found else (ids[0] if ids else None)  # the method most people start with
     with gr.Row():
         plugin = gr.Dropdown(label="Method (plugin)", choices=[(f"{p.id}: {p.description}", p.id)
                                                                 for p in found.values()], value=first, scale=3)

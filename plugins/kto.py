@@ -1,0 +1,91 @@
+"""KTO (Kahneman-Tversky optimisation, TRL's KTOTrainer): preference tuning from answers marked good or bad one by
+one, with no need for pairs.
+
+    lab run kto --model sft-7 --dataset hh-rlhf --set max_steps=100
+
+Preference pairs are unpaired for it: the chosen answer becomes a desirable example and the rejected one an
+undesirable example of the same prompt. The policy starts from a model or an SFT run's output (an adapter is merged
+in, and is the reference). Metrics: rewards/chosen, rewards/rejected, rewards/margins, kl. The output is the tuned
+policy as a full model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lab import formats, modeling, speed
+from lab.plugins import advanced
+
+ID = "kto"
+KIND = "train"
+ACCEPTS = ("preference",)
+DESCRIPTION = "KTO: preference tuning from answers marked desirable or undesirable one by one."
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.1, gt=0, le=10, description="Strength of the pull towards the reference policy.")
+    desirable_weight: float = Field(1.0, gt=0, le=100, description="Weight of the desirable (chosen) examples.")
+    undesirable_weight: float = Field(1.0, gt=0, le=100, description="Weight of the undesirable examples.")
+    use_lora: bool = Field(True, description="Train a LoRA adapter instead of every weight.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the data (ignored when max_steps is set).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
+    batch_size: int = Field(4, ge=2, le=4096, description="Examples per device per step (at least 2 for KL).")
+    max_length: int = Field(512, ge=8, le=131072, description="Longest prompt plus answer in tokens.")
+    seed: int = Field(42, description="Random seed.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
+    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling; commonly twice the rank."))
+    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
+    logging_steps: int = Field(1, **advanced(ge=1, description="Record metrics every this many steps."))
+
+
+def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
+    return modeling.not_causal(model)
+
+
+def unpaired(row: dict) -> list[dict]:
+    """One preference pair as two KTO examples: the chosen answer desirable, the rejected one not."""
+    pair = formats.to_preference_pair(row)
+    if "prompt" not in pair:
+        raise ValueError("KTO needs a prompt: give the pairs a `prompt`, or hh-rlhf style transcripts")
+    return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
+            {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
+
+
+def run(ctx, params: Params) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl import KTOConfig, KTOTrainer
+
+    data = Dataset.from_list([example for row in ctx.rows() for example in unpaired(row)]).shuffle(seed=params.seed)
+    ctx.log(f"[lab] {len(data)} examples ({len(data) // 2} desirable); beta {params.beta}")
+    model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log)
+    tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
+    bf16 = ctx.use_bf16(params.precision, model, tokenizer)
+    args = KTOConfig(
+        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
+        beta=params.beta, desirable_weight=params.desirable_weight, undesirable_weight=params.undesirable_weight,
+        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
+        per_device_train_batch_size=params.batch_size, max_length=params.max_length,
+        logging_steps=params.logging_steps, save_strategy="no", seed=params.seed, data_seed=params.seed,
+        disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16, dataloader_num_workers=0,
+    )
+    peft_config = None
+    if params.use_lora:
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
+                                 target_modules=modeling.lora_targets(params.lora_target))
+    trainer = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[ctx.callback()])
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
+    final.save_pretrained(str(ctx.output_dir))
+    tokenizer.save_pretrained(str(ctx.output_dir))
+    ctx.log(f"[lab] saved the tuned policy to {ctx.output_dir}")

@@ -1,0 +1,83 @@
+"""ORPO (odds-ratio preference optimisation, TRL's experimental ORPOTrainer): supervised fine-tuning and preference
+alignment in one stage, with no reference model.
+
+    lab run orpo --model smollm2-135m-instruct --dataset hh-rlhf --set max_steps=100 --set beta=0.1
+
+Rows are preference pairs, as for `dpo`. The loss is the chosen answer's language-modeling loss plus beta times a
+log-odds-ratio term that separates chosen from rejected. Metrics: rewards/chosen, rewards/rejected,
+rewards/accuracies, rewards/margins, log_odds_ratio, nll_loss. The output is the tuned policy as a full model.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lab import formats, modeling, speed
+from lab.plugins import advanced
+
+ID = "orpo"
+KIND = "train"
+ACCEPTS = ("preference",)
+DESCRIPTION = "ORPO: fine-tuning and preference alignment in one stage, without a reference model."
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.1, gt=0, le=10, description="Weight of the odds-ratio (preference) term.")
+    use_lora: bool = Field(True, description="Train a LoRA adapter instead of every weight.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="Peak learning rate.")
+    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the pairs (ignored when max_steps is set).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
+    batch_size: int = Field(4, ge=1, le=4096, description="Pairs per device per step.")
+    max_length: int = Field(512, ge=8, le=131072, description="Longest prompt plus answer in tokens.")
+    seed: int = Field(42, description="Random seed.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
+    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling; commonly twice the rank."))
+    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
+    logging_steps: int = Field(1, **advanced(ge=1, description="Record metrics every this many steps."))
+
+
+def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
+    return modeling.not_causal(model)
+
+
+def run(ctx, params: Params) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import PrinterCallback
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    data = Dataset.from_list([formats.to_preference_pair(r) for r in ctx.rows()])
+    ctx.log(f"[lab] {len(data)} training pairs; beta {params.beta}")
+    model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log)
+    tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
+    bf16 = ctx.use_bf16(params.precision, model, tokenizer)
+    args = ORPOConfig(
+        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
+        beta=params.beta, learning_rate=params.learning_rate, num_train_epochs=params.epochs,
+        max_steps=params.max_steps, per_device_train_batch_size=params.batch_size, max_length=params.max_length,
+        logging_steps=params.logging_steps, save_strategy="no", seed=params.seed, data_seed=params.seed,
+        disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16, dataloader_num_workers=0,
+    )
+    peft_config = None
+    if params.use_lora:
+        peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
+                                 target_modules=modeling.lora_targets(params.lora_target))
+    trainer = ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                          peft_config=peft_config)
+    tokenized = trainer.train_dataset  # ORPO counts no tokens: measure the pairs once it has tokenized them
+    per_pair = sum(len(a) + len(b) for a, b in zip(tokenized["chosen_input_ids"], tokenized["rejected_input_ids"],
+                                                   strict=True)) / len(tokenized)
+    trainer.add_callback(ctx.token_counter(per_pair * params.batch_size))
+    trainer.add_callback(ctx.callback())
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
+    final.save_pretrained(str(ctx.output_dir))
+    tokenizer.save_pretrained(str(ctx.output_dir))
+    ctx.log(f"[lab] saved the tuned policy to {ctx.output_dir}")

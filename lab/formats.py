@@ -25,6 +25,8 @@ FORMATS: dict[str, str] = {
     "text": "raw `text` for pretraining",
 }
 ROLES = ("system", "user", "assistant", "tool")
+REQUIRED = {"chat": ("messages",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
+            "preference": ("chosen", "rejected"), "classification": ("text", "label"), "text": ("text",)}
 
 
 def detect(columns: Iterable[str]) -> str | None:

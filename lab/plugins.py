@@ -196,7 +196,8 @@ def validate_params(plugin: Plugin, values: dict[str, Any]) -> BaseModel:
 
 def describe_params(plugin: Plugin) -> list[dict]:
     """One entry per parameter: name, type, default, bounds, description, and the form hints `advanced` (folded
-    away) and `widget` ("slider"), which a field sets with json_schema_extra."""
+    away), `widget` ("slider", or "model" for the name of a registered model) and `model_kind` (which models a
+    "model" widget offers), which a field sets with json_schema_extra."""
     out = []
     for name, f in plugin.params.model_fields.items():
         bounds = {}
@@ -211,5 +212,5 @@ def describe_params(plugin: Plugin) -> list[dict]:
         out.append({"name": name, "type": "choice" if choices else type_name, "choices": choices,
                     "default": f.get_default(call_default_factory=True), "bounds": bounds,
                     "description": f.description or "", "advanced": bool(extra.get("advanced")),
-                    "widget": extra.get("widget")})
+                    "widget": extra.get("widget"), "model_kind": extra.get("model_kind")})
     return out

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from sqlalchemy import delete, select
 
 from jobs import queue
-from lab import datasets, experiments, plugins, registry
+from lab import datasets, experiments, formats, plugins, registry
 from lab.db import read_session, session
 from lab.errors import LabError, ValidationError
 from lab.settings import Settings
@@ -39,10 +39,7 @@ def submit(settings: Settings, plugin_id: str, *, model: str | None = None, data
             raise LabError(f"plugin {plugin.id} needs a dataset", "pass --dataset NAME (see `lab datasets list`)")
         ds = datasets.get(settings, dataset)
         if ds.format not in plugin.accepts:
-            raise LabError(
-                f"dataset {ds.name} is in {ds.format} format; plugin {plugin.id} accepts {', '.join(plugin.accepts)}",
-                f"see `lab plugins show {plugin.id}`",
-            )
+            raise LabError(*_wrong_format(plugin, ds))
         dataset_id = ds.id
         dataset_info = datasets.info(settings, ds.name)
     elif dataset:
@@ -56,6 +53,19 @@ def submit(settings: Settings, plugin_id: str, *, model: str | None = None, data
     return queue.enqueue(settings, experiment_id=experiment_id, plugin=plugin.id,
                          params=resolved.model_dump(mode="json"), model_id=model_id, dataset_id=dataset_id,
                          priority=priority)
+
+
+def _wrong_format(plugin, ds) -> tuple[str, str]:
+    """The message for a dataset a plugin cannot read: what it has, which columns are missing, how to convert."""
+    have = set(ds.columns)
+    wants = "; ".join(f"{f} (missing {', '.join(c for c in formats.REQUIRED[f] if c not in have)})"
+                      for f in plugin.accepts)
+    message = (f"dataset {ds.name} is in {ds.format} format (columns {', '.join(ds.columns)}); plugin {plugin.id} "
+               f"accepts {', '.join(plugin.accepts)}: {wants}")
+    target = next((f for f in plugin.accepts if (ds.format, f) in formats.CONVERSIONS), None)
+    if target:
+        return message, f"convert it: lab datasets convert {ds.name} {ds.name}-{target} --to {target}"
+    return message, f"see `lab plugins show {plugin.id}`"
 
 
 def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str,

@@ -31,7 +31,8 @@ DESCRIPTION = "GRPO: sample answer groups, reward them (reward model and/or rule
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reward_model: str = Field("", description="A reward model (output of a `reward` run) that scores answers.")
+    reward_model: str = Field("", description="A reward model (output of a `reward` run) that scores answers.",
+                              json_schema_extra={"widget": "model", "model_kind": "reward"})
     length_target: int = Field(0, ge=0, le=10_000, description="Rule: reward answers near this many words (0: off).")
     format_regex: str = Field("", description="Rule: reward 1 when the answer matches this regular expression.")
     exact_match: bool = Field(False, description="Rule: reward 1 when the answer equals the row's reference.")

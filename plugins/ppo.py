@@ -32,7 +32,8 @@ DESCRIPTION = "RLHF stage 2: PPO against a reward model, with a KL leash to the 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reward_model: str = Field("", description="The reward model (output of a `reward` run); required.")
+    reward_model: str = Field("", description="The reward model (output of a `reward` run); required.",
+                              json_schema_extra={"widget": "model", "model_kind": "reward"})
     total_episodes: int = Field(64, ge=1, description="Prompts answered and scored in all.")
     batch_size: int = Field(4, ge=1, le=1024, description="Episodes per update.")
     response_length: int = Field(48, ge=1, le=4096, description="Longest answer in tokens.")

@@ -79,8 +79,10 @@ def test_a_dataset_in_the_wrong_format_is_refused_before_queueing(ws, tmp_path, 
             check=True)
     done = lab_cli("run", "sft", "--model", "tiny", "--dataset", "spam")
     assert done.returncode == 2
-    expected = "dataset spam is in classification format; plugin sft accepts chat, alpaca, prompt_completion"
-    assert expected in done.stderr
+    expected = ("dataset spam is in classification format (columns text, label); plugin sft accepts chat, alpaca, "
+                "prompt_completion: chat (missing messages); alpaca (missing instruction, output); prompt_completion "
+                "(missing prompt, completion)")
+    assert expected in done.stderr.replace("\n", " ")
     assert _listed_jobs(ws) == []
 
 

@@ -86,12 +86,14 @@ def build(settings: Settings) -> gr.Blocks:
                 ui["jobs_experiment"]: gr.update(choices=["all", *experiments_tab.names(ui)]),
                 ui["jobs_table"]: jobs_tab.table(ui, jobs_experiment, jobs_status),
                 ui["jobs_workers"]: jobs_tab.workers_line(ui),
+                **dict(zip([c for c, _ in ui["train_pickers"]], train_tab.picker_updates(ui), strict=True)),
             }
 
         refresh_inputs = [remembered, ui["train_plugin"], ui["jobs_experiment"], ui["jobs_status"]]
         refresh_outputs = [ui[n] for n in ("experiment", "exp_table", "exp_chosen", "ds_table", "ds_chosen",
                                            "ds_model", "models_table", "models_status", "train_model",
                                            "train_dataset", "jobs_experiment", "jobs_table", "jobs_workers")]
+        refresh_outputs += [c for c, _ in ui["train_pickers"]]
 
         def on_load(saved, plugin, jobs_experiment, jobs_status, request: gr.Request):
             """The page opens with everything filled; `?job=N` in the address opens that run."""

@@ -19,6 +19,12 @@ class Form:
     components: list[gr.components.Component]
     fields: dict[str, dict]
 
+    @property
+    def model_pickers(self) -> list[tuple[gr.components.Component, str | None]]:
+        """The fields that name a registered model, with the kind of model they take."""
+        return [(c, self.fields[n]["model_kind"]) for n, c in zip(self.names, self.components, strict=True)
+                if self.fields[n]["widget"] == "model"]
+
     def values(self, raw: list[Any]) -> dict:
         """Typed parameter values from the components (JSON fields parsed); validation is the Params' job."""
         out = {}
@@ -52,6 +58,8 @@ def _component(f: dict) -> gr.components.Component:
     info = f["description"] or None
     label = f["name"]
     b = f["bounds"]
+    if f["widget"] == "model":  # a registered model's name; the choices are filled from the registry on refresh
+        return gr.Dropdown(choices=[""], value=f["default"] or "", label=label, info=info, allow_custom_value=True)
     if f["choices"]:
         return gr.Dropdown(choices=f["choices"], value=f["default"], label=label, info=info)
     if f["type"] == "bool":

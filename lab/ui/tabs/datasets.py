@@ -75,6 +75,16 @@ def build(ui: UI) -> None:
         page = gr.Number(label="Page", value=1, precision=0, minimum=1, scale=1)
     summary = gr.Markdown()
     rows = gr.Dataframe(interactive=False, wrap=True, label="Rows", max_height=420, visible=False)
+    with gr.Accordion("Convert to another format", open=False):
+        gr.Markdown("E.g. hh-rlhf transcripts into prompt/chosen/rejected, alpaca into plain text for pretraining. "
+                    "Preview first; Convert stores the result as a new dataset.")
+        with gr.Row():
+            target = gr.Dropdown(label="To format", choices=list(formats.FORMATS), value="preference", scale=1)
+            new_name = gr.Textbox(label="New dataset name", scale=2)
+            show_conv = gr.Button("Preview", scale=1)
+            do_conv = gr.Button("Convert", variant="primary", scale=1)
+        conv_report = gr.HTML()
+        conv_rows = gr.JSON(label="First converted rows", visible=False)
     gr.Markdown("#### As the model sees it\nThe chat template applied, exactly as `sft` trains on it: "
                 "<span class='tok-train'>learned tokens</span> count towards the loss, "
                 "<span class='tok-mask'>masked prompt tokens</span> do not.")
@@ -126,3 +136,21 @@ def build(ui: UI) -> None:
         return preview.sample_html(preview.tokenize_row(model_path, ds["format"], found[0], bool(only)))
 
     show.click(on_show, [chosen, model, row_no, completion_only], [sample])
+
+    def on_preview_conversion(nm, to):
+        try:
+            rows = datasets.converted_rows(ui.settings, nm or "", to, 3)
+        except LabError as exc:
+            return error_box(str(exc)), gr.update(visible=False)
+        return "", gr.update(value=rows, visible=True)
+
+    def on_convert(nm, to, new):
+        try:
+            info = datasets.convert(ui.settings, nm or "", (new or "").strip(), to)
+        except LabError as exc:
+            return error_box(f"{exc}\nNothing was stored."), gr.update(), gr.update()
+        return (ok_box(f"Stored {info['name']}: {info['rows']} rows, format {info['format']}"), table(ui),
+                gr.update(choices=names(ui)))
+
+    show_conv.click(on_preview_conversion, [chosen, target], [conv_report, conv_rows])
+    do_conv.click(on_convert, [chosen, target, new_name], [conv_report, ui["ds_table"], chosen])

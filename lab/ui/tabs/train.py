@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lab import plugins, preview, runs
+from lab import plugins, preview, registry, runs
 from lab.errors import LabError, ValidationError
 from lab.ui import forms
 from lab.ui.common import UI, error_box
@@ -46,6 +46,7 @@ def build(ui: UI) -> None:
         gr.Markdown("Plugins that failed to load: " + "; ".join(broken))
     ui.c.update(train_plugin=plugin, train_model=model, train_dataset=dataset, train_priority=priority)
     ui["train_fields"], ui["train_forms"] = all_fields, form_of
+    ui["train_pickers"] = [p for form in form_of.values() for p in form.model_pickers]
 
     def split(pid: str, values: list) -> dict:
         """This plugin's parameter values out of every form's components."""
@@ -120,6 +121,13 @@ def _model_label(p: plugins.Plugin) -> str:
 def _describe(p: plugins.Plugin) -> str:
     accepts = ", ".join(p.accepts) or "no dataset"
     return f"**{p.id}** ({p.kind}): {p.description} Accepts: {accepts}. Example: `{p.example}`"
+
+
+def picker_updates(ui: UI) -> list:
+    """Fresh choices for the form fields that name a model of some kind (e.g. a PPO run's reward model)."""
+    models = registry.list_all(ui.settings)
+    return [gr.update(choices=[""] + [m["name"] for m in models if kind is None or m["kind"] == kind])
+            for _, kind in ui["train_pickers"]]
 
 
 def model_choices(ui: UI, p: plugins.Plugin | None) -> list[tuple[str, str]]:

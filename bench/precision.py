@@ -1,0 +1,64 @@
+"""bf16 mixed precision against fp32 on this machine: the same LoRA SFT run through the lab in both precisions,
+printing training tokens/s, MFU and the final loss side by side (the quality check that `precision: auto` runs
+is printed too).
+
+    .venv/bin/python bench/precision.py [--steps 8]
+
+Data: ../shared/data/sft/alpaca_train.jsonl when it is there, else the lab's demo rows. Model: the starter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ALPACA = ROOT.parent / "shared" / "data" / "sft" / "alpaca_train.jsonl"
+DEMO = ROOT / "lab" / "demo" / "instructions.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="bf16 against fp32")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    tmp = tempfile.mkdtemp(prefix="lab-bench-")
+    os.environ.update({"LAB_WORKSPACE": tmp, "LAB_WANDB": "off"})
+    os.environ.pop("LAB_DATABASE_URL", None)
+    from jobs import queue
+    from lab import datasets, registry, runs, settings, speed
+
+    s = settings.load()
+    data = ALPACA if ALPACA.exists() else DEMO
+    subset = Path(tmp) / "rows.jsonl"
+    with open(data) as f:
+        subset.write_text("".join(f.readlines()[:200]))
+    datasets.add(s, "rows", subset)
+    model = registry.ensure_starter(s)
+    print(f"model {model['name']}, data {data.name}, LoRA r8, {args.steps} steps of batch 4, max length 256; "
+          f"bf16 matrix instructions here: {speed.bf16_supported()}")
+    results = {}
+    for precision in ("fp32", "bf16", "auto"):
+        params = {"max_steps": args.steps, "lora_r": 8, "batch_size": 4, "max_length": 256, "precision": precision}
+        job_id = runs.submit(s, "sft", model=model["name"], dataset="rows", experiment="bench", params=params)
+        subprocess.run([sys.executable, "-m", "lab.cli", "worker", "--once"], capture_output=True, check=False)
+        job = queue.get(s, job_id)
+        if job.status != "completed":
+            sys.exit(f"{precision} run failed: {job.error}")
+        points = runs.metrics(s, [job_id], ["num_tokens", "train_runtime", "loss", "mfu"])[job_id]
+        log = (Path(job.run_dir) / "log.txt").read_text()
+        choice = next((line for line in log.splitlines() if "[lab] precision" in line), "")
+        results[precision] = {"tps": points["num_tokens"][-1][1] / points["train_runtime"][-1][1],
+                              "loss": points["loss"][-1][1], "mfu": points["mfu"][-1][1], "choice": choice}
+    print(f"{'':>6} {'tokens/s':>9} {'MFU':>6} {'last loss':>10}")
+    for name, r in results.items():
+        print(f"{name:>6} {r['tps']:>9.1f} {r['mfu']:>6.3f} {r['loss']:>10.4f}   {r['choice'].replace('[lab] ', '')}")
+    print(f"bf16/fp32 tokens/s: {results['bf16']['tps'] / results['fp32']['tps']:.2f}x "
+          "(MFU is against the peak of the precision used)")
+
+
+if __name__ == "__main__":
+    main()

@@ -40,6 +40,7 @@ test: install chromium
 bench: install
 	$(BIN)/python bench/queue_latency.py
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/precision.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

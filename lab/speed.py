@@ -91,6 +91,7 @@ def bf16_quality_ok(model, tokenizer, tolerance: float = 0.02) -> tuple[bool, fl
 def choose_bf16(requested: str, model, tokenizer, log) -> bool:
     """`precision` of a training plugin: fp32, bf16, or auto (bf16 when the hardware has it and the check passes)."""
     if requested == "fp32":
+        log("[lab] precision fp32 (asked for)")
         return False
     if not bf16_supported():
         if requested == "bf16":

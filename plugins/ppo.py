@@ -137,13 +137,25 @@ def run(ctx, params: Params) -> None:
     )
     tokens_per_episode = sum(len(p["input_ids"]) for p in prompts) / len(prompts) + params.response_length
 
+    lengths: list[float] = []  # answer lengths since the last log, caught where PPO cuts answers at the stop token
+    truncate = ppo_module.truncate_response
+
+    def truncate_and_measure(stop_token_id, pad_token_id, responses):
+        cut = truncate(stop_token_id, pad_token_id, responses)
+        lengths.extend((cut != pad_token_id).sum(dim=1).float().tolist())
+        return cut
+
     class EpisodeTokens(TrainerCallback):
-        """PPO logs episodes, not tokens: count prompt plus answer tokens so tokens/s and MFU can be derived."""
+        """PPO logs episodes, not tokens or lengths: add the answers' mean length, and count prompt plus answer
+        tokens so that tokens/s and MFU can be derived."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs is not None and "episode" in logs:
                 logs["num_tokens"] = logs["episode"] * tokens_per_episode
                 logs.setdefault("loss", logs.get("loss/policy_avg"))
+                if lengths:
+                    logs["response_length"] = sum(lengths) / len(lengths)
+                    lengths.clear()
 
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward, value_model=value, train_dataset=train,
@@ -151,6 +163,7 @@ def run(ctx, params: Params) -> None:
                          callbacks=[EpisodeTokens(), ctx.callback()])
     trainer.remove_callback(PrinterCallback)
     ppo_module.print_rich_table = SampleLog(ctx.run_dir / "samples.jsonl", lambda: trainer.state)
+    ppo_module.truncate_response = truncate_and_measure
 
     # 5. train, 6. save the policy (not the value model) as a full model
     trainer.train()

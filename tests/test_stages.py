@@ -154,7 +154,8 @@ def test_chain_sft_then_reward_then_ppo_records_its_lineage(lab, tmp_path):
         f"tiny → sft #{sft['id']} → reward #{reward['id']}")
     keys = set(runs.metrics(lab, [ppo["id"]])[ppo["id"]])
     assert {"objective/scores", "objective/kl", "objective/entropy", "loss/policy_avg", "loss/value_avg",
-            "tokens_per_s"} <= keys
+            "response_length", "tokens_per_s"} <= keys
+    assert 0 < series(lab, ppo, "response_length")[-1] <= 8
     samples = [json.loads(line) for line in (Path(ppo["run_dir"]) / "samples.jsonl").read_text().splitlines()]
     assert samples and {"step", "prompt", "answer", "score"} <= set(samples[0])
     from transformers import AutoModelForCausalLM

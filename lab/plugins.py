@@ -33,7 +33,8 @@ from lab.errors import LabError, ValidationError
 from lab.settings import Settings
 
 BUILTINS = ("plugins.pretrain", "plugins.sft", "plugins.classify", "plugins.reward", "plugins.ppo", "plugins.dpo",
-            "plugins.orpo", "plugins.kto", "plugins.grpo")
+            "plugins.orpo", "plugins.kto", "plugins.grpo", "plugins.eval_perplexity", "plugins.eval_generate",
+            "plugins.eval_reward", "plugins.eval_preference", "plugins.eval_classify", "plugins.eval_fewshot")
 ENTRY_POINT_GROUP = "lab.plugins"
 KINDS = ("train", "eval")
 

@@ -11,12 +11,11 @@ merged in before saving), registered as model `classify-<job id>`.
 from __future__ import annotations
 
 import json
-import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lab import modeling, speed
+from lab import evaluation, modeling, speed
 from lab.plugins import advanced
 
 ID = "classify"
@@ -51,31 +50,6 @@ class Params(BaseModel):
     weight_decay: float = Field(0.0, **advanced(ge=0, le=1, description="AdamW weight decay."))
     logging_steps: int = Field(5, **advanced(ge=1, description="Record metrics every this many steps."))
     eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps."))
-
-
-def _key(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label)[:40]
-
-
-def scores(labels: list[str], truth: list[int], predicted: list[int]) -> tuple[dict, list[list[int]]]:
-    """Accuracy, macro F1, per-class precision and recall, and the confusion matrix (rows: truth)."""
-    k = len(labels)
-    matrix = [[0] * k for _ in range(k)]
-    for t, p in zip(truth, predicted, strict=True):
-        matrix[t][p] += 1
-    out = {"accuracy": sum(matrix[i][i] for i in range(k)) / max(1, len(truth))}
-    f1s = []
-    for i, label in enumerate(labels):
-        tp = matrix[i][i]
-        predicted_i = sum(matrix[r][i] for r in range(k))
-        actual_i = sum(matrix[i])
-        precision = tp / predicted_i if predicted_i else 0.0
-        recall = tp / actual_i if actual_i else 0.0
-        f1s.append(2 * precision * recall / (precision + recall) if precision + recall else 0.0)
-        out[f"precision/{_key(label)}"] = precision
-        out[f"recall/{_key(label)}"] = recall
-    out["macro_f1"] = sum(f1s) / k
-    return out, matrix
 
 
 def run(ctx, params: Params) -> None:
@@ -117,7 +91,7 @@ def run(ctx, params: Params) -> None:
 
     def compute_metrics(prediction):
         logits, truth = prediction
-        return scores(labels, list(truth), list(np.argmax(logits, axis=-1)))[0]
+        return evaluation.classification_scores(labels, list(truth), list(np.argmax(logits, axis=-1)))[0]
 
     # 3. configuration, 4. trainer, 5. train
     args = TrainingArguments(
@@ -139,7 +113,8 @@ def run(ctx, params: Params) -> None:
     # the final scores on the held-out rows, and the confusion matrix
     if held_out is not None:
         prediction = trainer.predict(held_out)
-        found, matrix = scores(labels, list(prediction.label_ids), list(np.argmax(prediction.predictions, -1)))
+        predicted = list(np.argmax(prediction.predictions, -1))
+        found, matrix = evaluation.classification_scores(labels, list(prediction.label_ids), predicted)
         ctx.log_metrics(trainer.state.global_step, {f"final/{k}": v for k, v in found.items()}
                         | {"final/majority_baseline": majority})
         (ctx.run_dir / "eval").mkdir(exist_ok=True)

@@ -19,7 +19,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lab import formats, modeling, registry, speed
+from lab import evaluation, formats, modeling, registry, speed
 from lab.plugins import advanced
 
 ID = "grpo"
@@ -110,24 +110,6 @@ def rule_rewards(params: Params, samples) -> list:
     return [samples.wrap(f) for f in funcs]
 
 
-def model_reward(path: str):
-    """A reward model (a `reward` run's output) as a reward function: it scores prompt + answer conversations."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    tok = modeling.tokenizer(path, log=lambda m: None, padding_side="right")
-    scorer = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
-
-    def reward_model(prompts, completions, **_):
-        texts = [tok.apply_chat_template(p + [{"role": "assistant", "content": _text(c)}], tokenize=False)
-                 for p, c in zip(prompts, completions, strict=True)]
-        batch = tok(texts, padding=True, truncation=True, max_length=1024, return_tensors="pt")
-        with torch.no_grad():
-            return scorer(**batch).logits[:, 0].float().tolist()
-
-    return reward_model
-
-
 class Samples:
     """Keeps some generations with their rewards in the run's samples.jsonl, every few scoring rounds."""
 
@@ -173,7 +155,8 @@ def run(ctx, params: Params) -> None:
     samples = Samples(ctx.run_dir / "samples.jsonl", params.sample_every)
     rewards = rule_rewards(params, samples)
     if params.reward_model:
-        rewards.insert(0, samples.wrap(model_reward(registry.info(ctx.settings, params.reward_model)["path"])))
+        scorer = evaluation.reward_scorer(registry.info(ctx.settings, params.reward_model)["path"])
+        rewards.insert(0, samples.wrap(scorer))
 
     # 3. configuration, 4. trainer, 5. train
     args = GRPOConfig(

@@ -1,0 +1,84 @@
+"""Few-shot accuracy: a language model labels texts with k = 0, 1, 5 (or chosen) examples in its prompt, so the
+zero-shot and few-shot behaviour of base and tuned models can be compared.
+
+    lab run eval-fewshot --model smollm2-135m-instruct --dataset sms-test --set shots=0,1,5
+
+The prompt is plain text: an instruction naming the labels, k solved examples ("Text: ...\\nLabel: ham"), then
+the text to label. The answer is the label whose tokens the model finds most likely after "Label:". Examples are
+drawn from the first rows of the dataset and never scored.
+"""
+
+from __future__ import annotations
+
+import random
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from lab import evaluation, modeling
+
+ID = "eval-fewshot"
+KIND = "eval"
+ACCEPTS = ("classification",)
+DESCRIPTION = "Zero-shot and few-shot accuracy of a language model on labelled texts."
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shots: str = Field("0,1,5", description="Numbers of in-context examples to try, comma-separated.")
+    limit: int = Field(100, ge=1, le=100_000, description="Texts labelled for each number of shots.")
+    pool: int = Field(20, ge=1, le=10_000, description="First rows kept as the pool of examples (not scored).")
+    seed: int = Field(0, description="Random seed for drawing examples.")
+
+    @field_validator("shots")
+    @classmethod
+    def _shots(cls, value: str) -> str:
+        try:
+            ks = [int(k) for k in value.split(",") if k.strip()]
+        except ValueError:
+            raise ValueError("must be whole numbers separated by commas, e.g. 0,1,5") from None
+        if not ks or any(k < 0 or k > 64 for k in ks):
+            raise ValueError("each number of shots must be between 0 and 64")
+        return ",".join(map(str, ks))
+
+
+def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
+    return modeling.not_causal(model)
+
+
+def run(ctx, params: Params) -> None:
+    import torch
+
+    model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log).eval()
+    tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
+    rows = ctx.rows()
+    labels = sorted({str(r["label"]) for r in rows})
+    pool, tests = rows[: params.pool], rows[params.pool:][: params.limit]
+    if not tests:
+        raise ValueError(f"no rows left to score after the first {params.pool} kept as examples")
+    header = f"Label each text as one of: {', '.join(labels)}.\n\n"
+    rng = random.Random(params.seed)
+
+    def label_logprob(prompt: str, label: str) -> float:
+        start = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt + " " + label)["input_ids"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        return sum(logits[i - 1, ids[i]].item() for i in range(len(start), len(ids)))
+
+    summary, examples = {}, []
+    ks = [int(k) for k in params.shots.split(",")]
+    for n, k in enumerate(ks):
+        correct = 0
+        for i, row in enumerate(tests):
+            shots = rng.sample(pool, min(k, len(pool)))
+            prompt = header + "".join(f"Text: {s['text']}\nLabel: {s['label']}\n\n" for s in shots)
+            prompt += f"Text: {row['text']}\nLabel:"
+            guess = max(labels, key=lambda label: label_logprob(prompt, label))
+            correct += guess == str(row["label"])
+            examples.append({"shots": k, "row": params.pool + i + 1, "label": str(row["label"]), "predicted": guess})
+            ctx.set_progress(n * len(tests) + i + 1, len(ks) * len(tests))
+            ctx.check_cancelled()
+        summary[f"accuracy_{k}shot"] = correct / len(tests)
+    summary["majority_baseline"] = max(sum(str(r["label"]) == lab for r in tests) for lab in labels) / len(tests)
+    evaluation.record(ctx, summary, examples)

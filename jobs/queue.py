@@ -22,12 +22,17 @@ from lab.tables import Worker as WorkerRow
 def enqueue(settings: Settings, *, experiment_id: int, plugin: str, params: dict, model_id: int | None = None,
             dataset_id: int | None = None, priority: int = 0) -> int:
     """Put a job in the queue (inputs already validated) and return its id."""
+    return enqueue_many(settings, [{"experiment_id": experiment_id, "plugin": plugin, "params": params,
+                                    "model_id": model_id, "dataset_id": dataset_id, "priority": priority}])[0]
+
+
+def enqueue_many(settings: Settings, jobs: list[dict]) -> list[int]:
+    """Queue several jobs (fields of Job) in one transaction: all or none."""
     with session(settings) as s:
-        job = Job(experiment_id=experiment_id, plugin=plugin, params=params, model_id=model_id,
-                  dataset_id=dataset_id, priority=priority, status="queued")
-        s.add(job)
+        rows = [Job(status="queued", **fields) for fields in jobs]
+        s.add_all(rows)
         s.flush()
-        return job.id
+        return [row.id for row in rows]
 
 
 def has_queued(settings: Settings) -> bool:

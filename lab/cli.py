@@ -258,6 +258,9 @@ def run_cmd(
                                                        "other options override it.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end; exit non-zero unless it completed.")]
     = False,
+    then_eval: Annotated[str | None, typer.Option("--then-eval", help="An eval plugin to run on the output.")] = None,
+    eval_dataset: Annotated[str | None, typer.Option("--eval-dataset", help="Its dataset.")] = None,
+    eval_sets: Annotated[list[str] | None, typer.Option("--eval-set", help="Its parameters, key=value.")] = None,
     workspace: WorkspaceOpt = None,
 ):
     """Queue a job and print its id."""
@@ -268,10 +271,43 @@ def run_cmd(
         raise LabError("which plugin? `lab run PLUGIN ...` or `lab run --from-job-json PATH`")
     job_id = runs.submit(s, plugin, model=model or base.get("model"), dataset=dataset or base.get("dataset"),
                          experiment=experiment or base.get("experiment") or experiments.DEFAULT,
-                         params={**base["params"], **plugins.parse_sets(sets or [])}, priority=priority)
+                         params={**base["params"], **plugins.parse_sets(sets or [])}, priority=priority,
+                         then_eval=_then_eval(then_eval, eval_dataset, eval_sets))
     print(job_id)
     if wait:
         raise typer.Exit(_wait(s, job_id))
+
+
+def _then_eval(plugin: str | None, dataset: str | None, sets: list[str] | None) -> dict | None:
+    if not plugin:
+        if dataset or sets:
+            raise LabError("--eval-dataset and --eval-set go with --then-eval PLUGIN")
+        return None
+    return {"plugin": plugin, "dataset": dataset, "params": plugins.parse_sets(sets or [])}
+
+
+@app.command("sweep")
+def sweep_cmd(
+    plugin: str,
+    grid: Annotated[list[str], typer.Option("--grid", "-g", help="key=v1,v2,...; repeat for more axes.")],
+    model: Annotated[str | None, typer.Option("--model", "-m")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d")] = None,
+    experiment: Annotated[str, typer.Option("--experiment", "-e")] = experiments.DEFAULT,
+    sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Parameters shared by every run.")] = None,
+    group: Annotated[str | None, typer.Option(help="Name of the group [default: PLUGIN-sweep-TIME].")] = None,
+    priority: Annotated[int, typer.Option()] = 0,
+    then_eval: Annotated[str | None, typer.Option("--then-eval", help="An eval plugin to run on each output.")]
+    = None,
+    eval_dataset: Annotated[str | None, typer.Option("--eval-dataset")] = None,
+    eval_sets: Annotated[list[str] | None, typer.Option("--eval-set")] = None,
+    workspace: WorkspaceOpt = None,
+):
+    """Queue every combination of a grid of parameters as one group (compare them on the Compare page)."""
+    s = _settings(workspace)
+    name, ids = runs.sweep(s, plugin, model=model, dataset=dataset, experiment=experiment,
+                           base=plugins.parse_sets(sets or []), axes=grid, group=group, priority=priority,
+                           then_eval=_then_eval(then_eval, eval_dataset, eval_sets))
+    out.print(f"queued {len(ids)} jobs as group {name}: {', '.join(map(str, ids))}", markup=False)
 
 
 def _wait(s: Settings, job_id: int) -> int:
@@ -334,12 +370,13 @@ def _fmt_duration(seconds: float | None) -> str:
 def jobs_list(
     experiment: Annotated[str | None, typer.Option("--experiment", "-e")] = None,
     status: Annotated[str | None, typer.Option(help="queued, running, completed, failed or cancelled")] = None,
+    group: Annotated[str | None, typer.Option(help="Only the jobs of this group (a sweep).")] = None,
     limit: Annotated[int, typer.Option(min=1)] = 50,
     workspace: WorkspaceOpt = None,
     as_json: JsonOpt = False,
 ):
     """List jobs, newest first."""
-    rows = runs.list_jobs(_settings(workspace), experiment=experiment, status=status, limit=limit)
+    rows = runs.list_jobs(_settings(workspace), experiment=experiment, status=status, group=group, limit=limit)
     if as_json:
         return _print_json(rows)
     for r in rows:

@@ -18,16 +18,18 @@ from lab.db import read_session, session
 from lab.errors import LabError, ValidationError
 from lab.settings import Settings
 from lab.tables import Dataset, Experiment, Job, Metric, Model, utcnow
+from lab.workspace import check_name
 
 
-def submit(settings: Settings, plugin_id: str, *, model: str | None = None, dataset: str | None = None,
-           experiment: str = experiments.DEFAULT, params: dict | None = None, priority: int = 0) -> int:
-    """Validate plugin, parameters, model and dataset, then queue the job and return its id (nothing on error)."""
+def prepare(settings: Settings, plugin_id: str, *, model: str | None = None, dataset: str | None = None,
+            params: dict | None = None, model_optional: bool = False) -> dict:
+    """Validate plugin, parameters, model and dataset; the job's fields, ready to queue. Raises on any problem.
+    model_optional: the model is not known yet (a follow-up evaluation gets the run's output)."""
     plugin = plugins.get(settings, plugin_id)
     resolved = plugins.validate_params(plugin, params or {})
     model_id = dataset_id = None
     model_info = dataset_info = None
-    if plugin.needs_model is True and not model:
+    if plugin.needs_model is True and not model and not model_optional:
         raise LabError(f"plugin {plugin.id} needs a model", "pass --model NAME (see `lab models list`)")
     if plugin.needs_model is False and model:
         raise LabError(f"plugin {plugin.id} takes no model")
@@ -44,15 +46,55 @@ def submit(settings: Settings, plugin_id: str, *, model: str | None = None, data
         dataset_info = datasets.info(settings, ds.name)
     elif dataset:
         raise LabError(f"plugin {plugin.id} takes no dataset")
-    problems = plugin.check_inputs(resolved, model_info, dataset_info, settings)
-    if problems:
-        raise ValidationError(f"cannot run {plugin.id} on these inputs:", problems)
+    if model_info is not None or not model_optional:
+        problems = plugin.check_inputs(resolved, model_info, dataset_info, settings)
+        if problems:
+            raise ValidationError(f"cannot run {plugin.id} on these inputs:", problems)
+    return {"plugin": plugin.id, "params": resolved.model_dump(mode="json"), "model_id": model_id,
+            "dataset_id": dataset_id, "kind": plugin.kind}
+
+
+def _follow_up(settings: Settings, then_eval: dict | None) -> dict | None:
+    """A checked follow-up evaluation: {plugin, dataset, params}, run on the training run's output."""
+    if not then_eval:
+        return None
+    plugin = then_eval.get("plugin")
+    if plugins.get(settings, plugin or "").kind != "eval":
+        raise LabError(f"the evaluation to run afterwards must be an eval plugin; {plugin} is not")
+    job = prepare(settings, plugin, dataset=then_eval.get("dataset"), params=then_eval.get("params"),
+                  model_optional=True)
+    return {"plugin": job["plugin"], "dataset": then_eval.get("dataset"), "params": job["params"]}
+
+
+def submit(settings: Settings, plugin_id: str, *, model: str | None = None, dataset: str | None = None,
+           experiment: str = experiments.DEFAULT, params: dict | None = None, priority: int = 0,
+           then_eval: dict | None = None, group: str | None = None, tags: list[str] | None = None) -> int:
+    """Validate everything, then queue the job and return its id (nothing is queued on error).
+    then_eval: an evaluation {plugin, dataset, params} queued on the output once the job completes."""
+    return submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
+                       params_list=[params or {}], priority=priority, then_eval=then_eval, group=group,
+                       tags=tags)[0]
+
+
+def submit_many(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
+                params_list: list[dict], priority: int = 0, then_eval: dict | None = None, group: str | None = None,
+                tags: list[str] | None = None) -> list[int]:
+    """Queue one job per parameter set, all or none (a sweep)."""
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise LabError(f"priority must be a whole number, got {priority!r}")
+    if group is not None:
+        check_name(group, "group")
+    for tag in tags or []:
+        check_name(tag, "tag")
+    jobs = [prepare(settings, plugin_id, model=model, dataset=dataset, params=p) for p in params_list]
+    follow = _follow_up(settings, then_eval)
+    if follow and jobs[0]["kind"] != "train":
+        raise LabError("only a training run can have an evaluation queued after it")
     experiment_id = experiments.get_or_create(settings, experiment)
-    return queue.enqueue(settings, experiment_id=experiment_id, plugin=plugin.id,
-                         params=resolved.model_dump(mode="json"), model_id=model_id, dataset_id=dataset_id,
-                         priority=priority)
+    return queue.enqueue_many(settings, [
+        {"experiment_id": experiment_id, "plugin": j["plugin"], "params": j["params"], "model_id": j["model_id"],
+         "dataset_id": j["dataset_id"], "priority": priority, "group_name": group, "tags": list(tags or []),
+         "follow_up": follow} for j in jobs])
 
 
 def _wrong_format(plugin, ds) -> tuple[str, str]:
@@ -110,6 +152,7 @@ def _row(job: Job, names: dict, positions: dict[int, int]) -> dict:
         "eta_s": _eta_s(job), "queue_position": positions.get(job.id), "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at), "duration_s": _duration_s(job),
         "cancel_requested": job.cancel_requested, "error": job.error, "worker": job.worker,
+        "group": job.group_name, "tags": job.tags or [],
     }
 
 
@@ -127,7 +170,7 @@ def _positions(s) -> dict[int, int]:
 
 
 def list_jobs(settings: Settings, *, experiment: str | None = None, status: str | None = None,
-              limit: int = 200) -> list[dict]:
+              group: str | None = None, plugin: str | None = None, limit: int = 200) -> list[dict]:
     """Newest first."""
     with read_session(settings) as s:
         names = _names(s)
@@ -139,6 +182,10 @@ def list_jobs(settings: Settings, *, experiment: str | None = None, status: str 
             query = query.where(Job.experiment_id == ids[0])
         if status:
             query = query.where(Job.status == status)
+        if group:
+            query = query.where(Job.group_name == group)
+        if plugin:
+            query = query.where(Job.plugin == plugin)
         positions = _positions(s)
         return [_row(j, names, positions) for j in s.scalars(query)]
 
@@ -185,3 +232,37 @@ def metrics(settings: Settings, job_ids: list[int], keys: list[str] | None = Non
         for job_id, key, step, value, t in s.execute(query.order_by(Metric.job_id, Metric.key, Metric.step)):
             out[job_id][key].append([step, value, t.replace(tzinfo=timezone.utc).timestamp()])
     return {j: dict(v) for j, v in out.items()}
+
+
+def grid(items: list[str]) -> list[dict[str, str]]:
+    """`key=v1,v2` strings as the list of every combination, e.g. lr=1e-4,2e-4 and r=8,16 give four."""
+    axes: list[tuple[str, list[str]]] = []
+    for item in items:
+        key, sep, values = item.partition("=")
+        options = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key.strip() or not options:
+            raise LabError(f"--grid expects key=value1,value2,..., got {item!r}")
+        if key.strip() in dict(axes):
+            raise LabError(f"--grid {key.strip()} is given twice")
+        axes.append((key.strip(), options))
+    combos: list[dict[str, str]] = [{}]
+    for key, options in axes:
+        combos = [{**c, key: v} for c in combos for v in options]
+    if len(combos) > 256:
+        raise LabError(f"the grid has {len(combos)} configurations; 256 at most")
+    return combos
+
+
+def sweep(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
+          base: dict, axes: list[str], group: str | None = None, priority: int = 0,
+          then_eval: dict | None = None) -> tuple[str, list[int]]:
+    """Queue every combination of the grid as one group; returns the group name and the job ids."""
+    group = group or f"{plugin_id}-sweep-{utcnow():%Y%m%d-%H%M%S}"
+    with read_session(settings) as s:
+        if s.scalar(select(Job.id).where(Job.group_name == group).limit(1)) is not None:
+            raise LabError(f"the group {group!r} already exists", "pick another --group")
+    combos = grid(axes)
+    ids = submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
+                      params_list=[{**base, **c} for c in combos], priority=priority, then_eval=then_eval,
+                      group=group)
+    return group, ids

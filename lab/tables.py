@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -78,8 +78,12 @@ class Job(Base):
     log_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    group_name: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a sweep's jobs
+    tags: Mapped[list] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    follow_up: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # an evaluation to queue on success
 
-    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority", "id"),)
+    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority", "id"),
+                      Index("ix_jobs_group_name", "group_name"))
 
 
 class Metric(Base):

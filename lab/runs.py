@@ -190,6 +190,14 @@ def list_jobs(settings: Settings, *, experiment: str | None = None, status: str 
         return [_row(j, names, positions) for j in s.scalars(query)]
 
 
+def jobs_by_id(settings: Settings, job_ids: list[int]) -> list[dict]:
+    """Several jobs in one query, as list_jobs gives them plus their parameters."""
+    with read_session(settings) as s:
+        names, positions = _names(s), _positions(s)
+        return [{**_row(j, names, positions), "params": j.params}
+                for j in s.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id))]
+
+
 def get_job(settings: Settings, job_id: int) -> dict:
     """Everything about one job: its row, parameters, folders, error and log tail, and its output model."""
     with read_session(settings) as s:
@@ -257,10 +265,15 @@ def sweep(settings: Settings, plugin_id: str, *, model: str | None, dataset: str
           base: dict, axes: list[str], group: str | None = None, priority: int = 0,
           then_eval: dict | None = None) -> tuple[str, list[int]]:
     """Queue every combination of the grid as one group; returns the group name and the job ids."""
-    group = group or f"{plugin_id}-sweep-{utcnow():%Y%m%d-%H%M%S}"
     with read_session(settings) as s:
-        if s.scalar(select(Job.id).where(Job.group_name == group).limit(1)) is not None:
-            raise LabError(f"the group {group!r} already exists", "pick another --group")
+        taken = set(s.scalars(select(Job.group_name).where(Job.group_name.is_not(None)).distinct()))
+    if group in taken:
+        raise LabError(f"the group {group!r} already exists", "pick another --group")
+    if group is None:  # a fresh name: the plugin, the time, and a number if that is taken already
+        stem = group = f"{plugin_id}-sweep-{utcnow():%Y%m%d-%H%M%S}"
+        n = 2
+        while group in taken:
+            group, n = f"{stem}-{n}", n + 1
     combos = grid(axes)
     ids = submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
                       params_list=[{**base, **c} for c in combos], priority=priority, then_eval=then_eval,

@@ -131,3 +131,24 @@ def test_upload_launch_watch_reload(ws, lab_server, tiny_model_dir, tmp_path, pa
     _tab(page, "Jobs")
     _wait_for_text(page, "#jobs-table", "completed", 10)
     _shot(page, "jobs-after")
+
+
+def test_compare_page_overlays_two_runs_and_shows_their_difference(ws, lab_server, page):
+    group, ids = runs.sweep(ws, "instant", model=None, dataset=None, experiment="default", base={},
+                            axes=["steps=3,5"])
+    from jobs.worker import Worker
+
+    Worker(ws, say=lambda m: None).serve(until_empty=True)
+    page.goto(f"{lab_server.start().url}?group={group}")
+    _wait_for_text(page, "#compare-diff", "steps", 60)
+    page.wait_for_timeout(2000)
+    labels = [label for label in page.locator("#compare-chart [aria-label]").evaluate_all(
+        "els => els.map(e => e.ariaLabel)") if "; run: " in label]  # a point: "step: 1; loss: 1; run: #1 instant"
+    drawn = {label.split("run: ")[-1] for label in labels}
+    assert drawn == {f"#{ids[0]} instant", f"#{ids[1]} instant"}, labels[:4]
+    assert len(set(labels)) == 3 + 5, "every point of both curves"
+    diff = page.locator("#compare-diff").inner_text()
+    assert "steps" in diff and "record" not in diff, "only the setting that differs"
+    board = page.locator("#compare-board").inner_text()
+    assert f"#{ids[0]} instant" in board and "loss" in board
+    _shot(page, "compare")

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lab import experiments
+from lab import compare, experiments
 from lab.settings import Settings
 from lab.ui import api
 from lab.ui.common import UI
+from lab.ui.tabs import compare as compare_tab
 from lab.ui.tabs import datasets as datasets_tab
 from lab.ui.tabs import experiments as experiments_tab
 from lab.ui.tabs import jobs as jobs_tab
@@ -53,6 +54,8 @@ def build(settings: Settings) -> gr.Blocks:
             ui["tabs"] = tabs
             with gr.Tab("Run", id="run", render=False) as run_tab_block:
                 run_tab.build(ui)  # built first: Train and Jobs send the user to it
+            with gr.Tab("Compare", id="compare", render=False) as compare_tab_block:
+                compare_tab.build(ui)  # likewise: a sweep launched on Train opens here
             with gr.Tab("Experiments", id="experiments"):
                 experiments_tab.build(ui)
             with gr.Tab("Datasets", id="datasets"):
@@ -64,6 +67,7 @@ def build(settings: Settings) -> gr.Blocks:
             with gr.Tab("Jobs", id="jobs"):
                 jobs_tab.build(ui)
             run_tab_block.render()
+            compare_tab_block.render()
         api.register(ui)
 
         def refresh(saved: str, plugin: str | None, jobs_experiment: str, jobs_status: str):
@@ -96,13 +100,24 @@ def build(settings: Settings) -> gr.Blocks:
         refresh_outputs += [c for c, _ in ui["train_pickers"]]
 
         def on_load(saved, plugin, jobs_experiment, jobs_status, request: gr.Request):
-            """The page opens with everything filled; `?job=N` in the address opens that run."""
+            """The page opens with everything filled; `?job=N` in the address opens that run, `?group=NAME`
+            the comparison of a sweep's runs."""
             job = (request.query_params.get("job") or "") if request else ""
+            group = (request.query_params.get("group") or "") if request else ""
             opened = {ui["run_job"]: int(job), ui["tabs"]: gr.update(selected="run")} if job.isdigit() else {}
+            if group:
+                found = compare.select_runs(settings, group=group)
+                options = [(compare.label(j), str(j["id"])) for j in found]
+                opened = {ui["tabs"]: gr.update(selected="compare"),
+                          ui["compare_group"]: gr.update(choices=["all", group], value=group),
+                          ui["compare_runs"]: gr.update(choices=options, value=[v for _, v in options])}
             return {**refresh(saved, plugin, jobs_experiment, jobs_status), **opened}
 
-        demo.load(on_load, refresh_inputs, [*refresh_outputs, ui["run_job"], ui["tabs"]])
+        demo.load(on_load, refresh_inputs, [*refresh_outputs, ui["run_job"], ui["tabs"], ui["compare_group"],
+                                            ui["compare_runs"]])
         tabs.select(refresh, refresh_inputs, refresh_outputs, show_progress="hidden")
+        filters_fn, filters_out = ui["compare_refresh"]
+        tabs.select(filters_fn, [], filters_out, show_progress="hidden")
         preview_fn, preview_inputs, preview_outputs = ui["train_preview"]
         demo.load(preview_fn, preview_inputs, preview_outputs, show_progress="hidden")
         ui["experiment"].change(lambda name: name, [ui["experiment"]], [remembered])

@@ -40,6 +40,18 @@ def build(ui: UI) -> None:
                               elem_id="train-command", wrap_lines=True, lines=3)
         with gr.Column(scale=2):
             estimate = gr.Markdown(elem_id="train-estimate")
+    evaluators = [p for p in found.values() if p.kind == "eval"]
+    with gr.Accordion("Evaluate after training, and sweeps", open=False):
+        with gr.Row():
+            then_eval = gr.Dropdown(label="Evaluation to queue on the output when the run completes",
+                                    choices=[("none", "")] + [(f"{p.id}: {p.description}", p.id) for p in evaluators],
+                                    value="", scale=2)
+            eval_dataset = gr.Dropdown(label="Its dataset", choices=[], value=None, scale=1)
+        with gr.Row():
+            grid = gr.Textbox(label="Sweep grid: one `parameter=value1,value2` per line; every combination is queued",
+                              lines=3, placeholder="learning_rate=1e-4,2e-4\nlora_r=8,16", scale=3)
+            group = gr.Textbox(label="Group name (optional)", scale=1)
+            sweep = gr.Button("Launch sweep", scale=1, elem_id="launch-sweep")
     launch = gr.Button("Launch", variant="primary", elem_id="launch")
     message = gr.HTML(elem_id="train-message")
     if broken:
@@ -96,20 +108,49 @@ def build(ui: UI) -> None:
           trigger_mode="always_last", show_progress="hidden")
     ui["train_preview"] = (on_preview, preview_inputs, [command, estimate, message])
 
-    def on_launch(pid, model_name, ds_name, prio, experiment, *values):
+    def refused(exc: LabError) -> str:
+        if isinstance(exc, ValidationError):
+            items = "".join(f"<li>{p}</li>" for p in exc.problems)
+            return f'<div class="error-box"><b>{exc.summary}</b><ul>{items}</ul>Nothing was queued.</div>'
+        return error_box(f"{exc}\nNothing was queued.")
+
+    def follow_up(evaluator, eval_ds):
+        return {"plugin": evaluator, "dataset": eval_ds or None, "params": {}} if evaluator else None
+
+    def on_launch(evaluator, eval_ds, pid, model_name, ds_name, prio, experiment, *values):
         try:
             params = split(pid, values)
             job_id = runs.submit(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
-                                 experiment=experiment or "default", params=params, priority=int(prio or 0))
-        except ValidationError as exc:
-            items = "".join(f"<li>{p}</li>" for p in exc.problems)
-            return (f'<div class="error-box"><b>{exc.summary}</b><ul>{items}</ul>Nothing was queued.</div>',
-                    gr.update(), gr.update())
+                                 experiment=experiment or "default", params=params, priority=int(prio or 0),
+                                 then_eval=follow_up(evaluator, eval_ds))
         except LabError as exc:
-            return error_box(f"{exc}\nNothing was queued."), gr.update(), gr.update()
+            return refused(exc), gr.update(), gr.update()
         return "", gr.update(selected="run"), job_id
 
-    launch.click(on_launch, preview_inputs, [message, ui["tabs"], ui["run_job"]])
+    launch.click(on_launch, [then_eval, eval_dataset, *preview_inputs], [message, ui["tabs"], ui["run_job"]])
+
+    def on_sweep(axes, name, evaluator, eval_ds, pid, model_name, ds_name, prio, experiment, *values):
+        try:
+            base = split(pid, values)
+            group_name, ids = runs.sweep(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
+                                         experiment=experiment or "default", base=base,
+                                         axes=[line for line in (axes or "").splitlines() if line.strip()],
+                                         group=(name or "").strip() or None, priority=int(prio or 0),
+                                         then_eval=follow_up(evaluator, eval_ds))
+        except LabError as exc:
+            return refused(exc), gr.update(), gr.update(), gr.update()
+        options = [(f"#{i} {pid} {model_name or ''}".strip(), str(i)) for i in ids]
+        return ("", gr.update(selected="compare"), gr.update(choices=["all", group_name], value=group_name),
+                gr.update(choices=options, value=[v for _, v in options]))
+
+    sweep.click(on_sweep, [grid, group, then_eval, eval_dataset, *preview_inputs],
+                [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]])
+
+    def on_evaluator(evaluator):
+        accepts = found[evaluator].accepts if evaluator in found else ()
+        return gr.update(choices=datasets_tab.names(ui, accepts) if evaluator else [], value=None)
+
+    then_eval.change(on_evaluator, [then_eval], [eval_dataset])
 
 
 def _model_label(p: plugins.Plugin) -> str:

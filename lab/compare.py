@@ -1,0 +1,230 @@
+"""Comparing runs: pick them, overlay their curves (downsampled without losing extremes), rank them in a
+leaderboard of final and best values and evaluation scores, and diff their configurations."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+from sqlalchemy import func, select
+
+from lab import runs
+from lab.db import read_session
+from lab.errors import LabError
+from lab.settings import Settings
+from lab.tables import Job, Metric, Model
+
+PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563", "#65a30d",
+           "#9333ea", "#ea580c", "#0d9488")
+COUNTERS = re.compile(r"(^|[:/])(num_tokens|rows|tokens|episode)$")  # totals, not scores: no best value
+LOWER_IS_BETTER = re.compile(r"loss|perplexity|runtime|error|kl\b|/kl|steps_per|_time", re.IGNORECASE)
+HIDDEN = re.compile(r"^(epoch|step|total_flos|train_runtime|.*samples_per_second|.*steps_per_second|lr|learning_rate"
+                    r"|eval_runtime|num_input_tokens_seen|train_tokens_per_second)$")
+
+
+def colour(job_id: int) -> str:
+    """A run keeps its colour on every chart, whatever else is selected."""
+    return PALETTE[job_id % len(PALETTE)]
+
+
+def label(job: dict) -> str:
+    return f"#{job['id']} {job['plugin']}" + (f" {job['model']}" if job.get("model") else "")
+
+
+def select_runs(settings: Settings, *, experiment: str | None = None, plugin: str | None = None,
+                status: str | None = None, group: str | None = None, tag: str | None = None,
+                last: int | None = None, kind: str | None = "train") -> list[dict]:
+    """Jobs matching the filters, newest first; `last` keeps the newest N. kind: train or eval runs (None: both);
+    the scores of a training run's evaluations show in its own leaderboard row either way."""
+    from lab import plugins
+
+    rows = runs.list_jobs(settings, experiment=experiment, status=status, group=group, plugin=plugin, limit=5000)
+    if tag:
+        rows = [r for r in rows if tag in r["tags"]]
+    if kind:
+        found, _ = plugins.discover(settings)
+        rows = [r for r in rows if r["plugin"] in found and found[r["plugin"]].kind == kind]
+    return rows[:last] if last else rows
+
+
+def keys(settings: Settings, job_ids: list[int]) -> list[str]:
+    """Every metric logged by any of the runs."""
+    if not job_ids:
+        return []
+    with read_session(settings) as s:
+        return sorted(s.scalars(select(Metric.key).where(Metric.job_id.in_(job_ids)).distinct()))
+
+
+def downsample(xs, ys, buckets: int):
+    """At most 2 x buckets points of a curve: each bucket of consecutive points keeps its minimum and its maximum
+    (in x order), so spikes and the curve's extremes survive. Arrays in, arrays out."""
+    import numpy as np
+
+    xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+    n = len(ys)
+    if n <= 2 * buckets:
+        return xs, ys
+    bucket = np.arange(n) * buckets // n
+    order = np.lexsort((ys, bucket))  # by bucket, then by value
+    edges = np.flatnonzero(np.diff(bucket[order])) + 1
+    first, last = np.r_[0, edges], np.r_[edges - 1, n - 1]
+    keep = np.unique(np.concatenate([order[first], order[last]]))  # unique also puts them back in x order
+    return xs[keep], ys[keep]
+
+
+def smooth(values, weight: float):
+    """Exponential moving average with debiasing (as TensorBoard and W&B draw it); weight 0 leaves them."""
+    import numpy as np
+    import pandas as pd
+
+    values = np.asarray(values, dtype=float)
+    if weight <= 0 or not len(values):
+        return values
+    # pandas' adjusted EWM is exactly the debiased average: sum(w^i x[t-i]) / sum(w^i)
+    return pd.Series(values).ewm(alpha=1 - weight, adjust=True).mean().to_numpy()
+
+
+def _columns(rows, n: int):
+    """The first n columns of result rows as float arrays (np.fromiter: rows are not plain tuples)."""
+    import numpy as np
+
+    return [np.fromiter((r[i] for r in rows), dtype=float, count=len(rows)) for i in range(n)]
+
+
+def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step", smoothing: float = 0.0,
+           log_scale: bool = False, buckets: int = 250):
+    """A table (pandas) of run, x, value: one metric for several runs, ready for a chart. x: step, tokens, or
+    time (seconds since the run's first point). Long curves are downsampled keeping every bucket's extremes."""
+    import numpy as np
+    import pandas as pd
+
+    if x not in ("step", "tokens", "time"):
+        raise LabError(f"x must be step, tokens or time, got {x!r}")
+    # the time column only when it is drawn: turning stored times back into datetimes is the slow part
+    time_column = Metric.time if x == "time" else Metric.step
+    with read_session(settings) as s:
+        # through the Core connection: the ORM's per-row processing would double the time of a large read
+        found = s.connection().execute(select(Metric.job_id, Metric.step, Metric.value, time_column)
+                                       .where(Metric.key == key, Metric.job_id.in_(job_ids))
+                                       .order_by(Metric.job_id, Metric.step)).all()
+        counted = s.connection().execute(select(Metric.job_id, Metric.step, Metric.value)
+                                         .where(Metric.key.in_(["num_tokens", "num_input_tokens_seen"]),
+                                                Metric.job_id.in_(job_ids))
+                                         .order_by(Metric.job_id, Metric.step)).all() if x == "tokens" else []
+        names = dict(s.execute(select(Job.id, Job.plugin).where(Job.id.in_(job_ids))).all())
+    parts = []
+    if found:
+        jobs, steps, values = _columns(found, 3)
+        jobs = jobs.astype(np.int64)
+        starts = np.r_[0, np.flatnonzero(np.diff(jobs)) + 1, len(found)]
+        tokens = {}  # job -> (steps, token counts), both in step order
+        if counted:
+            cj, cs, cv = _columns(counted, 3)
+            bounds = np.r_[0, np.flatnonzero(np.diff(cj)) + 1, len(cj)]
+            tokens = {int(cj[p]): (cs[p:q], cv[p:q]) for p, q in zip(bounds[:-1], bounds[1:], strict=True)}
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            job_id = int(jobs[a])
+            if x == "step":
+                xs = steps[a:b]
+            elif x == "time":
+                t0 = found[a][3]
+                xs = np.array([(found[i][3] - t0).total_seconds() for i in range(a, b)])
+            else:
+                if job_id not in tokens:
+                    continue  # this run logged no token counts
+                at, count = tokens[job_id]
+                idx = np.clip(np.searchsorted(at, steps[a:b], side="right") - 1, 0, len(at) - 1)
+                xs = count[idx]  # the count at or before each point's step
+            ys = smooth(values[a:b], smoothing)
+            ok = np.isfinite(ys) & ((ys > 0) if log_scale else True)
+            xs, ys = downsample(xs[ok], np.log10(ys[ok]) if log_scale else ys[ok], buckets)
+            parts.append(pd.DataFrame({"run": f"#{job_id} {names.get(job_id, '')}", "x": xs, "value": ys}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run", "x", "value"])
+
+
+def _evaluations_of(s, job_ids: list[int]) -> dict[int, dict[str, float]]:
+    """eval/* results of the evaluations of each run's output (follow-ups and any later evaluation)."""
+    outputs = dict(s.execute(select(Model.id, Model.job_id).where(Model.job_id.in_(job_ids))).all())
+    if not outputs:
+        return {}
+    evals = s.execute(select(Job.id, Job.model_id, Job.plugin).where(Job.model_id.in_(list(outputs)),
+                                                                     Job.status == "completed")).all()
+    by_eval = {eval_id: (outputs[model_id], plugin) for eval_id, model_id, plugin in evals}
+    out: dict[int, dict[str, float]] = defaultdict(dict)
+    if by_eval:
+        found = s.execute(select(Metric.job_id, Metric.key, Metric.value)
+                          .where(Metric.job_id.in_(list(by_eval)), Metric.key.like("eval/%"))
+                          .order_by(Metric.id)).all()
+        for eval_id, key, value in found:
+            train_id, plugin = by_eval[eval_id]
+            out[train_id][f"{plugin}:{key.removeprefix('eval/')}"] = value
+    return out
+
+
+def leaderboard(settings: Settings, job_ids: list[int]) -> tuple[list[str], list[dict], dict[str, int]]:
+    """Columns, one row per run (final value of each metric, best value of the ones that move, and the scores
+    of evaluations of its output), and for each column the id of the run with the best value."""
+    if not job_ids:
+        return [], [], {}
+    with read_session(settings) as s:
+        # one pass over the points for the extremes and the id of each last point, then those few rows
+        extremes = s.connection().execute(
+            select(Metric.job_id, Metric.key, func.min(Metric.value), func.max(Metric.value), func.count(),
+                   func.max(Metric.id)).where(Metric.job_id.in_(job_ids)).group_by(Metric.job_id, Metric.key)).all()
+        finals = s.connection().execute(select(Metric.job_id, Metric.key, Metric.value)
+                                        .where(Metric.id.in_([e[5] for e in extremes]))).all()
+        evaluations = _evaluations_of(s, job_ids)
+    jobs = {j["id"]: j for j in runs.jobs_by_id(settings, job_ids)}
+    rows = {j: {"run": label(jobs[j]), "status": jobs[j]["status"]} for j in job_ids}
+    columns: dict[str, None] = {}
+    for job_id, key, value in finals:
+        if not HIDDEN.match(key):
+            rows[job_id][key] = value
+            columns[key] = None
+    for job_id, key, lo, hi, n, _ in extremes:
+        if HIDDEN.match(key) or COUNTERS.search(key) or n < 2 or lo == hi:
+            continue
+        best_key = f"best {key}"
+        rows[job_id][best_key] = lo if LOWER_IS_BETTER.search(key) else hi
+        columns[best_key] = None
+    for job_id, scores in evaluations.items():
+        for key, value in scores.items():
+            rows[job_id][key] = value
+            columns[key] = None
+    ordered = sorted(columns, key=lambda c: (not c.startswith("eval"), c.startswith("best "), c))
+    best: dict[str, int] = {}
+    for c in ordered:
+        have = [(row[c], j) for j, row in rows.items() if isinstance(row.get(c), (int, float))]
+        if len(have) >= 2 and len({v for v, _ in have}) > 1 and not COUNTERS.search(c):  # ties mark nobody
+            lower = bool(LOWER_IS_BETTER.search(c.removeprefix("best ")))
+            best[c] = (min(have) if lower else max(have))[1]
+    return ["run", "status", *ordered], [dict(rows[j], id=j) for j in job_ids], best
+
+
+def config_diff(settings: Settings, job_ids: list[int], only_differences: bool = True) -> tuple[list[str], list[dict]]:
+    """One row per setting (plugin, model, dataset and every parameter), one column per run; by default only the
+    settings whose values differ."""
+    found = {j["id"]: j for j in runs.jobs_by_id(settings, job_ids)}
+    jobs = [found[j] for j in job_ids if j in found]
+    settings_of = [{"plugin": j["plugin"], "model": j["model"], "dataset": j["dataset"], **j["params"]} for j in jobs]
+    names: dict[str, None] = {}
+    for conf in settings_of:
+        names.update(dict.fromkeys(conf))
+    columns = ["setting", *(label(j) for j in jobs)]
+    rows = []
+    for name in names:
+        values = [conf.get(name, "—") for conf in settings_of]
+        if only_differences and len({repr(v) for v in values}) <= 1:
+            continue
+        rows.append({"setting": name, **{label(j): v for j, v in zip(jobs, values, strict=True)}})
+    return columns, rows
+
+
+def lineages(settings: Settings, job_ids: list[int]) -> list[tuple[str, str]]:
+    return [(label(j), j["lineage"]) for j in (runs.get_job(settings, i) for i in job_ids)]
+
+
+def best_run(settings: Settings, job_ids: list[int], column: str) -> int | None:
+    """The run with the best value in a leaderboard column (a sweep's winner)."""
+    return leaderboard(settings, job_ids)[2].get(column)
+

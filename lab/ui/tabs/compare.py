@@ -1,0 +1,135 @@
+"""Compare: pick runs (filters, groups, the last N), overlay any metric's curves, rank them in a leaderboard with
+the best cell of each column marked, and see how their configurations differ and where their models came from."""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+
+from lab import compare, runs
+from lab.tables import JOB_STATES
+from lab.ui.common import UI, user_errors
+
+ALL = "all"
+
+
+def _filters(ui: UI) -> dict:
+    jobs = runs.list_jobs(ui.settings, limit=5000)
+    return {"experiments": sorted({j["experiment"] for j in jobs}), "plugins": sorted({j["plugin"] for j in jobs}),
+            "groups": sorted({j["group"] for j in jobs if j["group"]}),
+            "tags": sorted({t for j in jobs for t in j["tags"]})}
+
+
+def _styled(columns: list[str], rows: list[dict], best: dict[str, int]):
+    frame = pd.DataFrame([{c: r.get(c) for c in columns} for r in rows], columns=columns)
+    ids = [r["id"] for r in rows]
+
+    def mark(column: pd.Series):
+        winner = best.get(column.name)
+        return ["background-color: #bbf7d0; font-weight: 600" if winner == i else "" for i in ids]
+
+    return frame.style.apply(mark, axis=0).format(precision=4, na_rep="")
+
+
+def build(ui: UI) -> None:
+    with gr.Row():
+        experiment = gr.Dropdown(label="Experiment", choices=[ALL], value=ALL, scale=1)
+        plugin = gr.Dropdown(label="Plugin", choices=[ALL], value=ALL, scale=1)
+        status = gr.Dropdown(label="Status", choices=[ALL, *JOB_STATES], value="completed", scale=1)
+        group = gr.Dropdown(label="Group (sweep)", choices=[ALL], value=ALL, scale=1, elem_id="compare-group")
+        tag = gr.Dropdown(label="Tag", choices=[ALL], value=ALL, scale=1)
+        kind = gr.Dropdown(label="Kind", choices=["train", "eval", ALL], value="train", scale=1)
+        last = gr.Number(label="Last N runs", value=10, precision=0, minimum=1, scale=1)
+        pick = gr.Button("Select", variant="primary", scale=1)
+    chosen = gr.Dropdown(label="Runs", multiselect=True, choices=[], value=[], elem_id="compare-runs")
+    with gr.Row():
+        key = gr.Dropdown(label="Metric", choices=["loss"], value="loss", scale=2, elem_id="compare-metric")
+        x = gr.Radio(label="x axis", choices=["step", "tokens", "time"], value="step", scale=2)
+        smoothing = gr.Slider(label="Smoothing", minimum=0, maximum=0.99, step=0.01, value=0, scale=2)
+        log_scale = gr.Checkbox(label="log10 scale", value=False, scale=1)
+    chart = gr.LinePlot(x="x", y="value", color="run", height=380, label="Curves", elem_id="compare-chart")
+    gr.Markdown("#### Leaderboard\nFinal value of every metric, the best value of those that moved, and the scores "
+                "of evaluations of each run's output; the best cell of each column is marked.")
+    board = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-board", max_height=400)
+    with gr.Row():
+        rank_by = gr.Dropdown(label="Best run by", choices=[], scale=2)
+        winner = gr.Markdown(elem_id="compare-winner")
+    gr.Markdown("#### Configuration")
+    show_all = gr.Checkbox(label="Show every setting (not only the ones that differ)", value=False)
+    diff = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-diff")
+    lineage = gr.Markdown(elem_id="compare-lineage")
+    ui.c.update(compare_group=group, compare_runs=chosen, compare_pick=pick, compare_filters=[experiment, plugin,
+                                                                                             group, tag])
+
+    def refresh_filters():
+        f = _filters(ui)
+        return (gr.update(choices=[ALL, *f["experiments"]]), gr.update(choices=[ALL, *f["plugins"]]),
+                gr.update(choices=[ALL, *f["groups"]]), gr.update(choices=[ALL, *f["tags"]]))
+
+    ui["compare_refresh"] = (refresh_filters, [experiment, plugin, group, tag])
+
+    def on_pick(exp, plug, stat, grp, tg, knd, n):
+        found = compare.select_runs(ui.settings, experiment=None if exp == ALL else exp,
+                                    plugin=None if plug == ALL else plug, status=None if stat == ALL else stat,
+                                    group=None if grp == ALL else grp, tag=None if tg == ALL else tg,
+                                    kind=None if knd == ALL else knd, last=int(n) if n else None)
+        options = [(compare.label(j), str(j["id"])) for j in found]
+        return gr.update(choices=options, value=[v for _, v in options])
+
+    pick.click(user_errors(on_pick), [experiment, plugin, status, group, tag, kind, last], [chosen])
+
+    def ids_of(values) -> list[int]:
+        return [int(v) for v in values or []]
+
+    def on_runs(values, current_key):
+        ids = ids_of(values)
+        keys = compare.keys(ui.settings, ids)
+        metric = current_key if current_key in keys else ("loss" if "loss" in keys else (keys[0] if keys else None))
+        columns, rows, best = compare.leaderboard(ui.settings, ids)
+        ranked = [c for c in columns if c in best]
+        # rank by an evaluation score when there is one, else by the final loss
+        default = next((c for c in ranked if c.startswith("eval")), "loss" if "loss" in ranked else None)
+        diff_cols, diff_rows = compare.config_diff(ui.settings, ids)
+        lines = "\n".join(f"- **{name}**: {chain}" for name, chain in compare.lineages(ui.settings, ids))
+        return (gr.update(choices=keys, value=metric), _styled(columns, rows, best) if rows else None,
+                gr.update(choices=ranked, value=default or (ranked[0] if ranked else None)),
+                pd.DataFrame(diff_rows, columns=diff_cols) if ids else None,
+                ("#### Lineage\n" + lines) if lines else "")
+
+    chosen.change(user_errors(on_runs), [chosen, key], [key, board, rank_by, diff, lineage])
+
+    def on_chart(values, metric, axis, weight, log):
+        ids = ids_of(values)
+        if not ids or not metric:
+            return None
+        data = compare.curves(ui.settings, ids, metric, x=axis, smoothing=float(weight or 0), log_scale=bool(log))
+        if data.empty:
+            return None
+        jobs = {j["id"]: j for j in runs.jobs_by_id(ui.settings, ids)}
+        colours = {f"#{i} {jobs[i]['plugin']}": compare.colour(i) for i in ids if i in jobs}
+        return gr.update(value=data, color_map=colours, x_title=axis,
+                         y_title=f"log10 {metric}" if log else metric)
+
+    for trigger in (key.change, x.change, smoothing.release, log_scale.change, chosen.change):
+        trigger(user_errors(on_chart), [chosen, key, x, smoothing, log_scale], [chart], show_progress="hidden")
+
+    def on_rank(values, column):
+        ids = ids_of(values)
+        if not ids or not column:
+            return ""
+        columns, rows, best = compare.leaderboard(ui.settings, ids)
+        if column not in best:
+            return ""
+        row = next(r for r in rows if r["id"] == best[column])
+        return f"Best by **{column}**: **{row['run']}** ({row[column]:.4g})"
+
+    rank_by.change(user_errors(on_rank), [chosen, rank_by], [winner])
+
+    def on_diff(values, every):
+        ids = ids_of(values)
+        if not ids:
+            return None
+        columns, rows = compare.config_diff(ui.settings, ids, only_differences=not every)
+        return pd.DataFrame(rows, columns=columns)
+
+    show_all.change(user_errors(on_diff), [chosen, show_all], [diff])

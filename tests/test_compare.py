@@ -1,0 +1,106 @@
+"""The Compare page's data functions on synthetic runs, sweeps, and follow-up evaluations."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import insert
+
+from jobs import queue
+from jobs.worker import Worker
+from lab import compare, experiments, runs
+from lab.db import session
+from lab.errors import LabError
+from lab.tables import Metric, utcnow
+
+
+def _run(s, params: dict, metrics: dict[str, list[float]], plugin: str = "instant") -> int:
+    exp = experiments.get_or_create(s, "cmp")
+    job_id = queue.enqueue(s, experiment_id=exp, plugin=plugin, params=params)
+    t0 = utcnow()
+    with session(s) as db:
+        db.execute(insert(Metric), [
+            {"job_id": job_id, "step": i + 1, "key": key, "value": v, "time": t0 + timedelta(seconds=i)}
+            for key, values in metrics.items() for i, v in enumerate(values)])
+    return job_id
+
+
+def test_diff_shows_only_the_settings_that_differ(ws):
+    a = _run(ws, {"steps": 3, "record": ""}, {"loss": [1.0]})
+    b = _run(ws, {"steps": 5, "record": ""}, {"loss": [1.0]})
+    columns, rows = compare.config_diff(ws, [a, b])
+    assert [r["setting"] for r in rows] == ["steps"]
+    assert rows[0][columns[1]] == 3 and rows[0][columns[2]] == 5
+    _, every = compare.config_diff(ws, [a, b], only_differences=False)
+    assert {r["setting"] for r in every} == {"plugin", "model", "dataset", "steps", "record"}
+
+
+def test_leaderboard_marks_the_best_value_of_each_column(ws):
+    a = _run(ws, {}, {"loss": [3.0, 2.0, 2.5], "accuracy": [0.5, 0.9]})
+    b = _run(ws, {}, {"loss": [3.0, 1.0, 1.5], "accuracy": [0.6, 0.7]})
+    columns, rows, best = compare.leaderboard(ws, [a, b])
+    by_id = {r["id"]: r for r in rows}
+    assert by_id[a]["loss"] == 2.5 and by_id[a]["best loss"] == 2.0  # final, and the lowest seen
+    assert by_id[a]["best accuracy"] == 0.9  # accuracy: higher is better
+    assert best["loss"] == b and best["best loss"] == b and best["accuracy"] == a and best["best accuracy"] == a
+    ranked = sorted(rows, key=lambda r: r["loss"])
+    assert [r["id"] for r in ranked] == [b, a], "sorting the leaderboard by a column orders the runs right"
+    assert compare.best_run(ws, [a, b], "best accuracy") == a
+
+
+def test_curves_downsample_keeping_extremes_and_align_on_tokens(ws):
+    values = [float(i % 50) for i in range(3000)]
+    values[1234] = -100.0
+    a = _run(ws, {}, {"loss": values, "num_tokens": [100.0 * (i + 1) for i in range(3000)]})
+    drawn = compare.curves(ws, [a], "loss", buckets=100)
+    assert len(drawn) <= 200 and drawn["value"].min() == -100.0 and drawn["value"].max() == 49.0
+    assert list(drawn["x"]) == sorted(drawn["x"]), "points stay in order"
+    by_tokens = compare.curves(ws, [a], "loss", x="tokens", buckets=100)
+    assert by_tokens["x"].max() == 300_000.0
+    by_time = compare.curves(ws, [a], "loss", x="time", buckets=100)
+    assert by_time["x"].max() == 2999.0
+    logged = compare.curves(ws, [a], "loss", log_scale=True, buckets=5000)
+    assert len(logged) == 3000 - 61, "zeros and negatives have no logarithm"
+    assert compare.smooth([1.0, 3.0], 0.5).tolist() == pytest.approx([1.0, 7 / 3])  # (0.5*1 + 3) / 1.5
+
+
+def test_select_the_last_n_runs_of_an_experiment(ws):
+    ids = [runs.submit(ws, "instant", experiment="sel") for _ in range(4)]
+    runs.submit(ws, "instant", experiment="other")
+    assert [j["id"] for j in compare.select_runs(ws, experiment="sel", last=2)] == ids[::-1][:2]
+
+
+def test_a_sweep_queues_its_grid_as_a_group_and_follow_up_evaluations_run(ws, tiny_model_dir, tmp_path):
+    group, ids = runs.sweep(ws, "instant", model=None, dataset=None, experiment="sw", base={"record": ""},
+                            axes=["steps=1,2,3"])
+    jobs = runs.list_jobs(ws, group=group)
+    assert sorted(j["id"] for j in jobs) == ids and sorted(j["params"]["steps"] for j in runs.jobs_by_id(ws, ids)) \
+        == [1, 2, 3]
+    with pytest.raises(LabError, match="already exists"):
+        runs.sweep(ws, "instant", model=None, dataset=None, experiment="sw", base={}, axes=["steps=1"], group=group)
+    with pytest.raises(LabError, match="--grid expects"):
+        runs.sweep(ws, "instant", model=None, dataset=None, experiment="sw", base={}, axes=["steps"])
+    before = len(runs.list_jobs(ws))
+    with pytest.raises(LabError):  # one bad value refuses the whole grid
+        runs.sweep(ws, "instant", model=None, dataset=None, experiment="sw", base={}, axes=["steps=1,-1"])
+    assert len(runs.list_jobs(ws)) == before
+
+    # a training run with an evaluation to follow: the evaluation runs on its output, and its score is in the
+    # training run's leaderboard row
+    from conftest import write_jsonl
+
+    from lab import datasets, registry
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "qa", write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "hi", "completion": "hello"}] * 4))
+    with pytest.raises(LabError, match="must be an eval plugin"):
+        runs.submit(ws, "sft", model="tiny", dataset="qa", then_eval={"plugin": "sft", "dataset": "qa"})
+    train = runs.submit(ws, "sft", model="tiny", dataset="qa", params={"max_steps": 2, "precision": "fp32"},
+                        then_eval={"plugin": "eval-generate", "dataset": "qa", "params": {"max_new_tokens": 2}})
+    Worker(ws, say=lambda m: None).serve(until_empty=True)  # the sweep, the training, then its evaluation
+    follow = [j for j in runs.list_jobs(ws) if j["plugin"] == "eval-generate"]
+    assert len(follow) == 1 and follow[0]["status"] == "completed"
+    assert follow[0]["model"] == runs.get_job(ws, train)["output_model"]
+    _, rows, _ = compare.leaderboard(ws, [train])
+    assert "eval-generate:rouge1" in rows[0]

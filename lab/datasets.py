@@ -290,3 +290,31 @@ def convert(settings: Settings, name: str, new_name: str, to: str) -> dict:
         path = Path(tmp) / f"{new_name}.jsonl"
         path.write_bytes(_jsonl_bytes(rows))
         return add(settings, new_name, path, to, source=f"dataset {name} converted to {to}")
+
+
+def append_rows(settings: Settings, name: str, rows: list[dict]) -> dict:
+    """Add validated rows to a stored dataset (the playground's rankings); the fingerprint and count follow.
+    The database's write lock is held while the file is rewritten, so two appends never lose a row."""
+    from sqlalchemy import update
+
+    stored = get(settings, name)
+    problems = [f"new row {i}: {p}" for i, row in enumerate(rows, start=1)
+                for p in formats.check_row(stored.format, row)]
+    if problems:
+        raise ValidationError(f"rows not valid for {name} ({stored.format}):", problems)
+    folder = Path(stored.path)
+    with session(settings) as s:
+        s.execute(update(Dataset).where(Dataset.id == stored.id).values(rows=Dataset.rows))  # take the write lock
+        data = (folder / DATA_FILE).read_bytes() + _jsonl_bytes(rows)
+        fingerprint = hashlib.sha256(data).hexdigest()
+        columns = list(dict.fromkeys([*stored.columns, *columns_of(rows)]))
+        tmp = folder / f".{DATA_FILE}.new"
+        tmp.write_bytes(data)
+        tmp.replace(folder / DATA_FILE)
+        count = data.count(b"\n")
+        meta = {"name": name, "format": stored.format, "columns": columns, "rows": count, "fingerprint": fingerprint,
+                "source": stored.source}
+        (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
+        s.execute(update(Dataset).where(Dataset.id == stored.id).values(rows=count, fingerprint=fingerprint,
+                                                                       columns=columns))
+    return info(settings, name)

@@ -14,6 +14,7 @@ from lab.ui.tabs import datasets as datasets_tab
 from lab.ui.tabs import experiments as experiments_tab
 from lab.ui.tabs import jobs as jobs_tab
 from lab.ui.tabs import models as models_tab
+from lab.ui.tabs import playground as playground_tab
 from lab.ui.tabs import run as run_tab
 from lab.ui.tabs import train as train_tab
 
@@ -37,6 +38,10 @@ CSS = """
             box-shadow: inset 0 0 0 1px #86efac}
 .tok-mask {background: #f3f4f6; color: #6b7280; border-radius: 3px; padding: 1px 1px}
 .tok-legend {margin-bottom: 6px; font-size: 0.9em}
+.tok-piece {border-radius: 3px; padding: 1px 0}
+.tok-piece:nth-child(odd) {background: #dbeafe}
+.tok-piece:nth-child(even) {background: #fef3c7}
+.tok-ids {font-family: var(--font-mono); font-size: 0.8em; color: var(--body-text-color-subdued); margin-top: 6px}
 """
 
 
@@ -68,6 +73,8 @@ def build(settings: Settings) -> gr.Blocks:
                 jobs_tab.build(ui)
             run_tab_block.render()
             compare_tab_block.render()
+            with gr.Tab("Playground", id="playground"):
+                playground_tab.build(ui)
         api.register(ui)
 
         def refresh(saved: str, plugin: str | None, jobs_experiment: str, jobs_status: str):
@@ -91,6 +98,7 @@ def build(settings: Settings) -> gr.Blocks:
                 ui["jobs_table"]: jobs_tab.table(ui, jobs_experiment, jobs_status),
                 ui["jobs_workers"]: jobs_tab.workers_line(ui),
                 **dict(zip([c for c, _ in ui["train_pickers"]], train_tab.picker_updates(ui), strict=True)),
+                **playground_tab.refresh(ui),
             }
 
         refresh_inputs = [remembered, ui["train_plugin"], ui["jobs_experiment"], ui["jobs_status"]]
@@ -98,6 +106,7 @@ def build(settings: Settings) -> gr.Blocks:
                                            "ds_model", "models_table", "models_status", "train_model",
                                            "train_dataset", "jobs_experiment", "jobs_table", "jobs_workers")]
         refresh_outputs += [c for c, _ in ui["train_pickers"]]
+        refresh_outputs += [ui[n] for n in ("play_chat_model", "play_models", "play_tok_model", "play_target")]
 
         def on_load(saved, plugin, jobs_experiment, jobs_status, request: gr.Request):
             """The page opens with everything filled; `?job=N` in the address opens that run, `?group=NAME`

@@ -1,0 +1,192 @@
+"""Playground: chat with a model, ask several models the same thing side by side, rank their answers into a
+preference dataset (for `reward` and `dpo`), and see how a tokenizer splits a text."""
+
+from __future__ import annotations
+
+from html import escape
+
+import gradio as gr
+
+from lab import datasets, playground, registry
+from lab.errors import LabError
+from lab.ui.common import UI, error_box, ok_box, user_errors
+
+COLUMNS = 3
+
+
+def writers(ui: UI) -> list[str]:
+    """Models that write text: not scoring heads, not masked LMs."""
+    return [m["name"] for m in registry.list_all(ui.settings)
+            if m["kind"] in ("full", "adapter") and not m["architecture"].endswith("ForMaskedLM")]
+
+
+def preference_sets(ui: UI) -> list[str]:
+    return [d["name"] for d in datasets.list_all(ui.settings) if d["format"] == "preference"]
+
+
+def _running(ui: UI) -> list[int]:
+    from lab import runs
+
+    return [j["id"] for j in runs.list_jobs(ui.settings, status="running")]
+
+
+def _load(ui: UI, name: str):
+    if not name:
+        raise LabError("pick a model first")
+    return playground.cache().get(ui.settings, name, _running(ui))
+
+
+def build(ui: UI) -> None:
+    with gr.Row():
+        system = gr.Textbox(label="System prompt", placeholder="(none)", scale=3)
+        temperature = gr.Slider(label="Temperature", minimum=0, maximum=2, step=0.05, value=0.7, scale=1)
+        top_p = gr.Slider(label="Top-p", minimum=0.05, maximum=1, step=0.05, value=0.95, scale=1)
+        max_new = gr.Number(label="Max new tokens", value=200, precision=0, minimum=1, maximum=4096, scale=1)
+        seed = gr.Number(label="Seed", value=0, precision=0, scale=1)
+    settings_inputs = [system, temperature, top_p, max_new, seed]
+
+    with gr.Tab("Chat"):
+        chat_model = gr.Dropdown(label="Model", choices=[], value=None, elem_id="chat-model")
+        chatbot = gr.Chatbot(height=380, elem_id="chatbot")
+        with gr.Row():
+            message = gr.Textbox(label="Message", placeholder="Ask something", scale=5, elem_id="chat-input")
+            send = gr.Button("Send", variant="primary", scale=1)
+            clear = gr.Button("Clear", scale=1)
+        chat_error = gr.HTML()
+
+    with gr.Tab("Side by side and ranking"):
+        models = gr.Dropdown(label=f"Models (two to {COLUMNS})", multiselect=True, choices=[], value=[],
+                             elem_id="sbs-models")
+        with gr.Row():
+            prompt = gr.Textbox(label="Prompt", scale=5, elem_id="sbs-prompt")
+            ask = gr.Button("Ask all", variant="primary", scale=1, elem_id="sbs-ask")
+        with gr.Row():
+            cells = [gr.Textbox(label=f"Answer {chr(65 + i)}", lines=8, interactive=False,
+                                elem_id=f"sbs-answer-{i}") for i in range(COLUMNS)]
+        sbs_error = gr.HTML()
+        gr.Markdown("**Which answer is better?** Each ranking adds a prompt/chosen/rejected row to the preference "
+                    "dataset below (a tie adds none), ready for the `reward` and `dpo` plugins.")
+        with gr.Row():
+            target = gr.Dropdown(label="Preference dataset (pick one, or type a new name)", choices=[],
+                                 allow_custom_value=True, value="playground-rankings", scale=3, elem_id="sbs-target")
+            votes = [gr.Button(f"{chr(65 + i)} is better", scale=1, elem_id=f"vote-{i}") for i in range(COLUMNS)]
+            tie = gr.Button("Tie", scale=1, elem_id="vote-tie")
+        ranking = gr.HTML(elem_id="sbs-ranking")
+        with gr.Row():
+            to_reward = gr.Button("Train a reward model on it", scale=1)
+            to_dpo = gr.Button("Tune with DPO on it", scale=1)
+    shown = gr.State({})  # model -> answer, for the answers on the page now
+
+    with gr.Tab("Tokenizer"):
+        with gr.Row():
+            tok_model = gr.Dropdown(label="Model", choices=[], value=None, scale=1, elem_id="tok-model")
+            tok_text = gr.Textbox(label="Text", lines=3, value="The lab trains language models.", scale=3)
+            tok_go = gr.Button("Split", scale=1)
+        tok_view = gr.HTML(elem_id="tok-view")
+
+    ui.c.update(play_chat_model=chat_model, play_models=models, play_target=target, play_tok_model=tok_model)
+
+    # -- chat: the answer streams into the conversation
+    def on_send(history, text, name, sys, temp, tp, n, sd):
+        history = list(history or [])
+        if not (text or "").strip():
+            yield history, "", ""
+            return
+        try:
+            model, tokenizer = _load(ui, name)
+            messages = ([{"role": "system", "content": sys}] if sys else []) + [
+                {"role": m["role"], "content": m["content"]} for m in history] + [{"role": "user", "content": text}]
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+            for partial in playground.stream_answer(model, tokenizer, messages, max_new_tokens=int(n or 200),
+                                                    temperature=float(temp), top_p=float(tp), seed=int(sd or 0)):
+                history[-1]["content"] = partial
+                yield history, "", ""
+        except LabError as exc:
+            yield history, text, error_box(str(exc))
+
+    send.click(on_send, [chatbot, message, chat_model, *settings_inputs], [chatbot, message, chat_error],
+               concurrency_limit=2)
+    message.submit(on_send, [chatbot, message, chat_model, *settings_inputs], [chatbot, message, chat_error],
+                   concurrency_limit=2)
+    clear.click(lambda: ([], ""), [], [chatbot, chat_error])
+
+    # -- side by side: each model answers in turn, its column fills as it goes
+    def on_ask(names, text, sys, temp, tp, n, sd):
+        names = list(names or [])
+        blank = [gr.update(value="", label=f"Answer {chr(65 + i)}") for i in range(COLUMNS)]
+        if not 2 <= len(names) <= COLUMNS or not (text or "").strip():
+            yield [*blank, error_box(f"pick two to {COLUMNS} models and write a prompt"), {}]
+            return
+        messages = ([{"role": "system", "content": sys}] if sys else []) + [{"role": "user", "content": text}]
+        answers: dict[str, str] = {}
+        columns = [gr.update(value="", label=f"Answer {chr(65 + i)}: {names[i]}" if i < len(names) else
+                             f"Answer {chr(65 + i)}") for i in range(COLUMNS)]
+        for i, name in enumerate(names):
+            try:
+                model, tokenizer = _load(ui, name)
+                for partial in playground.stream_answer(model, tokenizer, messages, max_new_tokens=int(n or 200),
+                                                        temperature=float(temp), top_p=float(tp), seed=int(sd or 0)):
+                    columns[i] = gr.update(value=partial, label=f"Answer {chr(65 + i)}: {name}")
+                    yield [*columns, "", answers]
+                answers[name] = partial.strip()
+            except LabError as exc:
+                yield [*columns, error_box(str(exc)), answers]
+                return
+        yield [*columns, "", answers]
+
+    ask.click(on_ask, [models, prompt, *settings_inputs], [*cells, sbs_error, shown], concurrency_limit=2)
+
+    def vote(index: int | None):
+        def handler(names, text, answers, dataset, sys):
+            names = list(names or [])
+            if index is not None and index >= len(names):
+                return error_box(f"there is no answer {chr(65 + index)}"), gr.update()
+            try:
+                done = playground.record_ranking(ui.settings, (dataset or "").strip(), text or "", dict(answers or {}),
+                                                 None if index is None else names[index], system=sys or "")
+            except LabError as exc:
+                return error_box(str(exc)), gr.update()
+            what = "a tie: no pair added" if index is None else f"{done['added']} pair(s) added"
+            return (ok_box(f"{what}; {done['dataset']} now holds {done['pairs']} pairs"),
+                    gr.update(choices=preference_sets(ui), value=done["dataset"]))
+        return handler
+
+    for i, button in enumerate(votes):
+        button.click(vote(i), [models, prompt, shown, target, system], [ranking, target])
+    tie.click(vote(None), [models, prompt, shown, target, system], [ranking, target])
+
+    def go_train(plugin: str):
+        @user_errors
+        def handler(dataset, names):
+            if dataset not in preference_sets(ui):
+                raise LabError("rank some answers first: the dataset does not exist yet")
+            base = (names or [None])[0]
+            return (gr.update(selected="train"), plugin, gr.update(value=dataset),
+                    gr.update(value=base) if base else gr.update())
+        return handler
+
+    for button, plugin in ((to_reward, "reward"), (to_dpo, "dpo")):
+        button.click(go_train(plugin), [target, models],
+                     [ui["tabs"], ui["train_plugin"], ui["train_dataset"], ui["train_model"]])
+
+    # -- tokenizer view
+    @user_errors
+    def on_split(name, text):
+        if not name:
+            raise LabError("pick a model first")
+        pieces = playground.tokenize(ui.settings, name, text or "")
+        spans = "".join(f'<span class="tok-piece" title="id {i}">{escape(p).replace(chr(10), "↵")}</span>'
+                        for p, i in pieces)
+        ids = " ".join(str(i) for _, i in pieces)
+        return (f'<div class="tok-legend">{len(pieces)} tokens</div><div class="tok-sample">{spans}</div>'
+                f'<div class="tok-ids">ids: {ids}</div>')
+
+    tok_go.click(on_split, [tok_model, tok_text], [tok_view])
+
+
+def refresh(ui: UI) -> dict:
+    names = writers(ui)
+    return {ui["play_chat_model"]: gr.update(choices=names), ui["play_models"]: gr.update(choices=names),
+            ui["play_tok_model"]: gr.update(choices=[m["name"] for m in registry.list_all(ui.settings)]),
+            ui["play_target"]: gr.update(choices=preference_sets(ui))}
+

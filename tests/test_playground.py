@@ -1,0 +1,70 @@
+"""The playground's engine: rankings become preference pairs, the model cache keeps to its budget, answers stream."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jobs.worker import Worker
+from lab import datasets, playground, registry, runs
+from lab.errors import LabError
+
+
+@pytest.fixture
+def lab(ws, tiny_model_dir):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    return ws
+
+
+def test_a_ranking_adds_exactly_one_pair_and_a_reward_job_trains_on_it(lab):
+    answers = {"tiny": "Paris is the capital.", "other": "I do not know."}
+    done = playground.record_ranking(lab, "ranked", "What is the capital of France?", answers, "tiny")
+    assert (done["added"], done["pairs"]) == (1, 1)
+    info = datasets.info(lab, "ranked")
+    assert info["format"] == "preference"
+    (row,) = datasets.preview(lab, "ranked", 10)
+    assert (row["prompt"], row["chosen"], row["rejected"]) == ("What is the capital of France?",
+                                                                "Paris is the capital.", "I do not know.")
+    assert (row["chosen_model"], row["rejected_model"]) == ("tiny", "other")
+
+    before = info["fingerprint"]
+    again = playground.record_ranking(lab, "ranked", "Say hi.", {"tiny": "hi", "other": "go away"}, "tiny")
+    assert again["pairs"] == 2 and datasets.info(lab, "ranked")["fingerprint"] != before
+    tie = playground.record_ranking(lab, "ranked", "Say hi.", {"tiny": "hi", "other": "hello"}, None)
+    assert tie["added"] == 0 and datasets.info(lab, "ranked")["rows"] == 2
+    log = (Path(info["path"]) / "rankings.jsonl").read_text().splitlines()
+    assert [json.loads(x)["winner"] for x in log] == ["tiny", "tiny", None]
+
+    job_id = runs.submit(lab, "reward", model="tiny", dataset="ranked",
+                         params={"max_steps": "2", "eval_split": "0", "precision": "fp32"})
+    Worker(lab, say=lambda m: None).serve(once=True)
+    assert runs.get_job(lab, job_id)["status"] == "completed"
+
+
+@pytest.mark.parametrize(("prompt", "answers", "winner", "message"), [
+    ("", {"a": "x", "b": "y"}, "a", "no prompt"),
+    ("q", {"a": "x"}, "a", "two or more answers"),
+    ("q", {"a": "same", "b": "same"}, "a", "the answers are the same"),
+    ("q", {"a": "x", "b": "y"}, "c", "c gave no answer"),
+    ("q", {"a": "x", "b": "y"}, None, "a tie adds no pair"),
+])
+def test_rankings_that_cannot_be_pairs_are_refused_and_store_nothing(lab, prompt, answers, winner, message):
+    with pytest.raises(LabError, match=message):
+        playground.record_ranking(lab, "fresh", prompt, answers, winner)
+    assert datasets.list_all(lab) == []
+
+
+def test_the_model_cache_keeps_to_its_budget_and_refuses_what_cannot_write(lab, tmp_path):
+    cache = playground.ModelCache(budget_bytes=10 * 1024**3)
+    model, tokenizer = cache.get(lab, "tiny")
+    assert cache.get(lab, "tiny")[0] is model, "loaded once, then served from memory"
+    assert cache.names() == ["tiny"]
+    with pytest.raises(LabError, match="the playground may use"):
+        playground.ModelCache(budget_bytes=1000).get(lab, "tiny")
+    text = list(playground.stream_answer(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=6,
+                                         temperature=0))
+    assert text and all(text[i + 1].startswith(text[i]) for i in range(len(text) - 1)), "the answer grows"
+    pieces = playground.tokenize(lab, "tiny", "The capital of France")
+    assert "".join(p for p, _ in pieces) == "The capital of France" and all(isinstance(i, int) for _, i in pieces)

@@ -97,6 +97,21 @@ def models_show(name: str, workspace: WorkspaceOpt = None, as_json: JsonOpt = Fa
     out.print(f"{'lineage':>12}: {registry.lineage_text(info['lineage'])}", markup=False)
 
 
+@models_app.command("export")
+def models_export(
+    name: str,
+    export_name: Annotated[str | None, typer.Option("--as", help="Name of the export [default: the model's].")]
+    = None,
+    workspace: WorkspaceOpt = None,
+):
+    """Export a model as a standalone HF folder with a model card (an adapter merged in), and a .tar.gz."""
+    from lab.export import export
+
+    done = export(_settings(workspace), name, export_name)
+    out.print(f"exported {name} to {done['folder']}\narchive: {done['archive']} ({done['bytes'] / 1e6:.1f} MB)",
+              markup=False)
+
+
 @models_app.command("add")
 def models_add(name: str, path: Path, workspace: WorkspaceOpt = None):
     """Register a local Hugging Face model folder (it stays where it is)."""

@@ -76,3 +76,25 @@ def test_classifier_and_few_shot_scores(lab):
     assert all(0 <= v <= 1 for v in few.values())
     with pytest.raises(Exception, match="starts from classifier models"):
         runs.submit(lab, "eval-classify", model="tiny", dataset="spam")
+
+
+def test_export_merges_the_adapter_and_writes_a_model_card(lab):
+    import tarfile
+
+    from transformers import AutoModelForCausalLM
+
+    from lab.export import export
+
+    sft = run_job(lab, "sft", "tiny", "facts-train", max_steps=2, precision="fp32")
+    run_job(lab, "eval-generate", sft["output_model"], "facts", max_new_tokens=2)
+    done = export(lab, sft["output_model"])
+    folder = Path(done["folder"])
+    assert AutoModelForCausalLM.from_pretrained(folder).config.architectures == ["LlamaForCausalLM"]
+    assert not (folder / "adapter_config.json").exists(), "a standalone model, the adapter merged in"
+    card = (folder / "README.md").read_text()
+    assert f"tiny → sft #{sft['id']}" in card and "facts-train" in card and '"max_steps": 2' in card
+    assert "eval-generate on facts: rouge1" in card
+    with tarfile.open(done["archive"]) as tar:
+        assert f"{sft['output_model']}/README.md" in tar.getnames()
+    with pytest.raises(Exception, match="already exists"):
+        export(lab, sft["output_model"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from lab import compare, experiments
+from lab import compare, experiments, registry
 from lab.settings import Settings
 from lab.ui import api
 from lab.ui.common import UI
@@ -92,6 +92,7 @@ def build(settings: Settings) -> gr.Blocks:
                 ui["ds_model"]: gr.update(choices=models_tab.choices(ui)),
                 ui["models_table"]: models_tab.table(ui),
                 ui["models_status"]: models_tab.starter_status(ui),
+                ui["models_export"]: gr.update(choices=[m["name"] for m in registry.list_all(settings)]),
                 ui["train_model"]: train_models,
                 ui["train_dataset"]: train_datasets,
                 ui["jobs_experiment"]: gr.update(choices=["all", *experiments_tab.names(ui)]),
@@ -103,7 +104,8 @@ def build(settings: Settings) -> gr.Blocks:
 
         refresh_inputs = [remembered, ui["train_plugin"], ui["jobs_experiment"], ui["jobs_status"]]
         refresh_outputs = [ui[n] for n in ("experiment", "exp_table", "exp_chosen", "ds_table", "ds_chosen",
-                                           "ds_model", "models_table", "models_status", "train_model",
+                                           "ds_model", "models_table", "models_status", "models_export",
+                                           "train_model",
                                            "train_dataset", "jobs_experiment", "jobs_table", "jobs_workers")]
         refresh_outputs += [c for c, _ in ui["train_pickers"]]
         refresh_outputs += [ui[n] for n in ("play_chat_model", "play_models", "play_tok_model", "play_target")]

@@ -62,8 +62,17 @@ def build(ui: UI) -> None:
             gguf_name = gr.Textbox(label="Name")
             gguf = gr.Textbox(label="GGUF file path on the server", placeholder="/path/to/model.gguf")
             imp = gr.Button("Import")
+    with gr.Accordion("Export a model", open=False):
+        gr.Markdown("A standalone Hugging Face folder in `workspace/exports/` (a LoRA merged into its base) with a "
+                    "model card: lineage, data, parameters and evaluation results; and an archive to download.")
+        with gr.Row():
+            to_export = gr.Dropdown(label="Model", choices=[], value=None, scale=2, elem_id="export-model")
+            export_as = gr.Textbox(label="Export name (optional)", scale=2)
+            export_go = gr.Button("Export", scale=1)
+        export_file = gr.File(label="Archive", interactive=False)
     message = gr.HTML()
     ui["models_status"] = status
+    ui["models_export"] = to_export
     outputs = [ui["models_table"], status, message]
 
     def done(msg: str):
@@ -84,6 +93,16 @@ def build(ui: UI) -> None:
         info = registry.import_gguf(ui.settings, (name or "").strip(), (path or "").strip())
         return done(f"imported {info['name']} into {info['path']}")
 
+    @user_errors
+    def on_export(name, as_name):
+        from lab.export import export
+
+        if not name:
+            raise gr.Error("pick a model to export")
+        done = export(ui.settings, name, (as_name or "").strip() or None)
+        return done["archive"], ok_box(f"exported {name} to {done['folder']} ({done['bytes'] / 1e6:.1f} MB)")
+
+    export_go.click(on_export, [to_export, export_as], [export_file, message])
     starter.click(on_starter, [], outputs)
     add.click(on_add, [folder_name, folder], outputs)
     imp.click(on_import, [gguf_name, gguf], outputs)

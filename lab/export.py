@@ -1,0 +1,110 @@
+"""Export a model as a standalone Hugging Face folder (an adapter merged into its base) with a model card, and as
+a .tar.gz archive to download, under workspace/exports/."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+from sqlalchemy import select
+
+from lab import registry
+from lab.db import read_session
+from lab.errors import LabError
+from lab.settings import Settings
+from lab.tables import Dataset, Job, Metric
+from lab.workspace import check_name, staging
+
+
+def exports_dir(settings: Settings) -> Path:
+    return settings.workspace / "exports"
+
+
+def _history(settings: Settings, chain: list[dict]) -> list[dict]:
+    """Each run of the lineage with its parameters and dataset fingerprint."""
+    out = []
+    with read_session(settings) as s:
+        for step in chain:
+            if not step.get("job_id"):
+                continue
+            job = s.get(Job, step["job_id"])
+            dataset = s.get(Dataset, job.dataset_id) if job and job.dataset_id else None
+            out.append({"run": step["job_id"], "plugin": step.get("plugin"), "model": step["model"],
+                        "dataset": dataset.name if dataset else None,
+                        "dataset_fingerprint": dataset.fingerprint if dataset else None,
+                        "params": job.params if job else {}, "uses": step.get("uses", {})})
+    return out
+
+
+def _evaluations(settings: Settings, model_id: int) -> list[dict]:
+    with read_session(settings) as s:
+        jobs = s.scalars(select(Job).where(Job.model_id == model_id, Job.status == "completed",
+                                           Job.plugin.like("eval-%")).order_by(Job.id)).all()
+        out = []
+        for job in jobs:
+            dataset = s.get(Dataset, job.dataset_id) if job.dataset_id else None
+            scores = dict(s.execute(select(Metric.key, Metric.value).where(Metric.job_id == job.id,
+                                                                             Metric.key.like("eval/%"))).all())
+            out.append({"run": job.id, "plugin": job.plugin, "dataset": dataset.name if dataset else None,
+                        "results": {k.removeprefix("eval/"): v for k, v in scores.items()}})
+    return out
+
+
+def model_card(settings: Settings, name: str) -> str:
+    info = registry.info(settings, name)
+    chain = registry.lineage(settings, name)
+    history = _history(settings, chain)
+    evaluations = _evaluations(settings, info["id"])
+    shape = info
+    if info["kind"] == "adapter":
+        base = registry.base_of(settings, registry.get(settings, name))
+        shape = {"architecture": base.architecture, "parameters": base.parameters}
+    merged = f" (a LoRA adapter of {info['parameters']:,} parameters, merged into its base)"
+    lines = [f"# {name}", "", f"Exported from the lab. Architecture {shape['architecture']}, "
+             f"{shape['parameters'] or 0:,} parameters" + (merged if shape is not info else "") + ".", "",
+             "## Lineage", "", registry.lineage_text(chain), ""]
+    for h in history:
+        lines += [f"### Run {h['run']}: {h['plugin']}", "",
+                  f"- data: {h['dataset'] or '(none)'}" + (f" (fingerprint `{h['dataset_fingerprint'][:16]}`)"
+                                                             if h["dataset_fingerprint"] else ""),
+                  *(f"- {k}: {v}" for k, v in h["uses"].items()),
+                  "- parameters:", "", "```json", json.dumps(h["params"], indent=2), "```", ""]
+    lines += ["## Evaluation results", ""]
+    if evaluations:
+        for e in evaluations:
+            scores = ", ".join(f"{k} {v:.4g}" for k, v in e["results"].items())
+            lines.append(f"- run {e['run']} {e['plugin']} on {e['dataset']}: {scores}")
+    else:
+        lines.append("(no evaluation was run on this model in the lab)")
+    return "\n".join(lines) + "\n"
+
+
+def export(settings: Settings, name: str, export_name: str | None = None) -> dict:
+    """Write workspace/exports/<export_name>/ (the model, its tokenizer, README.md) and <export_name>.tar.gz."""
+    export_name = check_name(export_name or name, "export")
+    info = registry.info(settings, name)
+    final = exports_dir(settings) / export_name
+    archive = final.with_name(f"{export_name}.tar.gz")
+    if final.exists() or archive.exists():
+        raise LabError(f"an export named {export_name!r} already exists in {exports_dir(settings)}",
+                       "pick another name")
+    with staging(final) as tmp:
+        if info["kind"] == "adapter":
+            from lab import modeling
+
+            base = registry.base_of(settings, registry.get(settings, name))
+            model = modeling.causal_lm({**info, "base_path": base.path}, adapter="merge", log=lambda m: None)
+            model.save_pretrained(tmp)
+            modeling.tokenizer(info["path"], log=lambda m: None).save_pretrained(tmp)
+        else:
+            for item in Path(info["path"]).iterdir():
+                if item.name in ("model.json", "README.md", "training_args.bin") or item.is_dir():
+                    continue
+                shutil.copy2(item, tmp / item.name)
+        (tmp / "README.md").write_text(model_card(settings, name))
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(final, arcname=export_name)
+    return {"name": export_name, "folder": str(final), "archive": str(archive),
+            "bytes": archive.stat().st_size}

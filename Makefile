@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python bench/queue_latency.py
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/precision.py
+	$(BIN)/python bench/compare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

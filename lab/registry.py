@@ -256,11 +256,13 @@ def base_of(settings: Settings, model: Model) -> Model:
         return s.get(Model, model.base_model_id) or model
 
 
-def _info(row: Model, names: dict[int, str]) -> dict:
+def _info(row: Model, bases: dict[int, Model]) -> dict:
+    base = bases.get(row.base_model_id) if row.base_model_id else None
     return {"id": row.id, "name": row.name, "kind": row.kind, "source": row.source,
             "architecture": row.architecture, "parameters": row.parameters, "path": row.path,
-            "base_model": names.get(row.base_model_id) if row.base_model_id else None, "job_id": row.job_id,
-            "fingerprint": row.fingerprint, "created_at": row.created_at.isoformat(timespec="seconds")}
+            "base_model": base.name if base else None, "base_path": base.path if base else None,
+            "base_model_id": row.base_model_id, "job_id": row.job_id, "fingerprint": row.fingerprint,
+            "created_at": row.created_at.isoformat(timespec="seconds")}
 
 
 SIDE_INPUTS = ("reward_model",)  # job parameters that name a further model the run used
@@ -305,8 +307,8 @@ def lineage_text(chain: list[dict]) -> str:
 def list_all(settings: Settings) -> list[dict]:
     with read_session(settings) as s:
         rows = list(s.scalars(select(Model).order_by(Model.id)))
-    names = {r.id: r.name for r in rows}
-    return [_info(r, names) for r in rows]
+    by_id = {r.id: r for r in rows}
+    return [_info(r, by_id) for r in rows]
 
 
 def info(settings: Settings, name: str) -> dict:
@@ -315,4 +317,4 @@ def info(settings: Settings, name: str) -> dict:
     if row.base_model_id:
         with read_session(settings) as s:
             base = s.get(Model, row.base_model_id)
-    return _info(row, {base.id: base.name} if base else {})
+    return _info(row, {base.id: base} if base else {})

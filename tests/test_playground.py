@@ -68,3 +68,16 @@ def test_the_model_cache_keeps_to_its_budget_and_refuses_what_cannot_write(lab, 
     assert text and all(text[i + 1].startswith(text[i]) for i in range(len(text) - 1)), "the answer grows"
     pieces = playground.tokenize(lab, "tiny", "The capital of France")
     assert "".join(p for p, _ in pieces) == "The capital of France" and all(isinstance(i, int) for _, i in pieces)
+
+
+def test_the_playground_loads_a_run_s_adapter_on_its_base(lab, tmp_path):
+    from conftest import write_jsonl
+
+    datasets.add(lab, "qa", write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "hi", "completion": "hello"}] * 4))
+    job_id = runs.submit(lab, "sft", model="tiny", dataset="qa", params={"max_steps": "1", "precision": "fp32"})
+    Worker(lab, say=lambda m: None).serve(once=True)
+    adapter = runs.get_job(lab, job_id)["output_model"]
+    assert registry.info(lab, adapter)["kind"] == "adapter"
+    model, tokenizer = playground.ModelCache(budget_bytes=10 * 1024**3).get(lab, adapter)
+    assert playground.answer(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=3,
+                             temperature=0) is not None

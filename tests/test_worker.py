@@ -84,8 +84,8 @@ def test_job_process_killed_with_sigkill_is_failed_and_says_so(ws):
     worker, thread = _serve_in_thread(ws)
     try:
         wait_for_status(ws, job_id, ("running",))
-        run_dir = Path(queue.get(ws, job_id).run_dir or "")
         pid = int(_wait_for_file(ws.workspace / "experiments/default/runs" / f"{job_id}-sleeping" / "pid.txt"))
+        run_dir = Path(queue.get(ws, job_id).run_dir or "")  # recorded when the process started
         os.kill(pid, signal.SIGKILL)
         assert wait_for_status(ws, job_id, timeout=30) == "failed"
     finally:

@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install chromium demo bench clean
+.PHONY: run test install chromium postgres demo bench clean
 
 install: $(VENV)/.installed
 
@@ -33,7 +33,12 @@ chromium:
 	@command -v chromium >/dev/null || { echo "installing chromium for the browser tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
-test: install chromium
+# Debian's PostgreSQL server binaries for the queue and fault tests (the tests start their own throw-away cluster)
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "installing postgresql for the queue tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
+
+test: install chromium postgres
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

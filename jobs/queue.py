@@ -190,7 +190,8 @@ def _process_alive(pid: int | None) -> bool:
 
 
 def reap_stale(settings: Settings) -> list[int]:
-    """Fail running jobs whose heartbeat is older than the lease and whose process is gone; their ids.
+    """Fail (or, when attempts remain, requeue) running jobs whose heartbeat is older than the lease and whose
+    process is gone; their ids.
 
     A job process on another machine cannot be checked, so there the lease alone decides.
     """
@@ -203,11 +204,14 @@ def reap_stale(settings: Settings) -> list[int]:
             same_host = (job.worker or "").split(":")[0] == host
             if same_host and _process_alive(job.pid):
                 continue  # its process still runs: it notices its lost worker and stops itself
-            job.status = "failed"
-            job.finished_at = utcnow()
             age = (utcnow() - job.heartbeat_at).total_seconds()
-            job.error = (f"lost: no heartbeat from worker {job.worker} for {age:.0f} s "
-                         f"(lease {settings.lease_s:.0f} s); the worker or its machine stopped")
+            why = (f"lost: no heartbeat from worker {job.worker} for {age:.0f} s (lease {settings.lease_s:.0f} s); "
+                   "the worker or its machine stopped")
+            if job.attempts < job.max_attempts:  # retried: back in the queue, in its place, with its folder
+                job.status, job.worker, job.pid, job.heartbeat_at, job.started_at = "queued", None, None, None, None
+                job.error = f"attempt {job.attempts} of {job.max_attempts} {why}; it was put back in the queue"
+            else:
+                job.status, job.finished_at, job.error = "failed", utcnow(), why
             reaped.append(job.id)
     return reaped
 

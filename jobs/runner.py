@@ -6,9 +6,11 @@ the job and the traceback is in log.txt).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import shutil
 import signal
 import subprocess
 import sys
@@ -59,6 +61,13 @@ def _watch_parent(parent: int) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete Trainer checkpoint (trainer_state.json is written last) in `folder`."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
+            and p.name.split("-")[-1].isdigit()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
 def _model_info(model: Model | None, base: Model | None) -> dict | None:
     if model is None:
         return None
@@ -84,8 +93,12 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         dataset=None if dataset is None else {**datasets_mod.info(settings, dataset.name)},
         report_to=[] if settings.wandb == "off" else ["wandb"],
     )
-    if job.attempts > 1 and runs.clear_metrics(settings, job.id):
-        ctx.log(f"[lab] attempt {job.attempts}: training starts over, the earlier attempt's metrics were cleared")
+    if job.attempts > 1:
+        ctx.resume_from = latest_checkpoint(ctx.checkpoints_dir)
+        step = int(ctx.resume_from.name.split("-")[-1]) if ctx.resume_from else -1
+        runs.clear_metrics(settings, job.id, after_step=step)
+        ctx.log(f"[lab] attempt {job.attempts} of {job.max_attempts}: " + (
+            f"resuming from {ctx.resume_from.name}" if ctx.resume_from else "no checkpoint, training starts over"))
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     record = {
@@ -150,6 +163,29 @@ def _register_output(ctx: RunContext) -> str | None:
     return info["name"]
 
 
+def _disk_full(folders: list[Path]) -> bool:
+    """True when a folder the job writes to has (almost) no room left."""
+    for folder in folders:
+        try:
+            usage = shutil.disk_usage(folder)
+        except OSError:
+            continue
+        if usage.free < 1 << 20 or usage.free < usage.total * 0.001:
+            return True
+    return False
+
+
+def _reason(exc: BaseException, folders: list[Path]) -> str:
+    """The failure in words. A full disk is named as such: torch reports it only as a failed or short write."""
+    text = f"{type(exc).__name__}: {exc}"
+    chain = [exc, exc.__cause__, exc.__context__]
+    if any(getattr(e, "errno", None) == errno.ENOSPC for e in chain if e) or "No space left on device" in text \
+            or (isinstance(exc, (OSError, RuntimeError)) and _disk_full(folders)):
+        return (f"the disk is full (no space left on device) while the job was writing; earlier checkpoints are "
+                f"kept. Free some space and run the job again. ({text[:300]})")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job_id = int(argv[0])
@@ -172,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except BaseException as exc:  # the plugin's own failure: keep the traceback in the log, the reason on the job
         traceback.print_exc()
-        queue.record_error(settings, job_id, f"{type(exc).__name__}: {exc}")
+        run_dir = Path(queue.get(settings, job_id).run_dir or ".")
+        queue.record_error(settings, job_id, _reason(exc, [run_dir, run_dir / "checkpoints", settings.workspace]))
         return 1
     finally:
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:

@@ -132,12 +132,16 @@ class Worker:
             tee.join(timeout=5)
         _kill_group(proc.pid, signal.SIGKILL)  # whatever the job left behind in its group
         status, error = self._outcome(proc.returncode, reason, run_dir)
-        if status == "interrupted":
+        retryable = status == "failed" and (reason == "lost" or (reason is None and proc.returncode < 0))
+        if retryable and job.attempts < job.max_attempts:
+            status, error = "interrupted", (f"attempt {job.attempts} of {job.max_attempts} {error}; "
+                                            "it goes back to the queue and resumes from its last checkpoint")
+        if status == "interrupted":  # back in the queue: a stopped worker, or a retry
             with open(log_path, "a") as log:
                 log.write(f"[lab] {error}\n")
             queue.requeue(s, job.id, self.id, error)
             queue.worker_seen(s, self.id, "idle")
-            self.say(f"job {job.id} interrupted: back in the queue")
+            self.say(f"job {job.id} back in the queue: {error}")
             return "queued"
         queue.finish(s, job.id, self.id, status, exit_code=proc.returncode, error=error, log_tail=log_tail(log_path))
         queue.worker_seen(s, self.id, "idle")

@@ -269,6 +269,8 @@ def run_cmd(
     experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="[default: default]")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Parameter as key=value; repeatable.")] = None,
     priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, max=20, help="Starts allowed: a killed or "
+                                              "lost job is retried from its last checkpoint.")] = 1,
     from_job_json: Annotated[Path | None, typer.Option("--from-job-json", help="Repeat the run a job.json describes; "
                                                        "other options override it.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end; exit non-zero unless it completed.")]
@@ -287,7 +289,7 @@ def run_cmd(
     job_id = runs.submit(s, plugin, model=model or base.get("model"), dataset=dataset or base.get("dataset"),
                          experiment=experiment or base.get("experiment") or experiments.DEFAULT,
                          params={**base["params"], **plugins.parse_sets(sets or [])}, priority=priority,
-                         then_eval=_then_eval(then_eval, eval_dataset, eval_sets))
+                         then_eval=_then_eval(then_eval, eval_dataset, eval_sets), max_attempts=max_attempts)
     print(job_id)
     if wait:
         raise typer.Exit(_wait(s, job_id))

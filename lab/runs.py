@@ -68,20 +68,24 @@ def _follow_up(settings: Settings, then_eval: dict | None) -> dict | None:
 
 def submit(settings: Settings, plugin_id: str, *, model: str | None = None, dataset: str | None = None,
            experiment: str = experiments.DEFAULT, params: dict | None = None, priority: int = 0,
-           then_eval: dict | None = None, group: str | None = None, tags: list[str] | None = None) -> int:
+           then_eval: dict | None = None, group: str | None = None, tags: list[str] | None = None,
+           max_attempts: int = 1) -> int:
     """Validate everything, then queue the job and return its id (nothing is queued on error).
-    then_eval: an evaluation {plugin, dataset, params} queued on the output once the job completes."""
+    then_eval: an evaluation {plugin, dataset, params} queued on the output once the job completes.
+    max_attempts: how often the job may start; a killed or lost job is retried from its last checkpoint."""
     return submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
                        params_list=[params or {}], priority=priority, then_eval=then_eval, group=group,
-                       tags=tags)[0]
+                       tags=tags, max_attempts=max_attempts)[0]
 
 
 def submit_many(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
                 params_list: list[dict], priority: int = 0, then_eval: dict | None = None, group: str | None = None,
-                tags: list[str] | None = None) -> list[int]:
+                tags: list[str] | None = None, max_attempts: int = 1) -> list[int]:
     """Queue one job per parameter set, all or none (a sweep)."""
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise LabError(f"priority must be a whole number, got {priority!r}")
+    if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or not 1 <= max_attempts <= 20:
+        raise LabError(f"max attempts must be a whole number from 1 to 20, got {max_attempts!r}")
     if group is not None:
         check_name(group, "group")
     for tag in tags or []:
@@ -94,7 +98,7 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
     return queue.enqueue_many(settings, [
         {"experiment_id": experiment_id, "plugin": j["plugin"], "params": j["params"], "model_id": j["model_id"],
          "dataset_id": j["dataset_id"], "priority": priority, "group_name": group, "tags": list(tags or []),
-         "follow_up": follow} for j in jobs])
+         "follow_up": follow, "max_attempts": max_attempts} for j in jobs])
 
 
 def _wrong_format(plugin, ds) -> tuple[str, str]:
@@ -223,10 +227,10 @@ def _lineage(settings: Settings, job: dict, output_model: str | None) -> str:
     return registry.lineage_text(before + here)
 
 
-def clear_metrics(settings: Settings, job_id: int) -> int:
-    """Drop a job's metric points (a retried job starts its curves again); returns how many went."""
+def clear_metrics(settings: Settings, job_id: int, after_step: int = -1) -> int:
+    """Drop a job's metric points after `after_step` (a retry redoes those steps); returns how many went."""
     with session(settings) as s:
-        return s.execute(delete(Metric).where(Metric.job_id == job_id)).rowcount
+        return s.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > after_step)).rowcount
 
 
 def metrics(settings: Settings, job_ids: list[int], keys: list[str] | None = None) -> dict[int, dict[str, list]]:

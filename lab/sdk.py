@@ -31,6 +31,7 @@ class RunContext:
     dataset: dict | None = None  # dataset info: name, path, format, rows, ...
     report_to: list[str] = field(default_factory=list)  # ["wandb"] unless W&B is off
     perplexity: bool = False  # also log exp(loss) (pretraining)
+    resume_from: Path | None = None  # a retried job's last complete checkpoint: pass it to trainer.train()
     _last_cancel_check: float = 0.0
 
     @property

@@ -66,6 +66,7 @@ class Job(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     run_dir: Mapped[str | None] = mapped_column(Text, nullable=True)

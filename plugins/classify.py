@@ -108,7 +108,7 @@ def run(ctx, params: Params) -> None:
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
                       callbacks=[ctx.callback()])
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
 
     # the final scores on the held-out rows, and the confusion matrix
     if held_out is not None:

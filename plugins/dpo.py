@@ -100,7 +100,7 @@ def run(ctx, params: Params) -> None:
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
 
     # 6. save: the policy as a full model (LoRA merged in), so the next stage loads it like any model
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model

@@ -175,7 +175,7 @@ def run(ctx, params: Params) -> None:
     trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows),
                           processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
 
     # 6. save the policy as a full model
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model

@@ -84,7 +84,7 @@ def run(ctx, params: Params) -> None:
     trainer = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[ctx.callback()])
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
     final.save_pretrained(str(ctx.output_dir))
     tokenizer.save_pretrained(str(ctx.output_dir))

@@ -189,7 +189,7 @@ def run(ctx, params: Params) -> None:
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out, data_collator=collator,
                       callbacks=[ctx.callback()])
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     if held_out is not None and trainer.state.global_step % params.eval_steps:
         trainer.evaluate()
 

@@ -91,7 +91,7 @@ def run(ctx, params: Params) -> None:
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                             processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
     trainer.remove_callback(PrinterCallback)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     if held_out is not None:  # the final scores (evaluated again only if the last step was not an eval step)
         found = (trainer.evaluate() if trainer.state.global_step % params.eval_steps
                  else next(h for h in reversed(trainer.state.log_history) if "eval_loss" in h))

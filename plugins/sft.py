@@ -134,7 +134,7 @@ def run(ctx, params: Params) -> None:
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
     trainer.remove_callback(PrinterCallback)  # the lab's callback prints one tidier line per log
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
     if evaluation is not None and trainer.state.global_step % params.eval_steps:
         trainer.evaluate()  # the final eval loss, recorded by the lab's callback like every logged value
 

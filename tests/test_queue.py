@@ -22,75 +22,75 @@ def _enqueue(s, n=1, priority=0, plugin="instant"):
     return [queue.enqueue(s, experiment_id=exp, plugin=plugin, params={}, priority=priority) for _ in range(n)]
 
 
-def test_claim_order_is_priority_then_fifo(ws):
-    low = _enqueue(ws, 2)
-    high = _enqueue(ws, 1, priority=5)
-    claimed = [queue.claim_next(ws, "w:1").id for _ in range(3)]
+def test_claim_order_is_priority_then_fifo(any_ws):
+    low = _enqueue(any_ws, 2)
+    high = _enqueue(any_ws, 1, priority=5)
+    claimed = [queue.claim_next(any_ws, "w:1").id for _ in range(3)]
     assert claimed == [high[0], low[0], low[1]]
-    assert queue.claim_next(ws, "w:1") is None
+    assert queue.claim_next(any_ws, "w:1") is None
 
 
-def test_claim_marks_running_with_worker_and_times(ws):
-    (job_id,) = _enqueue(ws)
-    job = queue.claim_next(ws, "host:42")
+def test_claim_marks_running_with_worker_and_times(any_ws):
+    (job_id,) = _enqueue(any_ws)
+    job = queue.claim_next(any_ws, "host:42")
     assert (job.id, job.status, job.worker, job.attempts) == (job_id, "running", "host:42", 1)
     assert job.started_at is not None and job.heartbeat_at is not None
 
 
-def test_cancel_queued_job_leaves_the_queue(ws):
-    a, b = _enqueue(ws, 2)
-    assert queue.cancel(ws, a) == "cancelled"
-    assert queue.get(ws, a).status == "cancelled"
-    assert queue.claim_next(ws, "w:1").id == b
+def test_cancel_queued_job_leaves_the_queue(any_ws):
+    a, b = _enqueue(any_ws, 2)
+    assert queue.cancel(any_ws, a) == "cancelled"
+    assert queue.get(any_ws, a).status == "cancelled"
+    assert queue.claim_next(any_ws, "w:1").id == b
 
 
-def test_cancel_running_job_only_asks_the_worker(ws):
-    (job_id,) = _enqueue(ws)
-    queue.claim_next(ws, "w:1")
-    assert queue.cancel(ws, job_id) == "cancelling"
-    assert queue.get(ws, job_id).status == "running"
-    assert queue.cancel_requested(ws, job_id)
+def test_cancel_running_job_only_asks_the_worker(any_ws):
+    (job_id,) = _enqueue(any_ws)
+    queue.claim_next(any_ws, "w:1")
+    assert queue.cancel(any_ws, job_id) == "cancelling"
+    assert queue.get(any_ws, job_id).status == "running"
+    assert queue.cancel_requested(any_ws, job_id)
 
 
-def test_finished_jobs_cannot_be_cancelled_or_finished_twice(ws):
-    (job_id,) = _enqueue(ws)
-    queue.claim_next(ws, "w:1")
-    assert queue.finish(ws, job_id, "w:1", "completed", exit_code=0)
-    assert not queue.finish(ws, job_id, "w:1", "failed", exit_code=1)
-    assert queue.get(ws, job_id).status == "completed"
+def test_finished_jobs_cannot_be_cancelled_or_finished_twice(any_ws):
+    (job_id,) = _enqueue(any_ws)
+    queue.claim_next(any_ws, "w:1")
+    assert queue.finish(any_ws, job_id, "w:1", "completed", exit_code=0)
+    assert not queue.finish(any_ws, job_id, "w:1", "failed", exit_code=1)
+    assert queue.get(any_ws, job_id).status == "completed"
     with pytest.raises(LabError, match="already completed"):
-        queue.cancel(ws, job_id)
+        queue.cancel(any_ws, job_id)
 
 
-def test_only_the_owning_worker_finishes_a_job(ws):
-    (job_id,) = _enqueue(ws)
-    queue.claim_next(ws, "w:1")
-    assert not queue.finish(ws, job_id, "w:2", "completed", exit_code=0)
-    assert queue.get(ws, job_id).status == "running"
+def test_only_the_owning_worker_finishes_a_job(any_ws):
+    (job_id,) = _enqueue(any_ws)
+    queue.claim_next(any_ws, "w:1")
+    assert not queue.finish(any_ws, job_id, "w:2", "completed", exit_code=0)
+    assert queue.get(any_ws, job_id).status == "running"
 
 
-def test_priority_changes_only_for_queued_jobs(ws):
-    a, b = _enqueue(ws, 2)
-    assert queue.queue_position(ws, b) == 2
-    queue.set_priority(ws, b, 10)
-    assert queue.queue_position(ws, b) == 1
-    assert queue.claim_next(ws, "w:1").id == b
+def test_priority_changes_only_for_queued_jobs(any_ws):
+    a, b = _enqueue(any_ws, 2)
+    assert queue.queue_position(any_ws, b) == 2
+    queue.set_priority(any_ws, b, 10)
+    assert queue.queue_position(any_ws, b) == 1
+    assert queue.claim_next(any_ws, "w:1").id == b
     with pytest.raises(LabError, match="only queued jobs"):
-        queue.set_priority(ws, b, 3)
+        queue.set_priority(any_ws, b, 3)
     with pytest.raises(LabError, match="no job 999"):
-        queue.set_priority(ws, 999, 3)
+        queue.set_priority(any_ws, 999, 3)
 
 
-def test_reaper_fails_running_jobs_with_an_expired_lease(ws):
-    stale, fresh = _enqueue(ws, 2)
-    queue.claim_next(ws, "elsewhere:1")
-    queue.claim_next(ws, "elsewhere:2")
-    with session(ws) as s:
+def test_reaper_fails_running_jobs_with_an_expired_lease(any_ws):
+    stale, fresh = _enqueue(any_ws, 2)
+    queue.claim_next(any_ws, "elsewhere:1")
+    queue.claim_next(any_ws, "elsewhere:2")
+    with session(any_ws) as s:
         s.execute(update(Job).where(Job.id == stale).values(heartbeat_at=utcnow() - timedelta(seconds=600)))
-    assert queue.reap_stale(ws) == [stale]
-    job = queue.get(ws, stale)
+    assert queue.reap_stale(any_ws) == [stale]
+    job = queue.get(any_ws, stale)
     assert job.status == "failed" and "no heartbeat" in job.error
-    assert queue.get(ws, fresh).status == "running"
+    assert queue.get(any_ws, fresh).status == "running"
 
 
 CLAIMER = textwrap.dedent("""
@@ -107,8 +107,8 @@ CLAIMER = textwrap.dedent("""
 """)
 
 
-def test_several_processes_never_claim_the_same_job(ws, tmp_path):
-    ids = _enqueue(ws, 300)
+def test_several_processes_never_claim_the_same_job(any_ws, tmp_path):
+    ids = _enqueue(any_ws, 300)
     go = tmp_path / "go"
     procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, f"claimer:{n}", str(go)], stdout=subprocess.PIPE,
                               text=True) for n in range(4)]
@@ -119,5 +119,5 @@ def test_several_processes_never_claim_the_same_job(ws, tmp_path):
         assert p.returncode == 0
         claimed += [int(line) for line in stdout.split()]
     assert sorted(claimed) == sorted(ids), "every job claimed exactly once"
-    per_worker = {queue.get(ws, i).worker for i in ids}
+    per_worker = {queue.get(any_ws, i).worker for i in ids}
     assert len(per_worker) > 1, "the claims were spread over several processes"

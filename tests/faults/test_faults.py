@@ -1,0 +1,208 @@
+"""Faults the lab must survive without losing work or calling a failure a success."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import LabServer, wait_for_status, write_jsonl
+
+from jobs import queue
+from jobs.worker import Worker
+from lab import datasets, experiments, registry, runs
+from lab.settings import load
+
+FACTS = [{"prompt": "What is the capital of France?", "completion": "Paris"}] * 8
+
+
+@pytest.fixture
+def tiny(ws, tiny_model_dir, tmp_path):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "facts", write_jsonl(tmp_path / "facts.jsonl", FACTS))
+    return ws
+
+
+def _serve_in_thread(s) -> tuple[Worker, threading.Thread]:
+    worker = Worker(s, say=lambda m: None)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    return worker, thread
+
+
+def _wait_for(predicate, timeout: float = 60, what: str = "the condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen in {timeout} s")
+
+
+def test_a_killed_job_is_retried_from_its_last_checkpoint(tiny):
+    params = {"use_lora": "false", "max_steps": "60", "save_steps": "10", "learning_rate": "1e-3",
+              "batch_size": "2", "precision": "fp32"}
+    job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts", params=params, max_attempts=2)
+    worker, thread = _serve_in_thread(tiny)
+    try:
+        run_dir = Path(_wait_for(lambda: queue.get(tiny, job_id).run_dir, what="the run folder"))
+        _wait_for(lambda: (run_dir / "checkpoints" / "checkpoint-10" / "trainer_state.json").exists(), 120,
+                  "the first checkpoint")
+        os.kill(queue.get(tiny, job_id).pid, signal.SIGKILL)
+        assert wait_for_status(tiny, job_id, ("completed", "failed", "cancelled"), timeout=240) == "completed"
+    finally:
+        worker.stop.set()
+        thread.join(60)
+    job = runs.get_job(tiny, job_id)
+    assert job["attempts"] == 2 and job["run_dir"] == str(run_dir)
+    log = (run_dir / "log.txt").read_text()
+    assert "killed by SIGKILL" in log and "resuming from checkpoint-" in log
+    resumed_at = int(log.split("resuming from checkpoint-")[1].split()[0])
+    assert f"[lab] step {resumed_at + 1}/60" in log.split("resuming from")[1], "the step count goes on from there"
+    steps = [s for s, _, _ in runs.metrics(tiny, [job_id], ["loss"])[job_id]["loss"]]
+    assert steps == list(range(1, 61)), "every step once: the killed attempt's later points were dropped"
+
+
+def test_a_killed_job_without_attempts_left_fails_naming_the_signal(ws):
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "60"})
+    worker, thread = _serve_in_thread(ws)
+    try:
+        run_dir = Path(_wait_for(lambda: queue.get(ws, job_id).pid and queue.get(ws, job_id).run_dir))
+        _wait_for(lambda: (run_dir / "pid.txt").exists())
+        os.kill(queue.get(ws, job_id).pid, signal.SIGKILL)
+        assert wait_for_status(ws, job_id, timeout=30) == "failed"
+    finally:
+        worker.stop.set()
+        thread.join(30)
+    assert "killed by SIGKILL" in runs.get_job(ws, job_id)["error"]
+
+
+@pytest.mark.parametrize("attempts", [1, 2])
+def test_a_killed_worker_loses_its_job_to_the_lease(any_ws, monkeypatch, attempts):
+    monkeypatch.setenv("LAB_LEASE_S", "1.5")
+    s = load()
+    job_id = runs.submit(s, "sleeping", params={"seconds": "120"}, max_attempts=attempts)
+    worker = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.DEVNULL)
+    pid = _wait_for(lambda: queue.get(s, job_id).pid, what="the job's start")
+    worker.kill()
+    worker.wait()
+    _wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+              15, "the orphaned job process to stop")
+    time.sleep(2)  # past the lease
+    assert queue.reap_stale(s) == [job_id]
+    job = runs.get_job(s, job_id)
+    assert job["status"] == ("queued" if attempts == 2 else "failed")
+    assert "no heartbeat" in job["error"]
+
+
+def test_a_killed_server_leaves_nothing_running_and_its_job_finishes_after_restart(ws):
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "8"}, max_attempts=2)
+    server = LabServer(ws.workspace).start()
+    try:
+        wait_for_status(ws, job_id, ("running",), timeout=60)
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait()
+        # its workers notice, stop their jobs and put them back in the queue
+        assert wait_for_status(ws, job_id, ("queued",), timeout=30) == "queued"
+        assert not [j for j in runs.list_jobs(ws) if j["status"] == "running"]
+        server.start()
+        assert wait_for_status(ws, job_id, timeout=90) == "completed"
+    finally:
+        server.stop()
+
+
+def test_a_full_disk_during_a_checkpoint_fails_readably_and_keeps_earlier_checkpoints(tiny, tmp_path):
+    job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts",
+                         params={"use_lora": "false", "max_steps": "40", "save_steps": "2", "precision": "fp32"})
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2500k", "tmpfs", str(run_dir / "checkpoints")],
+                             capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        from sqlalchemy import update
+
+        from lab.db import session
+        from lab.tables import Job
+
+        with session(tiny) as db:  # the job's run folder, with its checkpoints on the small disk
+            db.execute(update(Job).where(Job.id == job_id).values(run_dir=str(run_dir)))
+        Worker(tiny, say=lambda m: None).serve(once=True)
+        job = runs.get_job(tiny, job_id)
+        assert job["status"] == "failed"
+        assert "the disk is full" in job["error"]
+        first = run_dir / "checkpoints" / "checkpoint-2"
+        assert (first / "trainer_state.json").is_file() and (first / "model.safetensors").is_file()
+        from transformers import AutoModelForCausalLM
+
+        assert AutoModelForCausalLM.from_pretrained(first) is not None, "the earlier checkpoint is intact"
+    finally:
+        subprocess.run(["umount", "-l", str(run_dir / "checkpoints")], capture_output=True)
+
+
+LOCKER_SQLITE = textwrap.dedent("""
+    import sqlite3, sys, time
+    db = sqlite3.connect(sys.argv[1], isolation_level=None)
+    db.execute("BEGIN EXCLUSIVE")
+    db.execute("UPDATE jobs SET priority = priority")
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+    db.execute("COMMIT")
+""")
+
+
+def test_a_long_writer_makes_workers_wait_not_crash(any_ws):
+    exp = experiments.get_or_create(any_ws, "default")
+    if any_ws.database_url.startswith("sqlite"):
+        path = any_ws.database_url.removeprefix("sqlite:///")
+        locker = subprocess.Popen([sys.executable, "-c", LOCKER_SQLITE, path, "3"], stdout=subprocess.PIPE, text=True)
+    else:
+        code = textwrap.dedent(f"""
+            import psycopg, time
+            with psycopg.connect({any_ws.database_url.replace('postgresql+psycopg', 'postgresql')!r}) as c:
+                c.execute("LOCK TABLE jobs IN EXCLUSIVE MODE")
+                print("locked", flush=True)
+                time.sleep(3)
+        """)
+        locker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    t0 = time.monotonic()
+    job_id = queue.enqueue(any_ws, experiment_id=exp, plugin="instant", params={"steps": 1})
+    Worker(any_ws, say=lambda m: None).serve(once=True)
+    locker.wait(30)
+    assert time.monotonic() - t0 > 1.5, "the writes waited for the lock"
+    assert runs.get_job(any_ws, job_id)["status"] == "completed"
+
+
+RACER = textwrap.dedent("""
+    import sys
+    from jobs import queue
+    from lab import settings
+    s = settings.load()
+    while (job := queue.claim_next(s, sys.argv[1])) is not None:
+        queue.finish(s, job.id, sys.argv[1], "completed", exit_code=0)
+        print(job.id, flush=True)
+""")
+
+
+def test_two_workers_racing_for_1000_jobs_run_each_exactly_once(any_ws):
+    exp = experiments.get_or_create(any_ws, "race")
+    ids = queue.enqueue_many(any_ws, [{"experiment_id": exp, "plugin": "instant", "params": {}}] * 1000)
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, f"racer:{n}"], stdout=subprocess.PIPE, text=True)
+              for n in range(2)]
+    done = []
+    for racer in racers:
+        out, _ = racer.communicate(timeout=300)
+        assert racer.returncode == 0
+        done.append([int(x) for x in out.split()])
+    assert sorted(done[0] + done[1]) == sorted(ids)
+    assert done[0] and done[1], "both workers took jobs"
+    assert {j["status"] for j in runs.list_jobs(any_ws, limit=2000)} == {"completed"}

@@ -10,7 +10,7 @@ import os
 import socket
 from datetime import timedelta
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, false, or_, select, true, update
 
 from lab.db import is_sqlite, read_session, session
 from lab.errors import LabError
@@ -41,14 +41,33 @@ def has_queued(settings: Settings) -> bool:
         return s.scalar(select(Job.id).where(Job.status == "queued").limit(1)) is not None
 
 
-def claim_next(settings: Settings, worker_id: str) -> Job | None:
-    """Move the most urgent queued job to running for `worker_id`, atomically; None when the queue is empty.
+def fits(free_devices: int, free_slots: int, owns_devices: bool):
+    """The SQL condition for a job that fits in a worker's free resources.
+
+    A job asking for devices=N > 0 needs N free accelerators; devices=0 needs a CPU slot; devices unset needs one
+    accelerator per process on a worker that owns accelerators, and a CPU slot on one that owns none.
+    """
+    cpu = true() if free_slots >= 1 else false()
+    if not owns_devices:
+        return and_(or_(Job.devices.is_(None), Job.devices == 0), cpu)
+    return or_(
+        and_(Job.devices.is_(None), Job.processes <= free_devices),
+        and_(Job.devices > 0, Job.devices <= free_devices),
+        and_(Job.devices == 0, cpu),
+    )
+
+
+def claim_next(settings: Settings, worker_id: str, *, free_devices: int = 0, free_slots: int = 1,
+               owns_devices: bool = False) -> Job | None:
+    """Move the most urgent queued job that fits the worker's free resources to running for `worker_id`,
+    atomically; None when none fits (or the queue is empty).
 
     One UPDATE ... WHERE id = (SELECT ... LIMIT 1) ... RETURNING, inside a write transaction (BEGIN IMMEDIATE on
     SQLite; FOR UPDATE SKIP LOCKED on PostgreSQL), so a job is never handed to two workers.
     """
     now = utcnow()
-    pick = select(Job.id).where(Job.status == "queued").order_by(Job.priority.desc(), Job.id).limit(1)
+    pick = (select(Job.id).where(Job.status == "queued", fits(free_devices, free_slots, owns_devices))
+            .order_by(Job.priority.desc(), Job.id).limit(1))
     if not is_sqlite(settings):
         pick = pick.with_for_update(skip_locked=True)
     stmt = (
@@ -219,15 +238,18 @@ def reap_stale(settings: Settings) -> list[int]:
 # --- workers ---------------------------------------------------------------------------------------------------
 
 
-def worker_seen(settings: Settings, worker_id: str, status: str, job_id: int | None = None) -> None:
+def worker_seen(settings: Settings, worker_id: str, status: str, job_id: int | None = None,
+                capacity: str | None = None) -> None:
     """Create or refresh a worker's row (its own heartbeat, shown in the UI and used by `lab run --wait`)."""
     host, pid = worker_id.split(":")[:2]
     with session(settings) as s:
         row = s.get(WorkerRow, worker_id)
         if row is None:
-            s.add(WorkerRow(id=worker_id, host=host, pid=int(pid), status=status, job_id=job_id))
+            s.add(WorkerRow(id=worker_id, host=host, pid=int(pid), status=status, job_id=job_id, capacity=capacity))
         else:
             row.status, row.job_id, row.heartbeat_at = status, job_id, utcnow()
+            if capacity is not None:
+                row.capacity = capacity
 
 
 def live_workers(settings: Settings) -> list[WorkerRow]:

@@ -52,11 +52,23 @@ def _git_commit() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _watch_parent(parent: int) -> None:
-    """Stop this job's whole process group when the worker that started it dies: no orphaned training."""
+    """Stop this job's whole process group when the worker that started it dies: no orphaned training.
+    Under torchrun the worker is the grandparent: it passes its pid as LAB_WORKER_PID."""
+    worker = int(os.environ.get("LAB_WORKER_PID") or 0)
     while True:
         time.sleep(1.0)
-        if os.getppid() != parent:
+        if (worker and not _alive(worker)) or (not worker and os.getppid() != parent):
             # no message: the log pipe went away with the worker, and writing to it would raise here
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
@@ -96,7 +108,8 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
     if job.attempts > 1:
         ctx.resume_from = latest_checkpoint(ctx.checkpoints_dir)
         step = int(ctx.resume_from.name.split("-")[-1]) if ctx.resume_from else -1
-        runs.clear_metrics(settings, job.id, after_step=step)
+        if ctx.is_main:
+            runs.clear_metrics(settings, job.id, after_step=step)
         ctx.log(f"[lab] attempt {job.attempts} of {job.max_attempts}: " + (
             f"resuming from {ctx.resume_from.name}" if ctx.resume_from else "no checkpoint, training starts over"))
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
@@ -106,12 +119,14 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         "params": params.model_dump(mode="json"), "seed": getattr(params, "seed", None), "priority": job.priority,
         "model": ctx.model, "dataset": ctx.dataset and {k: ctx.dataset[k] for k in ("id", "name", "format", "rows",
                                                                                   "fingerprint", "path")},
-        "worker": job.worker, "attempt": job.attempts, "created_at": job.created_at.isoformat(),
+        "worker": job.worker, "attempt": job.attempts, "processes": job.processes, "devices": job.devices,
+        "created_at": job.created_at.isoformat(),
         "started_at": (job.started_at or utcnow()).isoformat(), "versions": _versions(), "git_commit": _git_commit(),
         "command": runs.command_line(plugin.id, params.model_dump(mode="json", exclude_defaults=True),
                                 model and model.name, dataset and dataset.name, experiment.name),
     }
-    (ctx.run_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n")
+    if ctx.is_main:  # one writer under torchrun
+        (ctx.run_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n")
     return ctx, plugin, params
 
 
@@ -194,8 +209,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ctx, plugin, params = build_context(settings, job_id)
         ctx.log(f"[lab] job {job_id}: {plugin.id} in experiment {ctx.experiment}; folder {ctx.run_dir}")
+        if ctx.world_size > 1:
+            print(f"[lab] rank {ctx.rank} of {ctx.world_size} started (pid {os.getpid()})", flush=True)
         _setup_wandb(ctx)
         plugin.run(ctx, params)
+        if not ctx.is_main:
+            print(f"[lab] rank {ctx.rank} of {ctx.world_size} finished", flush=True)
+            return 0
         if not ctx.output_dir.is_dir() or not any(ctx.output_dir.iterdir()):
             raise LabError(f"plugin {plugin.id} returned but wrote nothing to {ctx.output_dir}")
         _queue_follow_up(ctx, _register_output(ctx))

@@ -56,51 +56,106 @@ def _kill_group(pid: int, sig: int) -> None:
 
 
 class Worker:
-    """One worker process (or a thread of `lab run --wait`). Runs one job at a time."""
+    """One worker process (or a thread of `lab run --wait`).
 
-    def __init__(self, settings: Settings, echo: bool = False, say=print):
+    It owns a set of accelerators (`gpus`, e.g. ["0", "1"]) and `slots` CPU job slots, and runs every claimed job
+    in a thread of its own while resources last: a job asking for N devices gets N of the free ones (as
+    CUDA_VISIBLE_DEVICES), a CPU job takes a slot.
+    """
+
+    def __init__(self, settings: Settings, echo: bool = False, say=print, gpus: list[str] | None = None,
+                 slots: int = 1):
         self.settings = settings
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.echo = echo
         self.say = say
+        self.gpus = list(gpus or [])
+        self.slots = slots
         self.stop = threading.Event()  # set by signal handlers or the owner thread: finish up and exit
+        self._lock = threading.Lock()
+        self._active: dict[int, tuple[threading.Thread, list[str], int]] = {}  # job -> (thread, devices, slots)
+
+    @property
+    def capacity(self) -> str:
+        gpus = f"gpus {','.join(self.gpus)}; " if self.gpus else ""
+        return f"{gpus}{self.slots} cpu slot{'s' if self.slots != 1 else ''}"
+
+    def _free(self) -> tuple[list[str], int]:
+        with self._lock:
+            used = [d for _, devices, _ in self._active.values() for d in devices]
+            slots = self.slots - sum(n for _, _, n in self._active.values())
+        return [d for d in self.gpus if d not in used], slots
+
+    def _reap_threads(self) -> None:
+        with self._lock:
+            for job_id in [j for j, (t, _, _) in self._active.items() if not t.is_alive()]:
+                del self._active[job_id]
+
+    @property
+    def busy(self) -> bool:
+        self._reap_threads()
+        return bool(self._active)
 
     # -- the loop -------------------------------------------------------------------------------------------
 
     def serve(self, *, once: bool = False, until_empty: bool = False, until_job: int | None = None) -> int:
-        """Run jobs until stopped. once: at most one job; until_empty: until the queue is empty;
-        until_job: until that job has ended. Returns the number of jobs run."""
+        """Run jobs until stopped. once: at most one job; until_empty: until the queue is empty (and the jobs
+        started have ended); until_job: until that job has ended. Returns the number of jobs run."""
         s = self.settings
         for job_id in queue.reap_stale(s):
-            self.say(f"job {job_id} had lost its worker: marked failed")
-        queue.worker_seen(s, self.id, "idle")
+            self.say(f"job {job_id} had lost its worker: marked failed or put back in the queue")
+        queue.worker_seen(s, self.id, "idle", capacity=self.capacity)
         ran = 0
         last_beat = last_reap = time.monotonic()
         try:
             while not self.stop.is_set():
+                self._reap_threads()
                 if until_job is not None and self._ended(until_job):
                     break
-                job = queue.claim_next(s, self.id) if queue.has_queued(s) else None
-                if job is not None:
-                    self.run_job(job)
-                    ran += 1
-                    last_beat = time.monotonic()
-                    if once:
-                        break
-                    continue
-                if once or until_empty:
+                if not (once and ran):
+                    job = self._claim() if queue.has_queued(s) else None
+                    if job is not None:
+                        self._start(job)
+                        ran += 1
+                        continue
+                if (once or until_empty) and not self.busy:
                     break
                 now = time.monotonic()
                 if now - last_beat >= s.heartbeat_s:
-                    queue.worker_seen(s, self.id, "idle")
+                    queue.worker_seen(s, self.id, "busy" if self.busy else "idle")
                     last_beat = now
                 if now - last_reap >= s.lease_s / 2:
                     queue.reap_stale(s)
                     last_reap = now
                 self.stop.wait(s.poll_s)
         finally:
+            self._join_all()
             queue.worker_seen(s, self.id, "stopped")
         return ran
+
+    def _claim(self) -> Job | None:
+        free, slots = self._free()
+        if not free and slots < 1:
+            return None
+        return queue.claim_next(self.settings, self.id, free_devices=len(free), free_slots=slots,
+                                owns_devices=bool(self.gpus))
+
+    def _start(self, job: Job) -> None:
+        """Give the claimed job its devices (or a CPU slot) and run it in a thread."""
+        free, _ = self._free()
+        wanted = job.processes if job.devices is None and self.gpus else (job.devices or 0)
+        devices, slots = (free[:wanted], 0) if wanted else ([], 1)
+        thread = threading.Thread(target=self.run_job, args=(job, devices), daemon=True, name=f"job-{job.id}")
+        with self._lock:
+            self._active[job.id] = (thread, devices, slots)
+        thread.start()
+
+    def _join_all(self) -> None:
+        with self._lock:
+            threads = [t for t, _, _ in self._active.values()]
+        for thread in threads:
+            thread.join()
+        self._reap_threads()
 
     def _ended(self, job_id: int) -> bool:
         with read_session(self.settings) as s:
@@ -108,20 +163,25 @@ class Worker:
 
     # -- one job --------------------------------------------------------------------------------------------
 
-    def run_job(self, job: Job) -> str:
-        """Run a claimed job to its end and record the outcome; returns the final status."""
+    def run_job(self, job: Job, devices: list[str] | None = None) -> str:
+        """Run a claimed job to its end and record the outcome; returns the final status.
+        devices: the accelerators it may use (CUDA_VISIBLE_DEVICES), on a worker that owns some."""
         s = self.settings
         with read_session(s) as db:
             experiment = db.get(Experiment, job.experiment_id).name
         run_dir = Path(job.run_dir) if job.run_dir else new_run_dir(s, experiment, job.id, job.plugin)
         log_path = run_dir / "log.txt"
-        self.say(f"job {job.id} ({job.plugin}) started; log: {log_path}")
+        on = f" on devices {','.join(devices)}" if devices else ""
+        self.say(f"job {job.id} ({job.plugin}){on} started; log: {log_path}")
         queue.worker_seen(s, self.id, "busy", job.id)
         env = {**os.environ, **s.env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+               "LAB_WORKER_PID": str(os.getpid())}
+        if self.gpus:  # only what was given to this job; a CPU job sees none
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(devices or [])
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "jobs.runner", str(job.id)],
+                job_command(job, env),
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=run_dir, env=env,
             )
@@ -140,13 +200,18 @@ class Worker:
             with open(log_path, "a") as log:
                 log.write(f"[lab] {error}\n")
             queue.requeue(s, job.id, self.id, error)
-            queue.worker_seen(s, self.id, "idle")
+            self._seen_after(job.id)
             self.say(f"job {job.id} back in the queue: {error}")
             return "queued"
         queue.finish(s, job.id, self.id, status, exit_code=proc.returncode, error=error, log_tail=log_tail(log_path))
-        queue.worker_seen(s, self.id, "idle")
+        self._seen_after(job.id)
         self.say(f"job {job.id} {status}" + (f": {error}" if error and status != "completed" else ""))
         return status
+
+    def _seen_after(self, job_id: int) -> None:
+        with self._lock:
+            others = [j for j in self._active if j != job_id]
+        queue.worker_seen(self.settings, self.id, "busy" if others else "idle", others[0] if others else None)
 
     def _tee(self, proc: subprocess.Popen, log) -> None:
         fd = proc.stdout.fileno()
@@ -206,6 +271,16 @@ class Worker:
         if code < 0:
             return "failed", f"killed by {_signal_name(code)}"
         return "failed", f"exited with code {code}"
+
+
+def job_command(job: Job, env: dict) -> list[str]:
+    """The job process's argument list: the runner, or torchrun starting one runner per process."""
+    if job.processes <= 1:
+        return [sys.executable, "-m", "jobs.runner", str(job.id)]
+    # each rank gets its share of the cores (torchrun would set 1 thread per process otherwise)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // job.processes)))
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={job.processes}",
+            "--module", "jobs.runner", str(job.id)]
 
 
 def stop_with_parent(worker: Worker, every_s: float = 1.0) -> None:

@@ -271,6 +271,11 @@ def run_cmd(
     priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
     max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, max=20, help="Starts allowed: a killed or "
                                               "lost job is retried from its last checkpoint.")] = 1,
+    processes: Annotated[int, typer.Option("--processes", min=1, max=64, help="Run data-parallel in this many "
+                                           "processes (torchrun); sft, pretrain, classify.")] = 1,
+    devices: Annotated[int | None, typer.Option("--devices", min=0, max=64, help="Accelerators the job needs "
+                                                "[default: one per process on a worker with GPUs, else none].")]
+    = None,
     from_job_json: Annotated[Path | None, typer.Option("--from-job-json", help="Repeat the run a job.json describes; "
                                                        "other options override it.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end; exit non-zero unless it completed.")]
@@ -289,7 +294,8 @@ def run_cmd(
     job_id = runs.submit(s, plugin, model=model or base.get("model"), dataset=dataset or base.get("dataset"),
                          experiment=experiment or base.get("experiment") or experiments.DEFAULT,
                          params={**base["params"], **plugins.parse_sets(sets or [])}, priority=priority,
-                         then_eval=_then_eval(then_eval, eval_dataset, eval_sets), max_attempts=max_attempts)
+                         then_eval=_then_eval(then_eval, eval_dataset, eval_sets), max_attempts=max_attempts,
+                         processes=processes, devices=devices)
     print(job_id)
     if wait:
         raise typer.Exit(_wait(s, job_id))
@@ -493,19 +499,33 @@ def worker_cmd(
     echo: Annotated[bool, typer.Option("--echo", help="Also print the jobs' output here.")] = False,
     with_parent: Annotated[bool, typer.Option("--with-parent", help="Stop when the process that started this "
                                               "worker ends (how `lab serve` starts its workers).")] = False,
+    gpus: Annotated[str | None, typer.Option("--gpus", help="Accelerators this worker owns, e.g. 0,1: a job gets "
+                                             "the ones it asks for; jobs run side by side while they fit.")] = None,
+    slots: Annotated[int, typer.Option("--slots", min=0, max=64, help="CPU jobs this worker runs at once.")] = 1,
     workspace: WorkspaceOpt = None,
 ):
     """Run jobs from the queue until stopped (Ctrl-C or SIGTERM)."""
     from jobs.worker import Worker, install_signal_handlers, stop_with_parent
 
     s = _settings(workspace)
-    worker = Worker(s, echo=echo, say=lambda m: out.print(m))
+    worker = Worker(s, echo=echo, say=lambda m: out.print(m), gpus=_gpu_list(gpus), slots=slots)
     install_signal_handlers(worker)
     if with_parent:
         stop_with_parent(worker)
-    out.print(f"worker {worker.id} on {s.workspace} ({'once' if once else 'until empty' if until_empty else 'ready'})")
+    out.print(f"worker {worker.id} on {s.workspace}, {worker.capacity} "
+              f"({'once' if once else 'until empty' if until_empty else 'ready'})")
     n = worker.serve(once=once, until_empty=until_empty)
     out.print(f"worker {worker.id} stopped after {n} job(s)")
+
+
+def _gpu_list(text: str | None) -> list[str]:
+    """`--gpus 0,1` -> ["0", "1"]: distinct device numbers."""
+    if not text:
+        return []
+    ids = [part.strip() for part in text.split(",")]
+    if not all(i.isdigit() for i in ids) or len(set(ids)) != len(ids):
+        raise LabError(f"--gpus takes distinct device numbers separated by commas, e.g. 0,1; got {text!r}")
+    return ids
 
 
 DEMO_DATASET = "demo-instructions"

@@ -52,6 +52,7 @@ class Plugin:
     passthrough: bool = False
     model_kinds: tuple[str, ...] = ("full", "adapter")
     example: str = field(default="")
+    distributed: bool = False  # runs data-parallel under torchrun when a job asks for processes > 1
 
     @property
     def needs_dataset(self) -> bool:
@@ -99,6 +100,7 @@ def _load(module_name: str, origin: str) -> Plugin:
         origin=origin, needs_model=getattr(module, "NEEDS_MODEL", True),
         passthrough=getattr(module, "PASSTHROUGH", False), example=_example(doc),
         model_kinds=tuple(getattr(module, "MODEL_KINDS", ("full", "adapter"))),
+        distributed=bool(getattr(module, "DISTRIBUTED", False)),
     )
 
 

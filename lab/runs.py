@@ -69,18 +69,21 @@ def _follow_up(settings: Settings, then_eval: dict | None) -> dict | None:
 def submit(settings: Settings, plugin_id: str, *, model: str | None = None, dataset: str | None = None,
            experiment: str = experiments.DEFAULT, params: dict | None = None, priority: int = 0,
            then_eval: dict | None = None, group: str | None = None, tags: list[str] | None = None,
-           max_attempts: int = 1) -> int:
+           max_attempts: int = 1, devices: int | None = None, processes: int = 1) -> int:
     """Validate everything, then queue the job and return its id (nothing is queued on error).
     then_eval: an evaluation {plugin, dataset, params} queued on the output once the job completes.
-    max_attempts: how often the job may start; a killed or lost job is retried from its last checkpoint."""
+    max_attempts: how often the job may start; a killed or lost job is retried from its last checkpoint.
+    devices: accelerators the job needs (None: one per process where the worker owns any, else none);
+    processes: > 1 runs the plugin data-parallel under torchrun (plugins that support it)."""
     return submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
                        params_list=[params or {}], priority=priority, then_eval=then_eval, group=group,
-                       tags=tags, max_attempts=max_attempts)[0]
+                       tags=tags, max_attempts=max_attempts, devices=devices, processes=processes)[0]
 
 
 def submit_many(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
                 params_list: list[dict], priority: int = 0, then_eval: dict | None = None, group: str | None = None,
-                tags: list[str] | None = None, max_attempts: int = 1) -> list[int]:
+                tags: list[str] | None = None, max_attempts: int = 1, devices: int | None = None,
+                processes: int = 1) -> list[int]:
     """Queue one job per parameter set, all or none (a sweep)."""
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise LabError(f"priority must be a whole number, got {priority!r}")
@@ -90,7 +93,11 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
         check_name(group, "group")
     for tag in tags or []:
         check_name(tag, "tag")
+    _check_resources(devices, processes)
     jobs = [prepare(settings, plugin_id, model=model, dataset=dataset, params=p) for p in params_list]
+    if processes > 1 and not plugins.get(settings, plugin_id).distributed:
+        raise LabError(f"plugin {plugin_id} runs in one process: it cannot use processes={processes}",
+                       "leave processes at 1; sft, pretrain and classify run data-parallel")
     follow = _follow_up(settings, then_eval)
     if follow and jobs[0]["kind"] != "train":
         raise LabError("only a training run can have an evaluation queued after it")
@@ -98,7 +105,21 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
     return queue.enqueue_many(settings, [
         {"experiment_id": experiment_id, "plugin": j["plugin"], "params": j["params"], "model_id": j["model_id"],
          "dataset_id": j["dataset_id"], "priority": priority, "group_name": group, "tags": list(tags or []),
-         "follow_up": follow, "max_attempts": max_attempts} for j in jobs])
+         "follow_up": follow, "max_attempts": max_attempts, "devices": devices, "processes": processes}
+        for j in jobs])
+
+
+def _check_resources(devices, processes) -> None:
+    def whole(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not whole(processes) or not 1 <= processes <= 64:
+        raise LabError(f"processes must be a whole number from 1 to 64, got {processes!r}")
+    if devices is not None and (not whole(devices) or not 0 <= devices <= 64):
+        raise LabError(f"devices must be a whole number from 0 to 64, got {devices!r}")
+    if devices and processes > 1 and devices != processes:
+        raise LabError(f"a data-parallel job runs one process per device: devices={devices} but "
+                       f"processes={processes}", "give the same number for both, or devices=0 to run on CPU")
 
 
 def _wrong_format(plugin, ds) -> tuple[str, str]:
@@ -211,7 +232,8 @@ def get_job(settings: Settings, job_id: int) -> dict:
         out = _row(job, _names(s), _positions(s))
         output_model = s.scalar(select(Model.name).where(Model.job_id == job_id).order_by(Model.id).limit(1))
     out.update({"params": job.params, "run_dir": job.run_dir, "exit_code": job.exit_code, "pid": job.pid,
-                "attempts": job.attempts, "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
+                "attempts": job.attempts, "max_attempts": job.max_attempts, "devices": job.devices,
+                "processes": job.processes, "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
                 "output_model": output_model})
     out["lineage"] = _lineage(settings, out, output_model)
     return out

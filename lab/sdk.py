@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,20 @@ class RunContext:
     _last_cancel_check: float = 0.0
 
     @property
+    def rank(self) -> int:
+        """This process's rank under torchrun (0 when the job runs in one process)."""
+        return int(os.environ.get("RANK", "0"))
+
+    @property
+    def world_size(self) -> int:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs, records metrics and progress, and writes the outputs."""
+        return self.rank == 0
+
+    @property
     def output_dir(self) -> Path:
         return self.run_dir / "output"
 
@@ -49,11 +64,14 @@ class RunContext:
         return list(iter_rows(self.dataset["path"]))
 
     def log(self, message: str) -> None:
-        """A line in the run's log.txt (stdout goes there)."""
-        print(message, flush=True)
+        """A line in the run's log.txt (stdout goes there); rank 0 only under torchrun."""
+        if self.is_main:
+            print(message, flush=True)
 
     def log_metrics(self, step: int, values: dict[str, Any]) -> None:
-        """Store every finite number in `values` as a metric point at `step`."""
+        """Store every finite number in `values` as a metric point at `step` (rank 0 only under torchrun)."""
+        if not self.is_main:
+            return
         now = utcnow()
         points = [
             {"job_id": self.job_id, "step": int(step), "key": str(k), "value": float(v), "time": now}
@@ -65,6 +83,8 @@ class RunContext:
                 s.execute(insert(Metric), points)
 
     def set_progress(self, step: int, total: int | None) -> None:
+        if not self.is_main:
+            return
         queue.progress(self.settings, self.job_id, step, total)
 
     def cancelled(self) -> bool:
@@ -115,10 +135,17 @@ class RunContext:
                 try:
                     from lab.speed import peak_flops
 
-                    self._peak = peak_flops(ctx.settings.workspace, "bf16" if args.bf16 else "fp32")
+                    if ctx.is_main:  # measured (once per machine) by one process, not by ranks racing each other
+                        self._peak = peak_flops(ctx.settings.workspace, "bf16" if args.bf16 else "fp32")
                 except Exception as exc:  # MFU is a courtesy; training goes on without it
                     ctx.log(f"[lab] no matmul peak measured ({exc}): MFU will not be logged")
                 self._mark = (time.monotonic(), float(state.num_input_tokens_seen or 0))
+                if ctx.world_size > 1:
+                    import torch.distributed as dist
+
+                    backend = dist.get_backend() if dist.is_initialized() else "no process group"
+                    print(f"[lab] rank {ctx.rank} of {ctx.world_size}: data-parallel training ({backend}), "
+                          f"trainer world size {args.world_size}", flush=True)
                 ctx.set_progress(state.global_step, state.max_steps or None)
 
             def _speed(self, logs: dict, state) -> None:

@@ -67,6 +67,9 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))
+    # accelerators asked for: None = one per process on a worker that owns accelerators, none elsewhere
+    devices: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    processes: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))  # >1: torchrun
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     run_dir: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -107,6 +110,7 @@ class Worker(Base):
     pid: Mapped[int] = mapped_column(Integer)
     status: Mapped[str] = mapped_column(String(16), default="idle")  # idle, busy, stopped
     job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    capacity: Mapped[str | None] = mapped_column(String(256), nullable=True)  # e.g. "gpus 0,1; 1 cpu slot"
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -20,6 +20,7 @@ from lab.plugins import advanced
 
 ID = "classify"
 KIND = "train"
+DISTRIBUTED = True  # data-parallel under torchrun (the Trainer shards the data)
 ACCEPTS = ("classification",)
 DESCRIPTION = "Classification fine-tuning on text/label data, e.g. spam vs ham (LoRA or full)."
 
@@ -117,13 +118,16 @@ def run(ctx, params: Params) -> None:
         found, matrix = evaluation.classification_scores(labels, list(prediction.label_ids), predicted)
         ctx.log_metrics(trainer.state.global_step, {f"final/{k}": v for k, v in found.items()}
                         | {"final/majority_baseline": majority})
-        (ctx.run_dir / "eval").mkdir(exist_ok=True)
-        (ctx.run_dir / "eval" / "confusion_matrix.json").write_text(json.dumps(
-            {"labels": labels, "rows_are": "true label", "columns_are": "predicted label", "matrix": matrix,
-             **found, "majority_baseline": majority}, indent=2) + "\n")
+        if ctx.is_main:
+            (ctx.run_dir / "eval").mkdir(exist_ok=True)
+            (ctx.run_dir / "eval" / "confusion_matrix.json").write_text(json.dumps(
+                {"labels": labels, "rows_are": "true label", "columns_are": "predicted label", "matrix": matrix,
+                 **found, "majority_baseline": majority}, indent=2) + "\n")
         ctx.log(f"[lab] held-out accuracy {found['accuracy']:.3f} (majority class {majority:.3f}), "
                 f"macro F1 {found['macro_f1']:.3f}")
 
+    if not ctx.is_main:  # under torchrun, rank 0 saves
+        return
     # 6. save a plain classifier (LoRA merged in) with its label map, and the tokenizer
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
     final.save_pretrained(str(ctx.output_dir))

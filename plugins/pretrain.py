@@ -21,6 +21,7 @@ from lab.plugins import advanced
 
 ID = "pretrain"
 KIND = "train"
+DISTRIBUTED = True  # data-parallel under torchrun (the Trainer shards the data)
 ACCEPTS = ("text",)
 NEEDS_MODEL = "optional"  # none: from scratch; a model: continued pretraining
 DESCRIPTION = "Pretraining on raw text, causal or masked, from scratch or continued."
@@ -193,6 +194,8 @@ def run(ctx, params: Params) -> None:
     if held_out is not None and trainer.state.global_step % params.eval_steps:
         trainer.evaluate()
 
+    if not ctx.is_main:  # under torchrun, rank 0 saves
+        return
     # 6. save the model and its tokenizer
     trainer.model.save_pretrained(str(ctx.output_dir))
     tokenizer.save_pretrained(str(ctx.output_dir))

@@ -22,6 +22,7 @@ from lab.plugins import advanced
 
 ID = "sft"
 KIND = "train"
+DISTRIBUTED = True  # data-parallel under torchrun (the Trainer shards the data)
 ACCEPTS = ("chat", "alpaca", "prompt_completion")
 DESCRIPTION = "Supervised fine-tuning on instructions or conversations (TRL SFTTrainer; LoRA or full)."
 PASSTHROUGH = True
@@ -138,6 +139,8 @@ def run(ctx, params: Params) -> None:
     if evaluation is not None and trainer.state.global_step % params.eval_steps:
         trainer.evaluate()  # the final eval loss, recorded by the lab's callback like every logged value
 
+    if not ctx.is_main:  # under torchrun, rank 0 saves
+        return
     # 6. save: adapter (or full model) and tokenizer in HF format; optionally the merged model
     trainer.save_model(str(ctx.output_dir))
     tokenizer.save_pretrained(str(ctx.output_dir))

@@ -1,5 +1,7 @@
-"""Test plugin: sleeps without ever checking for cancellation; writes its pid to pid.txt in the run folder."""
+"""Test plugin: sleeps without ever checking for cancellation; writes its pid to pid.txt in the run folder, and
+what it was given (CUDA_VISIBLE_DEVICES, start and end times) to resources.json."""
 
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +22,7 @@ class Params(BaseModel):
 
 def run(ctx, params: Params) -> None:
     (ctx.run_dir / "pid.txt").write_text(str(os.getpid()))
+    started = time.time()
     if params.child:
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
         (ctx.run_dir / "child_pid.txt").write_text(str(child.pid))
@@ -27,4 +30,6 @@ def run(ctx, params: Params) -> None:
     deadline = time.monotonic() + params.seconds
     while time.monotonic() < deadline:
         time.sleep(0.05)
+    (ctx.run_dir / "resources.json").write_text(json.dumps(
+        {"devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "start": started, "end": time.time()}))
     (ctx.output_dir / "done.txt").write_text("slept\n")

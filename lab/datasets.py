@@ -30,6 +30,12 @@ SUFFIXES = {
     ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "txt",
 }
 DATA_FILE = "data.jsonl"
+MAX_ROW_CHARS = 8 * 1024 * 1024  # one row (a JSONL line, a CSV record) longer than this is a broken file
+
+
+def _too_long(n: int, place: str) -> str:
+    return (f"{place}: {n / 1e6:.1f} million characters in one row (the limit is {MAX_ROW_CHARS / 1e6:.1f} "
+            "million): is the whole file on one line?")
 
 
 @dataclass
@@ -56,6 +62,9 @@ def _read_jsonl(text: str) -> Loaded:
     out = Loaded([], [], [])
     for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
+            continue
+        if len(line) > MAX_ROW_CHARS:
+            out.problems.append(_too_long(len(line), f"line {n}"))
             continue
         try:
             out.rows.append(json.loads(line))
@@ -84,6 +93,7 @@ _EXTRA = "\0extra"  # where csv.DictReader puts the fields of a row longer than 
 
 
 def _read_csv(text: str) -> Loaded:
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_CHARS))  # long texts are fine; whole files are not
     reader = csv.DictReader(io.StringIO(text, newline=""), restkey=_EXTRA, restval=None)
     out = Loaded([], [], [])
     if not reader.fieldnames or not any(f.strip() for f in reader.fieldnames):
@@ -99,6 +109,9 @@ def _read_csv(text: str) -> Loaded:
                 continue
             if any(v is None for v in row.values()):
                 out.problems.append(f"{place}: fewer fields than the header's {len(reader.fieldnames)}")
+                continue
+            if (size := sum(len(v) for v in row.values())) > MAX_ROW_CHARS:
+                out.problems.append(_too_long(size, place))
                 continue
             out.rows.append(row)
             out.places.append(place)
@@ -127,6 +140,8 @@ def _read_txt(text: str) -> Loaded:
 def read_file(path: Path) -> Loaded:
     """Rows of a dataset file, with file-level errors raised and per-row parse problems collected."""
     path = Path(path)
+    if path.is_dir():
+        raise LabError(f"{path} is a folder", "give one data file (.jsonl, .json, .csv, .parquet or .txt)")
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise LabError(
@@ -170,9 +185,16 @@ def _label_types(rows: list[Any], places: list[str]) -> list[str]:
 
 def validate(loaded: Loaded, fmt: str | None, name: str) -> tuple[str, list[str]]:
     """The format (given or detected) and the columns; raises ValidationError listing every bad row."""
+    not_objects = [f"{place}: must be an object with named fields, got {type(row).__name__}"
+                   for row, place in zip(loaded.rows, loaded.places, strict=True) if not isinstance(row, dict)]
+    if not_objects:
+        raise ValidationError(f"{name} is not a table of rows ({len(not_objects)} problems):",
+                              loaded.problems + not_objects)
     columns = columns_of(loaded.rows)
     if fmt is None:
         fmt = formats.detect(columns)
+        if fmt is None and loaded.problems:  # unreadable lines first: they may be why no format shows
+            raise ValidationError(f"{name} could not be read ({len(loaded.problems)} problems):", loaded.problems)
         if fmt is None:
             raise LabError(
                 f"cannot tell the format of {name}: its columns are {', '.join(columns) or '(none)'}",

@@ -98,7 +98,7 @@ def test_at_most_20_problems_are_shown(ws, tmp_path):
         (b"\n\n", ".jsonl", None, "holds no rows"),
         (b'{"a": 1}\n', ".jsonl", None, "cannot tell the format"),
         (b'{"text": "caf\xe9"}\n', ".jsonl", None, "not UTF-8 text: undecodable byte 0xe9 on line 1"),
-        (b"[1, 2]", ".json", None, "cannot tell the format"),
+        (b"[1, 2]", ".json", None, "row 1: must be an object with named fields, got int"),
         (b'{"rows": [], "more": []}', ".json", None, "exactly one list"),
         (b"{broken", ".json", None, "invalid JSON"),
         (b"text,label\na,spam\nb,ham,extra\nc\n", ".csv", None, "row 2 (line 3): 3 fields, but the header has 2"),

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from jobs import queue
 from lab.db import read_session
 from lab.errors import CANCELLED_EXIT
-from lab.settings import Settings
+from lab.settings import Settings, read_secrets
 from lab.tables import TERMINAL_STATES, Experiment, Job
 from lab.workspace import new_run_dir
 
@@ -71,6 +71,8 @@ class Worker:
         self.say = say
         self.gpus = list(gpus or [])
         self.slots = slots
+        self.secrets = read_secrets(settings)  # given to job processes; never stored, masked in their logs
+        self._masks = [v.encode() for v in self.secrets.values() if len(v) >= 6]
         self.stop = threading.Event()  # set by signal handlers or the owner thread: finish up and exit
         self._lock = threading.Lock()
         self._active: dict[int, tuple[threading.Thread, list[str], int]] = {}  # job -> (thread, devices, slots)
@@ -176,7 +178,9 @@ class Worker:
         queue.worker_seen(s, self.id, "busy", job.id)
         env = {**os.environ, **s.env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-               "LAB_WORKER_PID": str(os.getpid())}
+               "LAB_WORKER_PID": str(os.getpid()),
+               "PYTHONSAFEPATH": "1",  # the run folder (the cwd) is not on the job's import path
+               **self.secrets}
         if self.gpus:  # only what was given to this job; a CPU job sees none
             env["CUDA_VISIBLE_DEVICES"] = ",".join(devices or [])
         with open(log_path, "ab") as log:
@@ -216,6 +220,8 @@ class Worker:
     def _tee(self, proc: subprocess.Popen, log) -> None:
         fd = proc.stdout.fileno()
         while chunk := os.read(fd, 65536):
+            for secret in self._masks:  # a job that prints a secret does not write it to its log
+                chunk = chunk.replace(secret, b"[secret]")
             log.write(chunk)
             log.flush()
             if self.echo:

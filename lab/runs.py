@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import shlex
 from collections import defaultdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import delete, select
 
@@ -264,7 +264,7 @@ def metrics(settings: Settings, job_ids: list[int], keys: list[str] | None = Non
         if keys:
             query = query.where(Metric.key.in_(keys))
         for job_id, key, step, value, t in s.execute(query.order_by(Metric.job_id, Metric.key, Metric.step)):
-            out[job_id][key].append([step, value, t.replace(tzinfo=timezone.utc).timestamp()])
+            out[job_id][key].append([step, value, t.replace(tzinfo=UTC).timestamp()])
     return {j: dict(v) for j, v in out.items()}
 
 

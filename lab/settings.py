@@ -6,6 +6,7 @@ Every setting has an environment variable; the command line's `--workspace` wins
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -24,12 +25,43 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "poll_s": ("LAB_POLL_S", "0.1", "How often an idle worker looks for queued jobs (a cheap read)."),
     "cancel_grace_s": ("LAB_CANCEL_GRACE_S", "3", "Seconds between SIGTERM and SIGKILL when a job is stopped."),
     "wandb": ("LAB_WANDB", "offline", "W&B logging: offline (files in the run folder), online, or off."),
+    "secrets_file": (
+        "LAB_SECRETS_FILE",
+        "<workspace>/secrets.env",
+        "KEY=VALUE lines (e.g. WANDB_API_KEY, HF_TOKEN) given to job processes only; owner-only permissions.",
+    ),
     "extra_plugins": (
         "LAB_EXTRA_PLUGINS",
         "",
         "Comma-separated importable module names loaded as plugins, beside built-ins and entry points.",
     ),
 }
+
+
+MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+SECRET_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+def read_secrets(settings: Settings) -> dict[str, str]:
+    """The secrets file's KEY=VALUE pairs ({} without a file). A file others can read is refused; errors name the
+    line, never the value."""
+    path = settings.secrets_path
+    if not path.is_file():
+        return {}
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise LabError(f"{path} can be read by other users (mode {mode:o}): it holds secrets",
+                       f"chmod 600 {path}")
+    out = {}
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        if not sep or not SECRET_KEY_RE.match(key.strip()):
+            raise LabError(f"{path} line {n}: expected KEY=VALUE with an upper-case key")
+        out[key.strip()] = value.strip().strip("'\"")
+    return out
 
 
 def _env(name: str) -> str | None:
@@ -58,6 +90,11 @@ class Settings:
     cancel_grace_s: float = 3.0
     wandb: str = "offline"
     extra_plugins: tuple[str, ...] = field(default_factory=tuple)
+    secrets_file: Path | None = None  # None: <workspace>/secrets.env
+
+    @property
+    def secrets_path(self) -> Path:
+        return self.secrets_file or self.workspace / "secrets.env"
 
     @property
     def env(self) -> dict[str, str]:
@@ -71,6 +108,7 @@ class Settings:
             "LAB_CANCEL_GRACE_S": str(self.cancel_grace_s),
             "LAB_WANDB": self.wandb,
             "LAB_EXTRA_PLUGINS": ",".join(self.extra_plugins),
+            "LAB_SECRETS_FILE": str(self.secrets_path),
         }
 
 
@@ -84,7 +122,13 @@ def load(workspace: str | Path | None = None) -> Settings:
     if wandb not in ("offline", "online", "off"):
         raise LabError(f"LAB_WANDB must be offline, online or off, got {wandb!r}")
     extra = tuple(m.strip() for m in (_env("extra_plugins") or "").split(",") if m.strip())
-    settings = Settings(workspace=ws, database_url=url, wandb=wandb, extra_plugins=extra)
+    for module in extra:  # plugin code comes from importable modules only, never from a file path or an upload
+        if not MODULE_RE.match(module):
+            raise LabError(f"LAB_EXTRA_PLUGINS takes importable module names such as my_pkg.my_plugin, "
+                           f"got {module!r}", "install the plugin's package (pip install -e PATH) and name its module")
+    secrets = _env("secrets_file")
+    settings = Settings(workspace=ws, database_url=url, wandb=wandb, extra_plugins=extra,
+                        secrets_file=Path(secrets).expanduser().resolve() if secrets else None)
     return replace(
         settings,
         lease_s=_float("lease_s"),

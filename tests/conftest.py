@@ -16,7 +16,8 @@ from lab.tables import TERMINAL_STATES
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
-FAKE_PLUGINS = "fake_plugins.instant,fake_plugins.failing,fake_plugins.sleeping,fake_plugins.silent"
+FAKE_PLUGINS = ("fake_plugins.instant,fake_plugins.failing,fake_plugins.sleeping,fake_plugins.silent,"
+                "fake_plugins.leaky")
 
 
 @pytest.fixture

@@ -1,0 +1,95 @@
+"""Security: no shell, plugin code only from importable modules, secrets given to jobs but never stored or logged,
+names and uploads kept inside the workspace."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, lab_cli
+from sqlalchemy import update
+
+from jobs import queue
+from jobs.worker import Worker
+from lab import db, runs, settings
+from lab.errors import LabError
+from lab.tables import Base, Job
+
+SECRET = "wandb-key-0123456789abcdef"
+
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node
+
+
+def test_no_user_string_reaches_a_shell():
+    """Subprocesses get argument lists: no shell=True, os.system or os.popen anywhere in the lab's code."""
+    found = []
+    for folder in ("lab", "jobs", "plugins"):
+        for path in (ROOT / folder).rglob("*.py"):
+            for call in _calls(ast.parse(path.read_text())):
+                name = ast.unparse(call.func)
+                if name in ("os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"):
+                    found.append(f"{path}:{call.lineno} {name}")
+                if any(k.arg == "shell" and not (isinstance(k.value, ast.Constant) and k.value.value is False)
+                       for k in call.keywords):
+                    found.append(f"{path}:{call.lineno} shell=")
+    assert found == []
+
+
+@pytest.mark.parametrize("value", ["/tmp/evil.py", "../plugins/x", "workspace/datasets/x/original.py", "a-b"])
+def test_extra_plugins_are_module_names_never_file_paths(ws, monkeypatch, value):
+    monkeypatch.setenv("LAB_EXTRA_PLUGINS", value)
+    with pytest.raises(LabError, match="importable module names"):
+        settings.load()
+
+
+def test_secrets_reach_the_job_but_not_its_log_record_or_database(ws, tmp_path, monkeypatch):
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text(f"# keys for the jobs\nWANDB_API_KEY={SECRET}\nexport HF_TOKEN='hf_abcdefgh'\n")
+    secrets.chmod(0o600)
+    monkeypatch.setenv("LAB_SECRETS_FILE", str(secrets))
+    s = settings.load()
+    job_id = runs.submit(s, "leaky")
+    Worker(s, say=lambda m: None).serve(once=True)
+    job = runs.get_job(s, job_id)
+    run_dir = Path(job["run_dir"])
+    assert job["status"] == "completed"
+    assert (run_dir / "output" / "seen.txt").read_text() == "WANDB_API_KEY,HF_TOKEN", "the job was given both"
+    assert "my key is [secret]" in (run_dir / "log.txt").read_text()
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert SECRET not in path.read_text(errors="replace"), path
+    with db.read_session(s) as session:
+        for table in Base.metadata.sorted_tables:
+            assert SECRET not in repr(session.execute(table.select()).all())
+
+
+def test_a_secrets_file_others_can_read_is_refused(ws, tmp_path, monkeypatch):
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text(f"WANDB_API_KEY={SECRET}\n")
+    secrets.chmod(0o644)
+    monkeypatch.setenv("LAB_SECRETS_FILE", str(secrets))
+    done = lab_cli("worker", "--once")
+    assert done.returncode == 2 and "can be read by other users (mode 644)" in done.stderr
+    assert "chmod 600" in done.stderr and SECRET not in done.stderr + done.stdout
+    secrets.chmod(0o600)
+    secrets.write_text("not a pair\n")
+    with pytest.raises(LabError, match="line 1: expected KEY=VALUE"):
+        Worker(settings.load(), say=lambda m: None)
+
+
+def test_a_job_cannot_import_code_from_its_run_folder(ws, tmp_path):
+    """The job process runs in its run folder, which is kept off its import path (PYTHONSAFEPATH): a file there
+    named like a library (here pydantic.py) is not imported in the library's place."""
+    job_id = runs.submit(ws, "instant")
+    folder = tmp_path / "run-folder"
+    folder.mkdir()
+    (folder / "pydantic.py").write_text("raise SystemExit('imported from the run folder')\n")
+    with db.session(ws) as session:  # the folder a retried job runs in again
+        session.execute(update(Job).where(Job.id == job_id).values(run_dir=str(folder)))
+    Worker(ws, say=lambda m: None).serve(once=True)
+    assert queue.get(ws, job_id).status == "completed", (folder / "log.txt").read_text()

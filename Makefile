@@ -47,6 +47,7 @@ bench: install
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/precision.py
 	$(BIN)/python bench/compare.py
+	$(BIN)/python bench/queue_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -10,7 +10,7 @@ import os
 import socket
 from datetime import timedelta
 
-from sqlalchemy import and_, false, or_, select, true, update
+from sqlalchemy import and_, false, or_, select, text, true, update
 
 from lab.db import is_sqlite, read_session, session
 from lab.errors import LabError
@@ -26,13 +26,22 @@ def enqueue(settings: Settings, *, experiment_id: int, plugin: str, params: dict
                                     "model_id": model_id, "dataset_id": dataset_id, "priority": priority}])[0]
 
 
+ANALYZE_AFTER = 500  # jobs queued at once
+
+
 def enqueue_many(settings: Settings, jobs: list[dict]) -> list[int]:
     """Queue several jobs (fields of Job) in one transaction: all or none."""
     with session(settings) as s:
         rows = [Job(status="queued", **fields) for fields in jobs]
         s.add_all(rows)
         s.flush()
-        return [row.id for row in rows]
+        ids = [row.id for row in rows]
+    if len(jobs) >= ANALYZE_AFTER and not is_sqlite(settings):
+        # PostgreSQL plans the claim from table statistics; after a big sweep they are stale until autovacuum
+        # comes round (up to a minute), and a stale plan sorts the whole queue on every claim
+        with session(settings) as s:
+            s.execute(text("ANALYZE jobs"))
+    return ids
 
 
 def has_queued(settings: Settings) -> bool:

@@ -61,7 +61,8 @@ def engine_for(settings: Settings) -> Engine:
                 else:
                     engine = create_engine(url, pool_pre_ping=True)
             except Exception as exc:  # bad URL, missing driver
-                raise LabError(f"cannot open database {url!r}: {exc}") from exc
+                shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+                raise LabError(f"cannot open database {shown!r}: {str(exc).replace(url, shown)}") from None
             _engines[url] = engine
         if url not in _ready:
             from lab.migrate import upgrade

@@ -86,8 +86,11 @@ class Job(Base):
     tags: Mapped[list] = mapped_column(JSON, default=list, server_default=text("'[]'"))
     follow_up: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # an evaluation to queue on success
 
-    __table_args__ = (Index("ix_jobs_status_priority", "status", "priority", "id"),
-                      Index("ix_jobs_group_name", "group_name"))
+    __table_args__ = (Index("ix_jobs_group_name", "group_name"),)
+
+
+# the claim's order (priority descending, then id): the claim reads one index entry however long the queue
+Index("ix_jobs_claim_order", Job.status, Job.priority.desc(), Job.id)
 
 
 class Metric(Base):

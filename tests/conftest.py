@@ -126,36 +126,13 @@ def lab_server(ws):
     server.stop()
 
 
-def _postgres_bin() -> Path | None:
-    import glob
-
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return Path(found[-1]).parent if found else None
-
-
 @pytest.fixture(scope="session")
 def postgres_server():
-    """A throwaway PostgreSQL cluster for the session (Debian's server binaries, run as the postgres user)."""
-    import shutil as sh
-    import tempfile
+    """A throwaway PostgreSQL server for the session (Debian's binaries; `make test` installs them)."""
+    from lab.pgserver import throwaway_server
 
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        raise AssertionError("PostgreSQL's server is not installed: `make test` installs it (Debian `postgresql`)")
-    root = Path(tempfile.mkdtemp(prefix="lab-pg-"))  # not under pytest's root-only folder: postgres must enter it
-    if os.geteuid() == 0:
-        sh.chown(root, "postgres")
-    port = free_port()
-    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run([*run_as, str(bin_dir / "initdb"), "-D", str(root / "data"), "--auth=trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w",
-                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections=200", "start"],
-                   check=True, capture_output=True)
-    yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
-    subprocess.run([*run_as, str(bin_dir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
-                   capture_output=True)
-    sh.rmtree(root, ignore_errors=True)
+    with throwaway_server() as url:
+        yield url
 
 
 _databases = iter(range(1, 1_000_000))
@@ -166,11 +143,8 @@ def any_ws(request, ws, monkeypatch):
     """The same settings as `ws`, on SQLite or on a fresh PostgreSQL database."""
     if request.param == "sqlite":
         return ws
-    server = request.getfixturevalue("postgres_server")
-    import psycopg
+    from lab.pgserver import create_database
 
-    name = f"lab_{os.getpid()}_{next(_databases)}"
-    with psycopg.connect(server.replace("postgresql+psycopg", "postgresql") + "/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    monkeypatch.setenv("LAB_DATABASE_URL", f"{server}/{name}")
+    url = create_database(request.getfixturevalue("postgres_server"), f"lab_{os.getpid()}_{next(_databases)}")
+    monkeypatch.setenv("LAB_DATABASE_URL", url)
     return settings.load()

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 
 from jobs import queue
 from lab.db import read_session
@@ -74,6 +75,7 @@ class Worker:
         self.secrets = read_secrets(settings)  # given to job processes; never stored, masked in their logs
         self._masks = [v.encode() for v in self.secrets.values() if len(v) >= 6]
         self.stop = threading.Event()  # set by signal handlers or the owner thread: finish up and exit
+        self._backoff_s = 0.0
         self._lock = threading.Lock()
         self._active: dict[int, tuple[threading.Thread, list[str], int]] = {}  # job -> (thread, devices, slots)
 
@@ -104,36 +106,67 @@ class Worker:
         """Run jobs until stopped. once: at most one job; until_empty: until the queue is empty (and the jobs
         started have ended); until_job: until that job has ended. Returns the number of jobs run."""
         s = self.settings
-        for job_id in queue.reap_stale(s):
+        for job_id in self._db(queue.reap_stale, s):
             self.say(f"job {job_id} had lost its worker: marked failed or put back in the queue")
-        queue.worker_seen(s, self.id, "idle", capacity=self.capacity)
+        self._db(queue.worker_seen, s, self.id, "idle", capacity=self.capacity)
         ran = 0
         last_beat = last_reap = time.monotonic()
         try:
             while not self.stop.is_set():
                 self._reap_threads()
-                if until_job is not None and self._ended(until_job):
-                    break
-                if not (once and ran):
-                    job = self._claim() if queue.has_queued(s) else None
-                    if job is not None:
-                        self._start(job)
-                        ran += 1
-                        continue
-                if (once or until_empty) and not self.busy:
-                    break
-                now = time.monotonic()
-                if now - last_beat >= s.heartbeat_s:
-                    queue.worker_seen(s, self.id, "busy" if self.busy else "idle")
-                    last_beat = now
-                if now - last_reap >= s.lease_s / 2:
-                    queue.reap_stale(s)
-                    last_reap = now
+                try:
+                    if until_job is not None and self._ended(until_job):
+                        break
+                    if not (once and ran):
+                        job = self._claim() if queue.has_queued(s) else None
+                        if job is not None:
+                            self._start(job)
+                            ran += 1
+                            continue
+                    if (once or until_empty) and not self.busy:
+                        break
+                    now = time.monotonic()
+                    if now - last_beat >= s.heartbeat_s:
+                        queue.worker_seen(s, self.id, "busy" if self.busy else "idle")
+                        last_beat = now
+                    if now - last_reap >= s.lease_s / 2:
+                        queue.reap_stale(s)
+                        last_reap = now
+                except OperationalError as exc:  # locked past the busy timeout, or the server is away
+                    self._back_off(exc)
+                    continue
+                self._backoff_s = 0.0
                 self.stop.wait(s.poll_s)
         finally:
             self._join_all()
-            queue.worker_seen(s, self.id, "stopped")
+            try:
+                queue.worker_seen(s, self.id, "stopped")
+            except OperationalError:
+                pass  # the lease tells the others
         return ran
+
+    def _back_off(self, exc: Exception) -> None:
+        """Wait before the next database call: 0.5 s, doubling up to 30 s, while the database cannot be used."""
+        self._backoff_s = min(max(self._backoff_s * 2, 0.5), 30.0)
+        reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+        self.say(f"worker {self.id}: the database cannot be used ({reason}); retrying in {self._backoff_s:.1f} s")
+        self.stop.wait(self._backoff_s)
+
+    def _db(self, fn, *args, patient: bool = False, **kwargs):
+        """Call a queue function, retrying with back-off while the database is locked or unreachable. Gives up when
+        the worker is stopped, unless `patient` (an outcome to record): then it tries for 10 minutes."""
+        deadline = time.monotonic() + 600
+        delay = 0.5
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except OperationalError as exc:
+                if (self.stop.is_set() and not patient) or time.monotonic() > deadline:
+                    raise
+                reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+                self.say(f"worker {self.id}: the database cannot be used ({reason}); retrying in {delay:.1f} s")
+                time.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def _claim(self) -> Job | None:
         free, slots = self._free()
@@ -163,19 +196,22 @@ class Worker:
         with read_session(self.settings) as s:
             return s.scalar(select(Job.status).where(Job.id == job_id)) in (*TERMINAL_STATES, None)
 
+    def _experiment_name(self, experiment_id: int) -> str:
+        with read_session(self.settings) as db:
+            return db.get(Experiment, experiment_id).name
+
     # -- one job --------------------------------------------------------------------------------------------
 
     def run_job(self, job: Job, devices: list[str] | None = None) -> str:
         """Run a claimed job to its end and record the outcome; returns the final status.
         devices: the accelerators it may use (CUDA_VISIBLE_DEVICES), on a worker that owns some."""
         s = self.settings
-        with read_session(s) as db:
-            experiment = db.get(Experiment, job.experiment_id).name
+        experiment = self._db(self._experiment_name, job.experiment_id, patient=True)
         run_dir = Path(job.run_dir) if job.run_dir else new_run_dir(s, experiment, job.id, job.plugin)
         log_path = run_dir / "log.txt"
         on = f" on devices {','.join(devices)}" if devices else ""
         self.say(f"job {job.id} ({job.plugin}){on} started; log: {log_path}")
-        queue.worker_seen(s, self.id, "busy", job.id)
+        self._db(queue.worker_seen, s, self.id, "busy", job.id, patient=True)
         env = {**os.environ, **s.env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
                "LAB_WORKER_PID": str(os.getpid()),
@@ -189,7 +225,7 @@ class Worker:
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=run_dir, env=env,
             )
-            queue.started(s, job.id, self.id, proc.pid, str(run_dir))
+            self._db(queue.started, s, job.id, self.id, proc.pid, str(run_dir), patient=True)
             tee = threading.Thread(target=self._tee, args=(proc, log), daemon=True)
             tee.start()
             reason = self._watch(job.id, proc)
@@ -203,11 +239,12 @@ class Worker:
         if status == "interrupted":  # back in the queue: a stopped worker, or a retry
             with open(log_path, "a") as log:
                 log.write(f"[lab] {error}\n")
-            queue.requeue(s, job.id, self.id, error)
+            self._db(queue.requeue, s, job.id, self.id, error, patient=True)
             self._seen_after(job.id)
             self.say(f"job {job.id} back in the queue: {error}")
             return "queued"
-        queue.finish(s, job.id, self.id, status, exit_code=proc.returncode, error=error, log_tail=log_tail(log_path))
+        self._db(queue.finish, s, job.id, self.id, status, exit_code=proc.returncode, error=error,
+                 log_tail=log_tail(log_path), patient=True)
         self._seen_after(job.id)
         self.say(f"job {job.id} {status}" + (f": {error}" if error and status != "completed" else ""))
         return status
@@ -215,7 +252,8 @@ class Worker:
     def _seen_after(self, job_id: int) -> None:
         with self._lock:
             others = [j for j in self._active if j != job_id]
-        queue.worker_seen(self.settings, self.id, "busy" if others else "idle", others[0] if others else None)
+        status, current = ("busy", others[0]) if others else ("idle", None)
+        self._db(queue.worker_seen, self.settings, self.id, status, current, patient=True)
 
     def _tee(self, proc: subprocess.Popen, log) -> None:
         fd = proc.stdout.fileno()
@@ -242,13 +280,16 @@ class Worker:
             if reason is not None:
                 continue
             now = time.monotonic()
-            if now - last_beat >= s.heartbeat_s:
-                last_beat = now
-                queue.worker_seen(s, self.id, "busy", job_id)
-                if not queue.heartbeat(s, job_id, self.id):
-                    reason = "lost"  # the job was taken from us (reaped): stop the process
-            if reason is None and queue.cancel_requested(s, job_id):
-                reason = "cancel"
+            try:
+                if now - last_beat >= s.heartbeat_s:
+                    last_beat = now
+                    queue.worker_seen(s, self.id, "busy", job_id)
+                    if not queue.heartbeat(s, job_id, self.id):
+                        reason = "lost"  # the job was taken from us (reaped): stop the process
+                if reason is None and queue.cancel_requested(s, job_id):
+                    reason = "cancel"
+            except OperationalError:
+                pass  # the database is locked or away: the job goes on, the next beat tries again
             if reason is None and self.stop.is_set():
                 reason = "interrupted"
             if reason is not None:

@@ -182,6 +182,25 @@ def test_a_long_writer_makes_workers_wait_not_crash(any_ws):
     assert runs.get_job(any_ws, job_id)["status"] == "completed"
 
 
+def test_a_lock_held_past_the_busy_timeout_makes_the_worker_back_off_and_go_on(ws, monkeypatch):
+    """SQLite gives up on a lock after its busy timeout ("database is locked"): the worker says so, waits with
+    back-off and retries instead of crashing; the job then runs."""
+    from lab import db
+
+    db.dispose_all()
+    monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 300)
+    exp = experiments.get_or_create(ws, "default")
+    job_id = queue.enqueue(ws, experiment_id=exp, plugin="instant", params={"steps": 1})
+    path = ws.database_url.removeprefix("sqlite:///")
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER_SQLITE, path, "4"], stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    said = []
+    Worker(ws, say=said.append).serve(once=True)
+    locker.wait(30)
+    assert any("the database cannot be used (database is locked); retrying in" in m for m in said), said
+    assert runs.get_job(ws, job_id)["status"] == "completed"
+
+
 RACER = textwrap.dedent("""
     import sys
     from jobs import queue

@@ -81,7 +81,7 @@ class Worker:
 
     @property
     def capacity(self) -> str:
-        gpus = f"gpus {','.join(self.gpus)}; " if self.gpus else ""
+        gpus = f"gpus {','.join(self.gpus)} + " if self.gpus else ""
         return f"{gpus}{self.slots} cpu slot{'s' if self.slots != 1 else ''}"
 
     def _free(self) -> tuple[list[str], int]:

@@ -484,12 +484,16 @@ def serve_cmd(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 7860,
     workers: Annotated[int, typer.Option(min=0, max=64, help="Worker processes to start with the UI.")] = 1,
     password: Annotated[str | None, typer.Option(envvar="LAB_PASSWORD", help="Password for the user 'lab'.")] = None,
+    gpus: Annotated[str | None, typer.Option("--gpus", help="Accelerators the workers own, e.g. 0,1 (dealt out "
+                                             "among them).")] = None,
+    slots: Annotated[int, typer.Option("--slots", min=0, max=64, help="CPU jobs each worker runs at once.")] = 1,
     workspace: WorkspaceOpt = None,
 ):
     """Start the web UI on http://HOST:PORT with its worker processes."""
     from lab.serve import serve
 
-    serve(_settings(workspace), host, port, workers, password, say=lambda m: out.print(m, markup=False))
+    serve(_settings(workspace), host, port, workers, password, say=lambda m: out.print(m, markup=False),
+          gpus=_gpu_list(gpus), slots=slots)
 
 
 @app.command("worker")

@@ -289,8 +289,9 @@ def grid(items: list[str]) -> list[dict[str, str]]:
 
 def sweep(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
           base: dict, axes: list[str], group: str | None = None, priority: int = 0,
-          then_eval: dict | None = None) -> tuple[str, list[int]]:
-    """Queue every combination of the grid as one group; returns the group name and the job ids."""
+          then_eval: dict | None = None, **resources) -> tuple[str, list[int]]:
+    """Queue every combination of the grid as one group; returns the group name and the job ids.
+    resources: max_attempts, devices, processes, as for submit()."""
     with read_session(settings) as s:
         taken = set(s.scalars(select(Job.group_name).where(Job.group_name.is_not(None)).distinct()))
     if group in taken:
@@ -303,5 +304,5 @@ def sweep(settings: Settings, plugin_id: str, *, model: str | None, dataset: str
     combos = grid(axes)
     ids = submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
                       params_list=[{**base, **c} for c in combos], priority=priority, then_eval=then_eval,
-                      group=group)
+                      group=group, **resources)
     return group, ids

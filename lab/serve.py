@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lab import experiments
 from lab.errors import LabError
-from lab.settings import Settings
+from lab.settings import Settings, read_secrets
 
 LOOPBACK = ("localhost",)
 
@@ -29,12 +29,13 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def _start_worker(settings: Settings, n: int) -> subprocess.Popen:
+def _start_worker(settings: Settings, n: int, gpus: list[str] | None = None, slots: int = 1) -> subprocess.Popen:
     logs = settings.workspace / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = open(logs / f"worker-{n}.log", "ab")  # noqa: SIM115 (kept open for the worker's life)
+    owns = ["--gpus", ",".join(gpus)] if gpus else []
     return subprocess.Popen([sys.executable, "-m", "lab.cli", "worker", "--with-parent", "--workspace",
-                             str(settings.workspace)],
+                             str(settings.workspace), "--slots", str(slots), *owns],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, **settings.env})
 
@@ -52,13 +53,19 @@ def _stop_workers(procs: list[subprocess.Popen], grace: float) -> None:
             p.wait()
 
 
-def serve(settings: Settings, host: str, port: int, workers: int, password: str | None, say=print) -> None:
-    """Run the UI and `workers` worker processes until SIGINT or SIGTERM."""
+def serve(settings: Settings, host: str, port: int, workers: int, password: str | None, say=print,
+          gpus: list[str] | None = None, slots: int = 1) -> None:
+    """Run the UI and `workers` worker processes until SIGINT or SIGTERM. `gpus` are dealt out among the
+    workers (worker n owns every workers-th one), `slots` CPU job slots each."""
     if not is_loopback(host) and not password:
         raise LabError(f"binding to {host} makes the lab reachable from other machines: set a password",
                        "pass --password or set LAB_PASSWORD (user name: lab), or bind to 127.0.0.1")
     if workers < 0:
         raise LabError("--workers must be 0 or more")
+    if gpus and workers > len(gpus):
+        raise LabError(f"{workers} workers for {len(gpus)} GPU(s): each worker needs one at least",
+                       "one worker can run several jobs side by side: use --workers 1")
+    read_secrets(settings)  # a bad secrets file stops here, not in every worker
     experiments.get_or_create(settings, experiments.DEFAULT)
     from lab.ui.app import launch
 
@@ -76,7 +83,8 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
                                prevent_thread_lock=True)
         except OSError as exc:
             raise LabError(f"cannot listen on {host}:{port}: {exc}", "pick another port with --port") from None
-        procs = [_start_worker(settings, n) for n in range(1, workers + 1)]
+        owned = {n: (gpus or [])[n - 1::workers] for n in range(1, workers + 1)}
+        procs = [_start_worker(settings, n, owned[n], slots) for n in range(1, workers + 1)]
         # the dataset preview and the Train estimate use tokenizers: import transformers now, not on first click
         threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
         say(f"LLM Lab on {url}  (workspace {settings.workspace}; {workers} worker(s), logs in "
@@ -91,7 +99,7 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
             for i, p in enumerate(procs):
                 if p.poll() is not None:  # a worker died: start another, so the queue keeps moving
                     say(f"worker {i + 1} exited with code {p.returncode}; starting a new one")
-                    procs[i] = _start_worker(settings, i + 1)
+                    procs[i] = _start_worker(settings, i + 1, owned[i + 1], slots)
     finally:
         say("stopping the workers ...")
         _stop_workers(procs, settings.cancel_grace_s + 10)

@@ -39,8 +39,10 @@ def register(ui: UI) -> None:
     s = ui.settings
 
     @api_errors
-    def submit_job(plugin: str, model: str, dataset: str, experiment: str, params: str, priority: int) -> dict:
-        """Queue a job. `params` is a JSON object of parameter values; returns the new job."""
+    def submit_job(plugin: str, model: str, dataset: str, experiment: str, params: str, priority: int,
+                   processes: int = 1, devices: int | None = None, max_attempts: int = 1) -> dict:
+        """Queue a job. `params` is a JSON object of parameter values; processes > 1 runs it data-parallel;
+        devices: accelerators it needs (None: one per process on a worker with GPUs); returns the new job."""
         try:
             values = json.loads(params or "{}")
         except json.JSONDecodeError as exc:
@@ -48,7 +50,9 @@ def register(ui: UI) -> None:
         if not isinstance(values, dict):
             raise LabError("params must be a JSON object")
         job_id = runs.submit(s, plugin, model=model or None, dataset=dataset or None,
-                             experiment=experiment or "default", params=values, priority=int(priority or 0))
+                             experiment=experiment or "default", params=values, priority=int(priority or 0),
+                             processes=int(processes or 1), devices=None if devices in (None, "") else int(devices),
+                             max_attempts=int(max_attempts or 1))
         return runs.get_job(s, job_id)
 
     @api_errors

@@ -45,7 +45,8 @@ def workers_line(ui: UI) -> str:
     if not live:
         return "**No worker is running**: queued jobs wait until one starts (`lab serve` or `lab worker`)."
     busy = [w for w in live if w.status == "busy"]
-    return f"{len(live)} worker(s) alive, {len(busy)} busy."
+    owned = sorted({w.capacity for w in live if w.capacity})
+    return f"{len(live)} worker(s) alive, {len(busy)} busy" + (f" ({'; '.join(owned)})" if owned else "") + "."
 
 
 def build(ui: UI) -> None:

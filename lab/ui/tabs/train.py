@@ -52,6 +52,15 @@ def build(ui: UI) -> None:
                               lines=3, placeholder="learning_rate=1e-4,2e-4\nlora_r=8,16", scale=3)
             group = gr.Textbox(label="Group name (optional)", scale=1)
             sweep = gr.Button("Launch sweep", scale=1, elem_id="launch-sweep")
+    with gr.Accordion("Resources and retries", open=False), gr.Row():
+        processes = gr.Number(label="Processes", value=1, precision=0, minimum=1, maximum=64, scale=1,
+                              info="more than 1: data-parallel under torchrun (sft, pretrain, classify)")
+        devices = gr.Dropdown(label="Accelerators", choices=[("auto", "auto")] + [(str(n), str(n))
+                                                                                 for n in range(9)],
+                              value="auto", scale=1,
+                              info="auto: one per process on a worker with GPUs (`lab worker --gpus`), else CPU")
+        attempts = gr.Number(label="Attempts", value=1, precision=0, minimum=1, maximum=20, scale=1,
+                             info="a killed or lost job is retried from its last checkpoint")
     launch = gr.Button("Launch", variant="primary", elem_id="launch")
     message = gr.HTML(elem_id="train-message")
     if broken:
@@ -117,33 +126,43 @@ def build(ui: UI) -> None:
     def follow_up(evaluator, eval_ds):
         return {"plugin": evaluator, "dataset": eval_ds or None, "params": {}} if evaluator else None
 
-    def on_launch(evaluator, eval_ds, pid, model_name, ds_name, prio, experiment, *values):
+    def resources(n_processes, n_devices, n_attempts) -> dict:
+        return {"processes": int(n_processes or 1), "max_attempts": int(n_attempts or 1),
+                "devices": None if n_devices in (None, "", "auto") else int(n_devices)}
+
+    def on_launch(n_processes, n_devices, n_attempts, evaluator, eval_ds, pid, model_name, ds_name, prio, experiment,
+                  *values):
         try:
             params = split(pid, values)
             job_id = runs.submit(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
                                  experiment=experiment or "default", params=params, priority=int(prio or 0),
-                                 then_eval=follow_up(evaluator, eval_ds))
+                                 then_eval=follow_up(evaluator, eval_ds),
+                                 **resources(n_processes, n_devices, n_attempts))
         except LabError as exc:
             return refused(exc), gr.update(), gr.update()
         return "", gr.update(selected="run"), job_id
 
-    launch.click(on_launch, [then_eval, eval_dataset, *preview_inputs], [message, ui["tabs"], ui["run_job"]])
+    resource_inputs = [processes, devices, attempts]
+    launch.click(on_launch, [*resource_inputs, then_eval, eval_dataset, *preview_inputs],
+                 [message, ui["tabs"], ui["run_job"]])
 
-    def on_sweep(axes, name, evaluator, eval_ds, pid, model_name, ds_name, prio, experiment, *values):
+    def on_sweep(n_processes, n_devices, n_attempts, axes, name, evaluator, eval_ds, pid, model_name, ds_name, prio,
+                 experiment, *values):
         try:
             base = split(pid, values)
             group_name, ids = runs.sweep(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
                                          experiment=experiment or "default", base=base,
                                          axes=[line for line in (axes or "").splitlines() if line.strip()],
                                          group=(name or "").strip() or None, priority=int(prio or 0),
-                                         then_eval=follow_up(evaluator, eval_ds))
+                                         then_eval=follow_up(evaluator, eval_ds),
+                                         **resources(n_processes, n_devices, n_attempts))
         except LabError as exc:
             return refused(exc), gr.update(), gr.update(), gr.update()
         options = [(f"#{i} {pid} {model_name or ''}".strip(), str(i)) for i in ids]
         return ("", gr.update(selected="compare"), gr.update(choices=["all", group_name], value=group_name),
                 gr.update(choices=options, value=[v for _, v in options]))
 
-    sweep.click(on_sweep, [grid, group, then_eval, eval_dataset, *preview_inputs],
+    sweep.click(on_sweep, [*resource_inputs, grid, group, then_eval, eval_dataset, *preview_inputs],
                 [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]])
 
     def on_evaluator(evaluator):

@@ -102,6 +102,30 @@ def test_a_killed_worker_loses_its_job_to_the_lease(any_ws, monkeypatch, attempt
     assert "no heartbeat" in job["error"]
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return any(Path(f"/proc/{p}/stat").exists() and Path(f"/proc/{p}/stat").read_text().split()[4] == str(pgid)
+               and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z" for p in os.listdir("/proc") if p.isdigit())
+
+
+def test_a_killed_worker_takes_its_multi_process_job_with_it(tiny):
+    """Under torchrun the worker is the ranks' grandparent: they watch its pid (LAB_WORKER_PID) and stop the whole
+    group; a rank that prints to the log pipe the dead worker held also dies of it. Either way nothing survives."""
+    job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts", processes=2,
+                         params={"max_steps": "5000", "batch_size": "2", "precision": "fp32"})
+    worker = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.DEVNULL)
+    pgid = _wait_for(lambda: queue.get(tiny, job_id).pid, what="the job's start")
+    log = Path(_wait_for(lambda: queue.get(tiny, job_id).run_dir)) / "log.txt"
+    _wait_for(lambda: log.exists() and "rank 1 of 2: data-parallel training" in log.read_text(), 120,
+              "both ranks training")
+    worker.kill()
+    worker.wait()
+    _wait_for(lambda: not _group_alive(pgid), 20, "torchrun and both ranks to stop")
+
+
 def test_a_killed_server_leaves_nothing_running_and_its_job_finishes_after_restart(ws):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "8"}, max_attempts=2)
     server = LabServer(ws.workspace).start()

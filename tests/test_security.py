@@ -93,3 +93,19 @@ def test_a_job_cannot_import_code_from_its_run_folder(ws, tmp_path):
         session.execute(update(Job).where(Job.id == job_id).values(run_dir=str(folder)))
     Worker(ws, say=lambda m: None).serve(once=True)
     assert queue.get(ws, job_id).status == "completed", (folder / "log.txt").read_text()
+
+
+def test_an_uploaded_file_name_never_becomes_a_path(ws, tmp_path):
+    """Whatever the uploaded file is called, it is stored as original.<ext> in its dataset's own folder."""
+    from lab import datasets
+
+    odd = tmp_path / "..;rm -rf ~ $(touch pwned) ..jsonl"
+    odd.write_text('{"text": "hello"}\n')
+    before = {p for p in ws.workspace.rglob("*")} if ws.workspace.exists() else set()
+    datasets.add(ws, "odd", odd)
+    created = {p.relative_to(ws.workspace).as_posix() for p in ws.workspace.rglob("*")} - {
+        p.relative_to(ws.workspace).as_posix() for p in before}
+    created = {c for c in created if not c.startswith("lab.db")}
+    assert created == {"datasets", "datasets/odd", "datasets/odd/data.jsonl", "datasets/odd/original.jsonl",
+                       "datasets/odd/dataset.json"}
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()

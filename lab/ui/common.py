@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
+from sqlalchemy.exc import OperationalError
 
 from lab.errors import LabError
 from lab.settings import Settings
@@ -31,6 +33,21 @@ class UI:
         self.c[name] = component
 
 
+DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # back-off when the database is locked past its busy timeout or away
+
+
+def _with_db_retries(fn, *args, **kwargs):
+    """Call fn; on a database OperationalError (its transaction was rolled back) wait and call again."""
+    for delay in DB_RETRY_DELAYS:
+        try:
+            return fn(*args, **kwargs)
+        except OperationalError as exc:
+            log.warning("database busy or unreachable in %s (%s); retrying in %.1f s", fn.__name__,
+                        str(getattr(exc, "orig", exc)).splitlines()[0][:200], delay)
+            time.sleep(delay)
+    return fn(*args, **kwargs)
+
+
 def user_errors(fn, html: bool = True):
     """Run `fn`; a LabError becomes a gr.Error with its message (and hint), never a traceback.
     html: line breaks as <br> for the page's toasts; plain text for API clients."""
@@ -38,7 +55,11 @@ def user_errors(fn, html: bool = True):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return _with_db_retries(fn, *args, **kwargs)
+        except OperationalError as exc:
+            reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+            raise gr.Error(f"the database is busy or unreachable ({reason}); nothing was changed: try again",
+                           print_exception=False) from None
         except LabError as exc:
             text = str(exc).replace("\n", "<br>") if html else str(exc)
             raise gr.Error(text, print_exception=False) from None

@@ -225,6 +225,27 @@ def test_a_lock_held_past_the_busy_timeout_makes_the_worker_back_off_and_go_on(w
     assert runs.get_job(ws, job_id)["status"] == "completed"
 
 
+def test_the_ui_answers_while_a_writer_holds_the_database(ws):
+    """Reads never wait for a writer (WAL); a submission waits for the lock and then goes through."""
+    from gradio_client import Client
+
+    server = LabServer(ws.workspace, workers=0).start()
+    try:
+        client = Client(server.url, verbose=False)
+        path = ws.database_url.removeprefix("sqlite:///")
+        locker = subprocess.Popen([sys.executable, "-c", LOCKER_SQLITE, path, "4"], stdout=subprocess.PIPE,
+                                  text=True)
+        assert locker.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        assert client.predict("", "", api_name="/list_jobs") == []
+        assert time.monotonic() - t0 < 2, "a read does not wait for the writer"
+        job = client.predict("instant", "", "", "locked", "{}", 0, api_name="/submit_job")
+        assert time.monotonic() - t0 > 2, "the submission waited for the lock"
+        assert job["status"] == "queued" and locker.wait(30) == 0
+    finally:
+        server.stop()
+
+
 RACER = textwrap.dedent("""
     import sys
     from jobs import queue
@@ -249,3 +270,25 @@ def test_two_workers_racing_for_1000_jobs_run_each_exactly_once(any_ws):
     assert sorted(done[0] + done[1]) == sorted(ids)
     assert done[0] and done[1], "both workers took jobs"
     assert {j["status"] for j in runs.list_jobs(any_ws, limit=2000)} == {"completed"}
+
+
+def test_ui_handlers_retry_a_busy_database_then_say_why(monkeypatch):
+    import gradio as gr
+    from sqlalchemy.exc import OperationalError
+
+    from lab.ui import common
+
+    monkeypatch.setattr(common, "DB_RETRY_DELAYS", (0.01, 0.02))
+    calls = []
+
+    def flaky(fail_times):
+        calls.append(1)
+        if len(calls) <= fail_times:
+            raise OperationalError("UPDATE jobs", {}, Exception("database is locked"))
+        return "done"
+
+    assert common.user_errors(flaky)(2) == "done" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(gr.Error, match=r"the database is busy or unreachable \(database is locked\); nothing was"):
+        common.user_errors(flaky)(10)
+    assert len(calls) == 3

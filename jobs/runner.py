@@ -123,7 +123,8 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         "created_at": job.created_at.isoformat(),
         "started_at": (job.started_at or utcnow()).isoformat(), "versions": _versions(), "git_commit": _git_commit(),
         "command": runs.command_line(plugin.id, params.model_dump(mode="json", exclude_defaults=True),
-                                model and model.name, dataset and dataset.name, experiment.name),
+                                model and model.name, dataset and dataset.name, experiment.name,
+                                processes=job.processes, devices=job.devices, max_attempts=job.max_attempts),
     }
     if ctx.is_main:  # one writer under torchrun
         (ctx.run_dir / "job.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -136,7 +136,7 @@ def _wrong_format(plugin, ds) -> tuple[str, str]:
 
 
 def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str,
-                 priority: int = 0) -> str:
+                 priority: int = 0, processes: int = 1, devices: int | None = None, max_attempts: int = 1) -> str:
     """The `lab run` command that queues the same job (pass only the parameters that differ from defaults)."""
     parts = ["lab", "run", plugin]
     if model:
@@ -148,6 +148,12 @@ def command_line(plugin: str, params: dict, model: str | None, dataset: str | No
         parts += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     if priority:
         parts += ["--priority", str(priority)]
+    if processes != 1:
+        parts += ["--processes", str(processes)]
+    if devices is not None:
+        parts += ["--devices", str(devices)]
+    if max_attempts != 1:
+        parts += ["--max-attempts", str(max_attempts)]
     return shlex.join(parts)
 
 

@@ -103,7 +103,7 @@ def run(ctx, params: Params) -> None:
         warmup_steps=params.warmup_steps, weight_decay=params.weight_decay, logging_steps=params.logging_steps,
         eval_strategy="steps" if held_out else "no", eval_steps=params.eval_steps, save_strategy="no",
         seed=params.seed, data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, ddp_find_unused_parameters=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                       data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,

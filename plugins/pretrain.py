@@ -185,7 +185,7 @@ def run(ctx, params: Params) -> None:
         eval_strategy="steps" if held_out else "no", eval_steps=params.eval_steps,
         save_strategy="steps" if params.save_steps else "no", save_steps=params.save_steps or 500,
         seed=params.seed, data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
-        include_num_input_tokens_seen="all", dataloader_num_workers=0,
+        include_num_input_tokens_seen="all", dataloader_num_workers=0, ddp_find_unused_parameters=False,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out, data_collator=collator,
                       callbacks=[ctx.callback()])

@@ -123,6 +123,7 @@ def run(ctx, params: Params) -> None:
         eval_strategy="steps" if evaluation is not None else "no", eval_steps=params.eval_steps,
         save_strategy="steps" if params.save_steps else "no", save_steps=params.save_steps or 500,
         disable_tqdm=True, use_cpu=speed.device() == "cpu", dataloader_num_workers=0, bf16=bf16,
+        ddp_find_unused_parameters=False,  # every trainable weight takes part in each step (data-parallel runs)
     )
     config = SFTConfig(**{**kwargs, **params.extra_args})  # passed-through arguments win over the lab's choices
     already_adapter = isinstance(model, PeftModel)

@@ -89,7 +89,7 @@ def build(ui: UI) -> None:
 
     plugin.change(on_plugin, [plugin, dataset], [*groups, description, dataset, model])
 
-    def on_preview(pid, model_name, ds_name, prio, experiment, *values):
+    def on_preview(n_processes, n_devices, n_attempts, pid, model_name, ds_name, prio, experiment, *values):
         """The command line and the estimate for the form as it is; an earlier launch's complaint goes away."""
         if not pid:
             return "", "", ""
@@ -99,7 +99,12 @@ def build(ui: UI) -> None:
         except LabError as exc:
             return "", error_box(str(exc)), ""
         changed = resolved.model_dump(mode="json", exclude_defaults=True)
-        cmd = runs.command_line(pid, changed, model_name, ds_name, experiment or "default", int(prio or 0))
+        try:
+            extra = resources(n_processes, n_devices, n_attempts)
+        except (TypeError, ValueError):
+            extra = {}
+        cmd = runs.command_line(pid, changed, model_name, ds_name, experiment or "default", int(prio or 0),
+                                **extra)
         if not (model_name and ds_name):
             return cmd, "Pick a model and a dataset to see the estimate.", ""
         try:
@@ -113,9 +118,14 @@ def build(ui: UI) -> None:
                      f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters."), ""
 
     preview_inputs = [plugin, model, dataset, priority, ui["experiment"], *all_fields]
-    gr.on([c.change for c in preview_inputs], on_preview, preview_inputs, [command, estimate, message],
-          trigger_mode="always_last", show_progress="hidden")
-    ui["train_preview"] = (on_preview, preview_inputs, [command, estimate, message])
+    resource_inputs = [processes, devices, attempts]
+    gr.on([c.change for c in [*resource_inputs, *preview_inputs]], on_preview, [*resource_inputs, *preview_inputs],
+          [command, estimate, message], trigger_mode="always_last", show_progress="hidden")
+    ui["train_preview"] = (on_preview, [*resource_inputs, *preview_inputs], [command, estimate, message])
+
+    def resources(n_processes, n_devices, n_attempts) -> dict:
+        return {"processes": int(n_processes or 1), "max_attempts": int(n_attempts or 1),
+                "devices": None if n_devices in (None, "", "auto") else int(n_devices)}
 
     def refused(exc: LabError) -> str:
         if isinstance(exc, ValidationError):
@@ -125,10 +135,6 @@ def build(ui: UI) -> None:
 
     def follow_up(evaluator, eval_ds):
         return {"plugin": evaluator, "dataset": eval_ds or None, "params": {}} if evaluator else None
-
-    def resources(n_processes, n_devices, n_attempts) -> dict:
-        return {"processes": int(n_processes or 1), "max_attempts": int(n_attempts or 1),
-                "devices": None if n_devices in (None, "", "auto") else int(n_devices)}
 
     def on_launch(n_processes, n_devices, n_attempts, evaluator, eval_ds, pid, model_name, ds_name, prio, experiment,
                   *values):
@@ -142,7 +148,6 @@ def build(ui: UI) -> None:
             return refused(exc), gr.update(), gr.update()
         return "", gr.update(selected="run"), job_id
 
-    resource_inputs = [processes, devices, attempts]
     launch.click(on_launch, [*resource_inputs, then_eval, eval_dataset, *preview_inputs],
                  [message, ui["tabs"], ui["run_job"]])
 

@@ -205,7 +205,7 @@ def queue_position(settings: Settings, job_id: int) -> int | None:
         return len(s.scalars(ahead).all()) + 1
 
 
-def _process_alive(pid: int | None) -> bool:
+def process_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
@@ -230,7 +230,7 @@ def reap_stale(settings: Settings) -> list[int]:
         stale = s.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)).all()
         for job in stale:
             same_host = (job.worker or "").split(":")[0] == host
-            if same_host and _process_alive(job.pid):
+            if same_host and process_alive(job.pid):
                 continue  # its process still runs: it notices its lost worker and stops itself
             age = (utcnow() - job.heartbeat_at).total_seconds()
             why = (f"lost: no heartbeat from worker {job.worker} for {age:.0f} s (lease {settings.lease_s:.0f} s); "
@@ -267,4 +267,4 @@ def live_workers(settings: Settings) -> list[WorkerRow]:
     host = socket.gethostname()
     with read_session(settings) as s:
         rows = s.scalars(select(WorkerRow).where(WorkerRow.status != "stopped", WorkerRow.heartbeat_at >= cutoff))
-        return [w for w in rows if w.host != host or _process_alive(w.pid)]
+        return [w for w in rows if w.host != host or process_alive(w.pid)]

@@ -52,23 +52,13 @@ def _git_commit() -> str | None:
     return done.stdout.strip() or None if done.returncode == 0 else None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _watch_parent(parent: int) -> None:
     """Stop this job's whole process group when the worker that started it dies: no orphaned training.
     Under torchrun the worker is the grandparent: it passes its pid as LAB_WORKER_PID."""
     worker = int(os.environ.get("LAB_WORKER_PID") or 0)
     while True:
         time.sleep(1.0)
-        if (worker and not _alive(worker)) or (not worker and os.getppid() != parent):
+        if (worker and not queue.process_alive(worker)) or (not worker and os.getppid() != parent):
             # no message: the log pipe went away with the worker, and writing to it would raise here
             os.killpg(os.getpgrp(), signal.SIGKILL)
 

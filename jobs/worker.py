@@ -257,14 +257,24 @@ class Worker:
 
     def _tee(self, proc: subprocess.Popen, log) -> None:
         fd = proc.stdout.fileno()
-        while chunk := os.read(fd, 65536):
+        keep = max((len(m) for m in self._masks), default=1) - 1  # a secret may straddle two reads
+        held = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            data = held + chunk
             for secret in self._masks:  # a job that prints a secret does not write it to its log
-                chunk = chunk.replace(secret, b"[secret]")
-            log.write(chunk)
+                data = data.replace(secret, b"[secret]")
+            # hold back a tail that could be the start of a secret until the next read (or the end); secrets hold
+            # no newline, so everything up to the last one is safe and a finished line is never held
+            cut = len(data) if not chunk else max(len(data) - keep, data.rfind(b"\n") + 1)
+            out, held = data[:cut], data[cut:]
+            log.write(out)
             log.flush()
             if self.echo:
-                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.write(out)
                 sys.stdout.flush()
+            if not chunk:
+                break
 
     def _watch(self, job_id: int, proc: subprocess.Popen) -> str | None:
         """Wait for the job process; heartbeat; stop it on cancel or worker stop. Returns why it was stopped."""

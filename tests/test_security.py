@@ -109,3 +109,23 @@ def test_an_uploaded_file_name_never_becomes_a_path(ws, tmp_path):
     assert created == {"datasets", "datasets/odd", "datasets/odd/data.jsonl", "datasets/odd/original.jsonl",
                        "datasets/odd/dataset.json"}
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
+
+
+def test_a_secret_split_across_two_reads_is_still_masked(ws, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text(f"WANDB_API_KEY={SECRET}\n")
+    secrets.chmod(0o600)
+    monkeypatch.setenv("LAB_SECRETS_FILE", str(secrets))
+    worker = Worker(settings.load(), say=lambda m: None)
+    half = len(SECRET) // 2
+    code = (f"import sys, time; sys.stdout.write('key {SECRET[:half]}'); sys.stdout.flush(); time.sleep(0.3); "
+            f"sys.stdout.write('{SECRET[half:]} done\\nnext line\\n'); sys.stdout.flush()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    log = tmp_path / "log.txt"
+    with open(log, "wb") as out:
+        worker._tee(proc, out)
+    proc.wait()
+    assert log.read_text() == "key [secret] done\nnext line\n"

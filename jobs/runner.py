@@ -63,11 +63,16 @@ def _watch_parent(parent: int) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def checkpoint_step(folder: Path) -> int:
+    """The step of a Trainer checkpoint folder (checkpoint-<step>); -1 when the name carries none."""
+    tail = folder.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest complete Trainer checkpoint (trainer_state.json is written last) in `folder`."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()
-            and p.name.split("-")[-1].isdigit()]
-    return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and checkpoint_step(p) >= 0]
+    return max(done, key=checkpoint_step, default=None)
 
 
 def _model_info(model: Model | None, base: Model | None) -> dict | None:
@@ -97,7 +102,7 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
     )
     if job.attempts > 1:
         ctx.resume_from = latest_checkpoint(ctx.checkpoints_dir)
-        step = int(ctx.resume_from.name.split("-")[-1]) if ctx.resume_from else -1
+        step = checkpoint_step(ctx.resume_from) if ctx.resume_from else -1
         if ctx.is_main:
             runs.clear_metrics(settings, job.id, after_step=step)
         ctx.log(f"[lab] attempt {job.attempts} of {job.max_attempts}: " + (

@@ -185,8 +185,8 @@ def _label_types(rows: list[Any], places: list[str]) -> list[str]:
 
 def validate(loaded: Loaded, fmt: str | None, name: str) -> tuple[str, list[str]]:
     """The format (given or detected) and the columns; raises ValidationError listing every bad row."""
-    not_objects = [f"{place}: must be an object with named fields, got {type(row).__name__}"
-                   for row, place in zip(loaded.rows, loaded.places, strict=True) if not isinstance(row, dict)]
+    not_objects = [f"{place}: {problem}" for row, place in zip(loaded.rows, loaded.places, strict=True)
+                   if (problem := formats.object_problem(row))]
     if not_objects:
         raise ValidationError(f"{name} is not a table of rows ({len(not_objects)} problems):",
                               loaded.problems + not_objects)

@@ -135,10 +135,15 @@ CHECKS: dict[str, Callable[[dict], list[str]]] = {
 }
 
 
+def object_problem(row: Any) -> str | None:
+    """Why a row is not a row at all (not an object with named fields); None when it is one."""
+    return None if isinstance(row, dict) else f"must be an object with named fields, got {_type_name(row)}"
+
+
 def check_row(fmt: str, row: Any) -> list[str]:
     """What is wrong with one row in format `fmt` (an empty list when it is valid)."""
-    if not isinstance(row, dict):
-        return [f"must be an object with named fields, got {_type_name(row)}"]
+    if problem := object_problem(row):
+        return [problem]
     return CHECKS[fmt](row)
 
 

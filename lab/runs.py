@@ -85,10 +85,8 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
                 tags: list[str] | None = None, max_attempts: int = 1, devices: int | None = None,
                 processes: int = 1) -> list[int]:
     """Queue one job per parameter set, all or none (a sweep)."""
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise LabError(f"priority must be a whole number, got {priority!r}")
-    if not isinstance(max_attempts, int) or isinstance(max_attempts, bool) or not 1 <= max_attempts <= 20:
-        raise LabError(f"max attempts must be a whole number from 1 to 20, got {max_attempts!r}")
+    _check_whole(priority, "priority")
+    _check_whole(max_attempts, "max attempts", 1, 20)
     if group is not None:
         check_name(group, "group")
     for tag in tags or []:
@@ -109,14 +107,18 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
         for j in jobs])
 
 
-def _check_resources(devices, processes) -> None:
-    def whole(v):
-        return isinstance(v, int) and not isinstance(v, bool)
+def _check_whole(value, what: str, low: int | None = None, high: int | None = None) -> None:
+    """A whole number (not a bool), within [low, high] when they are given."""
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or (low is not None and not low <= value <= high):
+        within = f" from {low} to {high}" if low is not None else ""
+        raise LabError(f"{what} must be a whole number{within}, got {value!r}")
 
-    if not whole(processes) or not 1 <= processes <= 64:
-        raise LabError(f"processes must be a whole number from 1 to 64, got {processes!r}")
-    if devices is not None and (not whole(devices) or not 0 <= devices <= 64):
-        raise LabError(f"devices must be a whole number from 0 to 64, got {devices!r}")
+
+def _check_resources(devices, processes) -> None:
+    _check_whole(processes, "processes", 1, 64)
+    if devices is not None:
+        _check_whole(devices, "devices", 0, 64)
     if devices and processes > 1 and devices != processes:
         raise LabError(f"a data-parallel job runs one process per device: devices={devices} but "
                        f"processes={processes}", "give the same number for both, or devices=0 to run on CPU")

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from jobs import queue
-from lab.db import read_session
+from lab.db import read_session, unavailable_reason
 from lab.errors import CANCELLED_EXIT
 from lab.settings import Settings, read_secrets
 from lab.tables import TERMINAL_STATES, Experiment, Job
@@ -77,7 +77,7 @@ class Worker:
         self.stop = threading.Event()  # set by signal handlers or the owner thread: finish up and exit
         self._backoff_s = 0.0
         self._lock = threading.Lock()
-        self._active: dict[int, tuple[threading.Thread, list[str], int]] = {}  # job -> (thread, devices, slots)
+        self._active: dict[int, tuple[threading.Thread, list[str]]] = {}  # job -> (thread, its devices; [] = a slot)
 
     @property
     def capacity(self) -> str:
@@ -86,13 +86,13 @@ class Worker:
 
     def _free(self) -> tuple[list[str], int]:
         with self._lock:
-            used = [d for _, devices, _ in self._active.values() for d in devices]
-            slots = self.slots - sum(n for _, _, n in self._active.values())
+            used = [d for _, devices in self._active.values() for d in devices]
+            slots = self.slots - sum(1 for _, devices in self._active.values() if not devices)
         return [d for d in self.gpus if d not in used], slots
 
     def _reap_threads(self) -> None:
         with self._lock:
-            for job_id in [j for j, (t, _, _) in self._active.items() if not t.is_alive()]:
+            for job_id in [j for j, (t, _) in self._active.items() if not t.is_alive()]:
                 del self._active[job_id]
 
     @property
@@ -126,8 +126,8 @@ class Worker:
                     if (once or until_empty) and not self.busy:
                         break
                     now = time.monotonic()
-                    if now - last_beat >= s.heartbeat_s:
-                        queue.worker_seen(s, self.id, "busy" if self.busy else "idle")
+                    if now - last_beat >= s.heartbeat_s and not self.busy:  # a running job's watch beats for it
+                        queue.worker_seen(s, self.id, "idle")
                         last_beat = now
                     if now - last_reap >= s.lease_s / 2:
                         queue.reap_stale(s)
@@ -148,8 +148,8 @@ class Worker:
     def _back_off(self, exc: Exception) -> None:
         """Wait before the next database call: 0.5 s, doubling up to 30 s, while the database cannot be used."""
         self._backoff_s = min(max(self._backoff_s * 2, 0.5), 30.0)
-        reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
-        self.say(f"worker {self.id}: the database cannot be used ({reason}); retrying in {self._backoff_s:.1f} s")
+        self.say(f"worker {self.id}: the database cannot be used ({unavailable_reason(exc)}); "
+                 f"retrying in {self._backoff_s:.1f} s")
         self.stop.wait(self._backoff_s)
 
     def _db(self, fn, *args, patient: bool = False, **kwargs):
@@ -163,8 +163,8 @@ class Worker:
             except OperationalError as exc:
                 if (self.stop.is_set() and not patient) or time.monotonic() > deadline:
                     raise
-                reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
-                self.say(f"worker {self.id}: the database cannot be used ({reason}); retrying in {delay:.1f} s")
+                self.say(f"worker {self.id}: the database cannot be used ({unavailable_reason(exc)}); "
+                         f"retrying in {delay:.1f} s")
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
 
@@ -179,15 +179,15 @@ class Worker:
         """Give the claimed job its devices (or a CPU slot) and run it in a thread."""
         free, _ = self._free()
         wanted = job.processes if job.devices is None and self.gpus else (job.devices or 0)
-        devices, slots = (free[:wanted], 0) if wanted else ([], 1)
+        devices = free[:wanted]  # none: the job takes a CPU slot
         thread = threading.Thread(target=self.run_job, args=(job, devices), daemon=True, name=f"job-{job.id}")
         with self._lock:
-            self._active[job.id] = (thread, devices, slots)
+            self._active[job.id] = (thread, devices)
         thread.start()
 
     def _join_all(self) -> None:
         with self._lock:
-            threads = [t for t, _, _ in self._active.values()]
+            threads = [t for t, _ in self._active.values()]
         for thread in threads:
             thread.join()
         self._reap_threads()

@@ -96,6 +96,11 @@ def read_session(settings: Settings) -> Iterator[Session]:
         yield s
 
 
+def unavailable_reason(exc: Exception) -> str:
+    """The driver's first line for a database that is locked or away (an OperationalError), kept short."""
+    return str(getattr(exc, "orig", exc)).splitlines()[0][:200]
+
+
 def is_sqlite(settings: Settings) -> bool:
     return settings.database_url.startswith("sqlite")
 

@@ -12,6 +12,7 @@ from typing import Any
 import gradio as gr
 from sqlalchemy.exc import OperationalError
 
+from lab.db import unavailable_reason
 from lab.errors import LabError
 from lab.settings import Settings
 
@@ -43,7 +44,7 @@ def _with_db_retries(fn, *args, **kwargs):
             return fn(*args, **kwargs)
         except OperationalError as exc:
             log.warning("database busy or unreachable in %s (%s); retrying in %.1f s", fn.__name__,
-                        str(getattr(exc, "orig", exc)).splitlines()[0][:200], delay)
+                        unavailable_reason(exc), delay)
             time.sleep(delay)
     return fn(*args, **kwargs)
 
@@ -57,8 +58,8 @@ def user_errors(fn, html: bool = True):
         try:
             return _with_db_retries(fn, *args, **kwargs)
         except OperationalError as exc:
-            reason = str(getattr(exc, "orig", exc)).splitlines()[0][:200]
-            raise gr.Error(f"the database is busy or unreachable ({reason}); nothing was changed: try again",
+            raise gr.Error(f"the database is busy or unreachable ({unavailable_reason(exc)}); nothing was changed: "
+                           "try again",
                            print_exception=False) from None
         except LabError as exc:
             text = str(exc).replace("\n", "<br>") if html else str(exc)

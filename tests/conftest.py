@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from lab import db, settings
+from lab.pgserver import free_port
 from lab.tables import TERMINAL_STATES
 
 TESTS = Path(__file__).resolve().parent
@@ -68,14 +69,6 @@ def wait_for_status(s, job_id: int, statuses=TERMINAL_STATES, timeout: float = 1
             return status
         time.sleep(0.1)
     raise AssertionError(f"job {job_id} still {status} after {timeout} s")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LabServer:

@@ -487,13 +487,17 @@ def serve_cmd(
     gpus: Annotated[str | None, typer.Option("--gpus", help="Accelerators the workers own, e.g. 0,1 (dealt out "
                                              "among them).")] = None,
     slots: Annotated[int, typer.Option("--slots", min=0, max=64, help="CPU jobs each worker runs at once.")] = 1,
+    allowed_hosts: Annotated[str | None, typer.Option(
+        "--allowed-hosts", envvar="LAB_ALLOWED_HOSTS",
+        help="Further host names the lab answers to, comma-separated (a reverse proxy's name); '*' for any.")] = None,
     workspace: WorkspaceOpt = None,
 ):
     """Start the web UI on http://HOST:PORT with its worker processes."""
     from lab.serve import serve
 
+    names = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
     serve(_settings(workspace), host, port, workers, password, say=lambda m: out.print(m, markup=False),
-          gpus=_gpu_list(gpus), slots=slots)
+          gpus=_gpu_list(gpus), slots=slots, allowed_hosts=names)
 
 
 @app.command("worker")

@@ -7,6 +7,7 @@ import importlib
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -53,10 +54,23 @@ def _stop_workers(procs: list[subprocess.Popen], grace: float) -> None:
             p.wait()
 
 
+def _check_port(host: str, port: int) -> None:
+    """Say plainly when the address cannot be listened on (taken, or not this machine's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise LabError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                           "pick another port with --port") from None
+
+
 def serve(settings: Settings, host: str, port: int, workers: int, password: str | None, say=print,
-          gpus: list[str] | None = None, slots: int = 1) -> None:
+          gpus: list[str] | None = None, slots: int = 1, allowed_hosts: tuple[str, ...] = ()) -> None:
     """Run the UI and `workers` worker processes until SIGINT or SIGTERM. `gpus` are dealt out among the
-    workers (worker n owns every workers-th one), `slots` CPU job slots each."""
+    workers (worker n owns every workers-th one), `slots` CPU job slots each. The UI answers only requests
+    addressed to its own names (see lab.ui.guard); `allowed_hosts` adds names a proxy uses."""
     if not is_loopback(host) and not password:
         raise LabError(f"binding to {host} makes the lab reachable from other machines: set a password",
                        "pass --password or set LAB_PASSWORD (user name: lab), or bind to 127.0.0.1")
@@ -77,12 +91,11 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
     signal.signal(signal.SIGTERM, _handler)
     signal.signal(signal.SIGINT, _handler)
     procs: list[subprocess.Popen] = []
+    server = None
     try:
-        try:
-            _, url, _ = launch(settings, host, port, auth=("lab", password) if password else None,
-                               prevent_thread_lock=True)
-        except OSError as exc:
-            raise LabError(f"cannot listen on {host}:{port}: {exc}", "pick another port with --port") from None
+        _check_port(host, port)
+        server, url = launch(settings, host, port, auth=("lab", password) if password else None,
+                             allowed_hosts=allowed_hosts)
         owned = {n: (gpus or [])[n - 1::workers] for n in range(1, workers + 1)}
         procs = [_start_worker(settings, n, owned[n], slots) for n in range(1, workers + 1)]
         # the dataset preview and the Train estimate use tokenizers: import transformers now, not on first click
@@ -91,6 +104,8 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
             f"{Path(settings.workspace) / 'logs'})")
         if password:
             say(f"access needs the user name 'lab' and the password; the lab listens on {host}")
+        if allowed_hosts:
+            say(f"it also answers requests addressed to {', '.join(allowed_hosts)}")
         if not is_loopback(host):
             say(f"warning: {host} is not loopback: anyone who can reach this port and knows the password can use "
                 "the lab")
@@ -103,7 +118,6 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
     finally:
         say("stopping the workers ...")
         _stop_workers(procs, settings.cancel_grace_s + 10)
-        import gradio as gr
-
-        gr.close_all()
+        if server is not None:
+            server.close()
         say("stopped")

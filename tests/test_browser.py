@@ -5,6 +5,7 @@ Screenshots of every page land in test-artifacts/ for a person to look at.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -152,3 +153,65 @@ def test_compare_page_overlays_two_runs_and_shows_their_difference(ws, lab_serve
     board = page.locator("#compare-board").inner_text()
     assert f"#{ids[0]} instant" in board and "loss" in board
     _shot(page, "compare")
+
+
+XSS = "<img src=x onerror=alert(11)>"
+
+
+def test_text_from_users_and_files_never_runs_as_script(ws, lab_server, tiny_model_dir, tmp_path, page):
+    """The payload sits in every place the page shows user or file text: it must show literally, and no dialog
+    may fire anywhere."""
+    from jobs import queue
+    from lab import datasets, experiments
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    experiments.create(ws, "xss", notes=XSS)
+    datasets.add(ws, "cells", write_jsonl(tmp_path / "cells.jsonl", [{"text": XSS, "note": XSS}] * 3))
+    job_id = runs.submit(ws, "instant", experiment="xss")
+    claimed = queue.claim_next(ws, "test-worker")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "log.txt").write_text(f"step 1\n{XSS}\n")
+    queue.started(ws, job_id, "test-worker", 1, str(run_dir))
+    queue.finish(ws, claimed.id, "test-worker", "failed", exit_code=1, error=f"ValueError: {XSS}", log_tail=XSS)
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+
+    _tab(page, "Experiments")
+    assert XSS in page.locator("body").inner_text()
+    _tab(page, "Datasets")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": XSS, "content": "hi"}]}) + "\n")
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(bad))
+    page.wait_for_timeout(1000)
+    page.get_by_role("button", name="Import", exact=True).click()
+    assert XSS in _wait_for_text(page, "#dataset-report", "Nothing was stored", 30)
+    _choose(page, "dataset-browse", "cells")
+    page.wait_for_timeout(1500)
+    assert page.locator("body").inner_text().count(XSS) >= 3, "the cells show the text as it is"
+
+    _tab(page, "Train")
+    _choose(page, "train-model", "tiny")
+    page.get_by_text("Advanced parameters", exact=True).locator("visible=true").first.click()
+    page.get_by_label("extra_args").locator("visible=true").first.fill(json.dumps({XSS: 1}))
+    page.locator("#launch").click()
+    assert XSS in _wait_for_text(page, "#train-message", "Nothing was queued", 60)
+
+    page.goto(f"{lab_server.url}?job={job_id}")
+    assert XSS in _wait_for_text(page, "#run-failure", "This run failed", 30)
+    _wait_for_text(page, "#run-log", "step 1", 30)
+
+    _tab(page, "Models")
+    page.get_by_text("Export a model").click()
+    _choose(page, "export-model", "tiny")
+    page.get_by_label("Export name (optional)").fill(XSS)
+    page.get_by_role("button", name="Export", exact=True).click()
+    toast = _wait_for_text(page, '[data-testid="toast-body"]', "invalid export name", 30)
+    assert XSS in toast, "an error toast shows the name as it was typed"
+    for name in ("Jobs", "Compare", "Playground"):
+        _tab(page, name)
+    _shot(page, "xss-literal")
+    assert dialogs == []
+    assert page.locator("img[src=x]").count() == 0

@@ -90,8 +90,7 @@ def register(ui: UI) -> None:
     @api_errors
     def upload_dataset(name: str, file: FileData, format: str) -> dict:  # noqa: A002 (the API's word)
         """Validate an uploaded file and register it; `format` is 'auto' or a format name."""
-        path = file["path"] if isinstance(file, dict) else getattr(file, "path", file)
-        return _public(datasets_tab.import_file(ui, path, name, format))
+        return _public(datasets_tab.import_file(ui, file, name, format))
 
     for fn in (submit_job, list_jobs, get_job, cancel_job, job_metrics, list_models, list_datasets,
                upload_dataset):

@@ -3,6 +3,8 @@ every view is read from the database and the workspace, so reloads, extra tabs a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from lab import compare, experiments, registry
@@ -138,10 +140,46 @@ def build(settings: Settings) -> gr.Blocks:
     return demo
 
 
+def served_paths(settings: Settings) -> tuple[list[str], list[str]]:
+    """(allowed, blocked) for Gradio's file route: only what a user downloads on purpose (run artifacts, exports,
+    dataset files), never the database, the secrets file or the workers' logs, whatever path is asked."""
+    ws = settings.workspace
+    allowed = [ws / "experiments", ws / "exports", ws / "datasets"]
+    blocked = [settings.secrets_path, ws / "logs", ws / "lab.db", ws / "lab.db-wal", ws / "lab.db-shm",
+               ws / "lab.db-journal"]
+    if settings.database_url.startswith("sqlite:///"):
+        db_file = Path(settings.database_url.removeprefix("sqlite:///"))
+        blocked += [db_file, db_file.with_name(db_file.name + "-wal"), db_file.with_name(db_file.name + "-shm")]
+    return [str(p) for p in allowed], [str(p) for p in blocked]
+
+
 def launch(settings: Settings, host: str, port: int, auth: tuple[str, str] | None = None,
-           prevent_thread_lock: bool = False):
+           allowed_hosts: tuple[str, ...] = ()):
+    """Serve the lab on host:port behind the Guard (host names, origins, login throttle); returns (server, url).
+    The server runs in a thread: `server.close()` stops it."""
+    import uvicorn
+    from fastapi import FastAPI
+    from gradio.http_server import Server
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    from lab.ui.guard import Guard, HostPolicy
+
     demo = build(settings)
     demo.queue(default_concurrency_limit=8)
-    return demo.launch(server_name=host, server_port=port, auth=auth, prevent_thread_lock=prevent_thread_lock,
-                       allowed_paths=[str(settings.workspace)], css=CSS, theme=gr.themes.Soft(), quiet=True,
-                       footer_links=["api"], show_error=True)
+    allowed, blocked = served_paths(settings)
+    # our own CORS policy, which allows no other origin, replaces Gradio's (it trusts any origin when the Host
+    # header is not a loopback name); the Guard answers first
+    parent = FastAPI(middleware=[Middleware(Guard, policy=HostPolicy(host, port, allowed_hosts)),
+                                 Middleware(CORSMiddleware, allow_origins=[])],
+                     docs_url=None, redoc_url=None, openapi_url=None)
+    app = gr.mount_gradio_app(parent, demo, path="", auth=auth, allowed_paths=allowed, blocked_paths=blocked,
+                              css=CSS, theme=gr.themes.Soft(), footer_links=["api"], show_error=True,
+                              server_name=host, server_port=port)
+    # Gradio checks that input files were uploaded (not server paths) only once its Blocks count as launched,
+    # which mounting alone does not set
+    demo.has_launched = True
+    server = Server(uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning"))
+    server.run_in_thread()
+    shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return server, f"http://{shown}:{port}/"

@@ -15,11 +15,10 @@ from sqlalchemy.exc import OperationalError
 from lab.db import unavailable_reason
 from lab.errors import LabError
 from lab.settings import Settings
+from lab.ui.html import text as html_text
 
 log = logging.getLogger("lab.ui")
 TERMINAL = ("completed", "failed", "cancelled")
-STATUS_COLOURS = {"queued": "#6b7280", "running": "#2563eb", "completed": "#059669", "failed": "#dc2626",
-                  "cancelled": "#d97706"}
 
 
 @dataclass
@@ -58,17 +57,18 @@ def user_errors(fn, html: bool = True):
         try:
             return _with_db_retries(fn, *args, **kwargs)
         except OperationalError as exc:
-            raise gr.Error(f"the database is busy or unreachable ({unavailable_reason(exc)}); nothing was changed: "
-                           "try again",
-                           print_exception=False) from None
+            message = (f"the database is busy or unreachable ({unavailable_reason(exc)}); nothing was changed: "
+                       "try again")
+            raise gr.Error(html_text(message) if html else message, print_exception=False) from None
         except LabError as exc:
-            text = str(exc).replace("\n", "<br>") if html else str(exc)
+            text = html_text(str(exc)) if html else str(exc)
             raise gr.Error(text, print_exception=False) from None
         except gr.Error:
             raise
         except Exception as exc:
             log.exception("unexpected error in %s", fn.__name__)
-            raise gr.Error(f"unexpected {type(exc).__name__}: {exc}", print_exception=False) from None
+            message = f"unexpected {type(exc).__name__}: {exc}"
+            raise gr.Error(html_text(message) if html else message, print_exception=False) from None
 
     return wrapper
 
@@ -78,20 +78,3 @@ def duration(seconds: float | None) -> str:
         return ""
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def badge(status: str) -> str:
-    return (f'<span class="badge" style="background:{STATUS_COLOURS.get(status, "#6b7280")}">'
-            f"{status}</span>")
-
-
-def error_box(message: str) -> str:
-    from html import escape
-
-    return f'<div class="error-box">{escape(message).replace(chr(10), "<br>")}</div>'
-
-
-def ok_box(message: str) -> str:
-    from html import escape
-
-    return f'<div class="ok-box">{escape(message).replace(chr(10), "<br>")}</div>'

@@ -9,6 +9,7 @@ import pandas as pd
 from lab import compare, runs
 from lab.tables import JOB_STATES
 from lab.ui.common import UI, user_errors
+from lab.ui.html import md
 
 ALL = "all"
 
@@ -90,7 +91,7 @@ def build(ui: UI) -> None:
         # rank by an evaluation score when there is one, else by the final loss
         default = next((c for c in ranked if c.startswith("eval")), "loss" if "loss" in ranked else None)
         diff_cols, diff_rows = compare.config_diff(ui.settings, ids)
-        lines = "\n".join(f"- **{name}**: {chain}" for name, chain in compare.lineages(ui.settings, ids))
+        lines = "\n".join(f"- **{md(name)}**: {md(chain)}" for name, chain in compare.lineages(ui.settings, ids))
         return (gr.update(choices=keys, value=metric), _styled(columns, rows, best) if rows else None,
                 gr.update(choices=ranked, value=default or (ranked[0] if ranked else None)),
                 pd.DataFrame(diff_rows, columns=diff_cols) if ids else None,
@@ -121,7 +122,7 @@ def build(ui: UI) -> None:
         if column not in best:
             return ""
         row = next(r for r in rows if r["id"] == best[column])
-        return f"Best by **{column}**: **{row['run']}** ({row[column]:.4g})"
+        return f"Best by **{md(column)}**: **{md(row['run'])}** ({row[column]:.4g})"
 
     rank_by.change(user_errors(on_rank), [chosen, rank_by], [winner])
 

@@ -9,8 +9,10 @@ import gradio as gr
 import pandas as pd
 
 from lab import datasets, formats, preview, registry
-from lab.errors import LabError, ValidationError
-from lab.ui.common import UI, error_box, ok_box, user_errors
+from lab.errors import LabError
+from lab.ui.common import UI, user_errors
+from lab.ui.html import error_box, md, ok_box, problems_box
+from lab.workspace import inside
 
 COLUMNS = ["name", "format", "rows", "columns", "created_at"]
 PAGE = 10
@@ -41,18 +43,35 @@ def page_frame(ui: UI, name: str, page: int) -> tuple[pd.DataFrame, str]:
     rows = datasets.preview(ui.settings, name, PAGE, (page - 1) * PAGE)
     frame = pd.DataFrame([{"row": (page - 1) * PAGE + i + 1, **{c: _cell(r.get(c, "")) for c in info["columns"]}}
                           for i, r in enumerate(rows)], columns=["row", *info["columns"]])
-    summary = (f"**{name}**: {info['format']} ({formats.FORMATS[info['format']]}), {info['rows']} rows, "
-               f"columns {', '.join(info['columns'])}. Page {page} of {pages}; long texts are cut at "
+    summary = (f"**{md(name)}**: {info['format']} ({formats.FORMATS[info['format']]}), {info['rows']} rows, "
+               f"columns {md(', '.join(info['columns']))}. Page {page} of {pages}; long texts are cut at "
                f"{CELL_CHARS} characters. Fingerprint `{info['fingerprint'][:12]}`")
     return frame, summary
 
 
-def import_file(ui: UI, file: str | None, name: str, fmt: str) -> dict:
-    """Validate and register an uploaded file (shared with the `upload_dataset` API)."""
+def uploaded(file) -> Path:
+    """The path of a file that arrived through an upload to this server. Anything else (a plain path, a dict
+    naming a server file) is refused: reading the server's own files is a command-line matter."""
+    from gradio.utils import get_upload_folder
+
     if not file:
         raise LabError("choose a file to upload")
-    name = (name or "").strip() or Path(file).stem.replace(" ", "-")
-    return datasets.add(ui.settings, name, file, None if fmt in (None, "", "auto") else fmt)
+    path = file.get("path") if isinstance(file, dict) else getattr(file, "path", file)
+    if not isinstance(path, str):
+        raise LabError("the file must be uploaded with the request (gradio_client: handle_file(PATH))")
+    if not inside(Path(get_upload_folder()), Path(path)) or not Path(path).is_file():
+        raise LabError("only a file uploaded with the request can be imported here, not a path on the server",
+                       "upload it (gradio_client: handle_file(PATH)), or on the server run `lab datasets add NAME "
+                       "PATH`")
+    return Path(path).resolve()
+
+
+def import_file(ui: UI, file, name: str, fmt: str) -> dict:
+    """Validate and register an uploaded file (shared with the `upload_dataset` API)."""
+    path = uploaded(file)
+    name = (name or "").strip() or path.stem.replace(" ", "-")
+    return datasets.add(ui.settings, name, path, None if fmt in (None, "", "auto") else fmt,
+                        source=f"upload {path.name}")
 
 
 def build(ui: UI) -> None:
@@ -100,13 +119,8 @@ def build(ui: UI) -> None:
     def on_import(file, nm, f):
         try:
             info = import_file(ui, file, nm, f)
-        except ValidationError as exc:
-            items = "".join(f"<li>{p}</li>" for p in exc.problems[: exc.MAX_SHOWN])
-            more = f"<li>... and {len(exc.problems) - exc.MAX_SHOWN} more</li>" if len(exc.problems) > 20 else ""
-            html = f'<div class="error-box"><b>{exc.summary}</b><ul>{items}{more}</ul>Nothing was stored.</div>'
-            return html, table(ui), gr.update(), None
         except LabError as exc:
-            return error_box(f"{exc}\nNothing was stored."), table(ui), gr.update(), None
+            return problems_box(exc, "Nothing was stored."), table(ui), gr.update(), None
         msg = (f"Imported {info['name']}: {info['rows']} rows, format {info['format']}, "
                f"columns {', '.join(info['columns'])}")
         return ok_box(msg), table(ui), gr.update(choices=names(ui), value=info["name"]), None

@@ -6,7 +6,9 @@ import gradio as gr
 import pandas as pd
 
 from lab import experiments
-from lab.ui.common import UI, ok_box, user_errors
+from lab.errors import LabError
+from lab.ui.common import UI, user_errors
+from lab.ui.html import ok_box
 
 COLUMNS = ["name", "runs", "notes", "archived", "created_at"]
 
@@ -68,7 +70,7 @@ def build(ui: UI) -> None:
     def on_archive(name):
         row = next((e for e in experiments.list_all(ui.settings) if e["name"] == name), None)
         if row is None:
-            raise gr.Error("pick an experiment first")
+            raise LabError("pick an experiment first")
         experiments.set_archived(ui.settings, name, not row["archived"])
         return refreshed(f"{name} is {'unarchived' if row['archived'] else 'archived'}", name)
 
@@ -85,9 +87,9 @@ def build(ui: UI) -> None:
     @user_errors
     def on_make_current(name):
         if not name:
-            raise gr.Error("pick an experiment first")
+            raise LabError("pick an experiment first")
         if name not in names(ui, include_archived=False):
-            raise gr.Error(f"{name} is archived: unarchive it to run in it")
+            raise LabError(f"{name} is archived: unarchive it to run in it")
         return gr.update(value=name)
 
     make_current.click(on_make_current, [chosen], [ui["experiment"]])

@@ -10,6 +10,7 @@ from lab import runs
 from lab.errors import LabError
 from lab.tables import JOB_STATES
 from lab.ui.common import UI, duration, user_errors
+from lab.ui.html import md
 from lab.ui.tabs import train as train_tab
 
 COLUMNS = ["id", "experiment", "plugin", "model", "dataset", "status", "progress", "ETA", "queue", "created",
@@ -46,7 +47,7 @@ def workers_line(ui: UI) -> str:
         return "**No worker is running**: queued jobs wait until one starts (`lab serve` or `lab worker`)."
     busy = [w for w in live if w.status == "busy"]
     owned = sorted({w.capacity for w in live if w.capacity})
-    return f"{len(live)} worker(s) alive, {len(busy)} busy" + (f" ({'; '.join(owned)})" if owned else "") + "."
+    return f"{len(live)} worker(s) alive, {len(busy)} busy" + (f" ({md('; '.join(owned))})" if owned else "") + "."
 
 
 def build(ui: UI) -> None:

@@ -6,7 +6,9 @@ import gradio as gr
 import pandas as pd
 
 from lab import registry
-from lab.ui.common import UI, ok_box, user_errors
+from lab.errors import LabError
+from lab.ui.common import UI, user_errors
+from lab.ui.html import ok_box
 
 COLUMNS = ["name", "kind", "size", "architecture", "origin", "path"]
 
@@ -98,7 +100,7 @@ def build(ui: UI) -> None:
         from lab.export import export
 
         if not name:
-            raise gr.Error("pick a model to export")
+            raise LabError("pick a model to export")
         done = export(ui.settings, name, (as_name or "").strip() or None)
         return done["archive"], ok_box(f"exported {name} to {done['folder']} ({done['bytes'] / 1e6:.1f} MB)")
 

@@ -9,7 +9,8 @@ import gradio as gr
 
 from lab import datasets, playground, registry
 from lab.errors import LabError
-from lab.ui.common import UI, error_box, ok_box, user_errors
+from lab.ui.common import UI, user_errors
+from lab.ui.html import error_box, ok_box
 
 COLUMNS = 3
 

@@ -13,7 +13,8 @@ import pandas as pd
 from jobs.worker import log_tail
 from lab import runs
 from lab.errors import LabError
-from lab.ui.common import TERMINAL, UI, badge, duration, user_errors
+from lab.ui.common import TERMINAL, UI, duration, user_errors
+from lab.ui.html import badge
 
 LOG_LINES = 200
 DEFAULT_KEYS = ("loss", "eval_loss")

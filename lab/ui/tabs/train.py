@@ -6,9 +6,10 @@ from __future__ import annotations
 import gradio as gr
 
 from lab import plugins, preview, registry, runs
-from lab.errors import LabError, ValidationError
+from lab.errors import LabError
 from lab.ui import forms
-from lab.ui.common import UI, error_box
+from lab.ui.common import UI
+from lab.ui.html import error_box, md, problems_box
 from lab.ui.tabs import datasets as datasets_tab
 from lab.ui.tabs import models as models_tab
 
@@ -64,7 +65,7 @@ def build(ui: UI) -> None:
     launch = gr.Button("Launch", variant="primary", elem_id="launch")
     message = gr.HTML(elem_id="train-message")
     if broken:
-        gr.Markdown("Plugins that failed to load: " + "; ".join(broken))
+        gr.Markdown("Plugins that failed to load: " + "; ".join(md(b) for b in broken))
     ui.c.update(train_plugin=plugin, train_model=model, train_dataset=dataset, train_priority=priority)
     ui["train_fields"], ui["train_forms"] = all_fields, form_of
     ui["train_pickers"] = [p for form in form_of.values() for p in form.model_pickers]
@@ -90,14 +91,15 @@ def build(ui: UI) -> None:
     plugin.change(on_plugin, [plugin, dataset], [*groups, description, dataset, model])
 
     def on_preview(n_processes, n_devices, n_attempts, pid, model_name, ds_name, prio, experiment, *values):
-        """The command line and the estimate for the form as it is; an earlier launch's complaint goes away."""
+        """The command line and the estimate for the form as it is. It leaves the launch message alone: a late
+        estimate must not wipe out the answer to a launch made after it."""
         if not pid:
-            return "", "", ""
+            return "", ""
         try:
             params = split(pid, values)
             resolved = plugins.validate_params(found[pid], params)
         except LabError as exc:
-            return "", error_box(str(exc)), ""
+            return "", error_box(str(exc))
         changed = resolved.model_dump(mode="json", exclude_defaults=True)
         try:
             extra = resources(n_processes, n_devices, n_attempts)
@@ -106,32 +108,29 @@ def build(ui: UI) -> None:
         cmd = runs.command_line(pid, changed, model_name, ds_name, experiment or "default", int(prio or 0),
                                 **extra)
         if not (model_name and ds_name):
-            return cmd, "Pick a model and a dataset to see the estimate.", ""
+            return cmd, "Pick a model and a dataset to see the estimate."
         try:
             est = preview.estimate(ui.settings, model_name, ds_name, resolved.model_dump())
         except Exception as exc:  # an estimate is a courtesy: never block the form
-            return cmd, f"No estimate: {exc}", ""
+            return cmd, f"No estimate: {md(exc)}"
         gb = est["memory_gb"]
         memory = f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
         return cmd, (f"**Rough estimate**: about **{memory}** of memory, "
                      f"**{est['tokens_per_step']:,} tokens per step** (rows average {est['mean_row_tokens']:.0f} "
-                     f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters."), ""
+                     f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters.")
 
     preview_inputs = [plugin, model, dataset, priority, ui["experiment"], *all_fields]
     resource_inputs = [processes, devices, attempts]
     gr.on([c.change for c in [*resource_inputs, *preview_inputs]], on_preview, [*resource_inputs, *preview_inputs],
-          [command, estimate, message], trigger_mode="always_last", show_progress="hidden")
-    ui["train_preview"] = (on_preview, [*resource_inputs, *preview_inputs], [command, estimate, message])
+          [command, estimate], trigger_mode="always_last", show_progress="hidden")
+    ui["train_preview"] = (on_preview, [*resource_inputs, *preview_inputs], [command, estimate])
 
     def resources(n_processes, n_devices, n_attempts) -> dict:
         return {"processes": int(n_processes or 1), "max_attempts": int(n_attempts or 1),
                 "devices": None if n_devices in (None, "", "auto") else int(n_devices)}
 
     def refused(exc: LabError) -> str:
-        if isinstance(exc, ValidationError):
-            items = "".join(f"<li>{p}</li>" for p in exc.problems)
-            return f'<div class="error-box"><b>{exc.summary}</b><ul>{items}</ul>Nothing was queued.</div>'
-        return error_box(f"{exc}\nNothing was queued.")
+        return problems_box(exc, "Nothing was queued.")
 
     def follow_up(evaluator, eval_ds):
         return {"plugin": evaluator, "dataset": eval_ds or None, "params": {}} if evaluator else None
@@ -185,7 +184,7 @@ def _model_label(p: plugins.Plugin) -> str:
 
 def _describe(p: plugins.Plugin) -> str:
     accepts = ", ".join(p.accepts) or "no dataset"
-    return f"**{p.id}** ({p.kind}): {p.description} Accepts: {accepts}. Example: `{p.example}`"
+    return f"**{md(p.id)}** ({p.kind}): {md(p.description)} Accepts: {md(accepts)}. Example: `{p.example}`"
 
 
 def picker_updates(ui: UI) -> list:

@@ -127,13 +127,16 @@ def record_error(settings: Settings, job_id: int, error: str) -> None:
 
 
 def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit_code: int | None,
-           error: str | None = None, log_tail: str | None = None) -> bool:
-    """Record the outcome of a running job owned by `worker_id`. An error recorded by the job itself wins."""
+           error: str | None = None, log_tail: str | None = None, on_complete=None) -> bool | list[str]:
+    """Record the outcome of a running job owned by `worker_id`. An error recorded by the job itself wins.
+    on_complete(session, job) adds what a completed job leaves (its output model, a follow-up) in the same
+    transaction and returns lines for the log; then those lines are returned instead of True."""
     assert status in TERMINAL_STATES
     with session(settings) as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running" or job.worker != worker_id:
             return False
+        notes = on_complete(s, job) if on_complete is not None and status == "completed" else None
         job.status = status
         job.exit_code = exit_code
         job.finished_at = utcnow()
@@ -146,7 +149,7 @@ def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit
             job.error = f"{job.error}\n({error})"
         if status == "completed" and job.total_steps:
             job.step = job.total_steps
-        return True
+        return True if notes is None else notes
 
 
 def requeue(settings: Settings, job_id: int, worker_id: str, note: str) -> bool:

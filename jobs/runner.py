@@ -22,7 +22,7 @@ from pathlib import Path
 
 from jobs import queue
 from lab import datasets as datasets_mod
-from lab import plugins, registry, runs
+from lab import plugins, runs
 from lab.db import read_session
 from lab.errors import CANCELLED_EXIT, JobCancelled, LabError
 from lab.sdk import RunContext
@@ -137,43 +137,6 @@ def _setup_wandb(ctx: RunContext) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def _queue_follow_up(ctx: RunContext, output_model: str | None) -> None:
-    """The evaluation the user asked for after this run, on its output."""
-    job = queue.get(ctx.settings, ctx.job_id)
-    if not job.follow_up:
-        return
-    if output_model is None:
-        ctx.log("[lab] no model came out of this run: the follow-up evaluation is not queued")
-        return
-    try:
-        follow = job.follow_up
-        eval_id = runs.submit(ctx.settings, follow["plugin"], model=output_model, dataset=follow["dataset"],
-                              experiment=ctx.experiment, params=follow["params"], priority=job.priority,
-                              group=job.group_name, tags=[*job.tags, f"eval-of-{ctx.job_id}"])
-    except LabError as exc:  # the training itself succeeded: say why the evaluation could not follow
-        ctx.log(f"[lab] the follow-up evaluation could not be queued: {exc}")
-        return
-    ctx.log(f"[lab] queued job {eval_id}: {follow['plugin']} of {output_model} on {follow['dataset']}")
-
-
-def _register_output(ctx: RunContext) -> str | None:
-    """A run whose output is a model or adapter becomes a registered model, linked to the run and its input."""
-    out = ctx.output_dir
-    if not ((out / "config.json").is_file() or (out / "adapter_config.json").is_file()):
-        return None
-    name = f"{ctx.plugin}-{ctx.job_id}"
-    taken = {m["name"] for m in registry.list_all(ctx.settings)}
-    n = 2
-    while name in taken:  # e.g. the database was reset but models of that name remain
-        name, n = f"{ctx.plugin}-{ctx.job_id}.{n}", n + 1
-    base = None
-    if ctx.model:  # an adapter trained on top of an adapter still applies to the same full model
-        base = ctx.model["base_model_id"] if ctx.model["kind"] == "adapter" else ctx.model["id"]
-    info = registry.register_output(ctx.settings, name, out, ctx.job_id, base)
-    ctx.log(f"[lab] output registered as model {info['name']} ({info['kind']})")
-    return info["name"]
-
-
 def _disk_full(folders: list[Path]) -> bool:
     """True when a folder the job writes to has (almost) no room left."""
     for folder in folders:
@@ -214,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not ctx.output_dir.is_dir() or not any(ctx.output_dir.iterdir()):
             raise LabError(f"plugin {plugin.id} returned but wrote nothing to {ctx.output_dir}")
-        _queue_follow_up(ctx, _register_output(ctx))
+        # the worker registers the output and queues a follow-up with the outcome, in one transaction
     except JobCancelled as exc:
         print(f"[lab] {exc}", flush=True)
         return CANCELLED_EXIT

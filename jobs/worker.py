@@ -19,9 +19,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from jobs import queue
+from jobs import outputs, queue
 from lab.db import read_session, unavailable_reason
-from lab.errors import CANCELLED_EXIT
+from lab.errors import CANCELLED_EXIT, LabError
 from lab.settings import Settings, read_secrets
 from lab.tables import TERMINAL_STATES, Experiment, Job
 from lab.workspace import new_run_dir
@@ -243,8 +243,18 @@ class Worker:
             self._seen_after(job.id)
             self.say(f"job {job.id} back in the queue: {error}")
             return "queued"
-        self._db(queue.finish, s, job.id, self.id, status, exit_code=proc.returncode, error=error,
-                 log_tail=log_tail(log_path), patient=True)
+        completion = None
+        if status == "completed":
+            try:
+                completion = outputs.prepare(s, job, run_dir)
+            except LabError as exc:
+                status, error = "failed", f"the run's output cannot be registered: {exc}"
+        recorded = self._db(queue.finish, s, job.id, self.id, status, exit_code=proc.returncode, error=error,
+                            log_tail=log_tail(log_path), patient=True,
+                            on_complete=completion.write if completion else None)
+        if isinstance(recorded, list) and recorded:
+            with open(log_path, "a") as log:
+                log.writelines(f"[lab] {line}\n" for line in recorded)
         self._seen_after(job.id)
         self.say(f"job {job.id} {status}" + (f": {error}" if error and status != "completed" else ""))
         return status

@@ -216,6 +216,11 @@ def _jsonl_bytes(rows: list[Any]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
 
 
+def _exists(settings: Settings, name: str) -> bool:
+    with read_session(settings) as s:
+        return s.scalar(select(Dataset.id).where(Dataset.name == name)) is not None
+
+
 def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None, source: str | None = None) -> dict:
     """Validate `file` and register it as dataset `name`; all or nothing. `source` says where it came from."""
     check_name(name, "dataset")
@@ -234,7 +239,7 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None,
     moved = False
     try:
         with session(settings) as s:
-            with staging(final) as tmp:
+            with staging(final, "dataset", registered=lambda: _exists(settings, name)) as tmp:
                 (tmp / DATA_FILE).write_bytes(data)
                 shutil.copyfile(file, tmp / f"original{file.suffix.lower()}")
                 (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -87,10 +87,11 @@ def export(settings: Settings, name: str, export_name: str | None = None) -> dic
     info = registry.info(settings, name)
     final = exports_dir(settings) / export_name
     archive = final.with_name(f"{export_name}.tar.gz")
-    if final.exists() or archive.exists():
+    if final.exists():  # the folder is published last: it stands for a finished export
         raise LabError(f"an export named {export_name!r} already exists in {exports_dir(settings)}",
                        "pick another name")
-    with staging(final) as tmp:
+    # an archive without its folder was left by an interrupted export: staging() lets it be replaced
+    with staging(final, "export", registered=lambda: False) as tmp:
         if info["kind"] == "adapter":
             from lab import modeling
 
@@ -104,7 +105,9 @@ def export(settings: Settings, name: str, export_name: str | None = None) -> dic
                     continue
                 shutil.copy2(item, tmp / item.name)
         (tmp / "README.md").write_text(model_card(settings, name))
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(final, arcname=export_name)
+        partial = tmp / ".archive.partial"  # inside the build folder: removed with it if interrupted
+        with tarfile.open(partial, "w:gz") as tar:
+            tar.add(tmp, arcname=export_name, filter=lambda m: None if m.name.endswith("/.archive.partial") else m)
+        partial.replace(archive)  # the archive appears whole or not at all; the folder follows it
     return {"name": export_name, "folder": str(final), "archive": str(archive),
             "bytes": archive.stat().st_size}

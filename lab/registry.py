@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import struct
 from importlib import metadata
 from pathlib import Path
@@ -101,14 +102,41 @@ def _ensure_free(settings: Settings, name: str) -> None:
             raise LabError(f"a model named {name!r} already exists", "pick another name, or see `lab models list`")
 
 
-def _register(settings: Settings, name: str, path: Path, source: str, *, job_id: int | None = None,
-              base_model_id: int | None = None) -> dict:
-    desc = describe_folder(path)
-    row = Model(name=name, path=str(path.resolve()), kind=desc["kind"], source=source,
-                architecture=desc["architecture"], parameters=desc["parameters"], job_id=job_id,
-                base_model_id=base_model_id, fingerprint=fingerprint_folder(path))
+def _row(name: str, folder: Path, path: Path, source: str) -> Model:
+    """The registry row of the model in `folder`, to be found at `path` (where it is published)."""
+    desc = describe_folder(folder)
+    return Model(name=name, path=str(path.resolve()), kind=desc["kind"], source=source,
+                 architecture=desc["architecture"], parameters=desc["parameters"],
+                 fingerprint=fingerprint_folder(folder))
+
+
+def _register(settings: Settings, name: str, path: Path, source: str) -> dict:
     with session(settings) as s:
-        s.add(row)
+        s.add(_row(name, path, path, source))
+    return info(settings, name)
+
+
+def _taken(settings: Settings, name: str) -> bool:
+    with read_session(settings) as s:
+        return s.scalar(select(Model.id).where(Model.name == name)) is not None
+
+
+def _publish(settings: Settings, name: str, source: str, build) -> dict:
+    """Build a model into workspace/models/<name> with `build(folder)`, then publish the folder and write its row
+    in one step (see workspace.staging: an interrupted build is cleared by the next run of the same command)."""
+    final = models_dir(settings) / name
+    published = False
+    try:
+        with session(settings) as s:
+            with staging(final, "model", registered=lambda: _taken(settings, name)) as tmp:
+                build(tmp)
+                s.add(_row(name, tmp, final, source))
+                s.flush()  # a taken name fails here, before the folder is moved into place
+            published = True
+    except Exception:
+        if published:  # the commit failed after the rename: take the folder back out
+            shutil.rmtree(final, ignore_errors=True)
+        raise
     return info(settings, name)
 
 
@@ -142,8 +170,7 @@ def import_gguf(settings: Settings, name: str, file: str | Path, source: str = "
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    final = models_dir(settings) / name
-    with staging(final) as tmp:
+    def build(tmp: Path) -> None:
         try:
             tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
             model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
@@ -155,7 +182,8 @@ def import_gguf(settings: Settings, name: str, file: str | Path, source: str = "
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _write_model_json(tmp, name=name, kind="full", source=source, imported_from=str(file))
-    return _register(settings, name, final, source)
+
+    return _publish(settings, name, source, build)
 
 
 def starter_file() -> Path:
@@ -222,21 +250,20 @@ def build_tiny(folder: Path, vocab_size: int = 384, hidden: int = 64, layers: in
 def create_tiny(settings: Settings, name: str, **sizes) -> dict:
     """Make and register a tiny random model for tests and quick trials (seconds, no network)."""
     _ensure_free(settings, name)
-    final = models_dir(settings) / name
-    with staging(final) as tmp:
+
+    def build(tmp: Path) -> None:
         build_tiny(tmp, **sizes)
         _write_model_json(tmp, name=name, kind="full", source="tiny", sizes=sizes)
-    return _register(settings, name, final, "tiny")
 
-
-def register_output(settings: Settings, name: str, folder: Path, job_id: int, base_model_id: int | None) -> dict:
-    """Register a run's output folder (in place, inside the run) as a model linked to its job and base model."""
-    _ensure_free(settings, name)
-    _write_model_json(folder, name=name, source="run", job_id=job_id, base_model_id=base_model_id)
-    return _register(settings, name, folder, "run", job_id=job_id, base_model_id=base_model_id)
+    return _publish(settings, name, "tiny", build)
 
 
 # --- reading ---------------------------------------------------------------------------------------------------
+
+
+def get_by_id(settings: Settings, model_id: int) -> Model | None:
+    with read_session(settings) as s:
+        return s.get(Model, model_id)
 
 
 def get(settings: Settings, name: str) -> Model:

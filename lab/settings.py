@@ -58,7 +58,7 @@ def read_secrets(settings: Settings) -> dict[str, str]:
         if not line or line.startswith("#"):
             continue
         key, sep, value = line.removeprefix("export ").partition("=")
-        if not sep or not SECRET_KEY_RE.match(key.strip()):
+        if not sep or not SECRET_KEY_RE.fullmatch(key.strip()):
             raise LabError(f"{path} line {n}: expected KEY=VALUE with an upper-case key")
         out[key.strip()] = value.strip().strip("'\"")
     return out
@@ -123,7 +123,7 @@ def load(workspace: str | Path | None = None) -> Settings:
         raise LabError(f"LAB_WANDB must be offline, online or off, got {wandb!r}")
     extra = tuple(m.strip() for m in (_env("extra_plugins") or "").split(",") if m.strip())
     for module in extra:  # plugin code comes from importable modules only, never from a file path or an upload
-        if not MODULE_RE.match(module):
+        if not MODULE_RE.fullmatch(module):
             raise LabError(f"LAB_EXTRA_PLUGINS takes importable module names such as my_pkg.my_plugin, "
                            f"got {module!r}", "install the plugin's package (pip install -e PATH) and name its module")
     secrets = _env("secrets_file")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import re
 import shutil
-import tempfile
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,7 +18,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 def check_name(name: str, what: str) -> str:
     """A name that is safe as a folder name and in a URL: letters, digits, '.', '_', '-'; at most 64 characters."""
-    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
         raise LabError(
             f"invalid {what} name {name!r}",
             "use 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit (no '/' or '..')",
@@ -60,19 +62,59 @@ def inside(root: Path, path: Path) -> bool:
     return True
 
 
-@contextmanager
-def staging(final: Path):
-    """Build a folder next to its final place and move it there only when the block succeeds.
+STAGING = ".staging"  # beside the published folders: one build folder and one lock file per name
 
-    Nothing half-written is ever left at `final`; on an exception the staging folder is removed.
+
+def _sweep(area: Path, keep: str) -> None:
+    """Remove build folders that interrupted commands left behind (their lock is free: no one is building)."""
+    for item in area.iterdir():
+        if item.suffix == ".lock" or item.name == keep:
+            continue
+        fd = os.open(area / f"{item.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # another command is building it right now
+        else:
+            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def staging(final: Path, what: str = "folder", registered: Callable[[], bool] | None = None):
+    """Build a folder in `<parent>/.staging/<name>` and publish it at `final` with one rename when the block
+    succeeds; on an exception (Ctrl-C included) the build folder is removed.
+
+    One command at a time builds a name (a second one is refused at once). What an interrupted command left is
+    repaired here: its build folder is removed, and a published folder that nothing points at
+    (`registered()` is False: the command died between the rename and writing its row) is removed and built
+    again. Without `registered`, an existing `final` is always refused.
     """
-    if final.exists():
-        raise LabError(f"{final} already exists")
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".staging-{final.name}-", dir=final.parent))
+    area = final.parent / STAGING
+    area.mkdir(exist_ok=True)
+    fd = os.open(area / f"{final.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        yield tmp
-        tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LabError(f"{what} {final.name} is being created by another command right now",
+                           "wait for it to finish, or pick another name") from None
+        _sweep(area, keep=final.name)
+        if final.exists() or final.is_symlink():
+            if registered is None or registered():
+                raise LabError(f"{final} already exists")
+            shutil.rmtree(final) if final.is_dir() and not final.is_symlink() else final.unlink()
+        tmp = area / final.name
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            yield tmp
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        os.close(fd)

@@ -18,7 +18,7 @@ from lab.tables import TERMINAL_STATES
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 FAKE_PLUGINS = ("fake_plugins.instant,fake_plugins.failing,fake_plugins.sleeping,fake_plugins.silent,"
-                "fake_plugins.leaky")
+                "fake_plugins.leaky,fake_plugins.modelmaker")
 
 
 @pytest.fixture

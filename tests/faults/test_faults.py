@@ -292,3 +292,45 @@ def test_ui_handlers_retry_a_busy_database_then_say_why(monkeypatch):
     with pytest.raises(gr.Error, match=r"the database is busy or unreachable \(database is locked\); nothing was"):
         common.user_errors(flaky)(10)
     assert len(calls) == 3
+
+
+@pytest.mark.parametrize("attempts", [1, 2])
+def test_a_worker_killed_before_recording_the_outcome_registers_nothing_twice(ws, tiny_model_dir, tmp_path,
+                                                                               monkeypatch, attempts):
+    """The job has ended and its output is written, but the worker dies before recording the outcome (it waits
+    for a held database lock). The output is registered once, with the outcome, by whoever records it."""
+    monkeypatch.setenv("LAB_LEASE_S", "1.5")
+    s = load()
+    gate = tmp_path / "gate"
+    job_id = runs.submit(s, "modelmaker", params={"source": str(tiny_model_dir), "gate": str(gate)},
+                         max_attempts=attempts)
+    worker = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.DEVNULL)
+    log = _wait_for(lambda: (d := queue.get(s, job_id).run_dir) and Path(d) / "log.txt", what="the run folder")
+    _wait_for(lambda: log.is_file() and "waiting at the gate" in log.read_text(), what="the job at its gate")
+    pid = queue.get(s, job_id).pid
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER_SQLITE, s.database_url.removeprefix("sqlite:///"), "60"],
+                              stdout=subprocess.PIPE, text=True)
+    assert locker.stdout.readline().strip() == "locked"
+    gate.touch()
+    _wait_for(lambda: f"job {job_id} finished" in log.read_text(), 30, "the job's own end (no database write)")
+    _wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+              15, "the job process to exit")
+    time.sleep(0.5)  # the worker is now waiting for the lock to record the outcome
+    worker.kill()
+    worker.wait()
+    locker.kill()
+    locker.wait()
+    time.sleep(2)  # past the lease
+    assert queue.reap_stale(s) == [job_id]
+    assert [m["name"] for m in registry.list_all(s)] == [], "nothing registered for a job not completed"
+    if attempts == 1:
+        assert runs.get_job(s, job_id)["status"] == "failed"
+        return
+    assert runs.get_job(s, job_id)["status"] == "queued"
+    Worker(s, say=lambda m: None).serve(once=True)
+    job = runs.get_job(s, job_id)
+    assert job["status"] == "completed"
+    models = registry.list_all(s)
+    assert [m["name"] for m in models] == [f"modelmaker-{job_id}"]
+    assert models[0]["fingerprint"] == registry.fingerprint_folder(Path(models[0]["path"]))
+    assert "output registered as model" in (Path(job["run_dir"]) / "log.txt").read_text()

@@ -1,0 +1,105 @@
+"""What a completed job leaves behind in the database: its output model and the evaluation queued on it.
+
+The job process only trains and writes files. The worker prepares these records from the run folder and writes
+them in the same transaction that marks the job completed, so a job's output is registered exactly once, and never
+for a job that is not completed (a worker killed before recording the outcome registers nothing; the retry does).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from lab import plugins, registry
+from lab.errors import LabError
+from lab.settings import Settings
+from lab.tables import Dataset, Job, Model
+
+
+@dataclass
+class Completion:
+    """Rows to add when the job is marked completed, and lines for the run's log."""
+
+    model: dict | None = None  # Model fields, name aside (chosen inside the transaction)
+    follow_up: dict | None = None  # Job fields of the evaluation, model aside
+    notes: list[str] = field(default_factory=list)
+
+    def write(self, s: Session, job: Job) -> list[str]:
+        """Add the rows inside the caller's transaction; returns what was done, for the log."""
+        done = []
+        model_id = None
+        if self.model is not None:
+            name = f"{job.plugin}-{job.id}"
+            taken = set(s.scalars(select(Model.name).where(Model.name.like(f"{job.plugin}-{job.id}%"))))
+            n = 2
+            while name in taken:  # e.g. the database was reset while models of that name remain
+                name, n = f"{job.plugin}-{job.id}.{n}", n + 1
+            row = Model(name=name, **self.model)
+            s.add(row)
+            s.flush()
+            model_id = row.id
+            done.append(f"output registered as model {name} ({row.kind})")
+            folder = Path(row.path)
+            (folder / "model.json").write_text(json.dumps(
+                {"name": name, "source": "run", "job_id": job.id, "base_model_id": row.base_model_id}, indent=2)
+                + "\n")
+        if self.follow_up is not None and model_id is not None:
+            follow = Job(status="queued", model_id=model_id, **self.follow_up)
+            s.add(follow)
+            s.flush()
+            done.append(f"queued job {follow.id}: {follow.plugin} of the output")
+        return self.notes + done
+
+
+def prepare(settings: Settings, job: Job, run_dir: Path) -> Completion:
+    """Read the run's output folder (outside any transaction: fingerprinting a model takes a while)."""
+    out = Completion()
+    folder = run_dir / "output"
+    if not ((folder / "config.json").is_file() or (folder / "adapter_config.json").is_file()):
+        if job.follow_up:
+            out.notes.append("no model came out of this run: the follow-up evaluation is not queued")
+        return out
+    desc = registry.describe_folder(folder)
+    base = None
+    if job.model_id:  # an adapter trained on top of an adapter still applies to the same full model
+        start = registry.get_by_id(settings, job.model_id)
+        base = start.base_model_id if start is not None and start.kind == "adapter" else job.model_id
+    out.model = {"path": str(folder.resolve()), "kind": desc["kind"], "source": "run",
+                 "architecture": desc["architecture"], "parameters": desc["parameters"], "job_id": job.id,
+                 "base_model_id": base, "fingerprint": registry.fingerprint_folder(folder)}
+    if job.follow_up:
+        out.follow_up, note = _follow_up(settings, job, out.model)
+        if note:
+            out.notes.append(note)
+    return out
+
+
+def _follow_up(settings: Settings, job: Job, model: dict) -> tuple[dict | None, str | None]:
+    """The evaluation's Job fields, checked against the output as a model; or why it cannot follow."""
+    follow = job.follow_up
+    try:
+        plugin = plugins.get(settings, follow["plugin"])
+        params = plugins.validate_params(plugin, follow["params"])
+        dataset = None
+        from lab.db import read_session
+
+        with read_session(settings) as s:
+            row = s.scalar(select(Dataset).where(Dataset.name == follow["dataset"])) if follow["dataset"] else None
+        if follow["dataset"] and row is None:
+            raise LabError(f"dataset {follow['dataset']} is gone")
+        if row is not None:
+            dataset = {"id": row.id, "name": row.name, "format": row.format, "path": row.path,
+                       "fingerprint": row.fingerprint, "rows": row.rows, "columns": row.columns}
+        as_model = {**model, "name": f"{job.plugin}-{job.id}", "id": None}
+        problems = plugin.check_inputs(params, as_model, dataset, settings)
+        if problems:
+            raise LabError("; ".join(problems))
+    except LabError as exc:  # the training itself succeeded: say why the evaluation could not follow
+        return None, f"the follow-up evaluation could not be queued: {exc}"
+    return {"experiment_id": job.experiment_id, "plugin": plugin.id, "params": params.model_dump(mode="json"),
+            "dataset_id": row.id if row is not None else None, "priority": job.priority,
+            "group_name": job.group_name, "tags": [*job.tags, f"eval-of-{job.id}"]}, None

@@ -1,0 +1,130 @@
+"""Commands killed at their worst moment (SIGKILL, and Ctrl-C) leave nothing that stops the same command from
+working when it is run again: builds happen in a staging folder, publish with one rename, and a rerun clears what
+an interrupted one left."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import lab_cli, write_jsonl
+
+from lab import datasets, registry
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lab.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _kill_when(proc: subprocess.Popen, ready, sig: int, timeout: float = 120) -> None:
+    """Send `sig` the moment `ready()` holds (polled every millisecond)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert proc.poll() is None, f"the command ended before the moment came: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the moment never came"
+        time.sleep(0.001)
+    proc.send_signal(sig)
+    if sig != signal.SIGSTOP:
+        proc.wait(60)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    area = folder / ".staging"
+    return sorted(p.name for p in area.iterdir() if p.suffix != ".lock") if area.is_dir() else []
+
+
+def _nonempty_dir(path: Path):
+    return lambda: path.is_dir() and any(path.iterdir())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_create_tiny_killed_mid_build_then_run_again(ws, sig):
+    models = ws.workspace / "models"
+    proc = _start("models", "create-tiny", "t1")
+    _kill_when(proc, _nonempty_dir(models / ".staging" / "t1"), sig)
+    assert not (models / "t1").exists()
+    assert "Traceback" not in proc.stderr.read()
+    lab_cli("models", "create-tiny", "t1", check=True)
+    assert [m["name"] for m in registry.list_all(ws)] == ["t1"]
+    assert _leftovers(models) == []
+    assert lab_cli("models", "create-tiny", "t1").returncode == 2, "a finished model is still refused"
+
+
+def test_a_published_folder_without_its_row_is_rebuilt(ws):
+    """The command died between the rename and the commit: the folder is there, the registry knows nothing."""
+    stray = ws.workspace / "models" / "t2"
+    stray.mkdir(parents=True)
+    (stray / "half.bin").write_bytes(b"\0" * 10)
+    lab_cli("models", "create-tiny", "t2", check=True)
+    info = registry.info(ws, "t2")
+    assert not (stray / "half.bin").exists() and (stray / "config.json").is_file()
+    assert info["fingerprint"] == registry.fingerprint_folder(stray)
+
+
+def test_two_create_tiny_at_once_one_wins_the_other_is_told(ws):
+    first = _start("models", "create-tiny", "twin")
+    _kill_when(first, _nonempty_dir(ws.workspace / "models" / ".staging" / "twin"), signal.SIGSTOP)
+    try:
+        second = lab_cli("models", "create-tiny", "twin")
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2
+    assert "being created by another command" in second.stderr and "Traceback" not in second.stderr
+    first.wait(120)
+    assert first.returncode == 0, first.stderr.read()
+    assert [m["name"] for m in registry.list_all(ws)] == ["twin"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_datasets_add_killed_while_storing_then_run_again(ws, tmp_path, sig):
+    rows = [{"text": "x" * 2000 + str(i)} for i in range(15_000)]  # about 30 MB: a window to hit
+    big = write_jsonl(tmp_path / "big.jsonl", rows)
+    folder = ws.workspace / "datasets"
+    proc = _start("datasets", "add", "big", str(big))
+    _kill_when(proc, lambda: (folder / ".staging" / "big").is_dir(), sig)
+    assert not (folder / "big").exists()
+    assert datasets.list_all(ws) == []
+    lab_cli("datasets", "add", "big", str(big), check=True)
+    assert datasets.info(ws, "big")["rows"] == 15_000
+    assert _leftovers(folder) == []
+
+
+def test_a_dataset_folder_without_its_row_is_replaced(ws, tmp_path):
+    stray = ws.workspace / "datasets" / "notes"
+    stray.mkdir(parents=True)
+    (stray / "data.jsonl").write_text("half a line")
+    lab_cli("datasets", "add", "notes", str(write_jsonl(tmp_path / "n.jsonl", [{"text": "a"}])), check=True)
+    assert (stray / "data.jsonl").read_text() == json.dumps({"text": "a"}) + "\n"
+
+
+def test_a_stale_staging_folder_of_another_name_is_swept(ws, tmp_path):
+    area = ws.workspace / "datasets" / ".staging"
+    (area / "killed-upload").mkdir(parents=True)
+    (area / "killed-upload" / "data.jsonl").write_text("partial")
+    lab_cli("datasets", "add", "other", str(write_jsonl(tmp_path / "o.jsonl", [{"text": "a"}])), check=True)
+    assert _leftovers(ws.workspace / "datasets") == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_export_killed_while_archiving_then_run_again(ws, sig):
+    lab_cli("models", "create-tiny", "src", "--hidden", "256", "--layers", "4", check=True)  # a few MB to pack
+    exports = ws.workspace / "exports"
+    partial = exports / ".staging" / "src" / ".archive.partial"
+    proc = _start("models", "export", "src")
+    _kill_when(proc, lambda: partial.is_file() and partial.stat().st_size > 0, sig)
+    assert not (exports / "src").exists() and not (exports / "src.tar.gz").exists()
+    lab_cli("models", "export", "src", check=True)
+    with tarfile.open(exports / "src.tar.gz") as tar:
+        names = tar.getnames()
+    assert "src/README.md" in names and "src/config.json" in names
+    assert not any(n.endswith(".partial") for n in names)
+    assert _leftovers(exports) == []
+    assert lab_cli("models", "export", "src").returncode == 2, "a finished export is still refused"
+

@@ -14,7 +14,7 @@ from sqlalchemy import and_, false, or_, select, text, true, update
 
 from lab.db import is_sqlite, read_session, session
 from lab.errors import LabError
-from lab.settings import Settings
+from lab.settings import Settings, mask, secret_values
 from lab.tables import TERMINAL_STATES, Job, utcnow
 from lab.tables import Worker as WorkerRow
 
@@ -121,9 +121,14 @@ def progress(settings: Settings, job_id: int, step: int, total: int | None) -> N
     _update_running(settings, job_id, step=step, total_steps=total)
 
 
+def _masked(settings: Settings, text: str | None) -> str | None:
+    """Text about to be stored, with the lab's secrets hidden (an exception message may quote one)."""
+    return None if text is None else mask(text, secret_values(settings))
+
+
 def record_error(settings: Settings, job_id: int, error: str) -> None:
     """The job process states why it is failing; the worker keeps it when it records the outcome."""
-    _update_running(settings, job_id, error=error[:4000])
+    _update_running(settings, job_id, error=_masked(settings, error)[:4000])
 
 
 def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit_code: int | None,
@@ -132,6 +137,7 @@ def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit
     on_complete(session, job) adds what a completed job leaves (its output model, a follow-up) in the same
     transaction and returns lines for the log; then those lines are returned instead of True."""
     assert status in TERMINAL_STATES
+    error, log_tail = _masked(settings, error), _masked(settings, log_tail)
     with session(settings) as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running" or job.worker != worker_id:

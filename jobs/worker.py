@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from jobs import outputs, queue
 from lab.db import read_session, unavailable_reason
 from lab.errors import CANCELLED_EXIT, LabError
-from lab.settings import Settings, read_secrets
+from lab.settings import MASK, Settings, read_secrets
 from lab.tables import TERMINAL_STATES, Experiment, Job
 from lab.workspace import new_run_dir
 
@@ -73,7 +73,7 @@ class Worker:
         self.gpus = list(gpus or [])
         self.slots = slots
         self.secrets = read_secrets(settings)  # given to job processes; never stored, masked in their logs
-        self._masks = [v.encode() for v in self.secrets.values() if len(v) >= 6]
+        self._masks = sorted((v.encode() for v in self.secrets.values() if v), key=len, reverse=True)
         self.stop = threading.Event()  # set by signal handlers or the owner thread: finish up and exit
         self._backoff_s = 0.0
         self._lock = threading.Lock()
@@ -273,7 +273,7 @@ class Worker:
             chunk = os.read(fd, 65536)
             data = held + chunk
             for secret in self._masks:  # a job that prints a secret does not write it to its log
-                data = data.replace(secret, b"[secret]")
+                data = data.replace(secret, MASK.encode())
             # hold back a tail that could be the start of a secret until the next read (or the end); secrets hold
             # no newline, so everything up to the last one is safe and a finished line is never held
             cut = len(data) if not chunk else max(len(data) - keep, data.rfind(b"\n") + 1)

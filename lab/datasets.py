@@ -60,7 +60,10 @@ def _decode(raw: bytes, path: Path) -> str:
 
 def _read_jsonl(text: str) -> Loaded:
     out = Loaded([], [], [])
-    for n, line in enumerate(text.splitlines(), start=1):
+    # JSON lines end at "\n" only: str.splitlines() would also cut at U+2028, U+2029 and U+0085, which
+    # json.dumps(ensure_ascii=False) writes inside strings
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():
             continue
         if len(line) > MAX_ROW_CHARS:

@@ -16,7 +16,7 @@ from jobs import queue
 from lab import datasets, experiments, formats, plugins, registry
 from lab.db import read_session, session
 from lab.errors import LabError, ValidationError
-from lab.settings import Settings
+from lab.settings import Settings, mask_all, secret_values
 from lab.tables import Dataset, Experiment, Job, Metric, Model, utcnow
 from lab.workspace import check_name
 
@@ -227,8 +227,9 @@ def jobs_by_id(settings: Settings, job_ids: list[int]) -> list[dict]:
     """Several jobs in one query, as list_jobs gives them plus their parameters."""
     with read_session(settings) as s:
         names, positions = _names(s), _positions(s)
-        return [{**_row(j, names, positions), "params": j.params}
-                for j in s.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id))]
+        found = [{**_row(j, names, positions), "params": j.params}
+                 for j in s.scalars(select(Job).where(Job.id.in_(job_ids)).order_by(Job.id))]
+    return mask_all(found, secret_values(settings))
 
 
 def get_job(settings: Settings, job_id: int) -> dict:
@@ -244,7 +245,7 @@ def get_job(settings: Settings, job_id: int) -> dict:
                 "processes": job.processes, "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
                 "output_model": output_model})
     out["lineage"] = _lineage(settings, out, output_model)
-    return out
+    return mask_all(out, secret_values(settings))  # a parameter may hold a secret the user pasted
 
 
 def _lineage(settings: Settings, job: dict, output_model: str | None) -> str:

@@ -40,6 +40,7 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
 
 MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 SECRET_KEY_RE = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+MIN_SECRET_CHARS = 4
 
 
 def read_secrets(settings: Settings) -> dict[str, str]:
@@ -60,8 +61,44 @@ def read_secrets(settings: Settings) -> dict[str, str]:
         key, sep, value = line.removeprefix("export ").partition("=")
         if not sep or not SECRET_KEY_RE.fullmatch(key.strip()):
             raise LabError(f"{path} line {n}: expected KEY=VALUE with an upper-case key")
-        out[key.strip()] = value.strip().strip("'\"")
+        value = value.strip().strip("'\"")
+        if 0 < len(value) < MIN_SECRET_CHARS:
+            raise LabError(f"{path} line {n}: the value of {key.strip()} has only {len(value)} characters: masking it "
+                           "in logs would hide every such string there",
+                           f"secrets need {MIN_SECRET_CHARS} characters at least")
+        out[key.strip()] = value
     return out
+
+
+MASK = "[secret]"
+
+
+def secret_values(settings: Settings) -> list[str]:
+    """The values to mask; none when the secrets file cannot be used (the workers refuse it when they start)."""
+    try:
+        return list(read_secrets(settings).values())
+    except (LabError, OSError):
+        return []
+
+
+def mask_all(value, secrets: list[str]):
+    """Every string inside `value` (dicts and lists too) masked, e.g. an API answer."""
+    if isinstance(value, str):
+        return mask(value, secrets)
+    if isinstance(value, dict):
+        return {k: mask_all(v, secrets) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_all(v, secrets) for v in value]
+    return value
+
+
+def mask(text: str, secrets: dict[str, str] | list[str]) -> str:
+    """`text` with every secret value replaced by [secret]: the one masking rule for logs, stored errors, job.json
+    and API answers. Longer secrets first, so one that contains another is hidden whole."""
+    values = secrets.values() if isinstance(secrets, dict) else secrets
+    for value in sorted((v for v in values if v), key=len, reverse=True):
+        text = text.replace(value, MASK)
+    return text
 
 
 def _env(name: str) -> str | None:

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import write_jsonl
 
-from lab import datasets
+from lab import datasets, registry
 from lab.errors import LabError, ValidationError
 
 
@@ -137,3 +137,34 @@ def test_bad_names_and_duplicates_are_refused(ws, tmp_path):
 
 def test_missing_file(ws, tmp_path):
     assert "no such file" in _refused(ws, tmp_path / "nope.jsonl")
+
+
+def test_jsonl_strings_with_unicode_line_separators_import_and_convert(ws, tmp_path):
+    """U+2028, U+2029 and U+0085 inside JSON strings are text, not line ends (json.dumps writes them raw)."""
+    import json
+
+    from lab import datasets
+
+    rows = [{"instruction": f"say {c!r}", "input": "", "output": f"a{c}b"} for c in ("\u2028", "\u2029", "\x85")]
+    path = tmp_path / "seps.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows), encoding="utf-8")
+    info = datasets.add(ws, "seps", path)
+    assert (info["rows"], info["format"]) == (3, "alpaca")
+    assert datasets.preview(ws, "seps", 3)[1]["output"] == "a\u2029b"
+    converted = datasets.convert(ws, "seps", "seps-text", "text")
+    assert converted["rows"] == 3
+
+
+@pytest.mark.parametrize("name", ["ok\n", "ok\r\n", "a/b", "ok\nsecond"])
+def test_names_must_match_the_rule_in_full(ws, tmp_path, name):
+    from lab import datasets, experiments
+    from lab.errors import LabError
+    from lab.export import export
+
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a"}\n')
+    for attempt in (lambda: datasets.add(ws, name, path), lambda: experiments.create(ws, name),
+                    lambda: registry.create_tiny(ws, name), lambda: export(ws, "missing", name)):
+        with pytest.raises(LabError, match="invalid .* name"):
+            attempt()
+    assert datasets.list_all(ws) == []

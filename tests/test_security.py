@@ -107,7 +107,7 @@ def test_an_uploaded_file_name_never_becomes_a_path(ws, tmp_path):
         p.relative_to(ws.workspace).as_posix() for p in before}
     created = {c for c in created if not c.startswith("lab.db")}
     assert created == {"datasets", "datasets/odd", "datasets/odd/data.jsonl", "datasets/odd/original.jsonl",
-                       "datasets/odd/dataset.json"}
+                       "datasets/odd/dataset.json", "datasets/.staging", "datasets/.staging/odd.lock"}
     assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
 
@@ -129,3 +129,36 @@ def test_a_secret_split_across_two_reads_is_still_masked(ws, tmp_path, monkeypat
         worker._tee(proc, out)
     proc.wait()
     assert log.read_text() == "key [secret] done\nnext line\n"
+
+
+def test_every_secret_is_masked_wherever_text_leaves_a_job(ws, tmp_path, monkeypatch):
+    """Short secrets too, in the log, the error stored in the database, job.json, and the API's answers."""
+    short = "k3y!x"
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text(f"WANDB_API_KEY={short}\nHF_TOKEN={SECRET}\n")
+    secrets.chmod(0o600)
+    monkeypatch.setenv("LAB_SECRETS_FILE", str(secrets))
+    s = settings.load()
+    job_id = runs.submit(s, "leaky", params={"note": f"token {SECRET} and {short}", "fail": True})
+    Worker(s, say=lambda m: None).serve(once=True)
+    job = runs.get_job(s, job_id)
+    assert job["status"] == "failed"
+    assert "the hub refused token [secret]" in job["error"]
+    run_dir = Path(job["run_dir"])
+    assert "my key is [secret]" in (run_dir / "log.txt").read_text()
+    assert "token [secret] and [secret]" in (run_dir / "job.json").read_text()
+    for text in [repr(job), *(p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file())]:
+        assert SECRET not in text and short not in text
+    stored = queue.get(s, job_id)  # the parameters keep what the user typed: the job needs it
+    assert "the hub refused token [secret]" in stored.error
+    assert SECRET not in stored.error + (stored.log_tail or "") and short not in stored.error + (stored.log_tail or "")
+
+
+def test_a_secret_too_short_to_mask_is_refused(ws, tmp_path, monkeypatch):
+    secrets = tmp_path / "secrets.env"
+    secrets.write_text("HF_TOKEN=ab\n")
+    secrets.chmod(0o600)
+    monkeypatch.setenv("LAB_SECRETS_FILE", str(secrets))
+    with pytest.raises(LabError, match="HF_TOKEN has only 2 characters") as refused:
+        settings.read_secrets(settings.load())
+    assert "ab" not in str(refused.value).replace("masking", "").replace("characters", "")

@@ -2,7 +2,7 @@
 
 import os
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 ID = "leaky"
 KIND = "train"
@@ -11,10 +11,13 @@ NEEDS_MODEL = False
 
 
 class Params(BaseModel):
-    pass
+    note: str = Field("", description="Any text (a test puts a secret here, as a careless user might).")
+    fail: bool = Field(False, description="Fail with an error that quotes the key.")
 
 
 def run(ctx, params: Params) -> None:
     seen = [k for k in ("WANDB_API_KEY", "HF_TOKEN") if os.environ.get(k)]
     print("my key is", os.environ.get("WANDB_API_KEY"), flush=True)
+    if params.fail:
+        raise ValueError(f"the hub refused token {os.environ.get('HF_TOKEN')}")
     (ctx.output_dir / "seen.txt").write_text(",".join(seen))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -170,6 +171,34 @@ def _problem(err: dict) -> str:
     return f"`{where}`: {err['msg']}{shown}"
 
 
+MAX_INT = 2**53  # integers beyond this do not survive JSON (job.json, the API) unchanged
+MAX_STEPS = 10**9
+UNSUPPORTED = {"deepspeed": "DeepSpeed is not set up by the lab: it runs plugins in plain processes (torchrun for "
+                            "processes > 1)", "fsdp": "FSDP is not set up by the lab"}
+
+
+def _number_problems(values: dict, where: str = "") -> list[str]:
+    """What pydantic's bounds miss: numbers that cannot be stored as checked (NaN, infinity, huge integers), seeds
+    outside what numpy and torch take, step counts past any run, and settings the lab cannot honour."""
+    problems = []
+    for key, value in values.items():
+        name = f"{where}{key}"
+        if isinstance(value, dict):
+            problems += _number_problems(value, f"{name}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"`{name}`: must be a finite number (got {value})")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if key == "seed" and not 0 <= value < 2**32:
+                problems.append(f"`{name}`: a seed must be from 0 to {2**32 - 1} (got {value})")
+            elif key.endswith("steps") and value > MAX_STEPS:
+                problems.append(f"`{name}`: at most {MAX_STEPS:,} (got {value})")
+            elif abs(value) > MAX_INT:
+                problems.append(f"`{name}`: too large to store exactly (got {value})")
+        if key in UNSUPPORTED and value not in (None, "", False, {}):
+            problems.append(f"`{name}`: {UNSUPPORTED[key]}")
+    return problems
+
+
 def validate_params(plugin: Plugin, values: dict[str, Any]) -> BaseModel:
     """The plugin's Params from `values` (strings from `--set` or typed values from the UI and job.json)."""
     fields = plugin.params.model_fields
@@ -190,7 +219,8 @@ def validate_params(plugin: Plugin, values: dict[str, Any]) -> BaseModel:
         problems = [_problem(e) for e in exc.errors()]
         raise ValidationError(f"invalid parameters for {plugin.id}:", problems,
                               hint=f"see `lab plugins show {plugin.id}` for every parameter") from None
-    problems = plugin.check(params)
+    problems = _number_problems(params.model_dump()) or plugin.check(params)  # the plugin's own check may build
+    # a trainer config from these values, which would fail on them with a less readable message
     if problems:
         raise ValidationError(f"invalid parameters for {plugin.id}:", problems,
                               hint=f"see `lab plugins show {plugin.id}` for every parameter")

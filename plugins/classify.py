@@ -53,6 +53,21 @@ class Params(BaseModel):
     eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps."))
 
 
+def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
+    """A classifier needs two labels at least: refused before queueing, not after loading the model."""
+    if dataset is None:
+        return []
+    from lab.datasets import iter_rows
+
+    labels = set()
+    for row in iter_rows(dataset["path"]):
+        labels.add(str(row.get("label")))
+        if len(labels) > 1:
+            return []
+    return [f"dataset {dataset['name']} has a single label ({', '.join(labels) or 'none'}): classification needs "
+            "two at least"]
+
+
 def run(ctx, params: Params) -> None:
     import numpy as np
     from datasets import Dataset

@@ -43,6 +43,7 @@ def lab(ws, tiny_model_dir, tmp_path):
     datasets.add(ws, "facts", write_jsonl(tmp_path / "facts.jsonl", GOOD_SFT))
     datasets.add(ws, "spam", write_jsonl(tmp_path / "spam.jsonl", [{"text": "win", "label": "spam"},
                                                                    {"text": "hi", "label": "ham"}]))
+    datasets.add(ws, "one-label", write_jsonl(tmp_path / "one.jsonl", [{"text": "win", "label": "spam"}] * 3))
     return ws
 
 
@@ -139,6 +140,21 @@ CASES = [
                                                                     priority="high"), r"priority"),
     ("a conversion to an unknown format", lambda s, t, m: datasets.convert(s, "facts", "facts2", "yaml"),
      r"yaml"),
+    ("a negative seed", lambda s, t, m: runs.submit(s, "sft", model="tiny", dataset="facts",
+                                                     params={"seed": "-1"}), r"`seed`: a seed must be from 0"),
+    ("a seed past 2**32", lambda s, t, m: runs.submit(s, "sft", model="tiny", dataset="facts",
+                                                      params={"seed": str(10**23)}), r"`seed`"),
+    ("max_steps of 10**30", lambda s, t, m: runs.submit(s, "sft", model="tiny", dataset="facts",
+                                                        params={"max_steps": str(10**30)}), r"`max_steps`: at most"),
+    ("epochs of 1e400", lambda s, t, m: runs.submit(s, "sft", model="tiny", dataset="facts",
+                                                    params={"epochs": "1e400"}), r"`epochs`"),
+    ("NaN in extra_args", lambda s, t, m: runs.submit(s, "sft", model="tiny", dataset="facts",
+                                                      params={"extra_args": '{"max_grad_norm": NaN}'}),
+     r"`extra_args\.max_grad_norm`: must be a finite number"),
+    ("deepspeed in extra_args", lambda s, t, m: runs.submit(s, "sft", model="tiny", dataset="facts",
+                                                            params={"deepspeed": str(t)}), r"DeepSpeed is not set up"),
+    ("classify on a single label", lambda s, t, m: runs.submit(s, "classify", model="tiny", dataset="one-label"),
+     r"single label \(spam\)"),
     ("--set without =", lambda s, t, m: plugins.parse_sets(["max_steps"]), r"--set expects key=value"),
     ("--set given twice", lambda s, t, m: plugins.parse_sets(["a=1", "a=2"]), r"--set a is given twice"),
 ]

@@ -74,6 +74,8 @@ def _read_jsonl(text: str) -> Loaded:
             out.places.append(f"line {n}")
         except json.JSONDecodeError as exc:
             out.problems.append(f"line {n}: invalid JSON ({exc.msg} at column {exc.colno})")
+        except RecursionError:
+            out.problems.append(f"line {n}: JSON nested too deeply to be a row")
     return out
 
 
@@ -82,6 +84,8 @@ def _read_json(text: str) -> Loaded:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LabError(f"invalid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    except RecursionError:
+        raise LabError("the JSON is nested too deeply to be a table of rows") from None
     if isinstance(data, dict):
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DatabaseError, OperationalError
 from sqlalchemy.orm import Session
 
 from lab.errors import LabError
@@ -67,7 +68,16 @@ def engine_for(settings: Settings) -> Engine:
         if url not in _ready:
             from lab.migrate import upgrade
 
-            upgrade(engine)
+            try:
+                upgrade(engine)
+            except OperationalError:
+                raise  # locked or unreachable: the callers wait and retry
+            except DatabaseError as exc:  # not a database, or a damaged one: say so and touch nothing
+                shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
+                raise LabError(f"the database {shown} cannot be read: {unavailable_reason(exc)}; the lab changed "
+                               "nothing in it",
+                               "restore it from a backup, or move it aside (the lab then starts a new, empty one; "
+                               "the workspace's files stay)") from None
             _ready.add(url)
     return engine
 

@@ -10,6 +10,8 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
 
+from lab.errors import LabError
+
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
@@ -31,8 +33,14 @@ def current_revision(engine: Engine) -> str | None:
 def upgrade(engine: Engine) -> None:
     """Migrate to head. The write lock (SQLite) or an advisory lock (PostgreSQL) makes concurrent starts wait."""
     head = head_revision()
-    if current_revision(engine) == head:
+    current = current_revision(engine)
+    if current == head:
         return
+    known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
+    if current is not None and current not in known:
+        raise LabError(f"the database was written by a newer version of the lab (schema {current}; this one knows "
+                       f"up to {head}); it was not changed",
+                       "update the lab (git pull, then make run), or point LAB_DATABASE_URL/--workspace elsewhere")
     cfg = alembic_config()
     with engine.begin() as conn:  # BEGIN IMMEDIATE on SQLite: one migrator at a time
         if conn.dialect.name == "postgresql":

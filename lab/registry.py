@@ -32,19 +32,53 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 def _safetensors_parameters(files: list[Path]) -> int | None:
-    """Parameter count from safetensors headers alone (no weights are read)."""
+    """Parameter count from safetensors headers alone (no weights are read); a damaged file is named."""
     total = 0
     for f in files:
-        with open(f, "rb") as fh:
-            (size,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(size))
-        for key, t in header.items():
-            if key != "__metadata__":
-                n = 1
-                for d in t["shape"]:
-                    n *= d
-                total += n
+        try:
+            with open(f, "rb") as fh:
+                (size,) = struct.unpack("<Q", fh.read(8))
+                if size > f.stat().st_size - 8:
+                    raise ValueError("header longer than the file")
+                header = json.loads(fh.read(size))
+            for key, t in header.items():
+                if key != "__metadata__":
+                    n = 1
+                    for d in t["shape"]:
+                        n *= d
+                    total += n
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+            why = "it is empty" if f.stat().st_size == 0 else f"its header is unreadable ({exc})"
+            raise LabError(f"{f} is not a usable safetensors file: {why}",
+                           "the file is damaged or was cut short: copy or save the model again") from None
     return total or None
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, adapter_config.json), or a LabError naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise LabError(f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})",
+                       "the file is damaged: copy or save the model again") from None
+    if not isinstance(data, dict):
+        raise LabError(f"{path} must hold a JSON object, got {type(data).__name__}",
+                       "the file is damaged: copy or save the model again")
+    return data
+
+
+def _check_tokenizer(path: Path) -> None:
+    """A tokenizer.json that the tokenizers library cannot read is refused now, not when a job loads it."""
+    file = path / "tokenizer.json"
+    if not file.is_file():
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(file))
+    except Exception as exc:  # the Rust side raises its own Exception type
+        raise LabError(f"{file} is not a readable tokenizer ({str(exc)[:200]})",
+                       "save the tokenizer again with tokenizer.save_pretrained(folder)") from None
 
 
 def describe_folder(path: Path) -> dict:
@@ -55,7 +89,7 @@ def describe_folder(path: Path) -> dict:
         weights = sorted(path.glob("adapter_model.safetensors")) + sorted(path.glob("adapter_model.bin"))
         if not weights:
             raise LabError(f"{path} has adapter_config.json but no adapter weights (adapter_model.safetensors)")
-        cfg = json.loads((path / "adapter_config.json").read_text())
+        cfg = _json_object(path / "adapter_config.json")
         safetensors = [w for w in weights if w.suffix == ".safetensors"]
         return {"kind": "adapter", "architecture": f"{cfg.get('peft_type', 'LORA')} adapter",
                 "parameters": _safetensors_parameters(safetensors) if safetensors else None,
@@ -68,10 +102,8 @@ def describe_folder(path: Path) -> dict:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise LabError(f"{path} has no tokenizer (tokenizer.json or tokenizer_config.json)",
                        "save the tokenizer into the same folder with tokenizer.save_pretrained(folder)")
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise LabError(f"{path / 'config.json'} is not valid JSON: {exc.msg}") from None
+    cfg = _json_object(path / "config.json")
+    _check_tokenizer(path)
     arch = (cfg.get("architectures") or [cfg.get("model_type", "unknown")])[0]
     kind = "full"
     if arch.endswith("ForSequenceClassification"):

@@ -53,12 +53,14 @@ def _file(tmp: Path, name: str, content: bytes | str) -> Path:
     return p
 
 
-def _model_folder(tmp: Path, src: Path, drop: tuple[str, ...]) -> Path:
+def _model_folder(tmp: Path, src: Path, drop: tuple[str, ...], replace: dict[str, bytes] | None = None) -> Path:
     folder = tmp / "broken-model"
     folder.mkdir()
     for f in src.iterdir():
         if f.name not in drop and f.is_file():
             (folder / f.name).write_bytes(f.read_bytes())
+    for name, content in (replace or {}).items():
+        (folder / name).write_bytes(content)
     return folder
 
 
@@ -155,6 +157,23 @@ CASES = [
                                                             params={"deepspeed": str(t)}), r"DeepSpeed is not set up"),
     ("classify on a single label", lambda s, t, m: runs.submit(s, "classify", model="tiny", dataset="one-label"),
      r"single label \(spam\)"),
+    ("deeply nested JSONL", lambda s, t, m: datasets.add(s, "d", _file(t, "deep.jsonl", "[" * 100_000 + "\n")),
+     r"line 1: JSON nested too deeply"),
+    ("deeply nested JSON", lambda s, t, m: datasets.add(s, "d", _file(t, "deep.json", "[" * 100_000)),
+     r"nested too deeply"),
+    ("a config.json that is a list", lambda s, t, m: registry.add_folder(
+        s, "w", _model_folder(t, m, (), {"config.json": b"[1, 2]"})), r"config\.json must hold a JSON object"),
+    ("a broken adapter_config.json", lambda s, t, m: registry.add_folder(
+        s, "w", _model_folder(t, m, (), {"adapter_config.json": b"{oops", "adapter_model.safetensors": b"x"})),
+     r"adapter_config\.json is not valid JSON"),
+    ("a truncated safetensors header", lambda s, t, m: registry.add_folder(
+        s, "w", _model_folder(t, m, (), {"model.safetensors": (m / "model.safetensors").read_bytes()[:40]})),
+     r"model\.safetensors is not a usable safetensors file: its header is unreadable"),
+    ("zero-byte weights", lambda s, t, m: registry.add_folder(
+        s, "w", _model_folder(t, m, (), {"model.safetensors": b""})),
+     r"model\.safetensors is not a usable safetensors file: it is empty"),
+    ("an invalid tokenizer.json", lambda s, t, m: registry.add_folder(
+        s, "w", _model_folder(t, m, (), {"tokenizer.json": b'{"model": 3}'})), r"is not a readable tokenizer"),
     ("--set without =", lambda s, t, m: plugins.parse_sets(["max_steps"]), r"--set expects key=value"),
     ("--set given twice", lambda s, t, m: plugins.parse_sets(["a=1", "a=2"]), r"--set a is given twice"),
 ]

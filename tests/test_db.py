@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
@@ -39,3 +40,44 @@ def test_concurrent_first_opens_migrate_once(ws):
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0 and out.strip() == "ok", err
     assert current_revision(engine_for(ws)) == head_revision()
+
+
+def _digest(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "newer schema"])
+def test_a_damaged_or_newer_database_is_named_and_left_untouched(ws, damage):
+    import os
+    import sqlite3
+
+    from conftest import lab_cli
+
+    from lab import db as lab_db
+    from lab import experiments
+
+    path = ws.workspace / "lab.db"
+    if damage == "garbage":
+        ws.workspace.mkdir(parents=True)
+        path.write_bytes(os.urandom(4096))
+        expected = "file is not a database"
+    else:
+        experiments.get_or_create(ws, "default")
+        lab_db.dispose_all()
+        if damage == "truncated":
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size // 2)
+            expected = "cannot be read"
+        else:
+            with sqlite3.connect(path) as conn:
+                conn.execute("UPDATE alembic_version SET version_num = 'ffff0000future'")
+            with sqlite3.connect(path) as conn:  # into the main file, so that its bytes say it all
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            expected = "written by a newer version of the lab"
+    before = _digest(path)
+    done = lab_cli("datasets", "list")
+    assert done.returncode == 2, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr and "unexpected" not in done.stderr
+    assert _digest(path) == before, "the lab never modifies a database it cannot use"

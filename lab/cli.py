@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lab import datasets, experiments, plugins, registry, runs
-from lab.errors import LabError
+from lab.errors import LabError, from_os_error
 from lab.settings import Settings, load
 
 app = typer.Typer(help="A lab to pretrain, fine-tune, align and compare language models.", no_args_is_help=True,
@@ -588,6 +588,11 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:
+        known = from_os_error(exc)
+        if known is not None and not os.environ.get("LAB_DEBUG"):
+            err.print("[red]error:[/]", escape(known.message))
+            err.print("hint:", escape(known.hint))
+            sys.exit(2)
         if os.environ.get("LAB_DEBUG"):
             traceback.print_exc()
         else:

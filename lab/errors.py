@@ -36,3 +36,21 @@ class JobCancelled(Exception):
 
 CANCELLED_EXIT = 3
 
+
+
+def from_os_error(exc: BaseException) -> LabError | None:
+    """A full disk, a read-only or forbidden place, in one sentence with a next step; None for other errors."""
+    import errno
+
+    err = getattr(exc, "errno", None)
+    where = getattr(exc, "filename", None)
+    at = f" ({where})" if where else ""
+    if err in (errno.ENOSPC, errno.EDQUOT):
+        return LabError(f"the disk is full{at}: nothing was stored", "free some space and run the command again")
+    if err == errno.EROFS:
+        return LabError(f"the workspace is on a read-only file system{at}: nothing was stored",
+                        "use a writable workspace (--workspace DIR or LAB_WORKSPACE)")
+    if err in (errno.EACCES, errno.EPERM):
+        return LabError(f"permission denied{at}: nothing was stored",
+                        "give this user write access to the workspace, or use another (--workspace DIR)")
+    return None

@@ -13,7 +13,7 @@ import gradio as gr
 from sqlalchemy.exc import OperationalError
 
 from lab.db import unavailable_reason
-from lab.errors import LabError
+from lab.errors import LabError, from_os_error
 from lab.settings import Settings
 from lab.ui.html import text as html_text
 
@@ -66,6 +66,9 @@ def user_errors(fn, html: bool = True):
         except gr.Error:
             raise
         except Exception as exc:
+            known = from_os_error(exc)
+            if known is not None:
+                raise gr.Error(html_text(str(known)) if html else str(known), print_exception=False) from None
             log.exception("unexpected error in %s", fn.__name__)
             message = f"unexpected {type(exc).__name__}: {exc}"
             raise gr.Error(html_text(message) if html else message, print_exception=False) from None

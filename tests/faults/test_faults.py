@@ -334,3 +334,33 @@ def test_a_worker_killed_before_recording_the_outcome_registers_nothing_twice(ws
     assert [m["name"] for m in models] == [f"modelmaker-{job_id}"]
     assert models[0]["fingerprint"] == registry.fingerprint_folder(Path(models[0]["path"]))
     assert "output registered as model" in (Path(job["run_dir"]) / "log.txt").read_text()
+
+
+def _mount(args: list[str]) -> None:
+    done = subprocess.run(["mount", *args], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount here: {done.stderr.decode().strip()}")
+
+
+@pytest.mark.parametrize("kind", ["full", "read-only"])
+def test_a_full_or_read_only_workspace_is_named_by_the_command(ws, tmp_path, kind):
+    """`lab datasets add` on a full disk or a read-only workspace: one sentence and a next step, nothing stored."""
+    from conftest import lab_cli
+
+    experiments.get_or_create(ws, "default")  # the database exists; its folder is what fills up or turns read-only
+    folder = ws.workspace / "datasets"
+    folder.mkdir()
+    big = write_jsonl(tmp_path / "big.jsonl", [{"text": "y" * 1000 + str(i)} for i in range(3000)])
+    if kind == "full":
+        _mount(["-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)])
+    else:
+        _mount(["--bind", str(folder), str(folder)])
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(folder)], check=True)
+    try:
+        done = lab_cli("datasets", "add", "big", str(big))
+        assert done.returncode == 2, done.stderr
+        assert ("the disk is full" if kind == "full" else "read-only file system") in done.stderr
+        assert "Traceback" not in done.stderr and "unexpected" not in done.stderr
+        assert datasets.list_all(ws) == []
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -220,7 +220,8 @@ def list_jobs(settings: Settings, *, experiment: str | None = None, status: str 
         if plugin:
             query = query.where(Job.plugin == plugin)
         positions = _positions(s)
-        return [_row(j, names, positions) for j in s.scalars(query)]
+        found = [_row(j, names, positions) for j in s.scalars(query)]
+    return mask_all(found, secret_values(settings))
 
 
 def jobs_by_id(settings: Settings, job_ids: list[int]) -> list[dict]:

@@ -128,3 +128,15 @@ def test_export_killed_while_archiving_then_run_again(ws, sig):
     assert _leftovers(exports) == []
     assert lab_cli("models", "export", "src").returncode == 2, "a finished export is still refused"
 
+
+
+@pytest.mark.slow
+def test_setup_killed_during_the_starter_import_then_run_again(ws):
+    """`make run` calls `lab setup`: a first start interrupted while the starter model is being imported must not
+    leave the next start stuck on "already exists"."""
+    models = ws.workspace / "models"
+    proc = _start("setup")
+    _kill_when(proc, _nonempty_dir(models / ".staging" / registry.STARTER_NAME), signal.SIGKILL, timeout=300)
+    lab_cli("setup", check=True, timeout=600)
+    assert registry.STARTER_NAME in [m["name"] for m in registry.list_all(ws)]
+    assert _leftovers(models) == []

@@ -7,17 +7,16 @@ for a job that is not completed (a worker killed before recording the outcome re
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from lab import plugins, registry
+from lab import datasets, plugins, registry
 from lab.errors import LabError
 from lab.settings import Settings
-from lab.tables import Dataset, Job, Model
+from lab.tables import Job, Model
 
 
 @dataclass
@@ -43,10 +42,8 @@ class Completion:
             s.flush()
             model_id = row.id
             done.append(f"output registered as model {name} ({row.kind})")
-            folder = Path(row.path)
-            (folder / "model.json").write_text(json.dumps(
-                {"name": name, "source": "run", "job_id": job.id, "base_model_id": row.base_model_id}, indent=2)
-                + "\n")
+            registry.write_model_json(Path(row.path), name=name, source="run", job_id=job.id,
+                                      base_model_id=row.base_model_id)
         if self.follow_up is not None and model_id is not None:
             follow = Job(status="queued", model_id=model_id, **self.follow_up)
             s.add(follow)
@@ -63,14 +60,11 @@ def prepare(settings: Settings, job: Job, run_dir: Path) -> Completion:
         if job.follow_up:
             out.notes.append("no model came out of this run: the follow-up evaluation is not queued")
         return out
-    desc = registry.describe_folder(folder)
     base = None
     if job.model_id:  # an adapter trained on top of an adapter still applies to the same full model
         start = registry.get_by_id(settings, job.model_id)
         base = start.base_model_id if start is not None and start.kind == "adapter" else job.model_id
-    out.model = {"path": str(folder.resolve()), "kind": desc["kind"], "source": "run",
-                 "architecture": desc["architecture"], "parameters": desc["parameters"], "job_id": job.id,
-                 "base_model_id": base, "fingerprint": registry.fingerprint_folder(folder)}
+    out.model = {**registry.model_fields(folder, folder, "run"), "job_id": job.id, "base_model_id": base}
     if job.follow_up:
         out.follow_up, note = _follow_up(settings, job, out.model)
         if note:
@@ -84,16 +78,7 @@ def _follow_up(settings: Settings, job: Job, model: dict) -> tuple[dict | None, 
     try:
         plugin = plugins.get(settings, follow["plugin"])
         params = plugins.validate_params(plugin, follow["params"])
-        dataset = None
-        from lab.db import read_session
-
-        with read_session(settings) as s:
-            row = s.scalar(select(Dataset).where(Dataset.name == follow["dataset"])) if follow["dataset"] else None
-        if follow["dataset"] and row is None:
-            raise LabError(f"dataset {follow['dataset']} is gone")
-        if row is not None:
-            dataset = {"id": row.id, "name": row.name, "format": row.format, "path": row.path,
-                       "fingerprint": row.fingerprint, "rows": row.rows, "columns": row.columns}
+        dataset = datasets.info(settings, follow["dataset"]) if follow["dataset"] else None
         as_model = {**model, "name": f"{job.plugin}-{job.id}", "id": None}
         problems = plugin.check_inputs(params, as_model, dataset, settings)
         if problems:
@@ -101,5 +86,5 @@ def _follow_up(settings: Settings, job: Job, model: dict) -> tuple[dict | None, 
     except LabError as exc:  # the training itself succeeded: say why the evaluation could not follow
         return None, f"the follow-up evaluation could not be queued: {exc}"
     return {"experiment_id": job.experiment_id, "plugin": plugin.id, "params": params.model_dump(mode="json"),
-            "dataset_id": row.id if row is not None else None, "priority": job.priority,
+            "dataset_id": dataset["id"] if dataset else None, "priority": job.priority,
             "group_name": job.group_name, "tags": [*job.tags, f"eval-of-{job.id}"]}, None

@@ -26,7 +26,7 @@ from lab import plugins, runs
 from lab.db import read_session
 from lab.errors import CANCELLED_EXIT, JobCancelled, LabError
 from lab.sdk import RunContext
-from lab.settings import Settings, load, mask, read_secrets
+from lab.settings import Settings, load, mask, secret_values
 from lab.tables import Dataset, Experiment, Model, utcnow
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "llm-lab")
@@ -122,7 +122,7 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
                                 processes=job.processes, devices=job.devices, max_attempts=job.max_attempts),
     }
     if ctx.is_main:  # one writer under torchrun
-        text = mask(json.dumps(record, indent=2), read_secrets(settings))  # e.g. a token passed as a parameter
+        text = mask(json.dumps(record, indent=2), secret_values(settings))  # e.g. a token passed as a parameter
         (ctx.run_dir / "job.json").write_text(text + "\n")
     return ctx, plugin, params
 

@@ -232,9 +232,8 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None,
     """Validate `file` and register it as dataset `name`; all or nothing. `source` says where it came from."""
     check_name(name, "dataset")
     file = Path(file).expanduser()
-    with read_session(settings) as s:
-        if s.scalar(select(Dataset.id).where(Dataset.name == name)) is not None:
-            raise LabError(f"a dataset named {name!r} already exists", "pick another name, or see `lab datasets list`")
+    if _exists(settings, name):
+        raise LabError(f"a dataset named {name!r} already exists", "pick another name, or see `lab datasets list`")
     loaded = read_file(file)
     fmt, columns = validate(loaded, fmt, file.name)
     data = _jsonl_bytes(loaded.rows)

@@ -37,7 +37,6 @@ class JobCancelled(Exception):
 CANCELLED_EXIT = 3
 
 
-
 def from_os_error(exc: BaseException) -> LabError | None:
     """A full disk, a read-only or forbidden place, in one sentence with a next step; None for other errors."""
     import errno

@@ -90,8 +90,7 @@ def export(settings: Settings, name: str, export_name: str | None = None) -> dic
     if final.exists():  # the folder is published last: it stands for a finished export
         raise LabError(f"an export named {export_name!r} already exists in {exports_dir(settings)}",
                        "pick another name")
-    # an archive without its folder was left by an interrupted export: staging() lets it be replaced
-    with staging(final, "export", registered=lambda: False) as tmp:
+    with staging(final, "export") as tmp:  # an archive left without its folder by a killed export is overwritten
         if info["kind"] == "adapter":
             from lab import modeling
 

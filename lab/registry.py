@@ -129,17 +129,21 @@ def fingerprint_folder(path: Path) -> str:
 
 def _ensure_free(settings: Settings, name: str) -> None:
     check_name(name, "model")
-    with read_session(settings) as s:
-        if s.scalar(select(Model.id).where(Model.name == name)) is not None:
-            raise LabError(f"a model named {name!r} already exists", "pick another name, or see `lab models list`")
+    if _taken(settings, name):
+        raise LabError(f"a model named {name!r} already exists", "pick another name, or see `lab models list`")
+
+
+def model_fields(folder: Path, path: Path, source: str) -> dict:
+    """The registry fields (all but the name) of the model in `folder`, to be found at `path` (where it is
+    published): kind, architecture, size and fingerprint read from the files."""
+    desc = describe_folder(folder)
+    return {"path": str(path.resolve()), "kind": desc["kind"], "source": source,
+            "architecture": desc["architecture"], "parameters": desc["parameters"],
+            "fingerprint": fingerprint_folder(folder)}
 
 
 def _row(name: str, folder: Path, path: Path, source: str) -> Model:
-    """The registry row of the model in `folder`, to be found at `path` (where it is published)."""
-    desc = describe_folder(folder)
-    return Model(name=name, path=str(path.resolve()), kind=desc["kind"], source=source,
-                 architecture=desc["architecture"], parameters=desc["parameters"],
-                 fingerprint=fingerprint_folder(folder))
+    return Model(name=name, **model_fields(folder, path, source))
 
 
 def _register(settings: Settings, name: str, path: Path, source: str) -> dict:
@@ -172,7 +176,7 @@ def _publish(settings: Settings, name: str, source: str, build) -> dict:
     return info(settings, name)
 
 
-def _write_model_json(folder: Path, **fields) -> None:
+def write_model_json(folder: Path, **fields) -> None:
     (folder / "model.json").write_text(json.dumps(fields, indent=2) + "\n")
 
 
@@ -213,7 +217,7 @@ def import_gguf(settings: Settings, name: str, file: str | Path, source: str = "
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_model_json(tmp, name=name, kind="full", source=source, imported_from=str(file))
+        write_model_json(tmp, name=name, kind="full", source=source, imported_from=str(file))
 
     return _publish(settings, name, source, build)
 
@@ -285,7 +289,7 @@ def create_tiny(settings: Settings, name: str, **sizes) -> dict:
 
     def build(tmp: Path) -> None:
         build_tiny(tmp, **sizes)
-        _write_model_json(tmp, name=name, kind="full", source="tiny", sizes=sizes)
+        write_model_json(tmp, name=name, kind="full", source="tiny", sizes=sizes)
 
     return _publish(settings, name, "tiny", build)
 

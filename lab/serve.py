@@ -4,7 +4,6 @@ running goes back to the queue, marked interrupted, and runs again when the lab 
 from __future__ import annotations
 
 import importlib
-import ipaddress
 import os
 import signal
 import socket
@@ -17,17 +16,7 @@ from pathlib import Path
 from lab import experiments
 from lab.errors import LabError
 from lab.settings import Settings, read_secrets
-
-LOOPBACK = ("localhost",)
-
-
-def is_loopback(host: str) -> bool:
-    if host in LOOPBACK:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from lab.ui.guard import is_loopback
 
 
 def _start_worker(settings: Settings, n: int, gpus: list[str] | None = None, slots: int = 1) -> subprocess.Popen:

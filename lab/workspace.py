@@ -65,18 +65,31 @@ def inside(root: Path, path: Path) -> bool:
 STAGING = ".staging"  # beside the published folders: one build folder and one lock file per name
 
 
+def _try_lock(area: Path, name: str) -> int | None:
+    """The open, exclusively locked lock file of `name` in the staging area; None while another process holds it.
+    Closing the descriptor releases the lock."""
+    fd = os.open(area / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _sweep(area: Path, keep: str) -> None:
     """Remove build folders that interrupted commands left behind (their lock is free: no one is building)."""
     for item in area.iterdir():
         if item.suffix == ".lock" or item.name == keep:
             continue
-        fd = os.open(area / f"{item.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = _try_lock(area, item.name)
+        if fd is None:
             continue  # another command is building it right now
-        else:
-            shutil.rmtree(item, ignore_errors=True) if item.is_dir() else item.unlink(missing_ok=True)
+        try:
+            if item.is_dir():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
         finally:
             os.close(fd)
 
@@ -94,13 +107,11 @@ def staging(final: Path, what: str = "folder", registered: Callable[[], bool] | 
     final.parent.mkdir(parents=True, exist_ok=True)
     area = final.parent / STAGING
     area.mkdir(exist_ok=True)
-    fd = os.open(area / f"{final.name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _try_lock(area, final.name)
+    if fd is None:
+        raise LabError(f"{what} {final.name} is being created by another command right now",
+                       "wait for it to finish, or pick another name")
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise LabError(f"{what} {final.name} is being created by another command right now",
-                           "wait for it to finish, or pick another name") from None
         _sweep(area, keep=final.name)
         if final.exists() or final.is_symlink():
             if registered is None or registered():

@@ -145,11 +145,11 @@ def served_paths(settings: Settings) -> tuple[list[str], list[str]]:
     dataset files), never the database, the secrets file or the workers' logs, whatever path is asked."""
     ws = settings.workspace
     allowed = [ws / "experiments", ws / "exports", ws / "datasets"]
-    blocked = [settings.secrets_path, ws / "logs", ws / "lab.db", ws / "lab.db-wal", ws / "lab.db-shm",
-               ws / "lab.db-journal"]
+    # everything else is refused for not being allowed; these are blocked in case they were put inside one of them
+    blocked = [settings.secrets_path]
     if settings.database_url.startswith("sqlite:///"):
         db_file = Path(settings.database_url.removeprefix("sqlite:///"))
-        blocked += [db_file, db_file.with_name(db_file.name + "-wal"), db_file.with_name(db_file.name + "-shm")]
+        blocked += [db_file.with_name(db_file.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
     return [str(p) for p in allowed], [str(p) for p in blocked]
 
 

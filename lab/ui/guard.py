@@ -46,7 +46,8 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-def _is_loopback(name: str) -> bool:
+def is_loopback(name: str) -> bool:
+    """localhost or a loopback address (`lab serve` needs a password for anything else)."""
     if name == "localhost":
         return True
     try:
@@ -63,7 +64,7 @@ class HostPolicy:
         self.any_host = "*" in allowed_hosts
         self.extra = {_hostname(h) for h in allowed_hosts if h and h != "*"}
         bind = _hostname(bind)
-        self.loopback_only = _is_loopback(bind)
+        self.loopback_only = is_loopback(bind)
         self.names = set(LOOPBACK_NAMES) | self.extra
         self.every_interface = bind in ("0.0.0.0", "::", "")
         if not self.loopback_only:
@@ -77,7 +78,7 @@ class HostPolicy:
         if not host:
             return False
         name = _hostname(host)
-        if name in self.names or (self.loopback_only and _is_loopback(name)):
+        if name in self.names or (self.loopback_only and is_loopback(name)):
             return True
         # an address literal cannot be rebound to another site; on every interface any of ours may be asked for
         return self.every_interface and _is_ip(name)

@@ -13,6 +13,7 @@ from datetime import timedelta
 from sqlalchemy import and_, false, or_, select, text, true, update
 
 from lab.db import is_sqlite, read_session, session
+from lab.diagnosis import Failure
 from lab.errors import LabError
 from lab.settings import Settings, mask, secret_values
 from lab.tables import TERMINAL_STATES, Job, utcnow
@@ -126,18 +127,21 @@ def _masked(settings: Settings, text: str | None) -> str | None:
     return None if text is None else mask(text, secret_values(settings))
 
 
-def record_error(settings: Settings, job_id: int, error: str) -> None:
-    """The job process states why it is failing; the worker keeps it when it records the outcome."""
-    _update_running(settings, job_id, error=_masked(settings, error)[:4000])
+def record_error(settings: Settings, job_id: int, failure: Failure) -> None:
+    """The job process states why it is failing (kind, reason, next step); the worker keeps it when it records
+    the outcome."""
+    _update_running(settings, job_id, error=_masked(settings, failure.reason)[:4000], failure=failure.kind,
+                    next_step=_masked(settings, failure.next_step)[:1000])
 
 
 def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit_code: int | None,
-           error: str | None = None, log_tail: str | None = None, on_complete=None) -> bool | list[str]:
-    """Record the outcome of a running job owned by `worker_id`. An error recorded by the job itself wins.
+           failure: Failure | None = None, log_tail: str | None = None, on_complete=None) -> bool | list[str]:
+    """Record the outcome of a running job owned by `worker_id`. A failure recorded by the job itself wins (the
+    worker's view of it, e.g. "exited with code 1", is added in brackets).
     on_complete(session, job) adds what a completed job leaves (its output model, a follow-up) in the same
     transaction and returns lines for the log; then those lines are returned instead of True."""
     assert status in TERMINAL_STATES
-    error, log_tail = _masked(settings, error), _masked(settings, log_tail)
+    error, log_tail = _masked(settings, failure and failure.reason), _masked(settings, log_tail)
     with session(settings) as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running" or job.worker != worker_id:
@@ -148,11 +152,12 @@ def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit
         job.finished_at = utcnow()
         job.log_tail = log_tail
         if status == "completed":
-            job.error = None
-        elif error and not job.error:
+            job.error = job.failure = job.next_step = None
+        elif status == "cancelled":
+            job.error, job.failure, job.next_step = error or job.error, None, None
+        elif job.failure is None and failure is not None:  # the job did not diagnose itself: the worker's view
             job.error = error
-        elif error and job.error and error not in job.error:
-            job.error = f"{job.error}\n({error})"
+            job.failure, job.next_step = failure.kind, _masked(settings, failure.next_step)
         if status == "completed" and job.total_steps:
             job.step = job.total_steps
         return True if notes is None else notes
@@ -166,6 +171,7 @@ def requeue(settings: Settings, job_id: int, worker_id: str, note: str) -> bool:
             return False
         job.status, job.worker, job.pid, job.heartbeat_at = "queued", None, None, None
         job.started_at, job.step, job.total_steps, job.error = None, 0, None, note
+        job.failure, job.next_step = None, None
         return True
 
 
@@ -247,8 +253,11 @@ def reap_stale(settings: Settings) -> list[int]:
             if job.attempts < job.max_attempts:  # retried: back in the queue, in its place, with its folder
                 job.status, job.worker, job.pid, job.heartbeat_at, job.started_at = "queued", None, None, None, None
                 job.error = f"attempt {job.attempts} of {job.max_attempts} {why}; it was put back in the queue"
+                job.failure, job.next_step = None, None
             else:
                 job.status, job.finished_at, job.error = "failed", utcnow(), why
+                job.failure, job.next_step = "lost", ("check that the worker's machine is up and reaches the "
+                                                      "database; run the job again")
             reaped.append(job.id)
     return reaped
 

@@ -1,16 +1,18 @@
 """Run one job: `python -m jobs.runner JOB_ID`, in its own process group under a worker; the exit code is the truth.
 
-Exit codes: 0 the plugin returned and its outputs exist; 3 cancelled; anything else failed (the reason is stored on
-the job and the traceback is in log.txt).
+Exit codes: 0 the plugin returned and its outputs exist; 3 cancelled; 4 stopped (SIGTERM) after writing a checkpoint
+to resume from; anything else failed (its kind, reason and next step are stored on the job, the traceback is in
+log.txt).
+
+SIGTERM (the worker stopping the job) does not kill a training run on the spot: the lab's trainer callback writes a
+checkpoint at the next step boundary and then the process exits with 4, so the job resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import platform
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,7 +26,8 @@ from jobs import queue
 from lab import datasets as datasets_mod
 from lab import plugins, runs
 from lab.db import read_session
-from lab.errors import CANCELLED_EXIT, JobCancelled, LabError
+from lab.diagnosis import diagnose
+from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, Diverged, JobCancelled, JobInterrupted, LabError
 from lab.sdk import RunContext
 from lab.settings import Settings, load, mask, secret_values
 from lab.tables import Dataset, Experiment, Model, utcnow
@@ -101,12 +104,14 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         report_to=[] if settings.wandb == "off" else ["wandb"],
     )
     if job.attempts > 1:
-        ctx.resume_from = latest_checkpoint(ctx.checkpoints_dir)
+        ctx.resume_from = latest_checkpoint(ctx.checkpoints_dir) if plugin.resumable else None
         step = checkpoint_step(ctx.resume_from) if ctx.resume_from else -1
         if ctx.is_main:
             runs.clear_metrics(settings, job.id, after_step=step)
-        ctx.log(f"[lab] attempt {job.attempts} of {job.max_attempts}: " + (
-            f"resuming from {ctx.resume_from.name}" if ctx.resume_from else "no checkpoint, training starts over"))
+        ctx.log(f"[lab] attempt {job.attempts}: " + (
+            f"resuming from {ctx.resume_from.name}" if ctx.resume_from else
+            "no checkpoint, training starts over" if plugin.resumable
+            else f"{plugin.id} cannot resume: it starts over"))
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     record = {
@@ -138,27 +143,42 @@ def _setup_wandb(ctx: RunContext) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def _disk_full(folders: list[Path]) -> bool:
-    """True when a folder the job writes to has (almost) no room left."""
-    for folder in folders:
-        try:
-            usage = shutil.disk_usage(folder)
-        except OSError:
-            continue
-        if usage.free < 1 << 20 or usage.free < usage.total * 0.001:
-            return True
-    return False
+def check_finite(folder: Path) -> None:
+    """Raise Diverged when a weight saved under `folder` (safetensors files) is NaN or infinite: such an output
+    is never registered."""
+    import torch
+    from safetensors import safe_open
+
+    bad = total = 0
+    for path in sorted(folder.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            names = list(f.keys())  # noqa: SIM118 (a safetensors file is not iterable)
+            for name in names:
+                tensor = f.get_tensor(name)
+                if tensor.is_floating_point():
+                    total += tensor.numel()
+                    bad += int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise Diverged(f"the trained weights hold {bad:,} NaN or infinite values (of {total:,}): the run diverged "
+                       "and its output is not registered")
 
 
-def _reason(exc: BaseException, folders: list[Path]) -> str:
-    """The failure in words. A full disk is named as such: torch reports it only as a failed or short write."""
-    text = f"{type(exc).__name__}: {exc}"
-    chain = [exc, exc.__cause__, exc.__context__]
-    if any(getattr(e, "errno", None) == errno.ENOSPC for e in chain if e) or "No space left on device" in text \
-            or (isinstance(exc, (OSError, RuntimeError)) and _disk_full(folders)):
-        return (f"the disk is full (no space left on device) while the job was writing; earlier checkpoints are "
-                f"kept. Free some space and run the job again. ({text[:300]})")
-    return text
+def _on_sigterm(ctx_box: list):
+    """SIGTERM from the worker: a training run finishes its step and checkpoints (the lab's callback), anything
+    else stops here and now."""
+
+    def handler(signum, frame):
+        ctx = ctx_box[0] if ctx_box else None
+        if ctx is not None and ctx.training:
+            if not ctx.stop_requested.is_set():
+                ctx.stop_requested.set()
+                print("[lab] stop requested: the run stops at the end of this step, after a checkpoint", flush=True)
+            return
+        if ctx is not None:
+            ctx.stop_requested.set()
+        raise JobInterrupted("stopped by its worker (SIGTERM)")
+
+    return handler
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     job_id = int(argv[0])
     settings = load()
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    ctx_box: list = []
+    signal.signal(signal.SIGTERM, _on_sigterm(ctx_box))
     try:
         ctx, plugin, params = build_context(settings, job_id)
+        ctx_box.append(ctx)
         ctx.log(f"[lab] job {job_id}: {plugin.id} in experiment {ctx.experiment}; folder {ctx.run_dir}")
         if ctx.world_size > 1:
             print(f"[lab] rank {ctx.rank} of {ctx.world_size} started (pid {os.getpid()})", flush=True)
@@ -178,18 +201,20 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not ctx.output_dir.is_dir() or not any(ctx.output_dir.iterdir()):
             raise LabError(f"plugin {plugin.id} returned but wrote nothing to {ctx.output_dir}")
+        check_finite(ctx.output_dir)
         # the worker registers the output and queues a follow-up with the outcome, in one transaction
     except JobCancelled as exc:
         print(f"[lab] {exc}", flush=True)
         return CANCELLED_EXIT
-    except LabError as exc:
-        traceback.print_exc()
-        queue.record_error(settings, job_id, str(exc))
-        return 1
-    except BaseException as exc:  # the plugin's own failure: keep the traceback in the log, the reason on the job
+    except JobInterrupted as exc:
+        print(f"[lab] {exc}", flush=True)
+        return INTERRUPTED_EXIT
+    except BaseException as exc:  # the plugin's own failure: keep the traceback in the log, the diagnosis on the job
         traceback.print_exc()
         run_dir = Path(queue.get(settings, job_id).run_dir or ".")
-        queue.record_error(settings, job_id, _reason(exc, [run_dir, run_dir / "checkpoints", settings.workspace]))
+        failure = diagnose(exc, [run_dir, run_dir / "checkpoints", settings.workspace])
+        print(f"[lab] failed ({failure.kind}): {failure.reason}\n[lab] next step: {failure.next_step}", flush=True)
+        queue.record_error(settings, job_id, failure)
         return 1
     finally:
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:

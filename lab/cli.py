@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lab import datasets, experiments, plugins, registry, runs
+from lab.diagnosis import KINDS
 from lab.errors import LabError, from_os_error
 from lab.settings import Settings, load
 
@@ -376,7 +377,10 @@ def _wait(s: Settings, job_id: int) -> int:
         if job.get("output_model"):
             err.print(f"registered as model {job['output_model']}")
         return 0
-    err.print(f"job {job_id} {job['status']}: {job['error'] or ''}")
+    err.print(f"job {job_id} {job['status']}" + (f" ({job['failure']})" if job.get("failure") else "")
+              + f": {job['error'] or ''}", markup=False)
+    if job.get("next_step"):
+        err.print(f"next step: {job['next_step']}", markup=False)
     if job["status"] == "failed" and job.get("log_tail"):
         err.print("last lines of its log:\n" + "\n".join(job["log_tail"].splitlines()[-15:]), markup=False)
     return 1
@@ -407,8 +411,8 @@ def jobs_list(
         r["duration"] = _fmt_duration(r["duration_s"])
         r["eta"] = _fmt_duration(r["eta_s"])
         r["queue"] = r["queue_position"]
-    _table(rows, ["id", "experiment", "plugin", "model", "dataset", "status", "progress", "eta", "queue",
-                  "created_at", "duration"], "jobs")
+    _table(rows, ["id", "experiment", "plugin", "model", "dataset", "status", "failure", "progress", "eta",
+                  "queue", "created_at", "duration"], "jobs")
 
 
 @jobs_app.command("show")
@@ -417,8 +421,12 @@ def jobs_show(job_id: int, workspace: WorkspaceOpt = None, as_json: JsonOpt = Fa
     job = runs.get_job(_settings(workspace), job_id)
     if as_json:
         return _print_json(job)
+    if job.get("failure"):  # what went wrong and what to do, before everything else
+        out.print(f"{'failure':>16}: {job['failure']} ({KINDS.get(job['failure'], '')})", markup=False)
+        out.print(f"{'reason':>16}: {job['error']}", markup=False)
+        out.print(f"{'next step':>16}: {job['next_step'] or ''}", markup=False)
     for k, v in job.items():
-        if k not in ("log_tail", "params"):
+        if k not in ("log_tail", "params", "failure", "next_step") and not (k == "error" and job.get("failure")):
             out.print(f"{k:>16}: {'' if v is None else v}", markup=False)
     out.print(f"{'params':>16}: {json.dumps(job['params'])}", markup=False)
     if job["status"] == "failed" and job["log_tail"]:
@@ -493,7 +501,7 @@ def serve_cmd(
     workspace: WorkspaceOpt = None,
 ):
     """Start the web UI on http://HOST:PORT with its worker processes."""
-    from lab.serve import serve
+    from lab.ui.serve import serve
 
     names = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
     serve(_settings(workspace), host, port, workers, password, say=lambda m: out.print(m, markup=False),
@@ -506,24 +514,17 @@ def worker_cmd(
     until_empty: Annotated[bool, typer.Option("--until-empty", help="Exit when the queue is empty.")] = False,
     echo: Annotated[bool, typer.Option("--echo", help="Also print the jobs' output here.")] = False,
     with_parent: Annotated[bool, typer.Option("--with-parent", help="Stop when the process that started this "
-                                              "worker ends (how `lab serve` starts its workers).")] = False,
+                                              "worker ends.")] = False,
     gpus: Annotated[str | None, typer.Option("--gpus", help="Accelerators this worker owns, e.g. 0,1: a job gets "
                                              "the ones it asks for; jobs run side by side while they fit.")] = None,
     slots: Annotated[int, typer.Option("--slots", min=0, max=64, help="CPU jobs this worker runs at once.")] = 1,
     workspace: WorkspaceOpt = None,
 ):
     """Run jobs from the queue until stopped (Ctrl-C or SIGTERM)."""
-    from jobs.worker import Worker, install_signal_handlers, stop_with_parent
+    from jobs.worker import run_worker
 
-    s = _settings(workspace)
-    worker = Worker(s, echo=echo, say=lambda m: out.print(m), gpus=_gpu_list(gpus), slots=slots)
-    install_signal_handlers(worker)
-    if with_parent:
-        stop_with_parent(worker)
-    out.print(f"worker {worker.id} on {s.workspace}, {worker.capacity} "
-              f"({'once' if once else 'until empty' if until_empty else 'ready'})")
-    n = worker.serve(once=once, until_empty=until_empty)
-    out.print(f"worker {worker.id} stopped after {n} job(s)")
+    run_worker(_settings(workspace), once=once, until_empty=until_empty, echo=echo, with_parent=with_parent,
+               gpus=_gpu_list(gpus), slots=slots, say=lambda m: out.print(m, markup=False))
 
 
 def _gpu_list(text: str | None) -> list[str]:

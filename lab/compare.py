@@ -85,10 +85,13 @@ def smooth(values, weight: float):
 
 
 def _columns(rows, n: int):
-    """The first n columns of result rows as float arrays (np.fromiter: rows are not plain tuples)."""
+    """The first n columns of result rows as float arrays (np.fromiter: rows are not plain tuples); a stored NaN
+    (NULL) becomes NaN again."""
     import numpy as np
 
-    return [np.fromiter((r[i] for r in rows), dtype=float, count=len(rows)) for i in range(n)]
+    nan = float("nan")
+    return [np.fromiter((nan if r[i] is None else r[i] for r in rows), dtype=float, count=len(rows))
+            for i in range(n)]
 
 
 def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step", smoothing: float = 0.0,

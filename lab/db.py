@@ -106,6 +106,29 @@ def read_session(settings: Settings) -> Iterator[Session]:
         yield s
 
 
+def retrying(fn, *args, patience_s: float = 7.5, stop: threading.Event | None = None, say=None, **kwargs):
+    """Call fn(*args, **kwargs); while the database is locked past its busy timeout or unreachable (an
+    OperationalError: the transaction was rolled back), wait 0.5 s, doubling up to 30 s, and call again. Gives up
+    (raises) after `patience_s` in all, or at once when `stop` is set. say: told of each wait."""
+    import time
+
+    deadline = time.monotonic() + patience_s
+    delay = 0.5
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except OperationalError as exc:
+            if (stop is not None and stop.is_set()) or time.monotonic() + delay > deadline:
+                raise
+            if say is not None:
+                say(f"the database cannot be used ({unavailable_reason(exc)}); retrying in {delay:.1f} s")
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
 def unavailable_reason(exc: Exception) -> str:
     """The driver's first line for a database that is locked or away (an OperationalError), kept short."""
     return str(getattr(exc, "orig", exc)).splitlines()[0][:200]

@@ -35,6 +35,24 @@ class JobCancelled(Exception):
 
 
 CANCELLED_EXIT = 3
+INTERRUPTED_EXIT = 4  # stopped by a signal at a step boundary, after writing a checkpoint to resume from
+
+
+class JobInterrupted(Exception):
+    """Raised inside a job's process when it was asked to stop (SIGTERM) and not cancelled: the runner exits with
+    INTERRUPTED_EXIT, and the job goes back to the queue to resume from the checkpoint it just wrote."""
+
+
+class DataError(LabError):
+    """The job's data cannot train: every row truncated away, too few prompts, one label. Diagnosed as `data`."""
+
+
+class Diverged(Exception):
+    """A training value or saved weight became NaN or infinite. Diagnosed as `diverged`."""
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def from_os_error(exc: BaseException) -> LabError | None:

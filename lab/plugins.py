@@ -8,7 +8,8 @@ A plugin is a module with:
     run(ctx, params)         does the work (lab.sdk.RunContext)
 and optionally DESCRIPTION (else the docstring's first line), NEEDS_MODEL (True, False or "optional";
 default True), PASSTHROUGH (True when
-unknown `--set` names go to `params.extra_args`), MODEL_KINDS (the registry kinds it starts from; default full and
+unknown `--set` names go to `params.extra_args`), RESUMABLE (False for a trainer that cannot resume from a
+checkpoint: its jobs take no retries), MODEL_KINDS (the registry kinds it starts from; default full and
 adapter), check(params) -> list of problems, and check_inputs(params, model, dataset, settings) -> list of
 problems (model and dataset as registry dicts, or None), both run before queueing.
 
@@ -18,6 +19,7 @@ group, plus `LAB_EXTRA_PLUGINS`.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -28,7 +30,7 @@ from importlib import metadata
 from typing import Any
 
 import pydantic
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from lab.errors import LabError, ValidationError
 from lab.settings import Settings
@@ -54,6 +56,7 @@ class Plugin:
     model_kinds: tuple[str, ...] = ("full", "adapter")
     example: str = field(default="")
     distributed: bool = False  # runs data-parallel under torchrun when a job asks for processes > 1
+    resumable: bool = True  # a retried or interrupted job resumes from its last checkpoint (else it starts over)
 
     @property
     def needs_dataset(self) -> bool:
@@ -81,12 +84,21 @@ def advanced(widget: str | None = None, **kw) -> dict:
     return {"json_schema_extra": {"advanced": True, "widget": widget}, **kw}
 
 
+class TrainParams(BaseModel):
+    """Parameters every trainer plugin shares (subclass it: `class Params(TrainParams)`): its checkpoints."""
+
+    save_steps: int = Field(0, **advanced(ge=0, description="Also checkpoint every this many steps; 0: by time only."))
+    save_minutes: float = Field(10.0, **advanced(
+        ge=0, le=10080, description="Checkpoint after this many minutes of training since the last checkpoint (and "
+        "always when the job is stopped), so an interrupted or retried job resumes; 0: only every save_steps."))
+
+
 def _example(doc: str) -> str:
     return next((line.strip() for line in doc.splitlines() if line.strip().startswith("lab run")), "")
 
 
 def _load(module_name: str, origin: str) -> Plugin:
-    module = importlib.import_module(module_name)
+    module: PluginModule = importlib.import_module(module_name)
     missing = [a for a in ("ID", "KIND", "ACCEPTS", "Params", "run") if not hasattr(module, a)]
     if missing:
         raise LabError(f"plugin module {module_name} lacks {', '.join(missing)}")
@@ -102,15 +114,35 @@ def _load(module_name: str, origin: str) -> Plugin:
         passthrough=getattr(module, "PASSTHROUGH", False), example=_example(doc),
         model_kinds=tuple(getattr(module, "MODEL_KINDS", ("full", "adapter"))),
         distributed=bool(getattr(module, "DISTRIBUTED", False)),
+        resumable=bool(getattr(module, "RESUMABLE", True)),
     )
 
 
+class PluginModule(typing.Protocol):
+    """The contract a plugin module meets (checked when it is loaded; the optional names are in this module's
+    docstring)."""
+
+    ID: str
+    KIND: str
+    ACCEPTS: tuple[str, ...]
+    Params: type[BaseModel]
+
+    def run(self, ctx, params: BaseModel) -> None: ...
+
+
 def discover(settings: Settings) -> tuple[dict[str, Plugin], list[str]]:
-    """All plugins by id, and one line per plugin that failed to load (a broken plugin never breaks the lab)."""
+    """All plugins by id, and one line per plugin that failed to load (a broken plugin never breaks the lab).
+    Found once per process for each set of extra plugin modules."""
+    found, broken = _discover(tuple(settings.extra_plugins))
+    return dict(found), list(broken)
+
+
+@functools.lru_cache(maxsize=8)
+def _discover(extra_plugins: tuple[str, ...]) -> tuple[dict[str, Plugin], list[str]]:
     sources = [(m, "built-in") for m in BUILTINS]
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         sources.append((ep.value.split(":")[0], f"entry point {ep.dist.name if ep.dist else ep.name}"))
-    sources += [(m, "LAB_EXTRA_PLUGINS") for m in settings.extra_plugins]
+    sources += [(m, "LAB_EXTRA_PLUGINS") for m in extra_plugins]
     found: dict[str, Plugin] = {}
     broken: list[str] = []
     for module_name, origin in sources:

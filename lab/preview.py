@@ -16,46 +16,154 @@ CHAT_FORMATS = ("chat", "alpaca", "prompt_completion")
 
 @lru_cache(maxsize=8)
 def _tokenizer(path: str):
-    from transformers import AutoTokenizer
+    from lab import modeling
 
-    from lab.registry import CHATML_TEMPLATE
-
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.chat_template is None:
-        tok.chat_template = CHATML_TEMPLATE  # what the sft plugin falls back to
-    return tok
+    return modeling.tokenizer(path, log=lambda m: None)  # exactly as the trainers load it (ChatML fallback, pad)
 
 
-def _ids(tok, messages: list[dict], **kw) -> list[int]:
-    out = tok.apply_chat_template(messages, tokenize=True, **kw)
-    return list(out["input_ids"] if hasattr(out, "keys") else out)  # a BatchEncoding in transformers 5
+def sft_example(fmt: str, row: dict, completion_only: bool) -> dict:
+    """One row as the sft plugin gives it to SFTTrainer: prompt/completion (the prompt masked) or whole messages."""
+    return (formats.to_prompt_completion if completion_only else formats.to_messages)(fmt, row)
 
 
-def tokenize_row(tokenizer_path: str, fmt: str, row: dict, completion_only: bool = True) -> dict:
-    """Tokens of one row as the sft plugin feeds them: [(text, counts_towards_loss)], with counts."""
+def sft_prepare(tokenizer, examples: list[dict], *, completion_only: bool, max_length: int | None,
+                extra_args: dict | None = None):
+    """The examples through TRL's own SFT preparation (`SFTTrainer._prepare_dataset`, the code that training runs):
+    a datasets.Dataset with input_ids and labels (-100: not trained), truncated to max_length, rows left without a
+    trained token dropped as TRL drops them; the column `lab_row` says which input row each one is."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+    from trl import SFTConfig, SFTTrainer
+
+    data = Dataset.from_list([{**e, "lab_row": i} for i, e in enumerate(examples)])
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SFTConfig(output_dir=tmp, use_cpu=True, report_to=[], max_length=max_length,
+                         completion_only_loss=True if completion_only else None,
+                         **{k: v for k, v in (extra_args or {}).items() if k in ("truncation_mode",)})
+    first = examples[0] if examples else {}
+    # the attributes of the trainer that its preparation reads, as SFTTrainer.__init__ sets them for these args
+    stand_in = SimpleNamespace(
+        _tokenizer=tokenizer, chat_template=None,
+        completion_only_loss=("prompt" in first and "completion" in first) if args.completion_only_loss is None
+        else args.completion_only_loss)
+    disable_progress_bar()
+    try:
+        return SFTTrainer._prepare_dataset(stand_in, data, tokenizer, args, False, None, "preview")
+    finally:
+        enable_progress_bar()
+
+
+def tokenize_row(tokenizer_path: str, fmt: str, row: dict, completion_only: bool = True,
+                 max_length: int | None = None) -> dict:
+    """Tokens of one row exactly as sft trains on them: [(text, state)] with state "train" (counts towards the
+    loss), "mask" (seen, not learned) or "cut" (beyond max_length: never seen), and the counts."""
     tok = _tokenizer(tokenizer_path)
     if fmt in CHAT_FORMATS:
-        pair = formats.to_prompt_completion(fmt, row)
-        prompt = _ids(tok, pair["prompt"], add_generation_prompt=True)
-        full = _ids(tok, pair["prompt"] + pair["completion"])
-        trained = [not completion_only or i >= len(prompt) for i in range(len(full))]
+        full = sft_prepare(tok, [sft_example(fmt, row, completion_only)], completion_only=completion_only,
+                           max_length=None)[0]
+        ids, trained = full["input_ids"], [label != -100 for label in full["labels"]]
     else:
-        full = tok(row.get("text", ""))["input_ids"]
-        trained = [True] * len(full)
-    pieces = [tok.decode([i]) for i in full]
-    return {"tokens": list(zip(pieces, trained, strict=True)), "count": len(full), "trained": sum(trained)}
+        ids = tok(row.get("text", ""))["input_ids"]
+        trained = [True] * len(ids)
+    kept = range(len(ids))[_truncation(len(ids), max_length)]
+    states = ["cut" if i not in kept else "train" if trained[i] else "mask" for i in range(len(ids))]
+    pieces = [tok.decode([i]) for i in ids]
+    return {"tokens": list(zip(pieces, states, strict=True)), "count": len(ids),
+            "trained": states.count("train"), "cut": states.count("cut"), "max_length": max_length}
+
+
+def _truncation(n: int, max_length: int | None, mode: str = "keep_start") -> slice:
+    """TRL's truncation of a tokenized row (keep_start: the first max_length tokens)."""
+    if max_length is None:
+        return slice(None)
+    return slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
+
+
+@lru_cache(maxsize=16)
+def _truncated_rows(tokenizer_path: str, dataset_path: str, fingerprint: str, fmt: str, completion_only: bool,
+                    max_length: int, limit: int) -> tuple[int, int, tuple[int, ...]]:
+    from itertools import islice
+
+    rows = list(islice(iter_rows(dataset_path), limit))
+    examples = [sft_example(fmt, r, completion_only) for r in rows]
+    kept = sft_prepare(_tokenizer(tokenizer_path), examples, completion_only=completion_only, max_length=max_length)
+    lost = sorted(set(range(len(rows))) - set(kept["lab_row"]))
+    return len(rows), len(lost), tuple(lost[:10])
+
+
+def preference_row(tokenizer_path: str, row: dict, max_length: int | None = None) -> dict:
+    """A preference pair exactly as dpo trains on it: TRL's own preparation (`DPOTrainer._prepare_dataset`) and
+    collator (`DataCollatorForPreference`, which truncates to max_length and marks the answer tokens). Returns
+    {"chosen": sample, "rejected": sample} with samples as `tokenize_row` gives them."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    tok = _tokenizer(tokenizer_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=tmp, use_cpu=True, report_to=[], max_length=None)
+    disable_progress_bar()
+    try:
+        prepared = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), Dataset.from_list(
+            [formats.to_preference_pair(row)]), tok, args, "preview")[0]
+    finally:
+        enable_progress_bar()
+    example = {k: prepared[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    full = DataCollatorForPreference(pad_token_id=tok.pad_token_id)([example])
+    seen = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_length)([example])
+    out = {}
+    for i, side in enumerate(("chosen", "rejected")):
+        n = int(full["attention_mask"][i].sum())
+        ids = full["input_ids"][i][:n].tolist()
+        kept = int(seen["attention_mask"][i].sum())
+        trained = seen["completion_mask"][i][:kept].tolist()
+        states = [("train" if trained[j] else "mask") if j < kept else "cut" for j in range(n)]
+        out[side] = {"tokens": list(zip([tok.decode([t]) for t in ids], states, strict=True)), "count": n,
+                     "trained": states.count("train"), "cut": states.count("cut"), "max_length": max_length}
+    return out
+
+
+TRUNCATION_SAMPLE = 5000  # rows checked before launch (the first ones; the warning says so when there are more)
+
+
+def truncation(settings, model_name: str, dataset_name: str, params: dict) -> dict | None:
+    """For sft: how many rows would lose every trained token to max_length (TRL drops them before training).
+    None when the method or format has nothing to check."""
+    from lab import datasets, registry
+
+    dataset = datasets.info(settings, dataset_name)
+    if dataset["format"] not in CHAT_FORMATS or params.get("packing"):
+        return None
+    path = registry.info(settings, model_name)["path"]
+    checked, lost, first = _truncated_rows(path, dataset["path"], dataset["fingerprint"], dataset["format"],
+                                           bool(params.get("completion_only", True)), int(params["max_length"]),
+                                           TRUNCATION_SAMPLE)
+    return {"checked": checked, "rows": dataset["rows"], "lost": lost, "first_lost": list(first),
+            "max_length": int(params["max_length"])}
 
 
 def sample_html(sample: dict) -> str:
-    """Tokens as spans: trained ones highlighted, masked prompt tokens greyed; special tokens boxed."""
+    """Tokens as spans: trained ones highlighted, masked prompt tokens greyed, tokens beyond max_length struck."""
     spans = []
-    for text, trained in sample["tokens"]:
-        cls = "tok-train" if trained else "tok-mask"
+    for text, state in sample["tokens"]:
         shown = html.escape(text).replace("\n", "↵<br>")
-        spans.append(f'<span class="{cls}">{shown}</span>')
+        spans.append(f'<span class="tok-{state}">{shown}</span>')
+    cut = (f' · <span class="tok-cut">cut by max_length={sample["max_length"]}</span> {sample["cut"]} tokens'
+           if sample.get("cut") else "")
     legend = (f'<div class="tok-legend"><span class="tok-train">learned</span> {sample["trained"]} tokens · '
-              f'<span class="tok-mask">masked prompt</span> {sample["count"] - sample["trained"]} tokens · '
+              f'<span class="tok-mask">masked prompt</span> '
+              f'{sample["count"] - sample["trained"] - sample.get("cut", 0)} tokens{cut} · '
               f'{sample["count"]} in all</div>')
+    if sample["count"] and not sample["trained"]:
+        legend += ('<div class="error-box">No token of this row is trained: training drops it '
+                   '(raise max_length, or turn off completion_only).</div>')
     return legend + '<div class="tok-sample">' + "".join(spans) + "</div>"
 
 

@@ -92,10 +92,15 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
     for tag in tags or []:
         check_name(tag, "tag")
     _check_resources(devices, processes)
-    jobs = [prepare(settings, plugin_id, model=model, dataset=dataset, params=p) for p in params_list]
-    if processes > 1 and not plugins.get(settings, plugin_id).distributed:
+    plugin = plugins.get(settings, plugin_id)
+    if processes > 1 and not plugin.distributed:
         raise LabError(f"plugin {plugin_id} runs in one process: it cannot use processes={processes}",
                        "leave processes at 1; sft, pretrain and classify run data-parallel")
+    if max_attempts > 1 and not plugin.resumable:
+        raise LabError(f"plugin {plugin_id} cannot resume from a checkpoint (its trainer has no resume), so a retry "
+                       f"would start over: max attempts must be 1, not {max_attempts}",
+                       "leave max attempts at 1 and launch the job again if it is interrupted")
+    jobs = [prepare(settings, plugin_id, model=model, dataset=dataset, params=p) for p in params_list]
     follow = _follow_up(settings, then_eval)
     if follow and jobs[0]["kind"] != "train":
         raise LabError("only a training run can have an evaluation queued after it")
@@ -184,7 +189,8 @@ def _row(job: Job, names: dict, positions: dict[int, int]) -> dict:
         "progress": round(job.step / job.total_steps, 4) if job.total_steps else None,
         "eta_s": _eta_s(job), "queue_position": positions.get(job.id), "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at), "duration_s": _duration_s(job),
-        "cancel_requested": job.cancel_requested, "error": job.error, "worker": job.worker,
+        "cancel_requested": job.cancel_requested, "error": job.error, "failure": job.failure,
+        "next_step": job.next_step, "worker": job.worker,
         "group": job.group_name, "tags": job.tags or [],
     }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from sqlalchemy import insert
 from jobs import queue
 from lab.datasets import iter_rows
 from lab.db import session
-from lab.errors import JobCancelled
+from lab.errors import Diverged, JobCancelled, JobInterrupted
 from lab.settings import Settings
 from lab.tables import Metric, utcnow
 
@@ -32,7 +33,9 @@ class RunContext:
     dataset: dict | None = None  # dataset info: name, path, format, rows, ...
     report_to: list[str] = field(default_factory=list)  # ["wandb"] unless W&B is off
     perplexity: bool = False  # also log exp(loss) (pretraining)
-    resume_from: Path | None = None  # a retried job's last complete checkpoint: pass it to trainer.train()
+    resume_from: Path | None = None  # a retried job's last complete checkpoint (`train` resumes from it)
+    stop_requested: threading.Event = field(default_factory=threading.Event)  # SIGTERM: checkpoint, then stop
+    training: bool = False  # inside `train`: a stop waits for the step boundary and its checkpoint
     _last_cancel_check: float = 0.0
 
     @property
@@ -69,14 +72,16 @@ class RunContext:
             print(message, flush=True)
 
     def log_metrics(self, step: int, values: dict[str, Any]) -> None:
-        """Store every finite number in `values` as a metric point at `step` (rank 0 only under torchrun)."""
+        """Store every number in `values` as a metric point at `step` (rank 0 only under torchrun). A NaN is kept
+        as "not a number" (NULL) and an infinity as itself: a run that breaks shows it."""
         if not self.is_main:
             return
         now = utcnow()
         points = [
-            {"job_id": self.job_id, "step": int(step), "key": str(k), "value": float(v), "time": now}
+            {"job_id": self.job_id, "step": int(step), "key": str(k), "value": None if math.isnan(v) else float(v),
+             "time": now}
             for k, v in values.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
         ]
         if points:
             with session(self.settings) as s:
@@ -103,6 +108,60 @@ class RunContext:
 
         return choose_bf16(requested, model, tokenizer, self.log)
 
+    def trainer_args(self, config_cls, params, *, bf16: bool = False, evaluate: bool = False, **own):
+        """The Trainer configuration every method shares, built from the plugin's parameters of the usual names
+        (learning_rate, epochs, max_steps, batch_size, grad_accum, scheduler, warmup_steps, weight_decay, max_length,
+        logging_steps, eval_steps, save_steps, seed): the run's folders and name, the device, precision, logging,
+        checkpoints. `own` holds the method's own arguments and wins over the shared ones."""
+        import dataclasses
+
+        from lab import speed
+
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        p = params.model_dump()
+        seed = p.get("seed", 42)
+        shared = dict(
+            output_dir=str(self.checkpoints_dir), report_to=self.report_to, run_name=f"{self.job_id}-{self.plugin}",
+            disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16, dataloader_num_workers=0,
+            seed=seed, data_seed=seed, logging_steps=p.get("logging_steps", 1),
+            # checkpoints: every save_steps, and (by the lab's callback) every save_minutes and on a graceful stop
+            save_strategy="steps" if p.get("save_steps") else "no", save_steps=p.get("save_steps") or 500,
+            save_total_limit=KEEP_CHECKPOINTS,
+            eval_strategy="steps" if evaluate else "no", eval_steps=p.get("eval_steps", 50),
+        )
+        renamed = {"learning_rate": "learning_rate", "epochs": "num_train_epochs", "max_steps": "max_steps",
+                   "batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+                   "scheduler": "lr_scheduler_type", "warmup_steps": "warmup_steps", "weight_decay": "weight_decay",
+                   "max_length": "max_length"}
+        for mine, theirs in renamed.items():
+            if mine in p:
+                shared[theirs] = p[mine]
+        if "batch_size" in p:
+            shared["per_device_eval_batch_size"] = p["batch_size"]
+        if "ddp_find_unused_parameters" in names:
+            shared["ddp_find_unused_parameters"] = False  # every trainable weight takes part in each step
+        return config_cls(**{k: v for k, v in {**shared, **own}.items() if k in names or k in own})
+
+    def train(self, trainer, params=None, *, resumable: bool = True) -> None:
+        """Train with the lab's callback (metrics, progress, cancel, divergence guard, checkpoints by time and on a
+        graceful stop), resuming from the last checkpoint of an earlier attempt. resumable=False: a trainer that
+        cannot resume (it starts over when retried, and a stop does not wait for a checkpoint)."""
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # the lab's callback prints one tidier line per log
+        minutes = getattr(params, "save_minutes", 0) if resumable else 0
+        trainer.add_callback(self.callback(save_every_s=minutes * 60 if minutes else None))
+        self.training = resumable
+        try:
+            if resumable and self.resume_from is not None:
+                trainer.train(resume_from_checkpoint=str(self.resume_from))
+            else:
+                trainer.train()
+        finally:
+            self.training = False
+        if self.stop_requested.is_set():  # training ended on its own in the same step the stop came
+            raise JobInterrupted(f"job {self.job_id} was stopped by its worker")
+
     def token_counter(self, tokens_per_step: float):
         """For a trainer that counts no tokens: a callback (put it before `callback()`) that logs `num_tokens` as
         steps x an average of tokens per step, so tokens/s and MFU can be derived."""
@@ -115,15 +174,19 @@ class RunContext:
 
         return TokenCounter()
 
-    def callback(self):
+    def callback(self, save_every_s: float | None = None):
         """A transformers TrainerCallback that records metrics and progress, adds tokens/s and model FLOPs
-        utilisation (6 x parameters x tokens/s over the machine's measured matmul peak), and stops on cancel."""
+        utilisation (6 x parameters x tokens/s over the machine's measured matmul peak), stops on cancel, fails
+        the run as diverged at the first non-finite loss or gradient norm, checkpoints every `save_every_s` seconds
+        of training and, asked to stop (SIGTERM), checkpoints at the step boundary and stops."""
         from transformers import TrainerCallback
 
         ctx = self
 
         class LabCallback(TrainerCallback):
             def __init__(self):
+                self._last_save = time.monotonic()
+                self._stopping = False
                 self._last_progress = 0.0
                 self._parameters = 0
                 self._peak = None
@@ -165,23 +228,55 @@ class RunContext:
                 if now - self._last_progress >= 0.5:
                     self._last_progress = now
                     ctx.set_progress(state.global_step, state.max_steps or None)
+                if ctx.stop_requested.is_set():
+                    if ctx.cancelled():
+                        raise JobCancelled(f"job {ctx.job_id} was cancelled")
+                    if ctx.training:  # write a checkpoint at this step boundary; on_save then ends the process
+                        ctx.log(f"[lab] asked to stop: saving checkpoint-{state.global_step} to resume from")
+                        control.should_save = control.should_training_stop = self._stopping = True
+                        return control
+                    raise JobInterrupted(f"job {ctx.job_id} was stopped by its worker")
                 ctx.check_cancelled()
+                if ctx.training and save_every_s and now - self._last_save >= save_every_s:
+                    control.should_save = True
+                return control
+
+            def on_save(self, args, state, control, **kwargs):
+                self._last_save = time.monotonic()
+                if self._stopping:
+                    raise JobInterrupted(f"job {ctx.job_id} was stopped by its worker after saving "
+                                         f"checkpoint-{state.global_step}; it resumes from there")
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 logs = dict(logs or {})
                 self._speed(logs, state)
                 if ctx.perplexity:
                     for key in ("loss", "eval_loss"):
-                        if isinstance(logs.get(key), (int, float)):
+                        if isinstance(logs.get(key), (int, float)) and math.isfinite(logs[key]):
                             logs[key.replace("loss", "perplexity")] = math.exp(min(logs[key], 50.0))
                 ctx.log_metrics(state.global_step, logs)
                 shown = " ".join(f"{k}={_fmt(v)}" for k, v in logs.items() if isinstance(v, (int, float)))
                 ctx.log(f"[lab] step {state.global_step}/{state.max_steps} {shown}")
+                broken = [(k, v) for k, v in logs.items() if _guarded(k) and isinstance(v, (int, float))
+                          and not math.isfinite(v)]
+                if broken:
+                    what = ", ".join(f"{k} {_fmt(v)}" for k, v in broken)
+                    raise Diverged(f"training diverged at step {state.global_step}: {what} (learning rate "
+                                   f"{_fmt(logs.get('learning_rate', args.learning_rate))}); the run was stopped "
+                                   "there", step=state.global_step)
 
             def on_train_end(self, args, state, control, **kwargs):
                 ctx.set_progress(state.global_step, state.max_steps or None)
 
         return LabCallback()
+
+
+KEEP_CHECKPOINTS = 2  # the newest checkpoints a run keeps (a full model's checkpoint holds its optimizer state)
+
+
+def _guarded(key: str) -> bool:
+    """The logged values whose NaN or infinity means the run diverged: losses and the gradient norm."""
+    return key in ("loss", "grad_norm", "eval_loss") or key.startswith("loss/")
 
 
 def _fmt(v: float) -> str:

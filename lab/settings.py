@@ -23,7 +23,9 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "lease_s": ("LAB_LEASE_S", "30", "A running job whose heartbeat is older than this is considered lost."),
     "heartbeat_s": ("LAB_HEARTBEAT_S", "5", "How often a worker refreshes the heartbeat of its job and itself."),
     "poll_s": ("LAB_POLL_S", "0.1", "How often an idle worker looks for queued jobs (a cheap read)."),
-    "cancel_grace_s": ("LAB_CANCEL_GRACE_S", "3", "Seconds between SIGTERM and SIGKILL when a job is stopped."),
+    "cancel_grace_s": ("LAB_CANCEL_GRACE_S", "3", "Seconds between SIGTERM and SIGKILL when a job is cancelled."),
+    "stop_grace_s": ("LAB_STOP_GRACE_S", "120", "Seconds a job whose worker stops gets to finish its step and "
+                     "write a checkpoint (it resumes from it) before it is killed."),
     "wandb": ("LAB_WANDB", "offline", "W&B logging: offline (files in the run folder), online, or off."),
     "secrets_file": (
         "LAB_SECRETS_FILE",
@@ -125,6 +127,7 @@ class Settings:
     heartbeat_s: float = 5.0
     poll_s: float = 0.1
     cancel_grace_s: float = 3.0
+    stop_grace_s: float = 120.0
     wandb: str = "offline"
     extra_plugins: tuple[str, ...] = field(default_factory=tuple)
     secrets_file: Path | None = None  # None: <workspace>/secrets.env
@@ -143,6 +146,7 @@ class Settings:
             "LAB_HEARTBEAT_S": str(self.heartbeat_s),
             "LAB_POLL_S": str(self.poll_s),
             "LAB_CANCEL_GRACE_S": str(self.cancel_grace_s),
+            "LAB_STOP_GRACE_S": str(self.stop_grace_s),
             "LAB_WANDB": self.wandb,
             "LAB_EXTRA_PLUGINS": ",".join(self.extra_plugins),
             "LAB_SECRETS_FILE": str(self.secrets_path),
@@ -172,4 +176,5 @@ def load(workspace: str | Path | None = None) -> Settings:
         heartbeat_s=_float("heartbeat_s"),
         poll_s=_float("poll_s"),
         cancel_grace_s=_float("cancel_grace_s"),
+        stop_grace_s=_float("stop_grace_s"),
     )

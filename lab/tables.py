@@ -78,7 +78,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)  # a failed job's reason, in one line or a few
+    failure: Mapped[str | None] = mapped_column(String(32), nullable=True)  # its kind: lab.diagnosis.KINDS
+    next_step: Mapped[str | None] = mapped_column(Text, nullable=True)  # what the user can do about it
     log_tail: Mapped[str | None] = mapped_column(Text, nullable=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -99,7 +101,7 @@ class Metric(Base):
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     step: Mapped[int] = mapped_column(Integer)
     key: Mapped[str] = mapped_column(String(128))
-    value: Mapped[float] = mapped_column(Float)
+    value: Mapped[float | None] = mapped_column(Float, nullable=True)  # NULL: the run logged NaN
     time: Mapped[datetime] = mapped_column(default=utcnow)
 
     # "all points of key K for jobs J1..Jn", in step order, straight from the index

@@ -129,3 +129,19 @@ def staging(final: Path, what: str = "folder", registered: Callable[[], bool] | 
             raise
     finally:
         os.close(fd)
+
+
+LOG_TAIL_LINES = 40
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    """The last lines of a log, with progress-bar carriage returns collapsed to their final state."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            data = f.read().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return ""
+    rows = [line.rsplit("\r", 1)[-1] for line in data.splitlines()]
+    return "\n".join(rows[-lines:])

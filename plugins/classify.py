@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from lab import evaluation, modeling, speed
-from lab.plugins import advanced
+from lab import evaluation, modeling
+from lab.errors import DataError
+from lab.plugins import TrainParams, advanced
 
 ID = "classify"
 KIND = "train"
@@ -26,7 +27,7 @@ DESCRIPTION = "Classification fine-tuning on text/label data, e.g. spam vs ham (
 
 
 
-class Params(BaseModel):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
 
     use_lora: bool = Field(True, description="Train a LoRA adapter (and the new scoring head), not every weight.")
@@ -72,13 +73,13 @@ def run(ctx, params: Params) -> None:
     import numpy as np
     from datasets import Dataset
     from peft import LoraConfig, get_peft_model
-    from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     # 1. data: labels as read from the rows, in a stable order
     rows = ctx.rows()
     labels = sorted({str(r["label"]) for r in rows})
     if len(labels) < 2:
-        raise ValueError(f"classification needs at least two labels; the data has only {labels}")
+        raise DataError(f"classification needs at least two labels; the data has only {labels}")
     index = {label: i for i, label in enumerate(labels)}
     data = Dataset.from_list([{"text": r["text"], "label": index[str(r["label"])]} for r in rows])
     train, held_out = data, None
@@ -110,21 +111,11 @@ def run(ctx, params: Params) -> None:
         return evaluation.classification_scores(labels, list(truth), list(np.argmax(logits, axis=-1)))[0]
 
     # 3. configuration, 4. trainer, 5. train
-    args = TrainingArguments(
-        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
-        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
-        per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum, lr_scheduler_type=params.scheduler,
-        warmup_steps=params.warmup_steps, weight_decay=params.weight_decay, logging_steps=params.logging_steps,
-        eval_strategy="steps" if held_out else "no", eval_steps=params.eval_steps, save_strategy="no",
-        seed=params.seed, data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, ddp_find_unused_parameters=False,
-    )
+    args = ctx.trainer_args(TrainingArguments, params, bf16=bf16, evaluate=held_out is not None,
+                            include_num_input_tokens_seen="non_padding")
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics,
-                      callbacks=[ctx.callback()])
-    trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
+    ctx.train(trainer, params)
 
     # the final scores on the held-out rows, and the confusion matrix
     if held_out is not None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from lab import formats, modeling, speed
-from lab.plugins import advanced
+from lab import formats, modeling
+from lab.plugins import TrainParams, advanced
 
 ID = "dpo"
 KIND = "train"
@@ -26,7 +26,7 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "bco_
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
 
 
-class Params(BaseModel):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
 
     loss_type: Literal[LOSS_TYPES] = Field(
@@ -63,7 +63,6 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import PrinterCallback
     from trl import DPOConfig, DPOTrainer
 
     # 1. data
@@ -81,26 +80,16 @@ def run(ctx, params: Params) -> None:
     bf16 = ctx.use_bf16(params.precision, model, tokenizer)
 
     # 3. configuration, 4. trainer, 5. train
-    args = DPOConfig(
-        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
-        loss_type=params.loss_type, beta=params.beta, label_smoothing=params.label_smoothing,
-        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
-        per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum, max_length=params.max_length,
-        lr_scheduler_type=params.scheduler, warmup_steps=params.warmup_steps, logging_steps=params.logging_steps,
-        eval_strategy="steps" if held_out else "no", eval_steps=params.eval_steps, save_strategy="no",
-        seed=params.seed, data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
-        dataloader_num_workers=0,
-    )
+    args = ctx.trainer_args(DPOConfig, params, bf16=bf16, evaluate=held_out is not None, loss_type=params.loss_type,
+                            beta=params.beta, label_smoothing=params.label_smoothing)
     peft_config = None
     if params.use_lora:
         peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
                                  lora_dropout=params.lora_dropout,
                                  target_modules=modeling.lora_targets(params.lora_target))
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
-    trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+                         processing_class=tokenizer, peft_config=peft_config)
+    ctx.train(trainer, params)
 
     # 6. save: the policy as a full model (LoRA merged in), so the next stage loads it like any model
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model

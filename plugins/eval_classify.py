@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from lab import evaluation, modeling
+from lab.errors import DataError
 
 ID = "eval-classify"
 KIND = "eval"
@@ -38,7 +39,7 @@ def run(ctx, params: Params) -> None:
     rows = ctx.rows()[: params.limit]
     unknown = sorted({str(r["label"]) for r in rows} - set(labels))
     if unknown:
-        raise ValueError(f"labels {unknown} are not among the classifier's labels {labels}")
+        raise DataError(f"labels {unknown} are not among the classifier's labels {labels}")
     truth, predicted = [labels.index(str(r["label"])) for r in rows], []
     for start in range(0, len(rows), params.batch_size):
         texts = [r["text"] for r in rows[start:start + params.batch_size]]

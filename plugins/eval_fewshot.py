@@ -15,6 +15,7 @@ import random
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from lab import evaluation, modeling
+from lab.errors import DataError
 
 ID = "eval-fewshot"
 KIND = "eval"
@@ -55,7 +56,8 @@ def run(ctx, params: Params) -> None:
     labels = sorted({str(r["label"]) for r in rows})
     pool, tests = rows[: params.pool], rows[params.pool:][: params.limit]
     if not tests:
-        raise ValueError(f"no rows left to score after the first {params.pool} kept as examples")
+        raise DataError(f"no rows left to score after the first {params.pool} kept as examples",
+                        "lower pool or use a larger dataset")
     header = f"Label each text as one of: {', '.join(labels)}.\n\n"
     rng = random.Random(params.seed)
 

@@ -13,6 +13,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field
 
 from lab import evaluation, formats, modeling
+from lab.errors import DataError
 
 ID = "eval-perplexity"
 KIND = "eval"
@@ -56,7 +57,7 @@ def run(ctx, params: Params) -> None:
         ctx.set_progress(i + 1, min(params.limit, ctx.dataset["rows"]))
         ctx.check_cancelled()
     if not total_tokens:
-        raise ValueError("no row had two or more tokens to score")
+        raise DataError("no row had two or more tokens to score")
     mean = total_loss / total_tokens
     evaluation.record(ctx, {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": total_tokens,
                             "rows": len(examples)}, examples)

@@ -17,10 +17,11 @@ import json
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from lab import evaluation, formats, modeling, registry, speed
-from lab.plugins import advanced
+from lab import evaluation, formats, modeling, registry
+from lab.errors import DataError
+from lab.plugins import TrainParams, advanced
 
 ID = "grpo"
 KIND = "train"
@@ -28,7 +29,7 @@ ACCEPTS = ("prompt_completion", "alpaca", "chat", "preference")
 DESCRIPTION = "GRPO: sample answer groups, reward them (reward model and/or rules), reinforce the better ones."
 
 
-class Params(BaseModel):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
 
     reward_model: str = Field("", description="A reward model (output of a `reward` run) that scores answers.",
@@ -133,7 +134,6 @@ class Samples:
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import PrinterCallback
     from trl import GRPOConfig, GRPOTrainer
 
     # 1. prompts (and the reference answer where the format has one)
@@ -146,7 +146,8 @@ def run(ctx, params: Params) -> None:
         reference = "" if fmt == "preference" else formats.to_prompt_completion(fmt, row)["completion"][0]["content"]
         rows.append({"prompt": prompt, "reference": reference})
     if not rows:
-        raise ValueError(f"no prompt is shorter than max_prompt_tokens={params.max_prompt_tokens}")
+        raise DataError(f"no prompt is shorter than max_prompt_tokens={params.max_prompt_tokens}",
+                        "raise max_prompt_tokens")
     ctx.log(f"[lab] {len(rows)} prompts, {params.num_generations} answers each")
 
     # 2. policy and rewards
@@ -159,23 +160,16 @@ def run(ctx, params: Params) -> None:
         rewards.insert(0, samples.wrap(scorer))
 
     # 3. configuration, 4. trainer, 5. train
-    args = GRPOConfig(
-        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
-        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
-        per_device_train_batch_size=params.batch_size, num_generations=params.num_generations,
-        max_completion_length=params.max_completion_length, temperature=params.temperature, beta=params.beta,
-        logging_steps=params.logging_steps, save_strategy="no", seed=params.seed,
-        data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
-        dataloader_num_workers=0,
-    )
+    args = ctx.trainer_args(GRPOConfig, params, bf16=bf16, num_generations=params.num_generations,
+                            max_completion_length=params.max_completion_length, temperature=params.temperature,
+                            beta=params.beta)
     peft_config = None
     if params.use_lora:
         peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
                                  target_modules=modeling.lora_targets(params.lora_target))
     trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
-    trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+                          processing_class=tokenizer, peft_config=peft_config)
+    ctx.train(trainer, params)
 
     # 6. save the policy as a full model
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model

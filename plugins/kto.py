@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from lab import formats, modeling, speed
-from lab.plugins import advanced
+from lab import formats, modeling
+from lab.errors import DataError
+from lab.plugins import TrainParams, advanced
 
 ID = "kto"
 KIND = "train"
@@ -24,7 +25,7 @@ ACCEPTS = ("preference",)
 DESCRIPTION = "KTO: preference tuning from answers marked desirable or undesirable one by one."
 
 
-class Params(BaseModel):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.1, gt=0, le=10, description="Strength of the pull towards the reference policy.")
@@ -53,7 +54,7 @@ def unpaired(row: dict) -> list[dict]:
     """One preference pair as two KTO examples: the chosen answer desirable, the rejected one not."""
     pair = formats.to_preference_pair(row)
     if "prompt" not in pair:
-        raise ValueError("KTO needs a prompt: give the pairs a `prompt`, or hh-rlhf style transcripts")
+        raise DataError("KTO needs a prompt: give the pairs a `prompt`, or hh-rlhf style transcripts")
     return [{"prompt": pair["prompt"], "completion": pair["chosen"], "label": True},
             {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
 
@@ -61,7 +62,6 @@ def unpaired(row: dict) -> list[dict]:
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import PrinterCallback
     from trl import KTOConfig, KTOTrainer
 
     data = Dataset.from_list([example for row in ctx.rows() for example in unpaired(row)]).shuffle(seed=params.seed)
@@ -69,22 +69,15 @@ def run(ctx, params: Params) -> None:
     model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log)
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
     bf16 = ctx.use_bf16(params.precision, model, tokenizer)
-    args = KTOConfig(
-        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
-        beta=params.beta, desirable_weight=params.desirable_weight, undesirable_weight=params.undesirable_weight,
-        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
-        per_device_train_batch_size=params.batch_size, max_length=params.max_length,
-        logging_steps=params.logging_steps, save_strategy="no", seed=params.seed, data_seed=params.seed,
-        disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16, dataloader_num_workers=0,
-    )
+    args = ctx.trainer_args(KTOConfig, params, bf16=bf16, beta=params.beta, desirable_weight=params.desirable_weight,
+                            undesirable_weight=params.undesirable_weight)
     peft_config = None
     if params.use_lora:
         peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
                                  target_modules=modeling.lora_targets(params.lora_target))
     trainer = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[ctx.callback()])
-    trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+                         peft_config=peft_config)
+    ctx.train(trainer, params)
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
     final.save_pretrained(str(ctx.output_dir))
     tokenizer.save_pretrained(str(ctx.output_dir))

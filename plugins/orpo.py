@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from lab import formats, modeling, speed
-from lab.plugins import advanced
+from lab import formats, modeling
+from lab.plugins import TrainParams, advanced
 
 ID = "orpo"
 KIND = "train"
@@ -23,7 +23,7 @@ ACCEPTS = ("preference",)
 DESCRIPTION = "ORPO: fine-tuning and preference alignment in one stage, without a reference model."
 
 
-class Params(BaseModel):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.1, gt=0, le=10, description="Weight of the odds-ratio (preference) term.")
@@ -49,7 +49,6 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import PrinterCallback
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     data = Dataset.from_list([formats.to_preference_pair(r) for r in ctx.rows()])
@@ -57,13 +56,7 @@ def run(ctx, params: Params) -> None:
     model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log)
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
     bf16 = ctx.use_bf16(params.precision, model, tokenizer)
-    args = ORPOConfig(
-        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
-        beta=params.beta, learning_rate=params.learning_rate, num_train_epochs=params.epochs,
-        max_steps=params.max_steps, per_device_train_batch_size=params.batch_size, max_length=params.max_length,
-        logging_steps=params.logging_steps, save_strategy="no", seed=params.seed, data_seed=params.seed,
-        disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16, dataloader_num_workers=0,
-    )
+    args = ctx.trainer_args(ORPOConfig, params, bf16=bf16, beta=params.beta)
     peft_config = None
     if params.use_lora:
         peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
@@ -74,9 +67,7 @@ def run(ctx, params: Params) -> None:
     per_pair = sum(len(a) + len(b) for a, b in zip(tokenized["chosen_input_ids"], tokenized["rejected_input_ids"],
                                                    strict=True)) / len(tokenized)
     trainer.add_callback(ctx.token_counter(per_pair * params.batch_size))
-    trainer.add_callback(ctx.callback())
-    trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    ctx.train(trainer, params)
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
     final.save_pretrained(str(ctx.output_dir))
     tokenizer.save_pretrained(str(ctx.output_dir))

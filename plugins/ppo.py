@@ -20,7 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lab import formats, modeling, registry, speed
+from lab import formats, modeling, registry
+from lab.errors import DataError
 from lab.plugins import advanced
 
 ID = "ppo"
@@ -28,6 +29,8 @@ KIND = "train"
 ACCEPTS = ("prompt_completion", "alpaca", "chat", "preference")
 DESCRIPTION = "RLHF stage 2: PPO against a reward model, with a KL leash to the starting policy."
 
+
+RESUMABLE = False  # TRL's PPOTrainer.train() takes no checkpoint to resume from: a retry would start over
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -94,7 +97,7 @@ class SampleLog:
 def run(ctx, params: Params) -> None:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, PrinterCallback, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as ppo_module
 
@@ -108,7 +111,8 @@ def run(ctx, params: Params) -> None:
         if len(ids) <= params.max_prompt_tokens:
             prompts.append({"input_ids": ids})
     if len(prompts) < 2:
-        raise ValueError(f"fewer than two prompts are shorter than max_prompt_tokens={params.max_prompt_tokens}")
+        raise DataError(f"fewer than two prompts are shorter than max_prompt_tokens={params.max_prompt_tokens}",
+                        "raise max_prompt_tokens")
     held_out = min(max(1, len(prompts) // 20), 8)
     train, samples = Dataset.from_list(prompts[held_out:]), Dataset.from_list(prompts[:held_out])
     ctx.log(f"[lab] {len(train)} prompts for {params.total_episodes} episodes; {held_out} kept for samples")
@@ -124,16 +128,13 @@ def run(ctx, params: Params) -> None:
     bf16 = ctx.use_bf16(params.precision, policy, tokenizer)
 
     # 3. configuration, 4. trainer
-    args = PPOConfig(
-        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
-        total_episodes=params.total_episodes, per_device_train_batch_size=params.batch_size,
+    args = ctx.trainer_args(
+        PPOConfig, params, bf16=bf16, total_episodes=params.total_episodes,
         per_device_eval_batch_size=held_out,  # the sample batch is all held-out prompts (PPO drops a short batch)
         num_ppo_epochs=params.num_ppo_epochs, num_mini_batches=params.num_mini_batches,
         response_length=params.response_length, stop_token="eos", missing_eos_penalty=params.missing_eos_penalty,
-        kl_coef=params.kl_coef, temperature=params.temperature, learning_rate=params.learning_rate,
-        num_sample_generations=params.sample_generations, eval_strategy="steps" if params.sample_generations
-        else "no", logging_steps=1, save_strategy="no", seed=params.seed, disable_tqdm=True,
-        use_cpu=speed.device() == "cpu", bf16=bf16, dataloader_num_workers=0,
+        kl_coef=params.kl_coef, temperature=params.temperature, num_sample_generations=params.sample_generations,
+        eval_strategy="steps" if params.sample_generations else "no", logging_steps=1,
     )
     tokens_per_episode = sum(len(p["input_ids"]) for p in prompts) / len(prompts) + params.response_length
 
@@ -159,14 +160,12 @@ def run(ctx, params: Params) -> None:
 
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
                          reward_model=reward, value_model=value, train_dataset=train,
-                         eval_dataset=samples if params.sample_generations else None,
-                         callbacks=[EpisodeTokens(), ctx.callback()])
-    trainer.remove_callback(PrinterCallback)
+                         eval_dataset=samples if params.sample_generations else None, callbacks=[EpisodeTokens()])
     ppo_module.print_rich_table = SampleLog(ctx.run_dir / "samples.jsonl", lambda: trainer.state)
     ppo_module.truncate_response = truncate_and_measure
 
     # 5. train, 6. save the policy (not the value model) as a full model
-    trainer.train()
+    ctx.train(trainer, params, resumable=False)
     trainer.model.policy.save_pretrained(str(ctx.output_dir))
     tokenizer.padding_side = "right"
     tokenizer.save_pretrained(str(ctx.output_dir))

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from lab import modeling, speed
-from lab.plugins import advanced
+from lab import modeling
+from lab.errors import DataError
+from lab.plugins import TrainParams, advanced
 
 ID = "pretrain"
 KIND = "train"
@@ -32,7 +33,7 @@ SIZES = {"tiny": (64, 2, 4, 256), "small": (256, 4, 4, 1024), "medium": (512, 8,
          "base": (768, 12, 12, 3072)}
 
 
-class Params(BaseModel):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
 
     objective: Literal["causal", "masked"] = Field(
@@ -60,7 +61,6 @@ class Params(BaseModel):
     weight_decay: float = Field(0.01, **advanced(ge=0, le=1, description="AdamW weight decay."))
     logging_steps: int = Field(5, **advanced(ge=1, description="Record metrics every this many steps."))
     eval_steps: int = Field(100, **advanced(ge=1, description="Evaluate every this many steps."))
-    save_steps: int = Field(0, **advanced(ge=0, description="Checkpoint every this many steps; 0 for none."))
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
@@ -144,7 +144,7 @@ def pack(data, tokenizer, block_size: int):
 def run(ctx, params: Params) -> None:
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainingArguments
+    from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
     ctx.perplexity = True
     torch.manual_seed(params.seed)
@@ -164,7 +164,8 @@ def run(ctx, params: Params) -> None:
     # 2. data: tokenized once, packed into blocks
     blocks = pack(Dataset.from_dict({"text": texts}), tokenizer, params.block_size)
     if len(blocks) == 0:
-        raise ValueError(f"the corpus is shorter than one block of {params.block_size} tokens")
+        raise DataError(f"the corpus is shorter than one block of {params.block_size} tokens",
+                        "lower block_size or add text")
     train, held_out = blocks, None
     if params.eval_split > 0 and len(blocks) >= 4:
         split = blocks.train_test_split(test_size=params.eval_split, seed=params.seed)
@@ -176,21 +177,10 @@ def run(ctx, params: Params) -> None:
     # 3. configuration, 4. trainer, 5. train
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=params.objective == "masked",
                                                mlm_probability=params.mlm_probability)
-    args = TrainingArguments(
-        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
-        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
-        per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum, lr_scheduler_type=params.scheduler,
-        warmup_steps=params.warmup_steps, weight_decay=params.weight_decay, logging_steps=params.logging_steps,
-        eval_strategy="steps" if held_out else "no", eval_steps=params.eval_steps,
-        save_strategy="steps" if params.save_steps else "no", save_steps=params.save_steps or 500,
-        seed=params.seed, data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
-        include_num_input_tokens_seen="all", dataloader_num_workers=0, ddp_find_unused_parameters=False,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out, data_collator=collator,
-                      callbacks=[ctx.callback()])
-    trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+    args = ctx.trainer_args(TrainingArguments, params, bf16=bf16, evaluate=held_out is not None,
+                            include_num_input_tokens_seen="all")
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out, data_collator=collator)
+    ctx.train(trainer, params)
     if held_out is not None and trainer.state.global_step % params.eval_steps:
         trainer.evaluate()
 

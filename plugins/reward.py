@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from lab import formats, modeling, speed
-from lab.plugins import advanced
+from lab import formats, modeling
+from lab.plugins import TrainParams, advanced
 
 ID = "reward"
 KIND = "train"
@@ -24,7 +24,7 @@ ACCEPTS = ("preference",)
 DESCRIPTION = "Reward model on human preference pairs (TRL RewardTrainer), the first stage of RLHF."
 
 
-class Params(BaseModel):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
 
     use_lora: bool = Field(True, description="Train a LoRA adapter (and the scoring head), not every weight.")
@@ -54,7 +54,6 @@ class Params(BaseModel):
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import PrinterCallback
     from trl import RewardConfig, RewardTrainer
 
     # 1. data: pairs in TRL's conversational form (the chat template is applied by the trainer)
@@ -72,26 +71,16 @@ def run(ctx, params: Params) -> None:
     bf16 = ctx.use_bf16(params.precision, model, tokenizer)
 
     # 3. configuration, 4. trainer, 5. train
-    args = RewardConfig(
-        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
-        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
-        per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum, max_length=params.max_length,
-        center_rewards_coefficient=params.center_rewards or None, lr_scheduler_type=params.scheduler,
-        warmup_steps=params.warmup_steps, logging_steps=params.logging_steps,
-        eval_strategy="steps" if held_out else "no", eval_steps=params.eval_steps, save_strategy="no",
-        seed=params.seed, data_seed=params.seed, disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16,
-        dataloader_num_workers=0,
-    )
+    args = ctx.trainer_args(RewardConfig, params, bf16=bf16, evaluate=held_out is not None,
+                            center_rewards_coefficient=params.center_rewards or None)
     peft_config = None
     if params.use_lora:
         peft_config = LoraConfig(task_type="SEQ_CLS", r=params.lora_r, lora_alpha=params.lora_alpha,
                                  lora_dropout=params.lora_dropout,
                                  target_modules=modeling.lora_targets(params.lora_target))
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                            processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
-    trainer.remove_callback(PrinterCallback)
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+                            processing_class=tokenizer, peft_config=peft_config)
+    ctx.train(trainer, params)
     if held_out is not None:  # the final scores (evaluated again only if the last step was not an eval step)
         found = (trainer.evaluate() if trainer.state.global_step % params.eval_steps
                  else next(h for h in reversed(trainer.state.log_history) if "eval_loss" in h))

@@ -15,10 +15,11 @@ import dataclasses
 import tempfile
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from lab import formats, modeling, speed
-from lab.plugins import advanced
+from lab import modeling, preview
+from lab.errors import DataError
+from lab.plugins import TrainParams, advanced
 
 ID = "sft"
 KIND = "train"
@@ -33,7 +34,7 @@ RESERVED = {"output_dir", "report_to", "run_name", "logging_dir", "use_cpu", "di
 
 
 
-class Params(BaseModel):
+class Params(TrainParams):
     model_config = ConfigDict(extra="forbid")
 
     use_lora: bool = Field(True, description="Train a LoRA adapter (small, fast) instead of every weight.")
@@ -61,7 +62,6 @@ class Params(BaseModel):
     weight_decay: float = Field(0.0, **advanced(ge=0, le=1, description="AdamW weight decay."))
     logging_steps: int = Field(1, **advanced(ge=1, description="Record metrics every this many steps."))
     eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps (with eval_split)."))
-    save_steps: int = Field(0, **advanced(ge=0, description="Checkpoint every this many steps; 0 for none."))
     merge: bool = Field(False, **advanced(description="Also save the LoRA merged into the model (output/merged)."))
     extra_args: dict[str, Any] = Field(default_factory=dict, **advanced(
         description="Further TRL SFTConfig arguments by name, e.g. {\"max_grad_norm\": 0.5}."))
@@ -87,19 +87,25 @@ def check(params: Params) -> list[str]:
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
-    return modeling.not_causal(model)
+    problems = modeling.not_causal(model)
+    if problems or model is None or dataset is None or params.packing:
+        return problems
+    found = preview.truncation(settings, model["name"], dataset["name"], params.model_dump())
+    if found and found["lost"] and found["lost"] == found["checked"] == found["rows"]:
+        problems.append(f"every row of {dataset['name']} loses all its trained tokens to max_length="
+                        f"{params.max_length} (the prompt alone fills it): nothing would be learned; raise max_length"
+                        + (" or turn off completion_only" if params.completion_only else ""))
+    return problems
 
 
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
-    from transformers import PrinterCallback
     from trl import SFTConfig, SFTTrainer
 
     # 1. data: rows -> conversations (prompt/completion to mask the prompt, or whole messages)
     fmt = ctx.dataset["format"]
-    convert = formats.to_prompt_completion if params.completion_only else formats.to_messages
-    data = Dataset.from_list([convert(fmt, row) for row in ctx.rows()])
+    data = Dataset.from_list([preview.sft_example(fmt, row, params.completion_only) for row in ctx.rows()])
     train, evaluation = data, None
     if params.eval_split > 0:
         split = data.train_test_split(test_size=params.eval_split, seed=params.seed)
@@ -112,20 +118,9 @@ def run(ctx, params: Params) -> None:
     bf16 = ctx.use_bf16(params.precision, model, tokenizer)
 
     # 3. configuration
-    kwargs = dict(
-        output_dir=str(ctx.checkpoints_dir), report_to=ctx.report_to, run_name=f"{ctx.job_id}-{ctx.plugin}",
-        learning_rate=params.learning_rate, num_train_epochs=params.epochs, max_steps=params.max_steps,
-        per_device_train_batch_size=params.batch_size, per_device_eval_batch_size=params.batch_size,
-        gradient_accumulation_steps=params.grad_accum, max_length=params.max_length, packing=params.packing,
-        completion_only_loss=params.completion_only if params.completion_only else None,
-        lr_scheduler_type=params.scheduler, warmup_steps=params.warmup_steps, weight_decay=params.weight_decay,
-        logging_steps=params.logging_steps, seed=params.seed, data_seed=params.seed,
-        eval_strategy="steps" if evaluation is not None else "no", eval_steps=params.eval_steps,
-        save_strategy="steps" if params.save_steps else "no", save_steps=params.save_steps or 500,
-        disable_tqdm=True, use_cpu=speed.device() == "cpu", dataloader_num_workers=0, bf16=bf16,
-        ddp_find_unused_parameters=False,  # every trainable weight takes part in each step (data-parallel runs)
-    )
-    config = SFTConfig(**{**kwargs, **params.extra_args})  # passed-through arguments win over the lab's choices
+    own = dict(packing=params.packing, completion_only_loss=params.completion_only if params.completion_only else None)
+    config = ctx.trainer_args(SFTConfig, params, bf16=bf16, evaluate=evaluation is not None,
+                              **{**own, **params.extra_args})  # passed-through arguments win over the lab's choices
     already_adapter = isinstance(model, PeftModel)
     peft_config = None
     if params.use_lora and not already_adapter:
@@ -134,9 +129,15 @@ def run(ctx, params: Params) -> None:
 
     # 4. trainer, 5. train
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[ctx.callback()])
-    trainer.remove_callback(PrinterCallback)  # the lab's callback prints one tidier line per log
-    trainer.train(resume_from_checkpoint=str(ctx.resume_from) if ctx.resume_from else None)
+                         processing_class=tokenizer, peft_config=peft_config)
+    kept = len(trainer.train_dataset)  # TRL drops rows that truncation left without a trained token
+    if not params.packing and kept < len(train):
+        ctx.log(f"[lab] {len(train) - kept} of {len(train)} rows lost every trained token to "
+                f"max_length={params.max_length} and are not trained on")
+        if kept == 0:
+            raise DataError(f"every row lost all its trained tokens to max_length={params.max_length}: nothing to "
+                            "learn", "raise max_length (the Datasets page shows a row as the model sees it)")
+    ctx.train(trainer, params)
     if evaluation is not None and trainer.state.global_step % params.eval_steps:
         trainer.evaluate()  # the final eval loss, recorded by the lab's callback like every logged value
 

@@ -42,7 +42,8 @@ def test_whole_flow_from_the_command_line(ws, tmp_path, tiny_model_dir):
 def test_wait_exits_non_zero_when_the_job_fails(ws):
     done = lab_cli("run", "failing", "--wait")
     assert done.returncode == 1
-    assert "failed: RuntimeError: boom from the plugin" in done.stderr
+    assert "failed (plugin_error): RuntimeError: boom from the plugin" in done.stderr
+    assert "next step: the traceback is at the end of the run's log.txt" in done.stderr
     assert "last lines of its log" in done.stderr
 
 

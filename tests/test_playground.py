@@ -79,5 +79,9 @@ def test_the_playground_loads_a_run_s_adapter_on_its_base(lab, tmp_path):
     adapter = runs.get_job(lab, job_id)["output_model"]
     assert registry.info(lab, adapter)["kind"] == "adapter"
     model, tokenizer = playground.ModelCache(budget_bytes=10 * 1024**3).get(lab, adapter)
-    assert playground.answer(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=3,
-                             temperature=0) is not None
+    first = playground.answer(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=3,
+                              temperature=0)
+    again = playground.answer(model, tokenizer, [{"role": "user", "content": "hi"}], max_new_tokens=3,
+                              temperature=0)
+    assert isinstance(first, str) and first == again, "greedy answers of the loaded adapter repeat"
+    assert len(tokenizer(first, add_special_tokens=False)["input_ids"]) <= 3

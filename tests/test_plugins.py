@@ -85,3 +85,17 @@ def test_describe_params_gives_what_a_form_needs(ws):
     assert fields["scheduler"]["choices"] == ["linear", "cosine", "constant", "constant_with_warmup"]
     assert fields["lora_dropout"]["advanced"] and not fields["lora_r"]["advanced"]
     assert all(f["description"] for f in fields.values()), "every parameter has help text"
+
+
+def test_plugins_are_discovered_once_per_process(ws, monkeypatch):
+    calls = []
+    real = plugins.metadata.entry_points
+    monkeypatch.setattr(plugins.metadata, "entry_points", lambda **kw: calls.append(kw) or real(**kw))
+    plugins._discover.cache_clear()
+    for _ in range(5):
+        assert plugins.get(ws, "sft").id == "sft"
+    assert len(calls) == 1
+    monkeypatch.setenv("LAB_EXTRA_PLUGINS", "fake_plugins.instant")
+    plugins.discover(load())  # another set of extra plugins: a second scan, once
+    plugins.discover(load())
+    assert len(calls) == 2

@@ -4,10 +4,12 @@ kind, and shows the behaviour it exists for (above chance, above the baseline, a
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_jsonl
 
 from jobs.worker import Worker
@@ -160,7 +162,10 @@ def test_chain_sft_then_reward_then_ppo_records_its_lineage(lab, tmp_path):
     assert samples and {"step", "prompt", "answer", "score"} <= set(samples[0])
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(registry.info(lab, ppo["output_model"])["path"]) is not None
+    policy = AutoModelForCausalLM.from_pretrained(registry.info(lab, ppo["output_model"])["path"])
+    assert policy.config.architectures == ["LlamaForCausalLM"]
+    assert all(torch.isfinite(p).all() for p in policy.parameters())
+    assert policy.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
 
 
 def test_ppo_and_grpo_refuse_a_missing_or_wrong_reward_model(lab):
@@ -178,7 +183,10 @@ def test_grpo_with_rule_rewards_keeps_samples(lab, tmp_path):
     datasets.add(lab, "qa", write_jsonl(tmp_path / "qa.jsonl", rows))
     job = run_job(lab, "grpo", "tiny", "qa", length_target=4, format_regex=r"\w", exact_match=True, max_steps=3,
                   max_completion_length=8, precision="fp32")
-    keys = set(runs.metrics(lab, [job["id"]])[job["id"]])
+    points = runs.metrics(lab, [job["id"]])[job["id"]]
+    assert all(v is not None and math.isfinite(v) for key in points for _, v, _ in points[key]), "nothing diverged"
+    assert len(points["reward"]) == 3 and all(0 <= v <= 3 for _, v, _ in points["reward"]), "three rules, 0..1 each"
+    keys = set(points)
     assert {"reward", "rewards/length/mean", "rewards/format_match/mean", "rewards/exact/mean",
             "completions/mean_length"} <= keys
     samples = (Path(job["run_dir"]) / "samples.jsonl").read_text().splitlines()
@@ -193,6 +201,9 @@ def test_grpo_with_rule_rewards_keeps_samples(lab, tmp_path):
 def test_orpo_and_kto_tune_on_preference_pairs(lab, plugin, keys):
     job = run_job(lab, plugin, "tiny", "pairs", max_steps=8, learning_rate=5e-3, precision="fp32")
     assert keys <= set(runs.metrics(lab, [job["id"]])[job["id"]])
+    loss = series(lab, job, "loss")
+    assert len(loss) == 8 and all(v is not None and math.isfinite(v) for v in loss), loss
+    assert sum(loss[-3:]) < sum(loss[:3]), f"the loss falls: {loss}"
     if plugin == "kto":  # desirable answers end up above undesirable ones
         assert series(lab, job, "rewards/chosen")[-1] > series(lab, job, "rewards/rejected")[-1]
     assert registry.info(lab, job["output_model"])["kind"] == "full"

@@ -32,12 +32,14 @@ CSS = """
 .progress-bar {background: #2563eb; height: 10px; transition: width 0.5s}
 .error-box {border: 1px solid #dc2626; background: #fef2f2; color: #7f1d1d; padding: 10px 14px;
             border-radius: 8px; margin: 6px 0}
+.next-step {margin-top: 6px}
 .error-box pre {white-space: pre-wrap; font-size: 0.8em; max-height: 260px; overflow: auto; margin: 8px 0 0}
 .ok-box {border: 1px solid #059669; background: #ecfdf5; color: #064e3b; padding: 10px 14px; border-radius: 8px}
 .tok-sample {font-family: var(--font-mono); font-size: 0.85em; line-height: 1.9; white-space: pre-wrap;
              border: 1px solid var(--border-color-primary); padding: 10px; border-radius: 8px}
 .tok-train {background: #bbf7d0; color: #14532d; border-radius: 3px; padding: 1px 1px;
             box-shadow: inset 0 0 0 1px #86efac}
+.tok-cut {background: #fee2e2; color: #991b1b; text-decoration: line-through; border-radius: 3px}
 .tok-mask {background: #f3f4f6; color: #6b7280; border-radius: 3px; padding: 1px 1px}
 .tok-legend {margin-bottom: 6px; font-size: 0.9em}
 .tok-piece {border-radius: 3px; padding: 1px 0}

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
 from sqlalchemy.exc import OperationalError
 
-from lab.db import unavailable_reason
+from lab.db import retrying, unavailable_reason
 from lab.errors import LabError, from_os_error
 from lab.settings import Settings
 from lab.ui.html import text as html_text
@@ -33,19 +32,7 @@ class UI:
         self.c[name] = component
 
 
-DB_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)  # back-off when the database is locked past its busy timeout or away
-
-
-def _with_db_retries(fn, *args, **kwargs):
-    """Call fn; on a database OperationalError (its transaction was rolled back) wait and call again."""
-    for delay in DB_RETRY_DELAYS:
-        try:
-            return fn(*args, **kwargs)
-        except OperationalError as exc:
-            log.warning("database busy or unreachable in %s (%s); retrying in %.1f s", fn.__name__,
-                        unavailable_reason(exc), delay)
-            time.sleep(delay)
-    return fn(*args, **kwargs)
+DB_PATIENCE_S = 8.0  # how long a page action waits for a database that is locked past its busy timeout or away
 
 
 def user_errors(fn, html: bool = True):
@@ -55,7 +42,8 @@ def user_errors(fn, html: bool = True):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return _with_db_retries(fn, *args, **kwargs)
+            return retrying(fn, *args, patience_s=DB_PATIENCE_S, say=lambda m: log.warning("%s: %s", fn.__name__, m),
+                            **kwargs)
         except OperationalError as exc:
             message = (f"the database is busy or unreachable ({unavailable_reason(exc)}); nothing was changed: "
                        "try again")

@@ -1,6 +1,8 @@
-"""Test plugin: raises inside run()."""
+"""Test plugin: fails inside run(), in the way `how` names (a plain exception by default)."""
 
-from pydantic import BaseModel
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 
 ID = "failing"
 KIND = "train"
@@ -9,9 +11,22 @@ NEEDS_MODEL = False
 
 
 class Params(BaseModel):
-    pass
+    model_config = ConfigDict(extra="forbid")
+    how: Literal["error", "torch_oom", "memory", "missing_module", "data"] = Field("error")
 
 
 def run(ctx, params: Params) -> None:
     print("about to fail", flush=True)
+    if params.how == "torch_oom":  # what torch says when an allocation does not fit: a RuntimeError
+        import torch
+
+        torch.empty(2**46, dtype=torch.uint8)  # 64 TiB
+    if params.how == "memory":
+        bytearray(2**46)
+    if params.how == "missing_module":
+        import lab_no_such_package  # noqa: F401
+    if params.how == "data":
+        from lab.errors import DataError
+
+        raise DataError("every row lost its reply to max_length=8", "raise max_length")
     raise RuntimeError("boom from the plugin")

@@ -278,7 +278,7 @@ def test_ui_handlers_retry_a_busy_database_then_say_why(monkeypatch):
 
     from lab.ui import common
 
-    monkeypatch.setattr(common, "DB_RETRY_DELAYS", (0.01, 0.02))
+    monkeypatch.setattr(common, "DB_PATIENCE_S", 1.6)  # waits 0.5 s, then 1 s: three calls in all
     calls = []
 
     def flaky(fail_times):
@@ -364,3 +364,27 @@ def test_a_full_or_read_only_workspace_is_named_by_the_command(ws, tmp_path, kin
         assert datasets.list_all(ws) == []
     finally:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_stopped_lab_serve_checkpoints_its_training_job_which_resumes_after_restart(tiny):
+    """Ctrl-C (SIGINT) on `lab serve`: its worker stops the job, which writes a checkpoint at its step boundary and
+    goes back to the queue; started again, the lab resumes it from that checkpoint."""
+    job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts", max_attempts=1,
+                         params={"max_steps": "400", "batch_size": "2", "precision": "fp32", "logging_steps": "1"})
+    server = LabServer(tiny.workspace).start()
+    try:
+        _wait_for(lambda: queue.get(tiny, job_id).step >= 3, 180, "three steps")
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(150) == 0
+        job = runs.get_job(tiny, job_id)
+        assert job["status"] == "queued", job
+        log = (Path(job["run_dir"]) / "log.txt").read_text()
+        saved = int(log.split("asked to stop: saving checkpoint-")[1].split()[0])
+        server.start()
+        assert wait_for_status(tiny, job_id, timeout=240) == "completed"
+    finally:
+        server.stop()
+    log = (Path(job["run_dir"]) / "log.txt").read_text()
+    assert f"resuming from checkpoint-{saved}" in log
+    steps = [s for s, _, _ in runs.metrics(tiny, [job_id], ["loss"])[job_id]["loss"]]
+    assert steps == list(range(1, 401)), "each step once"

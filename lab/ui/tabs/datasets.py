@@ -104,14 +104,18 @@ def build(ui: UI) -> None:
             do_conv = gr.Button("Convert", variant="primary", scale=1)
         conv_report = gr.HTML()
         conv_rows = gr.JSON(label="First converted rows", visible=False)
-    gr.Markdown("#### As the model sees it\nThe chat template applied, exactly as `sft` trains on it: "
+    gr.Markdown("#### As the model sees it\nComputed by the training code itself (TRL's own tokenization, masking "
+                "and truncation), as `sft` trains on a row and `dpo` on a preference pair: "
                 "<span class='tok-train'>learned tokens</span> count towards the loss, "
-                "<span class='tok-mask'>masked prompt tokens</span> do not.")
+                "<span class='tok-mask'>masked prompt tokens</span> do not, "
+                "<span class='tok-cut'>tokens past max_length</span> are never seen.")
     with gr.Row():
         model = gr.Dropdown(label="Model (its tokenizer and chat template)", choices=[], value=None, scale=2,
                             elem_id="ds-model")
         row_no = gr.Number(label="Row", value=1, precision=0, minimum=1, scale=1, elem_id="sample-row")
         completion_only = gr.Checkbox(label="Learn only the reply (completion_only)", value=True, scale=1)
+        max_len = gr.Number(label="max_length (0: no limit)", value=0, precision=0, minimum=0, maximum=131072,
+                            scale=1, elem_id="sample-max-length")
         show = gr.Button("Show", scale=1)
     sample = gr.HTML(elem_id="token-sample")
     ui["ds_chosen"], ui["ds_model"] = chosen, model
@@ -139,7 +143,7 @@ def build(ui: UI) -> None:
     page.change(on_browse, [chosen, page], [rows, summary])
 
     @user_errors
-    def on_show(nm, model_name, n, only):
+    def on_show(nm, model_name, n, only, limit):
         if not nm or not model_name:
             raise LabError("pick a dataset and a model")
         ds = datasets.info(ui.settings, nm)
@@ -147,9 +151,13 @@ def build(ui: UI) -> None:
         if not found:
             raise LabError(f"{nm} has {ds['rows']} rows")
         model_path = registry.info(ui.settings, model_name)["path"]
-        return preview.sample_html(preview.tokenize_row(model_path, ds["format"], found[0], bool(only)))
+        if ds["format"] == "preference":  # as dpo trains on it: each answer after the shared prompt
+            pair = preview.preference_row(model_path, found[0], int(limit or 0) or None)
+            return "".join(f"<h4>{side}</h4>" + preview.sample_html(pair[side]) for side in ("chosen", "rejected"))
+        return preview.sample_html(preview.tokenize_row(model_path, ds["format"], found[0], bool(only),
+                                                         int(limit or 0) or None))
 
-    show.click(on_show, [chosen, model, row_no, completion_only], [sample])
+    show.click(on_show, [chosen, model, row_no, completion_only, max_len], [sample])
 
     def on_preview_conversion(nm, to):
         try:

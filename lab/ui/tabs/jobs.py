@@ -13,9 +13,9 @@ from lab.ui.common import UI, duration, user_errors
 from lab.ui.html import md
 from lab.ui.tabs import train as train_tab
 
-COLUMNS = ["id", "experiment", "plugin", "model", "dataset", "status", "progress", "ETA", "queue", "created",
-           "duration"]
-WIDTHS = ["5%", "11%", "6%", "15%", "13%", "10%", "11%", "6%", "6%", "10%", "7%"]
+COLUMNS = ["id", "experiment", "plugin", "model", "dataset", "status", "failure", "progress", "ETA", "queue",
+           "created", "duration"]
+WIDTHS = ["5%", "10%", "6%", "13%", "12%", "9%", "9%", "10%", "6%", "5%", "9%", "6%"]
 
 
 def _when(iso: str | None) -> str:
@@ -35,7 +35,8 @@ def table(ui: UI, experiment: str | None, status: str | None) -> pd.DataFrame:
             "id": j["id"], "experiment": j["experiment"], "plugin": j["plugin"], "model": j["model"] or "",
             "dataset": j["dataset"] or "", "status": j["status"] + (" (cancelling)" if j["cancel_requested"]
                                                                      and j["status"] == "running" else ""),
-            "progress": progress, "ETA": duration(j["eta_s"]), "queue": j["queue_position"] or "",
+            "failure": j["failure"] or "", "progress": progress, "ETA": duration(j["eta_s"]),
+            "queue": j["queue_position"] or "",
             "created": _when(j["created_at"]), "duration": duration(j["duration_s"]),
         })
     return pd.DataFrame(out, columns=COLUMNS)

@@ -4,17 +4,19 @@ and the artifacts; a failed run shows its error and last log lines first."""
 from __future__ import annotations
 
 import json
+import math
 from html import escape
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from jobs.worker import log_tail
 from lab import runs
+from lab.diagnosis import KINDS
 from lab.errors import LabError
 from lab.ui.common import TERMINAL, UI, duration, user_errors
 from lab.ui.html import badge
+from lab.workspace import log_tail
 
 LOG_LINES = 200
 DEFAULT_KEYS = ("loss", "eval_loss")
@@ -42,12 +44,33 @@ def header(job: dict) -> str:
             f'<div class="run-timing">lineage: {escape(job["lineage"])}</div>')
 
 
-def failure(job: dict) -> str:
+def nonfinite(points: dict[str, list]) -> list[str]:
+    """The logged values that were NaN (stored as null) or infinite, first per metric: "loss NaN at step 3"."""
+    found = []
+    for key in sorted(points):
+        bad = [(step, value) for step, value, _ in points[key] if value is None or not math.isfinite(value)]
+        if bad:
+            step, value = bad[0]
+            more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+            found.append(f"{key} {'NaN' if value is None else value} at step {step}{more}")
+    return found
+
+
+def failure(job: dict, points: dict[str, list] | None = None) -> str:
+    """A failed run's kind, reason and next step, and its last log lines; NaN or infinite values it logged."""
+    broken = nonfinite(points or {})
+    warn = (f'<div class="error-box"><b>Non-finite values were logged:</b> {escape("; ".join(broken))}</div>'
+            if broken else "")
     if job["status"] != "failed":
-        return ""
+        return warn
     tail = "\n".join((job["log_tail"] or "").splitlines()[-20:])
-    return (f'<div class="error-box"><b>This run failed:</b> {escape(job["error"] or "no reason recorded")}'
-            f"<pre>{escape(tail)}</pre></div>")
+    kind = job.get("failure")
+    title = f"This run failed: {KINDS.get(kind, kind)}" if kind else "This run failed"
+    step = (f'<div class="next-step"><b>Next step:</b> {escape(job["next_step"])}</div>'
+            if job.get("next_step") else "")
+    return (f'<div class="error-box" data-failure="{escape(kind or "")}"><b>{escape(title)}.</b> '
+            f'{escape(job["error"] or "no reason recorded")}{step}'
+            f"<pre>{escape(tail)}</pre></div>") + warn
 
 
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
@@ -117,7 +140,7 @@ def build(ui: UI) -> None:
         available = sorted(points)
         chosen = [k for k in (chosen or []) if k in available] or [k for k in DEFAULT_KEYS if k in available]
         log_text = log_tail(Path(job["run_dir"]) / "log.txt", LOG_LINES) if job["run_dir"] else ""
-        return (header(job), failure(job), plot(points, chosen), plot(points, ["learning_rate"]), log_text,
+        return (header(job), failure(job, points), plot(points, chosen), plot(points, ["learning_rate"]), log_text,
                 gr.update(choices=available, value=chosen), artifacts(job["run_dir"]), config(job["run_dir"], job),
                 _signature(job, points, chosen, log_text))
 

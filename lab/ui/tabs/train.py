@@ -35,6 +35,9 @@ def build(ui: UI) -> None:
             form_of[pid] = forms.build(p)
         groups.append(group)
     all_fields = [c for f in form_of.values() for c in f.components]
+    # each form's current values, per session: a form's own changes update its entry (sending that form alone),
+    # and the estimate, Launch and the sweep read the chosen plugin's entry: no event sends every form's fields
+    values_of = gr.State({fid: form.fill({}) for fid, form in form_of.items()})
     with gr.Row(equal_height=True):
         with gr.Column(scale=3):
             command = gr.Code(label="The same job from the command line", language="shell", interactive=False,
@@ -70,15 +73,18 @@ def build(ui: UI) -> None:
     ui["train_fields"], ui["train_forms"] = all_fields, form_of
     ui["train_pickers"] = [p for form in form_of.values() for p in form.model_pickers]
 
-    def split(pid: str, values: list) -> dict:
-        """This plugin's parameter values out of every form's components."""
-        start = 0
-        for fid, form in form_of.items():
-            n = len(form.components)
-            if fid == pid:
-                return form.values(list(values[start:start + n]))
-            start += n
-        raise LabError(f"unknown plugin {pid!r}")
+    def split(pid: str, held: dict) -> dict:
+        """The chosen plugin's parameter values, as its form holds them."""
+        if pid not in form_of:
+            raise LabError(f"unknown plugin {pid!r}")
+        return form_of[pid].values(list((held or {}).get(pid) or form_of[pid].fill({})))
+
+    for fid, form in form_of.items():
+        def capture(held, *vals, fid=fid):
+            return {**(held or {}), fid: list(vals)}
+
+        gr.on([c.change for c in form.components], capture, [values_of, *form.components], [values_of],
+              show_progress="hidden", concurrency_id="train-form", queue=True)
 
     def on_plugin(pid, ds_name):
         p = found[pid]
@@ -90,7 +96,7 @@ def build(ui: UI) -> None:
 
     plugin.change(on_plugin, [plugin, dataset], [*groups, description, dataset, model])
 
-    def on_preview(n_processes, n_devices, n_attempts, pid, model_name, ds_name, prio, experiment, *values):
+    def on_preview(n_processes, n_devices, n_attempts, pid, model_name, ds_name, prio, experiment, values):
         """The command line and the estimate for the form as it is. It leaves the launch message alone: a late
         estimate must not wipe out the answer to a launch made after it."""
         if not pid:
@@ -115,11 +121,32 @@ def build(ui: UI) -> None:
             return cmd, f"No estimate: {md(exc)}"
         gb = est["memory_gb"]
         memory = f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
-        return cmd, (f"**Rough estimate**: about **{memory}** of memory, "
-                     f"**{est['tokens_per_step']:,} tokens per step** (rows average {est['mean_row_tokens']:.0f} "
-                     f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters.")
+        text = (f"**Rough estimate**: about **{memory}** of memory, "
+                f"**{est['tokens_per_step']:,} tokens per step** (rows average {est['mean_row_tokens']:.0f} "
+                f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters.")
+        return cmd, text + truncation_warning(pid, model_name, ds_name, resolved.model_dump())
 
-    preview_inputs = [plugin, model, dataset, priority, ui["experiment"], *all_fields]
+    def truncation_warning(pid, model_name, ds_name, params) -> str:
+        """sft: rows that would lose every trained token to max_length, counted by TRL's own preparation."""
+        if pid != "sft":
+            return ""
+        try:
+            found = preview.truncation(ui.settings, model_name, ds_name, params)
+        except Exception as exc:  # a courtesy, like the estimate
+            return f"\n\nNo truncation check: {md(exc)}"
+        if not found or not found["lost"]:
+            return ""
+        of = (f"{found['checked']:,} rows checked (the first of {found['rows']:,})"
+              if found["checked"] < found["rows"] else f"{found['rows']:,} rows")
+        if found["lost"] == found["checked"]:
+            return (f"\n\n**Every row loses all its trained tokens to max_length={found['max_length']}** "
+                    f"({of}): nothing would be learned. Raise max_length.")
+        rows = ", ".join(str(i + 1) for i in found["first_lost"])
+        return (f"\n\n**Warning: {found['lost']:,} of {of} lose all their trained tokens to "
+                f"max_length={found['max_length']}** and are dropped from training (rows {rows}"
+                f"{', ...' if found['lost'] > len(found['first_lost']) else ''}). Raise max_length to keep them.")
+
+    preview_inputs = [plugin, model, dataset, priority, ui["experiment"], values_of]
     resource_inputs = [processes, devices, attempts]
     gr.on([c.change for c in [*resource_inputs, *preview_inputs]], on_preview, [*resource_inputs, *preview_inputs],
           [command, estimate], trigger_mode="always_last", show_progress="hidden")
@@ -136,7 +163,7 @@ def build(ui: UI) -> None:
         return {"plugin": evaluator, "dataset": eval_ds or None, "params": {}} if evaluator else None
 
     def on_launch(n_processes, n_devices, n_attempts, evaluator, eval_ds, pid, model_name, ds_name, prio, experiment,
-                  *values):
+                  values):
         try:
             params = split(pid, values)
             job_id = runs.submit(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
@@ -148,10 +175,10 @@ def build(ui: UI) -> None:
         return "", gr.update(selected="run"), job_id
 
     launch.click(on_launch, [*resource_inputs, then_eval, eval_dataset, *preview_inputs],
-                 [message, ui["tabs"], ui["run_job"]])
+                 [message, ui["tabs"], ui["run_job"]], concurrency_id="train-form")
 
     def on_sweep(n_processes, n_devices, n_attempts, axes, name, evaluator, eval_ds, pid, model_name, ds_name, prio,
-                 experiment, *values):
+                 experiment, values):
         try:
             base = split(pid, values)
             group_name, ids = runs.sweep(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
@@ -167,7 +194,7 @@ def build(ui: UI) -> None:
                 gr.update(choices=options, value=[v for _, v in options]))
 
     sweep.click(on_sweep, [*resource_inputs, grid, group, then_eval, eval_dataset, *preview_inputs],
-                [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]])
+                [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]], concurrency_id="train-form")
 
     def on_evaluator(evaluator):
         accepts = found[evaluator].accepts if evaluator in found else ()

@@ -24,7 +24,7 @@ def _start_worker(settings: Settings, n: int, gpus: list[str] | None = None, slo
     logs.mkdir(parents=True, exist_ok=True)
     log = open(logs / f"worker-{n}.log", "ab")  # noqa: SIM115 (kept open for the worker's life)
     owns = ["--gpus", ",".join(gpus)] if gpus else []
-    return subprocess.Popen([sys.executable, "-m", "lab.cli", "worker", "--with-parent", "--workspace",
+    return subprocess.Popen([sys.executable, "-m", "jobs.worker", "--with-parent", "--workspace",
                              str(settings.workspace), "--slots", str(slots), *owns],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, **settings.env})
@@ -105,8 +105,8 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
                     say(f"worker {i + 1} exited with code {p.returncode}; starting a new one")
                     procs[i] = _start_worker(settings, i + 1, owned[i + 1], slots)
     finally:
-        say("stopping the workers ...")
-        _stop_workers(procs, settings.cancel_grace_s + 10)
+        say("stopping the workers (a running training job first saves a checkpoint to resume from) ...")
+        _stop_workers(procs, settings.stop_grace_s + 10)  # a running job checkpoints before it goes back
         if server is not None:
             server.close()
         say("stopped")

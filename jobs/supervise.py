@@ -1,0 +1,217 @@
+"""The supervision of one job: start its process, tee its output to log.txt, heartbeat, stop it on cancel or when
+the worker stops, and record the true outcome (with the failure's kind, reason and next step).
+
+Each job runs as `python -m jobs.runner JOB_ID` (or torchrun starting one runner per process) in its own process
+group, with an argument list, never a shell. A cancelled job gets SIGTERM and `cancel_grace_s` to exit; a job whose
+worker stops gets SIGTERM and `stop_grace_s` to finish its step and write a checkpoint, then goes back to the queue
+and resumes from it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy.exc import OperationalError
+
+from jobs import outputs, queue
+from lab.diagnosis import Failure, from_exit, oom_kills
+from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, LabError
+from lab.settings import MASK
+from lab.tables import Job
+from lab.workspace import log_tail, new_run_dir
+
+if TYPE_CHECKING:
+    from jobs.worker import Worker
+
+
+def _kill_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def job_command(job: Job, env: dict) -> list[str]:
+    """The job process's argument list: the runner, or torchrun starting one runner per process."""
+    if job.processes <= 1:
+        return [sys.executable, "-m", "jobs.runner", str(job.id)]
+    # each rank gets its share of the cores (torchrun would set 1 thread per process otherwise)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // job.processes)))
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={job.processes}",
+            "--module", "jobs.runner", str(job.id)]
+
+
+def outcome(code: int, stopped_for: str | None, run_dir: Path, *,
+            oom_killed: bool = False) -> tuple[str, Failure | None]:
+    """The job's status from its exit code and why the worker stopped it (cancel, interrupted, lost, or None)."""
+    if stopped_for == "cancel" or code == CANCELLED_EXIT:
+        return "cancelled", Failure("killed", "cancelled by the user", "")
+    if stopped_for == "interrupted":
+        return "interrupted", Failure("killed", "interrupted: its worker was stopped; the job went back to the queue",
+                                      "")
+    if code == INTERRUPTED_EXIT:  # a SIGTERM that did not come from its worker; it left a checkpoint
+        return "failed", Failure("killed", "stopped by SIGTERM from outside the lab, after writing a checkpoint",
+                                 "run it again with --max-attempts 2 or more to resume from that checkpoint")
+    if code == 0 and stopped_for is None:
+        out = run_dir / "output"
+        if out.is_dir() and any(out.iterdir()):
+            return "completed", None
+        return "failed", Failure("no_output", "the job exited normally but wrote nothing to output/",
+                                 "the plugin must save its model or results under ctx.output_dir")
+    return "failed", from_exit(code, stopped_for, oom_killed=oom_killed)
+
+
+class Supervision:
+    """One claimed job run to its end by `worker` (its settings, secrets, stop event and database retries)."""
+
+    def __init__(self, worker: Worker, job: Job, devices: list[str] | None = None):
+        self.worker = worker
+        self.settings = worker.settings
+        self.job = job
+        self.devices = devices or []
+
+    def run(self) -> str:
+        """Run the job and record its outcome; returns the final status ("queued" when it went back)."""
+        s, job, w = self.settings, self.job, self.worker
+        experiment = w.db(_experiment_name, s, job.experiment_id, patient=True)
+        run_dir = Path(job.run_dir) if job.run_dir else new_run_dir(s, experiment, job.id, job.plugin)
+        log_path = run_dir / "log.txt"
+        on = f" on devices {','.join(self.devices)}" if self.devices else ""
+        w.say(f"job {job.id} ({job.plugin}){on} started; log: {log_path}")
+        w.db(queue.worker_seen, s, w.id, "busy", job.id, patient=True)
+        env = {**os.environ, **s.env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+               "LAB_WORKER_PID": str(os.getpid()),
+               "PYTHONSAFEPATH": "1",  # the run folder (the cwd) is not on the job's import path
+               **w.secrets}
+        if w.gpus:  # only what was given to this job; a CPU job sees none
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
+        oom_before = oom_kills()
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(
+                job_command(job, env),
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                start_new_session=True, cwd=run_dir, env=env,
+            )
+            w.db(queue.started, s, job.id, w.id, proc.pid, str(run_dir), patient=True)
+            tee = threading.Thread(target=self._tee, args=(proc, log), daemon=True)
+            tee.start()
+            stopped_for = self._watch(proc)
+            tee.join(timeout=5)
+        _kill_group(proc.pid, signal.SIGKILL)  # whatever the job left behind in its group
+        oom_after = oom_kills()
+        status, failure = outcome(proc.returncode, stopped_for, run_dir,
+                                  oom_killed=oom_before is not None and (oom_after or 0) > oom_before)
+        code = proc.returncode
+        retryable = status == "failed" and (stopped_for == "lost" or (
+            stopped_for is None and (code < 0 or code == INTERRUPTED_EXIT)))
+        if retryable and job.attempts < job.max_attempts:
+            status = "interrupted"
+            failure = Failure(failure.kind, f"attempt {job.attempts} of {job.max_attempts} {failure.reason}; it goes "
+                              "back to the queue and resumes from its last checkpoint", "")
+        if status == "interrupted":  # back in the queue: a stopped worker, or a retry
+            with open(log_path, "a") as log:
+                log.write(f"[lab] {failure.reason}\n")
+            w.db(queue.requeue, s, job.id, w.id, failure.reason, patient=True)
+            w.seen_after(job.id)
+            w.say(f"job {job.id} back in the queue: {failure.reason}")
+            return "queued"
+        completion = None
+        if status == "completed":
+            try:
+                completion = outputs.prepare(s, job, run_dir)
+            except LabError as exc:
+                status, failure = "failed", Failure("plugin_error", f"the run's output cannot be registered: {exc}",
+                                                    "see the run's output/ folder and log.txt")
+        recorded = w.db(queue.finish, s, job.id, w.id, status, exit_code=proc.returncode, failure=failure,
+                        log_tail=log_tail(log_path), patient=True,
+                        on_complete=completion.write if completion else None)
+        if isinstance(recorded, list) and recorded:
+            with open(log_path, "a") as log:
+                log.writelines(f"[lab] {line}\n" for line in recorded)
+        w.seen_after(job.id)
+        w.say(f"job {job.id} {status}" + (f": {failure.reason}" if failure and status != "completed" else ""))
+        return status
+
+    def _tee(self, proc: subprocess.Popen, log) -> None:
+        """Copy the job's output to its log (and the worker's stdout when echoing), with the secrets masked."""
+        masks = self.worker.masks
+        fd = proc.stdout.fileno()
+        keep = max((len(m) for m in masks), default=1) - 1  # a secret may straddle two reads
+        held = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            data = held + chunk
+            for secret in masks:  # a job that prints a secret does not write it to its log
+                data = data.replace(secret, MASK.encode())
+            # hold back a tail that could be the start of a secret until the next read (or the end); secrets hold
+            # no newline, so everything up to the last one is safe and a finished line is never held
+            cut = len(data) if not chunk else max(len(data) - keep, data.rfind(b"\n") + 1)
+            out, held = data[:cut], data[cut:]
+            log.write(out)
+            log.flush()
+            if self.worker.echo:
+                sys.stdout.buffer.write(out)
+                sys.stdout.flush()
+            if not chunk:
+                break
+
+    def _watch(self, proc: subprocess.Popen) -> str | None:
+        """Wait for the job process; heartbeat; stop it on cancel or worker stop. Returns why it was stopped."""
+        s, w, job_id = self.settings, self.worker, self.job.id
+        last_beat = time.monotonic()
+        reason = None
+        while True:
+            try:
+                proc.wait(timeout=0.25)
+                return reason
+            except subprocess.TimeoutExpired:
+                pass
+            if reason is not None:
+                continue
+            now = time.monotonic()
+            try:
+                if now - last_beat >= s.heartbeat_s:
+                    last_beat = now
+                    queue.worker_seen(s, w.id, "busy", job_id)
+                    if not queue.heartbeat(s, job_id, w.id):
+                        reason = "lost"  # the job was taken from us (reaped): stop the process
+                if reason is None and queue.cancel_requested(s, job_id):
+                    reason = "cancel"
+            except OperationalError:
+                pass  # the database is locked or away: the job goes on, the next beat tries again
+            if reason is None and w.stop.is_set():
+                reason = "interrupted"
+            if reason is not None:
+                self._stop_process(proc, s.stop_grace_s if reason == "interrupted" else s.cancel_grace_s)
+
+    def _stop_process(self, proc: subprocess.Popen, grace_s: float) -> None:
+        """SIGTERM the job's group (a training run checkpoints at its next step boundary), SIGKILL after grace_s;
+        heartbeats go on meanwhile, so a long last step does not lose the job's lease."""
+        _kill_group(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            try:
+                proc.wait(timeout=min(self.settings.heartbeat_s, max(0.05, deadline - time.monotonic())))
+                return
+            except subprocess.TimeoutExpired:
+                try:
+                    queue.heartbeat(self.settings, self.job.id, self.worker.id)
+                except OperationalError:
+                    pass
+        _kill_group(proc.pid, signal.SIGKILL)
+
+
+def _experiment_name(settings, experiment_id: int) -> str:
+    from lab.db import read_session
+    from lab.tables import Experiment
+
+    with read_session(settings) as db:
+        return db.get(Experiment, experiment_id).name

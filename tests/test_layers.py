@@ -1,0 +1,63 @@
+"""The import directions of the house: the UI and CLI call services, services call the database; the database layer
+knows no service; services never reach up into the UI or CLI; plugins use the SDK (lab.sdk, lab services) and never
+import the UI, the CLI or the queue."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UI = ("lab.ui", "lab.cli")
+DATABASE = ("lab.db", "lab.tables", "lab.migrate", "lab.migrations")
+
+
+def modules(folder: str) -> dict[str, Path]:
+    found = {}
+    for path in (ROOT / folder).rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+def imports(path: Path) -> set[str]:
+    """Every module a file imports, at its top or inside functions."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module)
+            out |= {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+def within(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def offenders(sources: dict[str, Path], forbidden) -> list[str]:
+    return sorted(f"{name} imports {target}" for name, path in sources.items() for target in imports(path)
+                  if within(target, forbidden))
+
+
+def test_services_never_import_the_ui_or_the_cli():
+    services = {n: p for n, p in {**modules("lab"), **modules("jobs")}.items() if not within(n, UI)}
+    assert offenders(services, UI) == []
+
+
+def test_the_database_layer_imports_no_service():
+    layer = {n: p for n, p in modules("lab").items() if within(n, DATABASE)}
+    allowed = (*DATABASE, "lab.settings", "lab.errors")
+    services = [n for n in {*modules("lab"), *modules("jobs")} if not within(n, allowed) and n not in ("lab", "jobs")]
+    assert offenders(layer, services + ["jobs"]) == []
+
+
+def test_plugins_never_import_the_ui_the_cli_or_the_queue():
+    assert offenders(modules("plugins"), (*UI, "jobs")) == []
+
+
+def test_the_checks_see_an_import_inside_a_function(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f():\n    from lab.ui import app\n")
+    assert within("lab.ui.app", UI) and "lab.ui" in imports(sample)

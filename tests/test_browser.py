@@ -173,7 +173,10 @@ def test_text_from_users_and_files_never_runs_as_script(ws, lab_server, tiny_mod
     run_dir.mkdir()
     (run_dir / "log.txt").write_text(f"step 1\n{XSS}\n")
     queue.started(ws, job_id, "test-worker", 1, str(run_dir))
-    queue.finish(ws, claimed.id, "test-worker", "failed", exit_code=1, error=f"ValueError: {XSS}", log_tail=XSS)
+    from lab.diagnosis import Failure
+
+    queue.finish(ws, claimed.id, "test-worker", "failed", exit_code=1, log_tail=XSS,
+                 failure=Failure("plugin_error", f"ValueError: {XSS}", f"next {XSS}"))
     dialogs = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
     page.goto(lab_server.start().url)

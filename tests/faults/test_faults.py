@@ -81,7 +81,9 @@ def test_a_killed_job_without_attempts_left_fails_naming_the_signal(ws):
     finally:
         worker.stop.set()
         thread.join(30)
-    assert "killed by SIGKILL" in runs.get_job(ws, job_id)["error"]
+    job = runs.get_job(ws, job_id)
+    assert "killed by SIGKILL" in job["error"] and job["failure"] == "killed"
+    assert "run the job again" in job["next_step"]
 
 
 @pytest.mark.parametrize("attempts", [1, 2])
@@ -99,7 +101,7 @@ def test_a_killed_worker_loses_its_job_to_the_lease(any_ws, monkeypatch, attempt
     assert queue.reap_stale(s) == [job_id]
     job = runs.get_job(s, job_id)
     assert job["status"] == ("queued" if attempts == 2 else "failed")
-    assert "no heartbeat" in job["error"]
+    assert "no heartbeat" in job["error"] and job["failure"] == (None if attempts == 2 else "lost")
 
 
 def _group_alive(pgid: int) -> bool:
@@ -162,7 +164,7 @@ def test_a_full_disk_during_a_checkpoint_fails_readably_and_keeps_earlier_checkp
         Worker(tiny, say=lambda m: None).serve(once=True)
         job = runs.get_job(tiny, job_id)
         assert job["status"] == "failed"
-        assert "the disk is full" in job["error"]
+        assert "the disk is full" in job["error"] and job["failure"] == "disk_full" and "free" in job["next_step"]
         first = run_dir / "checkpoints" / "checkpoint-2"
         assert (first / "trainer_state.json").is_file() and (first / "model.safetensors").is_file()
         from transformers import AutoModelForCausalLM

@@ -114,7 +114,8 @@ def build(ui: UI) -> None:
                             elem_id="ds-model")
         row_no = gr.Number(label="Row", value=1, precision=0, minimum=1, scale=1, elem_id="sample-row")
         completion_only = gr.Checkbox(label="Learn only the reply (completion_only)", value=True, scale=1)
-        max_len = gr.Number(label="max_length (0: no limit)", value=0, precision=0, minimum=0, maximum=131072,
+        max_len = gr.Number(label="Token limit as in training (0: none)", value=0, precision=0, minimum=0,
+                            maximum=131072,
                             scale=1, elem_id="sample-max-length")
         show = gr.Button("Show", scale=1)
     sample = gr.HTML(elem_id="token-sample")

@@ -16,7 +16,7 @@ from lab.errors import DataError, Diverged, LabError
 
 KINDS = {
     "oom": "out of memory",
-    "diverged": "diverged (NaN or infinite values)",
+    "diverged": "the loss or the weights became NaN or infinite",
     "data": "the data cannot train",
     "disk_full": "disk full",
     "killed": "killed from outside",

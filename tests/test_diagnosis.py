@@ -118,7 +118,7 @@ def test_a_nan_metric_is_stored_and_read_back_as_null_and_an_infinity_as_itself(
 
     shown = failure({**runs.get_job(ws, job["id"])}, points)
     assert "grad_norm inf at step 7" in shown and "loss NaN at step 7" in shown
-    assert "This run failed: the plugin failed." in shown
+    assert "This run failed: plugin_error (the plugin failed)." in shown
 
 
 def test_an_empty_tensor_file_is_finite(tmp_path):

@@ -65,7 +65,7 @@ def failure(job: dict, points: dict[str, list] | None = None) -> str:
         return warn
     tail = "\n".join((job["log_tail"] or "").splitlines()[-20:])
     kind = job.get("failure")
-    title = f"This run failed: {KINDS.get(kind, kind)}" if kind else "This run failed"
+    title = f"This run failed: {kind} ({KINDS.get(kind, kind)})" if kind else "This run failed"
     step = (f'<div class="next-step"><b>Next step:</b> {escape(job["next_step"])}</div>'
             if job.get("next_step") else "")
     return (f'<div class="error-box" data-failure="{escape(kind or "")}"><b>{escape(title)}.</b> '

@@ -59,6 +59,17 @@ def lab_cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess
     return done
 
 
+def wait_until(predicate, timeout: float = 60, what: str = "the condition"):
+    """Poll `predicate` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"{what} did not happen in {timeout} s")
+
+
 def wait_for_status(s, job_id: int, statuses=TERMINAL_STATES, timeout: float = 120) -> str:
     from jobs import queue
 

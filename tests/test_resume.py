@@ -5,11 +5,10 @@ takes no retries."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import wait_until, write_jsonl
 from test_stages import CORPUS, QUESTIONS, preference_rows, spam_rows
 
 from jobs import queue
@@ -45,16 +44,6 @@ def lab(ws, tiny_model_dir, tmp_path):
     return ws
 
 
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen in {timeout} s")
-
-
 @pytest.mark.parametrize("plugin", list(METHODS))
 def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plugin):
     dataset, params = METHODS[plugin]
@@ -65,7 +54,7 @@ def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plug
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:
-        _wait(lambda: queue.get(lab, job_id).step >= 3, 180, "three steps")
+        wait_until(lambda: queue.get(lab, job_id).step >= 3, 180, "three steps")
         worker.stop.set()  # as `lab serve` or a worker does on SIGTERM / Ctrl-C
         thread.join(120)
         assert not thread.is_alive()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import LabServer, wait_for_status, write_jsonl
+from conftest import wait_until as _wait_for
 
 from jobs import queue
 from jobs.worker import Worker
@@ -34,16 +35,6 @@ def _serve_in_thread(s) -> tuple[Worker, threading.Thread]:
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     return worker, thread
-
-
-def _wait_for(predicate, timeout: float = 60, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = predicate()
-        if found:
-            return found
-        time.sleep(0.05)
-    raise AssertionError(f"{what} did not happen in {timeout} s")
 
 
 def test_a_killed_job_is_retried_from_its_last_checkpoint(tiny):

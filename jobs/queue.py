@@ -136,8 +136,8 @@ def record_error(settings: Settings, job_id: int, failure: Failure) -> None:
 
 def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit_code: int | None,
            failure: Failure | None = None, log_tail: str | None = None, on_complete=None) -> bool | list[str]:
-    """Record the outcome of a running job owned by `worker_id`. A failure recorded by the job itself wins (the
-    worker's view of it, e.g. "exited with code 1", is added in brackets).
+    """Record the outcome of a running job owned by `worker_id`. A failure diagnosed by the job itself wins over
+    the worker's view of it (e.g. "exited with code 1").
     on_complete(session, job) adds what a completed job leaves (its output model, a follow-up) in the same
     transaction and returns lines for the log; then those lines are returned instead of True."""
     assert status in TERMINAL_STATES

@@ -174,8 +174,6 @@ def _on_sigterm(ctx_box: list):
                 ctx.stop_requested.set()
                 print("[lab] stop requested: the run stops at the end of this step, after a checkpoint", flush=True)
             return
-        if ctx is not None:
-            ctx.stop_requested.set()
         raise JobInterrupted("stopped by its worker (SIGTERM)")
 
     return handler

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import OperationalError
 
 from jobs import outputs, queue
+from lab.db import read_session
 from lab.diagnosis import Failure, from_exit, oom_kills
 from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, LabError
 from lab.settings import MASK
-from lab.tables import Job
+from lab.tables import Experiment, Job
 from lab.workspace import log_tail, new_run_dir
 
 if TYPE_CHECKING:
@@ -210,8 +211,5 @@ class Supervision:
 
 
 def _experiment_name(settings, experiment_id: int) -> str:
-    from lab.db import read_session
-    from lab.tables import Experiment
-
     with read_session(settings) as db:
         return db.get(Experiment, experiment_id).name

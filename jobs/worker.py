@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from jobs import queue
-from jobs.supervise import Supervision, job_command  # noqa: F401  (job_command: the worker's public surface)
+from jobs.supervise import Supervision
 from lab.db import read_session, retrying
 from lab.settings import Settings, read_secrets
 from lab.tables import TERMINAL_STATES, Job

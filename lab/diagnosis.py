@@ -21,7 +21,6 @@ KINDS = {
     "disk_full": "disk full",
     "killed": "killed from outside",
     "lost": "lost its worker",
-    "timeout": "ran past its time limit",
     "dependency": "a package is missing",
     "no_output": "wrote no output",
     "plugin_error": "the plugin failed",
@@ -113,9 +112,6 @@ def from_exit(code: int | None, stopped_for: str | None, *, oom_killed: bool = F
     if stopped_for == "lost":
         return Failure("lost", "the job's lease was lost (no heartbeat in time) and it was stopped",
                        "check that the worker's machine is up and reaches the database; run the job again")
-    if stopped_for == "timeout":
-        return Failure("timeout", "the job ran past its time limit and was stopped",
-                       "raise the time limit, or lower max_steps; the last checkpoint is kept")
     if code is None or code == 0:
         return None
     if code < 0:

@@ -50,10 +50,6 @@ class DataError(LabError):
 class Diverged(Exception):
     """A training value or saved weight became NaN or infinite. Diagnosed as `diverged`."""
 
-    def __init__(self, message: str, step: int | None = None):
-        super().__init__(message)
-        self.step = step
-
 
 def from_os_error(exc: BaseException) -> LabError | None:
     """A full disk, a read-only or forbidden place, in one sentence with a next step; None for other errors."""

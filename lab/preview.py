@@ -26,8 +26,7 @@ def sft_example(fmt: str, row: dict, completion_only: bool) -> dict:
     return (formats.to_prompt_completion if completion_only else formats.to_messages)(fmt, row)
 
 
-def sft_prepare(tokenizer, examples: list[dict], *, completion_only: bool, max_length: int | None,
-                extra_args: dict | None = None):
+def sft_prepare(tokenizer, examples: list[dict], *, completion_only: bool, max_length: int | None):
     """The examples through TRL's own SFT preparation (`SFTTrainer._prepare_dataset`, the code that training runs):
     a datasets.Dataset with input_ids and labels (-100: not trained), truncated to max_length, rows left without a
     trained token dropped as TRL drops them; the column `lab_row` says which input row each one is."""
@@ -41,8 +40,7 @@ def sft_prepare(tokenizer, examples: list[dict], *, completion_only: bool, max_l
     data = Dataset.from_list([{**e, "lab_row": i} for i, e in enumerate(examples)])
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, use_cpu=True, report_to=[], max_length=max_length,
-                         completion_only_loss=True if completion_only else None,
-                         **{k: v for k, v in (extra_args or {}).items() if k in ("truncation_mode",)})
+                         completion_only_loss=True if completion_only else None)
     first = examples[0] if examples else {}
     # the attributes of the trainer that its preparation reads, as SFTTrainer.__init__ sets them for these args
     stand_in = SimpleNamespace(
@@ -68,18 +66,15 @@ def tokenize_row(tokenizer_path: str, fmt: str, row: dict, completion_only: bool
     else:
         ids = tok(row.get("text", ""))["input_ids"]
         trained = [True] * len(ids)
-    kept = range(len(ids))[_truncation(len(ids), max_length)]
-    states = ["cut" if i not in kept else "train" if trained[i] else "mask" for i in range(len(ids))]
-    pieces = [tok.decode([i]) for i in ids]
-    return {"tokens": list(zip(pieces, states, strict=True)), "count": len(ids),
+    return _sample(tok, ids, trained[:max_length], max_length)  # TRL's default truncation keeps the start
+
+
+def _sample(tok, ids: list[int], trained: list, max_length: int | None) -> dict:
+    """A tokenized row for the page: [(text, state)], state "train", "mask", or "cut" for the tokens past the
+    `len(trained)` that training sees; with the counts."""
+    states = [("train" if trained[i] else "mask") if i < len(trained) else "cut" for i in range(len(ids))]
+    return {"tokens": list(zip([tok.decode([t]) for t in ids], states, strict=True)), "count": len(ids),
             "trained": states.count("train"), "cut": states.count("cut"), "max_length": max_length}
-
-
-def _truncation(n: int, max_length: int | None, mode: str = "keep_start") -> slice:
-    """TRL's truncation of a tokenized row (keep_start: the first max_length tokens)."""
-    if max_length is None:
-        return slice(None)
-    return slice(None, max_length) if mode == "keep_start" else slice(-max_length, None)
 
 
 @lru_cache(maxsize=16)
@@ -120,13 +115,9 @@ def preference_row(tokenizer_path: str, row: dict, max_length: int | None = None
     seen = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_length)([example])
     out = {}
     for i, side in enumerate(("chosen", "rejected")):
-        n = int(full["attention_mask"][i].sum())
-        ids = full["input_ids"][i][:n].tolist()
-        kept = int(seen["attention_mask"][i].sum())
-        trained = seen["completion_mask"][i][:kept].tolist()
-        states = [("train" if trained[j] else "mask") if j < kept else "cut" for j in range(n)]
-        out[side] = {"tokens": list(zip([tok.decode([t]) for t in ids], states, strict=True)), "count": n,
-                     "trained": states.count("train"), "cut": states.count("cut"), "max_length": max_length}
+        ids = full["input_ids"][i][:int(full["attention_mask"][i].sum())].tolist()
+        trained = seen["completion_mask"][i][:int(seen["attention_mask"][i].sum())].tolist()
+        out[side] = _sample(tok, ids, trained, max_length)
     return out
 
 

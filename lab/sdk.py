@@ -263,7 +263,7 @@ class RunContext:
                     what = ", ".join(f"{k} {_fmt(v)}" for k, v in broken)
                     raise Diverged(f"training diverged at step {state.global_step}: {what} (learning rate "
                                    f"{_fmt(logs.get('learning_rate', args.learning_rate))}); the run was stopped "
-                                   "there", step=state.global_step)
+                                   "there")
 
             def on_train_end(self, args, state, control, **kwargs):
                 ctx.set_progress(state.global_step, state.max_steps or None)

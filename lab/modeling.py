@@ -4,8 +4,25 @@ has a chat template and a padding token."""
 
 from __future__ import annotations
 
+import threading
+
 from lab.errors import LabError
 from lab.registry import CHATML_TEMPLATE
+
+_TRL_LOCK = threading.Lock()
+
+
+def trl():
+    """The `trl` module, its SFT and DPO names resolved, for code that runs in the web server's threads (previews,
+    parameter checks). TRL resolves its names lazily, and two threads doing it at once can see a half-imported
+    module ("cannot import name 'SFTConfig' from 'trl'"): the first use, under one lock, does it for all."""
+    with _TRL_LOCK:
+        import trl as module
+        import trl.trainer.dpo_trainer  # noqa: F401  (DataCollatorForPreference)
+
+        for name in ("SFTConfig", "SFTTrainer", "DPOConfig", "DPOTrainer"):
+            getattr(module, name)
+    return module
 
 
 def not_causal(model: dict | None) -> list[str]:

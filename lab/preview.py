@@ -35,8 +35,11 @@ def sft_prepare(tokenizer, examples: list[dict], *, completion_only: bool, max_l
 
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar
-    from trl import SFTConfig, SFTTrainer
 
+    from lab.modeling import trl
+
+    module = trl()
+    SFTConfig, SFTTrainer = module.SFTConfig, module.SFTTrainer  # noqa: N806 (the classes, under their names)
     data = Dataset.from_list([{**e, "lab_row": i} for i, e in enumerate(examples)])
     with tempfile.TemporaryDirectory() as tmp:
         args = SFTConfig(output_dir=tmp, use_cpu=True, report_to=[], max_length=max_length,
@@ -98,9 +101,12 @@ def preference_row(tokenizer_path: str, row: dict, max_length: int | None = None
 
     from datasets import Dataset
     from datasets.utils.logging import disable_progress_bar, enable_progress_bar
-    from trl import DPOConfig, DPOTrainer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+    from lab.modeling import trl
+
+    module = trl()
+    DPOConfig, DPOTrainer = module.DPOConfig, module.DPOTrainer  # noqa: N806 (the classes, under their names)
+    DataCollatorForPreference = module.trainer.dpo_trainer.DataCollatorForPreference  # noqa: N806
     tok = _tokenizer(tokenizer_path)
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, use_cpu=True, report_to=[], max_length=None)

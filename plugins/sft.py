@@ -71,7 +71,7 @@ def check(params: Params) -> list[str]:
     """Before queueing: every extra argument must be a real SFTConfig field that the lab does not set itself."""
     if not params.extra_args:
         return []
-    from trl import SFTConfig
+    SFTConfig = modeling.trl().SFTConfig  # noqa: N806 (checks run in the web server's threads)
 
     known = {f.name for f in dataclasses.fields(SFTConfig)}
     problems = [f"unknown parameter `{k}` (neither an sft parameter nor an SFTConfig argument)"

@@ -136,3 +136,27 @@ def test_the_preference_preview_is_what_dpo_trains_on(tokenizer_dir, cut):
         assert [p for p, _ in seen] == [tok.decode([t]) for t in batch["input_ids"][i][:kept].tolist()]
         assert [s == "train" for _, s in seen] == [bool(m) for m in batch["completion_mask"][i][:kept].tolist()]
         assert shown[side]["trained"] > 0 and (shown[side]["cut"] > 0) == (max_length is not None)
+
+
+def test_previews_and_checks_in_several_server_threads_at_once_find_trl(tmp_path):
+    """The web server runs handlers in threads: three that need TRL at the same moment, in a fresh process (plain
+    `from trl import SFTConfig` in three threads fails this way nearly every time: a half-imported module)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import threading\n"
+        "from lab import modeling\n"
+        "errors = []\n"
+        "def use(name):\n"
+        "    try:\n"
+        "        getattr(modeling.trl(), name)\n"
+        "    except Exception as exc:\n"
+        "        errors.append(repr(exc))\n"
+        "threads = [threading.Thread(target=use, args=(n,)) for n in ('SFTConfig', 'DPOTrainer', 'SFTTrainer')]\n"
+        "[t.start() for t in threads]\n"
+        "[t.join() for t in threads]\n"
+        "print(errors or 'ok')\n")
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert done.stdout.strip().splitlines()[-1] == "ok", done.stdout + done.stderr

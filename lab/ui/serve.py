@@ -3,7 +3,6 @@ running goes back to the queue, marked interrupted, and runs again when the lab 
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import socket
@@ -13,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from lab import experiments
+from lab import experiments, modeling
 from lab.errors import LabError
 from lab.settings import Settings, read_secrets
 from lab.ui.guard import is_loopback
@@ -87,8 +86,9 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
                              allowed_hosts=allowed_hosts)
         owned = {n: (gpus or [])[n - 1::workers] for n in range(1, workers + 1)}
         procs = [_start_worker(settings, n, owned[n], slots) for n in range(1, workers + 1)]
-        # the dataset preview and the Train estimate use tokenizers: import transformers now, not on first click
-        threading.Thread(target=importlib.import_module, args=("transformers",), daemon=True).start()
+        # the previews, the Train estimate and parameter checks use transformers and TRL: import them now, not on
+        # first click (under modeling.trl's lock, which a click that comes sooner waits for)
+        threading.Thread(target=modeling.trl, daemon=True).start()
         say(f"LLM Lab on {url}  (workspace {settings.workspace}; {workers} worker(s), logs in "
             f"{Path(settings.workspace) / 'logs'})")
         if password:

@@ -163,8 +163,9 @@ def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit
         return True if notes is None else notes
 
 
-def requeue(settings: Settings, job_id: int, worker_id: str, note: str) -> bool:
-    """Put a running job back in the queue (its worker was stopped); it keeps its run folder and its place."""
+def requeue(settings: Settings, job_id: int, worker_id: str, note: str, uses_attempt: bool = True) -> bool:
+    """Put a running job back in the queue (a retry, or its worker was stopped); it keeps its run folder and its
+    place. uses_attempt=False: this start does not count against max_attempts (the worker was stopped)."""
     with session(settings) as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running" or job.worker != worker_id:
@@ -172,6 +173,8 @@ def requeue(settings: Settings, job_id: int, worker_id: str, note: str) -> bool:
         job.status, job.worker, job.pid, job.heartbeat_at = "queued", None, None, None
         job.started_at, job.step, job.total_steps, job.error = None, 0, None, note
         job.failure, job.next_step = None, None
+        if not uses_attempt:
+            job.attempts = max(0, job.attempts - 1)
         return True
 
 

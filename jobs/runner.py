@@ -31,6 +31,7 @@ from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, Diverged, JobCancelled,
 from lab.sdk import RunContext
 from lab.settings import Settings, load, mask, secret_values
 from lab.tables import Dataset, Experiment, Model, utcnow
+from lab.workspace import checkpoint_step, latest_checkpoint
 
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "llm-lab")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -66,18 +67,6 @@ def _watch_parent(parent: int) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
-def checkpoint_step(folder: Path) -> int:
-    """The step of a Trainer checkpoint folder (checkpoint-<step>); -1 when the name carries none."""
-    tail = folder.name.rsplit("-", 1)[-1]
-    return int(tail) if tail.isdigit() else -1
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete Trainer checkpoint (trainer_state.json is written last) in `folder`."""
-    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and checkpoint_step(p) >= 0]
-    return max(done, key=checkpoint_step, default=None)
-
-
 def _model_info(model: Model | None, base: Model | None) -> dict | None:
     if model is None:
         return None
@@ -103,12 +92,12 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         dataset=None if dataset is None else {**datasets_mod.info(settings, dataset.name)},
         report_to=[] if settings.wandb == "off" else ["wandb"],
     )
-    if job.attempts > 1:
+    if job.attempts > 1 or (ctx.run_dir / "job.json").is_file():  # started before: retried, or its worker stopped
         ctx.resume_from = latest_checkpoint(ctx.checkpoints_dir) if plugin.resumable else None
         step = checkpoint_step(ctx.resume_from) if ctx.resume_from else -1
         if ctx.is_main:
             runs.clear_metrics(settings, job.id, after_step=step)
-        ctx.log(f"[lab] attempt {job.attempts}: " + (
+        ctx.log(f"[lab] started again (attempt {job.attempts} of {job.max_attempts}): " + (
             f"resuming from {ctx.resume_from.name}" if ctx.resume_from else
             "no checkpoint, training starts over" if plugin.resumable
             else f"{plugin.id} cannot resume: it starts over"))
@@ -124,7 +113,8 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         "started_at": (job.started_at or utcnow()).isoformat(), "versions": _versions(), "git_commit": _git_commit(),
         "command": runs.command_line(plugin.id, params.model_dump(mode="json", exclude_defaults=True),
                                 model and model.name, dataset and dataset.name, experiment.name,
-                                processes=job.processes, devices=job.devices, max_attempts=job.max_attempts),
+                                processes=job.processes, devices=job.devices, max_attempts=job.max_attempts,
+                                time_limit_min=job.time_limit_s and job.time_limit_s / 60),
     }
     if ctx.is_main:  # one writer under torchrun
         text = mask(json.dumps(record, indent=2), secret_values(settings))  # e.g. a token passed as a parameter

@@ -26,7 +26,7 @@ from lab.diagnosis import Failure, from_exit, oom_kills
 from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, LabError
 from lab.settings import MASK
 from lab.tables import Experiment, Job
-from lab.workspace import log_tail, new_run_dir
+from lab.workspace import latest_checkpoint, log_tail, new_run_dir
 
 if TYPE_CHECKING:
     from jobs.worker import Worker
@@ -49,14 +49,26 @@ def job_command(job: Job, env: dict) -> list[str]:
             "--module", "jobs.runner", str(job.id)]
 
 
-def outcome(code: int, stopped_for: str | None, run_dir: Path, *,
-            oom_killed: bool = False) -> tuple[str, Failure | None]:
-    """The job's status from its exit code and why the worker stopped it (cancel, interrupted, lost, or None)."""
+def _minutes(seconds: float | None) -> str:
+    minutes = (seconds or 0) / 60
+    return f"{minutes:g} minute" + ("" if minutes == 1 else "s")
+
+
+def outcome(code: int, stopped_for: str | None, run_dir: Path, *, oom_killed: bool = False,
+            time_limit_s: float | None = None) -> tuple[str, Failure | None]:
+    """The job's status from its exit code and why the worker stopped it (cancel, interrupted, timeout, lost, or
+    None)."""
     if stopped_for == "cancel" or code == CANCELLED_EXIT:
         return "cancelled", Failure("killed", "cancelled by the user", "")
     if stopped_for == "interrupted":
         return "interrupted", Failure("killed", "interrupted: its worker was stopped; the job went back to the queue",
                                       "")
+    if stopped_for == "timeout":
+        last = latest_checkpoint(run_dir / "checkpoints")
+        saved = f"; its last checkpoint is {last.name}" if last else " before it wrote a checkpoint"
+        return "failed", Failure("timeout", f"the job ran past its time limit of {_minutes(time_limit_s)} and was "
+                                 f"stopped{saved}", "raise the time limit (Resources and retries on the Train page, "
+                                 "`--time-limit MINUTES`) or shorten the run (max_steps, epochs)")
     if code == INTERRUPTED_EXIT:  # a SIGTERM that did not come from its worker; it left a checkpoint
         return "failed", Failure("killed", "stopped by SIGTERM from outside the lab, after writing a checkpoint",
                                  "run it again with --max-attempts 2 or more to resume from that checkpoint")
@@ -108,7 +120,7 @@ class Supervision:
             tee.join(timeout=5)
         _kill_group(proc.pid, signal.SIGKILL)  # whatever the job left behind in its group
         oom_after = oom_kills()
-        status, failure = outcome(proc.returncode, stopped_for, run_dir,
+        status, failure = outcome(proc.returncode, stopped_for, run_dir, time_limit_s=job.time_limit_s,
                                   oom_killed=oom_before is not None and (oom_after or 0) > oom_before)
         code = proc.returncode
         retryable = status == "failed" and (stopped_for == "lost" or (
@@ -120,7 +132,9 @@ class Supervision:
         if status == "interrupted":  # back in the queue: a stopped worker, or a retry
             with open(log_path, "a") as log:
                 log.write(f"[lab] {failure.reason}\n")
-            w.db(queue.requeue, s, job.id, w.id, failure.reason, patient=True)
+            # a stopped worker is not the job's fault: that start does not count against its attempts
+            w.db(queue.requeue, s, job.id, w.id, failure.reason, patient=True,
+                 uses_attempt=stopped_for != "interrupted")
             w.seen_after(job.id)
             w.say(f"job {job.id} back in the queue: {failure.reason}")
             return "queued"
@@ -165,9 +179,10 @@ class Supervision:
                 break
 
     def _watch(self, proc: subprocess.Popen) -> str | None:
-        """Wait for the job process; heartbeat; stop it on cancel or worker stop. Returns why it was stopped."""
+        """Wait for the job process; heartbeat; stop it on cancel, worker stop or its time limit. Returns why it was
+        stopped."""
         s, w, job_id = self.settings, self.worker, self.job.id
-        last_beat = time.monotonic()
+        last_beat = started = time.monotonic()
         reason = None
         while True:
             try:
@@ -190,8 +205,10 @@ class Supervision:
                 pass  # the database is locked or away: the job goes on, the next beat tries again
             if reason is None and w.stop.is_set():
                 reason = "interrupted"
-            if reason is not None:
-                self._stop_process(proc, s.stop_grace_s if reason == "interrupted" else s.cancel_grace_s)
+            if reason is None and self.job.time_limit_s is not None and now - started >= self.job.time_limit_s:
+                reason = "timeout"
+            if reason is not None:  # a stop that keeps the job's work gives it time to write a checkpoint
+                self._stop_process(proc, s.stop_grace_s if reason in ("interrupted", "timeout") else s.cancel_grace_s)
 
     def _stop_process(self, proc: subprocess.Popen, grace_s: float) -> None:
         """SIGTERM the job's group (a training run checkpoints at its next step boundary), SIGKILL after grace_s;

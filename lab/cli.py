@@ -272,6 +272,8 @@ def run_cmd(
     priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
     max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, max=20, help="Starts allowed: a killed or "
                                               "lost job is retried from its last checkpoint.")] = 1,
+    time_limit: Annotated[float | None, typer.Option("--time-limit", help="Minutes one attempt may run; past them "
+                                                     "the job writes a checkpoint and fails as timeout.")] = None,
     processes: Annotated[int, typer.Option("--processes", min=1, max=64, help="Run data-parallel in this many "
                                            "processes (torchrun); sft, pretrain, classify.")] = 1,
     devices: Annotated[int | None, typer.Option("--devices", min=0, max=64, help="Accelerators the job needs "
@@ -296,7 +298,7 @@ def run_cmd(
                          experiment=experiment or base.get("experiment") or experiments.DEFAULT,
                          params={**base["params"], **plugins.parse_sets(sets or [])}, priority=priority,
                          then_eval=_then_eval(then_eval, eval_dataset, eval_sets), max_attempts=max_attempts,
-                         processes=processes, devices=devices)
+                         processes=processes, devices=devices, time_limit_min=time_limit)
     print(job_id)
     if wait:
         raise typer.Exit(_wait(s, job_id))
@@ -324,13 +326,15 @@ def sweep_cmd(
     = None,
     eval_dataset: Annotated[str | None, typer.Option("--eval-dataset")] = None,
     eval_sets: Annotated[list[str] | None, typer.Option("--eval-set")] = None,
+    time_limit: Annotated[float | None, typer.Option("--time-limit", help="Minutes each run's attempt may run.")]
+    = None,
     workspace: WorkspaceOpt = None,
 ):
     """Queue every combination of a grid of parameters as one group (compare them on the Compare page)."""
     s = _settings(workspace)
     name, ids = runs.sweep(s, plugin, model=model, dataset=dataset, experiment=experiment,
                            base=plugins.parse_sets(sets or []), axes=grid, group=group, priority=priority,
-                           then_eval=_then_eval(then_eval, eval_dataset, eval_sets))
+                           then_eval=_then_eval(then_eval, eval_dataset, eval_sets), time_limit_min=time_limit)
     out.print(f"queued {len(ids)} jobs as group {name}: {', '.join(map(str, ids))}", markup=False)
 
 

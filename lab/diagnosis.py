@@ -20,6 +20,7 @@ KINDS = {
     "data": "the data cannot train",
     "disk_full": "disk full",
     "killed": "killed from outside",
+    "timeout": "ran past its time limit",
     "lost": "lost its worker",
     "dependency": "a package is missing",
     "no_output": "wrote no output",
@@ -77,8 +78,8 @@ def diagnose(exc: BaseException, folders: list[Path] = ()) -> Failure:
     text = f"{type(exc).__name__}: {exc}"[:600]
     for e in chain:
         if isinstance(e, Diverged):
-            return Failure("diverged", str(e), "lower the learning rate (or raise warmup_steps, or set "
-                           "max_grad_norm); earlier checkpoints are kept and nothing was registered")
+            return Failure("diverged", str(e), (e.hint or "lower the learning rate (or raise warmup_steps, or set "
+                           "max_grad_norm)") + "; earlier checkpoints are kept and nothing was registered")
     for e in chain:
         if isinstance(e, DataError):
             return Failure("data", e.message, e.hint or "fix the dataset or the length limits and launch again")

@@ -48,7 +48,12 @@ class DataError(LabError):
 
 
 class Diverged(Exception):
-    """A training value or saved weight became NaN or infinite. Diagnosed as `diverged`."""
+    """A training value or saved weight became NaN or infinite. Diagnosed as `diverged`; `hint` replaces the usual
+    next step (lower the learning rate) where the cause is known to be another."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.hint = hint
 
 
 def from_os_error(exc: BaseException) -> LabError | None:

@@ -69,23 +69,28 @@ def _follow_up(settings: Settings, then_eval: dict | None) -> dict | None:
 def submit(settings: Settings, plugin_id: str, *, model: str | None = None, dataset: str | None = None,
            experiment: str = experiments.DEFAULT, params: dict | None = None, priority: int = 0,
            then_eval: dict | None = None, group: str | None = None, tags: list[str] | None = None,
-           max_attempts: int = 1, devices: int | None = None, processes: int = 1) -> int:
+           max_attempts: int = 1, devices: int | None = None, processes: int = 1,
+           time_limit_min: float | None = None) -> int:
     """Validate everything, then queue the job and return its id (nothing is queued on error).
     then_eval: an evaluation {plugin, dataset, params} queued on the output once the job completes.
     max_attempts: how often the job may start; a killed or lost job is retried from its last checkpoint.
     devices: accelerators the job needs (None: one per process where the worker owns any, else none);
-    processes: > 1 runs the plugin data-parallel under torchrun (plugins that support it)."""
+    processes: > 1 runs the plugin data-parallel under torchrun (plugins that support it);
+    time_limit_min: minutes one attempt may run (None: no limit); past it the job writes a checkpoint and fails
+    as `timeout`."""
     return submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
                        params_list=[params or {}], priority=priority, then_eval=then_eval, group=group,
-                       tags=tags, max_attempts=max_attempts, devices=devices, processes=processes)[0]
+                       tags=tags, max_attempts=max_attempts, devices=devices, processes=processes,
+                       time_limit_min=time_limit_min)[0]
 
 
 def submit_many(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
                 params_list: list[dict], priority: int = 0, then_eval: dict | None = None, group: str | None = None,
                 tags: list[str] | None = None, max_attempts: int = 1, devices: int | None = None,
-                processes: int = 1) -> list[int]:
+                processes: int = 1, time_limit_min: float | None = None) -> list[int]:
     """Queue one job per parameter set, all or none (a sweep)."""
     _check_whole(priority, "priority")
+    _check_time_limit(time_limit_min)
     _check_whole(max_attempts, "max attempts", 1, 20)
     if group is not None:
         check_name(group, "group")
@@ -108,7 +113,8 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
     return queue.enqueue_many(settings, [
         {"experiment_id": experiment_id, "plugin": j["plugin"], "params": j["params"], "model_id": j["model_id"],
          "dataset_id": j["dataset_id"], "priority": priority, "group_name": group, "tags": list(tags or []),
-         "follow_up": follow, "max_attempts": max_attempts, "devices": devices, "processes": processes}
+         "follow_up": follow, "max_attempts": max_attempts, "devices": devices, "processes": processes,
+         "time_limit_s": None if time_limit_min is None else float(time_limit_min) * 60}
         for j in jobs])
 
 
@@ -118,6 +124,16 @@ def _check_whole(value, what: str, low: int | None = None, high: int | None = No
     if not whole or (low is not None and not low <= value <= high):
         within = f" from {low} to {high}" if low is not None else ""
         raise LabError(f"{what} must be a whole number{within}, got {value!r}")
+
+
+MAX_TIME_LIMIT_MIN = 60 * 24 * 30  # 30 days
+
+
+def _check_time_limit(minutes) -> None:
+    good = isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and 0 < minutes <= MAX_TIME_LIMIT_MIN
+    if minutes is not None and not (good and minutes == minutes):
+        raise LabError(f"the time limit must be a number of minutes above 0 and at most {MAX_TIME_LIMIT_MIN:,} "
+                       f"(30 days), got {minutes!r}", "leave it empty for no limit")
 
 
 def _check_resources(devices, processes) -> None:
@@ -143,7 +159,8 @@ def _wrong_format(plugin, ds) -> tuple[str, str]:
 
 
 def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str,
-                 priority: int = 0, processes: int = 1, devices: int | None = None, max_attempts: int = 1) -> str:
+                 priority: int = 0, processes: int = 1, devices: int | None = None, max_attempts: int = 1,
+                 time_limit_min: float | None = None) -> str:
     """The `lab run` command that queues the same job (pass only the parameters that differ from defaults)."""
     parts = ["lab", "run", plugin]
     if model:
@@ -161,6 +178,8 @@ def command_line(plugin: str, params: dict, model: str | None, dataset: str | No
         parts += ["--devices", str(devices)]
     if max_attempts != 1:
         parts += ["--max-attempts", str(max_attempts)]
+    if time_limit_min is not None:
+        parts += ["--time-limit", f"{time_limit_min:g}"]
     return shlex.join(parts)
 
 
@@ -249,7 +268,8 @@ def get_job(settings: Settings, job_id: int) -> dict:
         output_model = s.scalar(select(Model.name).where(Model.job_id == job_id).order_by(Model.id).limit(1))
     out.update({"params": job.params, "run_dir": job.run_dir, "exit_code": job.exit_code, "pid": job.pid,
                 "attempts": job.attempts, "max_attempts": job.max_attempts, "devices": job.devices,
-                "processes": job.processes, "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
+                "processes": job.processes, "time_limit_min": job.time_limit_s and job.time_limit_s / 60,
+                "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
                 "output_model": output_model})
     out["lineage"] = _lineage(settings, out, output_model)
     return mask_all(out, secret_values(settings))  # a parameter may hold a secret the user pasted
@@ -307,7 +327,7 @@ def sweep(settings: Settings, plugin_id: str, *, model: str | None, dataset: str
           base: dict, axes: list[str], group: str | None = None, priority: int = 0,
           then_eval: dict | None = None, **resources) -> tuple[str, list[int]]:
     """Queue every combination of the grid as one group; returns the group name and the job ids.
-    resources: max_attempts, devices, processes, as for submit()."""
+    resources: max_attempts, devices, processes, time_limit_min, as for submit()."""
     with read_session(settings) as s:
         taken = set(s.scalars(select(Job.group_name).where(Job.group_name.is_not(None)).distinct()))
     if group in taken:

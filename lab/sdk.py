@@ -15,7 +15,7 @@ from sqlalchemy import insert
 from jobs import queue
 from lab.datasets import iter_rows
 from lab.db import session
-from lab.errors import Diverged, JobCancelled, JobInterrupted
+from lab.errors import DataError, Diverged, JobCancelled, JobInterrupted
 from lab.settings import Settings
 from lab.tables import Metric, utcnow
 
@@ -107,6 +107,26 @@ class RunContext:
         from lab.speed import choose_bf16
 
         return choose_bf16(requested, model, tokenizer, self.log)
+
+    def keep_trainable(self, trainer, given: int, max_length: int, *, unit: str, rule: str, drop=None,
+                       held_out: int = 0) -> None:
+        """After a trainer has prepared its data: `drop(row)` (a prepared row) marks the rows that cannot train and
+        are removed here (TRL dropped some already: `given` is how many went in). Says how many were lost and why;
+        when none is left to train on, or none of `held_out` to evaluate on, fails as a data error naming
+        max_length."""
+        if drop is not None:
+            trainer.train_dataset = trainer.train_dataset.filter(lambda row: not drop(row))
+            if trainer.eval_dataset is not None:
+                trainer.eval_dataset = trainer.eval_dataset.filter(lambda row: not drop(row))
+        kept = len(trainer.train_dataset)
+        if kept < given:
+            self.log(f"[lab] {given - kept} of {given} {unit} are not trained on: {rule} (max_length={max_length})")
+        hint = "raise max_length (the Datasets page shows a row as the model sees it, with a token limit)"
+        if kept == 0:
+            raise DataError(f"none of the {given} {unit} can train at max_length={max_length}: {rule}", hint)
+        if held_out and trainer.eval_dataset is not None and len(trainer.eval_dataset) == 0:
+            raise DataError(f"none of the {held_out} held-out {unit} can be evaluated at max_length={max_length}: "
+                            f"{rule}", hint + ", or set eval_split=0")
 
     def trainer_args(self, config_cls, params, *, bf16: bool = False, evaluate: bool = False, **own):
         """The Trainer configuration every method shares, built from the plugin's parameters of the usual names
@@ -261,9 +281,11 @@ class RunContext:
                           and not math.isfinite(v)]
                 if broken:
                     what = ", ".join(f"{k} {_fmt(v)}" for k, v in broken)
-                    raise Diverged(f"training diverged at step {state.global_step}: {what} (learning rate "
-                                   f"{_fmt(logs.get('learning_rate', args.learning_rate))}); the run was stopped "
-                                   "there")
+                    first = state.global_step <= args.logging_steps  # computed before any update
+                    raise Diverged(
+                        f"training diverged at step {state.global_step}: {what} (learning rate "
+                        f"{_fmt(logs.get('learning_rate', args.learning_rate))}); the run was stopped there",
+                        FIRST_STEP_NAN if first else None)
 
             def on_train_end(self, args, state, control, **kwargs):
                 ctx.set_progress(state.global_step, state.max_steps or None)
@@ -271,6 +293,9 @@ class RunContext:
         return LabCallback()
 
 
+FIRST_STEP_NAN = ("the values were NaN before the first update, so the learning rate is not the cause: look at the "
+                  "data (an answer cut to nothing by max_length, empty rows), the model's own weights, or try "
+                  "precision=fp32")
 KEEP_CHECKPOINTS = 2  # the newest checkpoints a run keeps (a full model's checkpoint holds its optimizer state)
 
 

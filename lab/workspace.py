@@ -145,3 +145,15 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return ""
     rows = [line.rsplit("\r", 1)[-1] for line in data.splitlines()]
     return "\n".join(rows[-lines:])
+
+
+def checkpoint_step(folder: Path) -> int:
+    """The step of a Trainer checkpoint folder (checkpoint-<step>); -1 when the name carries none."""
+    tail = folder.name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest complete Trainer checkpoint (trainer_state.json is written last) in `folder`."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file() and checkpoint_step(p) >= 0]
+    return max(done, key=checkpoint_step, default=None)

@@ -89,6 +89,8 @@ def run(ctx, params: Params) -> None:
                                  target_modules=modeling.lora_targets(params.lora_target))
     trainer = DPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                          processing_class=tokenizer, peft_config=peft_config)
+    ctx.keep_trainable(trainer, len(train), params.max_length, unit="pairs", held_out=len(held_out or []),
+                       rule="the prompt alone fills max_length, leaving no answer token")  # TRL drops those
     ctx.train(trainer, params)
 
     # 6. save: the policy as a full model (LoRA merged in), so the next stage loads it like any model

@@ -77,6 +77,9 @@ def run(ctx, params: Params) -> None:
                                  target_modules=modeling.lora_targets(params.lora_target))
     trainer = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config)
+    ctx.keep_trainable(trainer, len(data), params.max_length, unit="examples",
+                       rule="the prompt alone fills max_length, leaving no answer token",
+                       drop=lambda row: len(row["prompt_ids"]) >= params.max_length)  # trained on nothing
     ctx.train(trainer, params)
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
     final.save_pretrained(str(ctx.output_dir))

@@ -63,6 +63,11 @@ def run(ctx, params: Params) -> None:
                                  target_modules=modeling.lora_targets(params.lora_target))
     trainer = ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                           peft_config=peft_config)
+    ctx.keep_trainable(trainer, len(data), params.max_length, unit="pairs",
+                       rule="an answer is cut to nothing (ORPO shortens both answers by the amount the prompt and "
+                            "the longer answer exceed max_length; the loss would be NaN)",
+                       drop=lambda row: not any(t != -100 for t in row["chosen_labels"])
+                       or not any(t != -100 for t in row["rejected_labels"]))
     tokenized = trainer.train_dataset  # ORPO counts no tokens: measure the pairs once it has tokenized them
     per_pair = sum(len(a) + len(b) for a, b in zip(tokenized["chosen_input_ids"], tokenized["rejected_input_ids"],
                                                    strict=True)) / len(tokenized)

@@ -80,6 +80,8 @@ def run(ctx, params: Params) -> None:
                                  target_modules=modeling.lora_targets(params.lora_target))
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                             processing_class=tokenizer, peft_config=peft_config)
+    ctx.keep_trainable(trainer, len(train), params.max_length, unit="pairs", held_out=len(held_out or []),
+                       rule="the prompt and an answer are longer than max_length")  # TRL drops those
     ctx.train(trainer, params)
     if held_out is not None:  # the final scores (evaluated again only if the last step was not an eval step)
         found = (trainer.evaluate() if trainer.state.global_step % params.eval_steps

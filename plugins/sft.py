@@ -18,7 +18,6 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 
 from lab import modeling, preview
-from lab.errors import DataError
 from lab.plugins import TrainParams, advanced
 
 ID = "sft"
@@ -130,13 +129,9 @@ def run(ctx, params: Params) -> None:
     # 4. trainer, 5. train
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config)
-    kept = len(trainer.train_dataset)  # TRL drops rows that truncation left without a trained token
-    if not params.packing and kept < len(train):
-        ctx.log(f"[lab] {len(train) - kept} of {len(train)} rows lost every trained token to "
-                f"max_length={params.max_length} and are not trained on")
-        if kept == 0:
-            raise DataError(f"every row lost all its trained tokens to max_length={params.max_length}: nothing to "
-                            "learn", "raise max_length (the Datasets page shows a row as the model sees it)")
+    if not params.packing:  # TRL drops the rows that truncation left without a trained token
+        ctx.keep_trainable(trainer, len(train), params.max_length, unit="rows", held_out=len(evaluation or []),
+                           rule="truncation leaves them without a trained token (the prompt fills max_length)")
     ctx.train(trainer, params)
     if evaluation is not None and trainer.state.global_step % params.eval_steps:
         trainer.evaluate()  # the final eval loss, recorded by the lab's callback like every logged value

@@ -83,18 +83,7 @@ def test_a_diverging_learning_rate_fails_the_run_as_diverged_and_registers_nothi
 
 
 def test_weights_that_are_not_finite_are_never_registered(ws, tiny_model_dir, tmp_path):
-    bad = tmp_path / "bad"
-    import shutil
-
-    shutil.copytree(tiny_model_dir, bad)
-    weights = next(bad.glob("*.safetensors"))
-    from safetensors.torch import load_file
-
-    tensors = load_file(weights)
-    name = next(k for k, v in tensors.items() if v.is_floating_point())
-    tensors[name] = tensors[name].clone()
-    tensors[name].view(-1)[:5] = float("nan")
-    save_file(tensors, weights, metadata={"format": "pt"})
+    bad = nan_model(tiny_model_dir, tmp_path / "bad")
     with pytest.raises(Diverged, match="5 NaN or infinite values"):
         check_finite(bad)
     check_finite(tiny_model_dir)  # a healthy folder passes
@@ -124,3 +113,74 @@ def test_a_nan_metric_is_stored_and_read_back_as_null_and_an_infinity_as_itself(
 def test_an_empty_tensor_file_is_finite(tmp_path):
     save_file({"w": torch.zeros(0)}, tmp_path / "model.safetensors")
     check_finite(tmp_path)
+
+
+def nan_model(source: Path, folder: Path) -> Path:
+    """A copy of `source` with 5 of its weights made NaN."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    shutil.copytree(source, folder)
+    weights = next(folder.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name].clone()
+    tensors[name].view(-1)[:5] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return folder
+
+
+def test_nan_before_the_first_update_does_not_blame_the_learning_rate(ws, tiny_model_dir, tmp_path):
+    registry.add_folder(ws, "broken", nan_model(tiny_model_dir, tmp_path / "broken"))
+    datasets.add(ws, "facts", write_jsonl(tmp_path / "facts.jsonl", FACTS))
+    job = run_to_end(ws, "sft", model="broken", dataset="facts", params={"max_steps": "5", "precision": "fp32"})
+    assert job["failure"] == "diverged" and "at step 1:" in job["error"], job
+    assert "learning rate is not the cause" in job["next_step"] and "lower the learning rate" not in job["next_step"]
+
+
+LONG = " ".join(["word"] * 300)  # far past max_length=64 with the tiny tokenizer
+
+
+def long_pairs(where: str, n: int = 20) -> list[dict]:
+    """Preference pairs with a long prompt or a long chosen answer: every row (`where`), or every other one."""
+    rows = []
+    for i in range(n):
+        long = i % 2 == 0 if where.startswith("half") else True
+        side = where.split("-")[-1]
+        rows.append({"prompt": LONG if long and side == "prompt" else "How do I boil an egg?",
+                     "chosen": LONG if long and side == "chosen" else "Put it in boiling water.", "rejected": "No."})
+    return rows
+
+
+@pytest.mark.parametrize(("plugin", "where", "rule"), [
+    ("orpo", "chosen", "an answer is cut to nothing"),  # ORPO would train on NaN (log-probability of no token)
+    ("dpo", "prompt", "the prompt alone fills max_length"),  # DPO drops them: an empty sampler
+    ("reward", "prompt", "longer than max_length"),  # the reward trainer drops them: an empty sampler
+    ("kto", "prompt", "the prompt alone fills max_length"),  # KTO would learn from no answer token at all
+])
+def test_pairs_that_max_length_leaves_nothing_to_learn_fail_as_data_naming_max_length(
+        ws, tiny_model_dir, tmp_path, plugin, where, rule):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "long", write_jsonl(tmp_path / "long.jsonl", long_pairs(where)))
+    job = run_to_end(ws, plugin, model="tiny", dataset="long",
+                     params={"max_steps": "3", "max_length": "64", "batch_size": "2", "eval_split": "0"}
+                     if plugin in ("dpo", "reward") else {"max_steps": "3", "max_length": "64", "batch_size": "2"})
+    assert job["status"] == "failed" and job["failure"] == "data", job
+    assert "max_length=64" in job["error"] and rule in job["error"] and "raise max_length" in job["next_step"]
+    assert job["output_model"] is None
+
+
+@pytest.mark.parametrize("plugin", ["orpo", "kto", "dpo"])
+def test_some_pairs_lost_to_max_length_are_named_and_the_rest_trains_finite(ws, tiny_model_dir, tmp_path, plugin):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    where = "half-chosen" if plugin == "orpo" else "half-prompt"
+    datasets.add(ws, "long", write_jsonl(tmp_path / "long.jsonl", long_pairs(where)))
+    job = run_to_end(ws, plugin, model="tiny", dataset="long",
+                     params={"max_steps": "3", "max_length": "64", "batch_size": "2", "precision": "fp32"})
+    assert job["status"] == "completed", job
+    unit = "examples" if plugin == "kto" else "pairs"  # kto trains on each answer alone
+    assert f"{10 if plugin != 'kto' else 20} of {20 if plugin != 'kto' else 40} {unit} are not trained on" \
+        in job["log_tail"]
+    loss = [v for _, v, _ in runs.metrics(ws, [job["id"]], ["loss"])[job["id"]]["loss"]]
+    assert len(loss) == 3 and all(v is not None and math.isfinite(v) for v in loss), loss

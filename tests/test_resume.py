@@ -48,7 +48,7 @@ def lab(ws, tiny_model_dir, tmp_path):
 def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plugin):
     dataset, params = METHODS[plugin]
     params = {**params, "precision": "fp32", "save_minutes": 0, "logging_steps": 1}
-    job_id = runs.submit(lab, plugin, model="tiny", dataset=dataset, max_attempts=2,
+    job_id = runs.submit(lab, plugin, model="tiny", dataset=dataset,  # one attempt: a stop does not use it up
                          params={k: str(v) for k, v in params.items()})
     worker = Worker(lab, say=lambda m: None)
     thread = threading.Thread(target=worker.serve, daemon=True)
@@ -72,7 +72,7 @@ def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plug
     Worker(lab, say=lambda m: None).serve(once=True)
     job = runs.get_job(lab, job_id)
     assert job["status"] == "completed", f"{job['error']}\n{job['log_tail']}"
-    assert job["attempts"] == 2
+    assert job["attempts"] == 1, "the start its stopped worker ended does not count as an attempt"
     log = (run_dir / "log.txt").read_text()
     assert f"resuming from checkpoint-{saved}" in log
     after = log.split(f"resuming from checkpoint-{saved}")[1]
@@ -95,4 +95,26 @@ def test_checkpoints_come_by_time_without_save_steps_and_only_the_newest_are_kep
 def test_ppo_cannot_resume_so_it_takes_no_retries(lab):
     with pytest.raises(LabError, match="cannot resume from a checkpoint"):
         runs.submit(lab, "ppo", model="tiny", dataset="pairs", params={"reward_model": "tiny"}, max_attempts=2)
+    assert runs.list_jobs(lab) == []
+
+
+def test_a_job_past_its_time_limit_writes_a_checkpoint_and_fails_as_timeout(lab):
+    job_id = runs.submit(lab, "sft", model="tiny", dataset="facts", time_limit_min=0.3,
+                         params={"max_steps": "100000", "batch_size": "2", "precision": "fp32"})
+    assert runs.get_job(lab, job_id)["time_limit_min"] == pytest.approx(0.3)
+    Worker(lab, say=lambda m: None).serve(once=True)
+    job = runs.get_job(lab, job_id)
+    assert job["status"] == "failed" and job["failure"] == "timeout", job
+    assert "time limit of 0.3 minutes" in job["error"] and "raise the time limit" in job["next_step"]
+    saved = job["error"].split("its last checkpoint is ")[1]
+    log = (Path(job["run_dir"]) / "log.txt").read_text()
+    assert f"asked to stop: saving {saved}" in log and "[lab] step 2/" in log
+    assert (Path(job["run_dir"]) / "checkpoints" / saved / "trainer_state.json").is_file()
+    assert job["attempts"] == 1 and job["output_model"] is None
+
+
+@pytest.mark.parametrize("minutes", [0, -1, float("nan"), 60 * 24 * 31, True])
+def test_a_time_limit_outside_its_range_is_refused_and_nothing_is_queued(lab, minutes):
+    with pytest.raises(LabError, match="time limit must be a number of minutes"):
+        runs.submit(lab, "sft", model="tiny", dataset="facts", time_limit_min=minutes)
     assert runs.list_jobs(lab) == []

@@ -65,6 +65,8 @@ def build(ui: UI) -> None:
                               info="auto: one per process on a worker with GPUs (`lab worker --gpus`), else CPU")
         attempts = gr.Number(label="Attempts", value=1, precision=0, minimum=1, maximum=20, scale=1,
                              info="a killed or lost job is retried from its last checkpoint")
+        time_limit = gr.Number(label="Time limit (minutes)", value=None, minimum=0, scale=1,
+                               info="empty: none; past it the job writes a checkpoint and stops (`timeout`)")
     launch = gr.Button("Launch", variant="primary", elem_id="launch")
     message = gr.HTML(elem_id="train-message")
     if broken:
@@ -96,7 +98,7 @@ def build(ui: UI) -> None:
 
     plugin.change(on_plugin, [plugin, dataset], [*groups, description, dataset, model])
 
-    def on_preview(n_processes, n_devices, n_attempts, pid, model_name, ds_name, prio, experiment, values):
+    def on_preview(n_processes, n_devices, n_attempts, n_minutes, pid, model_name, ds_name, prio, experiment, values):
         """The command line and the estimate for the form as it is. It leaves the launch message alone: a late
         estimate must not wipe out the answer to a launch made after it."""
         if not pid:
@@ -108,7 +110,7 @@ def build(ui: UI) -> None:
             return "", error_box(str(exc))
         changed = resolved.model_dump(mode="json", exclude_defaults=True)
         try:
-            extra = resources(n_processes, n_devices, n_attempts)
+            extra = resources(n_processes, n_devices, n_attempts, n_minutes)
         except (TypeError, ValueError):
             extra = {}
         cmd = runs.command_line(pid, changed, model_name, ds_name, experiment or "default", int(prio or 0),
@@ -147,13 +149,14 @@ def build(ui: UI) -> None:
                 f"{', ...' if found['lost'] > len(found['first_lost']) else ''}). Raise max_length to keep them.")
 
     preview_inputs = [plugin, model, dataset, priority, ui["experiment"], values_of]
-    resource_inputs = [processes, devices, attempts]
+    resource_inputs = [processes, devices, attempts, time_limit]
     gr.on([c.change for c in [*resource_inputs, *preview_inputs]], on_preview, [*resource_inputs, *preview_inputs],
           [command, estimate], trigger_mode="always_last", show_progress="hidden")
     ui["train_preview"] = (on_preview, [*resource_inputs, *preview_inputs], [command, estimate])
 
-    def resources(n_processes, n_devices, n_attempts) -> dict:
+    def resources(n_processes, n_devices, n_attempts, n_minutes) -> dict:
         return {"processes": int(n_processes or 1), "max_attempts": int(n_attempts or 1),
+                "time_limit_min": None if n_minutes in (None, "") else float(n_minutes),
                 "devices": None if n_devices in (None, "", "auto") else int(n_devices)}
 
     def refused(exc: LabError) -> str:
@@ -162,14 +165,14 @@ def build(ui: UI) -> None:
     def follow_up(evaluator, eval_ds):
         return {"plugin": evaluator, "dataset": eval_ds or None, "params": {}} if evaluator else None
 
-    def on_launch(n_processes, n_devices, n_attempts, evaluator, eval_ds, pid, model_name, ds_name, prio, experiment,
-                  values):
+    def on_launch(n_processes, n_devices, n_attempts, n_minutes, evaluator, eval_ds, pid, model_name, ds_name, prio,
+                  experiment, values):
         try:
             params = split(pid, values)
             job_id = runs.submit(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
                                  experiment=experiment or "default", params=params, priority=int(prio or 0),
                                  then_eval=follow_up(evaluator, eval_ds),
-                                 **resources(n_processes, n_devices, n_attempts))
+                                 **resources(n_processes, n_devices, n_attempts, n_minutes))
         except LabError as exc:
             return refused(exc), gr.update(), gr.update()
         return "", gr.update(selected="run"), job_id
@@ -177,8 +180,8 @@ def build(ui: UI) -> None:
     launch.click(on_launch, [*resource_inputs, then_eval, eval_dataset, *preview_inputs],
                  [message, ui["tabs"], ui["run_job"]], concurrency_id="train-form")
 
-    def on_sweep(n_processes, n_devices, n_attempts, axes, name, evaluator, eval_ds, pid, model_name, ds_name, prio,
-                 experiment, values):
+    def on_sweep(n_processes, n_devices, n_attempts, n_minutes, axes, name, evaluator, eval_ds, pid, model_name,
+                 ds_name, prio, experiment, values):
         try:
             base = split(pid, values)
             group_name, ids = runs.sweep(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
@@ -186,7 +189,7 @@ def build(ui: UI) -> None:
                                          axes=[line for line in (axes or "").splitlines() if line.strip()],
                                          group=(name or "").strip() or None, priority=int(prio or 0),
                                          then_eval=follow_up(evaluator, eval_ds),
-                                         **resources(n_processes, n_devices, n_attempts))
+                                         **resources(n_processes, n_devices, n_attempts, n_minutes))
         except LabError as exc:
             return refused(exc), gr.update(), gr.update(), gr.update()
         options = [(f"#{i} {pid} {model_name or ''}".strip(), str(i)) for i in ids]

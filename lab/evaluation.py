@@ -92,8 +92,9 @@ def reward_scorer(path: str):
     """A reward model (a `reward` run's output) as a function: it scores prompt + answer conversations,
     f(prompts, completions, **_) -> list of floats (the shape TRL's GRPO takes for a reward function)."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
+    with modeling.IMPORTS:
+        from transformers import AutoModelForSequenceClassification
     tok = modeling.tokenizer(path, log=lambda m: None, padding_side="right")
     scorer = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
 

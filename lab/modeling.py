@@ -5,22 +5,30 @@ has a chat template and a padding token."""
 from __future__ import annotations
 
 import threading
+import warnings
 
 from lab.errors import LabError
 from lab.registry import CHATML_TEMPLATE
 
-_TRL_LOCK = threading.Lock()
+# The web server runs handlers in threads. transformers and TRL resolve their names lazily, and two threads doing
+# that at once see half-imported modules ("cannot import name 'PreTrainedTokenizerBase' from 'transformers'"): every
+# import of them that a handler can reach happens under this lock (re-entrant: trl() imports transformers too).
+IMPORTS = threading.RLock()
 
 
 def trl():
-    """The `trl` module, its SFT and DPO names resolved, for code that runs in the web server's threads (previews,
-    parameter checks). TRL resolves its names lazily, and two threads doing it at once can see a half-imported
-    module ("cannot import name 'SFTConfig' from 'trl'"): the first use, under one lock, does it for all."""
-    with _TRL_LOCK:
+    """The `trl` module with the names the previews and checks use resolved, under the import lock (see IMPORTS)."""
+    with IMPORTS:
         import trl as module
+        import trl.data_utils  # noqa: F401
+
+        with warnings.catch_warnings():  # the lab knows ORPO is in TRL's experimental package
+            warnings.simplefilter("ignore")
+            import trl.experimental.orpo  # noqa: F401
         import trl.trainer.dpo_trainer  # noqa: F401  (DataCollatorForPreference)
 
-        for name in ("SFTConfig", "SFTTrainer", "DPOConfig", "DPOTrainer"):
+        for name in ("SFTConfig", "SFTTrainer", "DPOConfig", "DPOTrainer", "KTOConfig", "KTOTrainer", "RewardConfig",
+                     "RewardTrainer"):
             getattr(module, name)
     return module
 
@@ -34,7 +42,8 @@ def not_causal(model: dict | None) -> list[str]:
 
 
 def tokenizer(path: str, log=print, padding_side: str | None = None):
-    from transformers import AutoTokenizer
+    with IMPORTS:
+        from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
     if tok.chat_template is None:
@@ -51,13 +60,14 @@ def causal_lm(info: dict, *, adapter: str = "merge", log=print):
     """The model behind registry `info`. For an adapter: "trainable" keeps it a trainable PeftModel on its base,
     "merge" folds it into the base weights (a plain model, e.g. a reference policy or a fresh LoRA's base)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
+    with IMPORTS:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
     if info["kind"] in ("reward", "classifier"):
         raise LabError(f"model {info['name']} is a {info['kind']} (a scoring head), not a language model")
     if info["kind"] != "adapter":
         return AutoModelForCausalLM.from_pretrained(info["path"], dtype=torch.float32)
-    from peft import PeftModel
 
     if not info.get("base_path"):
         raise LabError(f"adapter {info['name']} has no registered base model to load it on")
@@ -71,8 +81,9 @@ def causal_lm(info: dict, *, adapter: str = "merge", log=print):
 def sequence_classifier(path: str, num_labels: int, pad_token_id: int | None, labels: list[str] | None = None):
     """A sequence-classification model from any HF folder: a causal LM gets a fresh scoring head."""
     import torch
-    from transformers import AutoModelForSequenceClassification
 
+    with IMPORTS:
+        from transformers import AutoModelForSequenceClassification
     kwargs = {"num_labels": num_labels}
     if labels:
         kwargs["id2label"] = dict(enumerate(labels))

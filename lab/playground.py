@@ -87,7 +87,11 @@ def stream_answer(model, tokenizer, messages: list[dict], *, max_new_tokens: int
                   top_p: float = 0.95, seed: int = 0):
     """Yield the answer as it grows (a background thread generates; TextIteratorStreamer hands over text)."""
     import torch
-    from transformers import TextIteratorStreamer
+
+    from lab.modeling import IMPORTS
+
+    with IMPORTS:  # the playground streams from the web server's threads
+        from transformers import TextIteratorStreamer
 
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     batch = tokenizer([text], return_tensors="pt", add_special_tokens=False).to(model.device)

@@ -127,23 +127,112 @@ def preference_row(tokenizer_path: str, row: dict, max_length: int | None = None
     return out
 
 
+def _with_rows(rows: list[dict]):
+    from datasets import Dataset
+
+    return Dataset.from_list([{**formats.to_preference_pair(r), "lab_row": i} for i, r in enumerate(rows)])
+
+
+def _kept_by_preparation(method: str, tok, rows: list[dict], max_length: int) -> set[int]:
+    """The pairs (row numbers) that dpo, kto or reward keep after their trainer's own preparation, which drops
+    what max_length leaves nothing to learn from."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from lab.modeling import trl
+
+    module = trl()
+    config, trainer = {"dpo": (module.DPOConfig, module.DPOTrainer), "kto": (module.KTOConfig, module.KTOTrainer),
+                       "reward": (module.RewardConfig, module.RewardTrainer)}[method]
+    with tempfile.TemporaryDirectory() as tmp:
+        args = config(output_dir=tmp, use_cpu=True, report_to=[], max_length=max_length)
+    stand_in = SimpleNamespace(_tokenizer=tok, calculate_KL=False)  # what the preparation reads of the trainer
+    prepared = trainer._prepare_dataset(stand_in, _with_rows(rows), tok, args, "preview")
+    return set(prepared["lab_row"])  # kto unpairs: both examples of a pair share its prompt, and its row number
+
+
+def _kept_by_orpo(tok, rows: list[dict], max_length: int) -> set[int]:
+    """The pairs ORPO can train on: its own tokenization (`ORPOTrainer.tokenize_row`, after the same prompt and
+    chat-template steps) cuts both answers when prompt plus the longer answer pass max_length, and a pair whose
+    shorter answer keeps no token gives a NaN loss (the orpo plugin drops those)."""
+    from types import SimpleNamespace
+
+    from lab.modeling import trl
+
+    module = trl()
+    ORPOTrainer = module.experimental.orpo.ORPOTrainer  # noqa: N806 (the class, under its name)
+    data_utils = module.data_utils
+    stand_in = SimpleNamespace(processing_class=tok, is_encoder_decoder=False, max_length=max_length,
+                               max_completion_length=None, padding_value=tok.pad_token_id, label_pad_token_id=-100)
+    stand_in.build_tokenized_answer = lambda prompt, answer: ORPOTrainer.build_tokenized_answer(stand_in, prompt,
+                                                                                               answer)
+    kept = set()
+    for i, row in enumerate(_with_rows(rows)):
+        row = data_utils.maybe_apply_chat_template(data_utils.maybe_extract_prompt(row), tok)
+        out = ORPOTrainer.tokenize_row(stand_in, {k: row[k] for k in ("prompt", "chosen", "rejected")})
+        if any(t != -100 for t in out["chosen_labels"]) and any(t != -100 for t in out["rejected_labels"]):
+            kept.add(i)
+    return kept
+
+
+PAIR_METHODS = ("dpo", "kto", "reward", "orpo")
+
+
+@lru_cache(maxsize=16)
+def _lost_pairs(method: str, tokenizer_path: str, dataset_path: str, fingerprint: str, max_length: int,
+                limit: int) -> tuple[int, int, tuple[int, ...]]:
+    from itertools import islice
+
+    from datasets.utils.logging import disable_progress_bar, enable_progress_bar
+
+    rows = list(islice(iter_rows(dataset_path), limit))
+    tok = _tokenizer(tokenizer_path)
+    disable_progress_bar()
+    try:
+        kept = _kept_by_orpo(tok, rows, max_length) if method == "orpo" else _kept_by_preparation(
+            method, tok, rows, max_length)
+    finally:
+        enable_progress_bar()
+    lost = sorted(set(range(len(rows))) - kept)
+    return len(rows), len(lost), tuple(lost[:10])
+
+
 TRUNCATION_SAMPLE = 5000  # rows checked before launch (the first ones; the warning says so when there are more)
 
 
-def truncation(settings, model_name: str, dataset_name: str, params: dict) -> dict | None:
-    """For sft: how many rows would lose every trained token to max_length (TRL drops them before training).
-    None when the method or format has nothing to check."""
+def truncation(settings, model_name: str, dataset_name: str, params: dict, method: str = "sft") -> dict | None:
+    """How many rows (sft) or pairs (dpo, kto, reward, orpo) max_length leaves nothing to learn from: the rows
+    the trainer drops before training, counted by its own preparation. None when there is nothing to check."""
     from lab import datasets, registry
 
     dataset = datasets.info(settings, dataset_name)
-    if dataset["format"] not in CHAT_FORMATS or params.get("packing"):
-        return None
     path = registry.info(settings, model_name)["path"]
-    checked, lost, first = _truncated_rows(path, dataset["path"], dataset["fingerprint"], dataset["format"],
-                                           bool(params.get("completion_only", True)), int(params["max_length"]),
+    max_length = int(params["max_length"])
+    if method == "sft" and dataset["format"] in CHAT_FORMATS and not params.get("packing"):
+        checked, lost, first = _truncated_rows(path, dataset["path"], dataset["fingerprint"], dataset["format"],
+                                               bool(params.get("completion_only", True)), max_length,
+                                               TRUNCATION_SAMPLE)
+        unit = "rows"
+    elif method in PAIR_METHODS and dataset["format"] == "preference":
+        checked, lost, first = _lost_pairs(method, path, dataset["path"], dataset["fingerprint"], max_length,
                                            TRUNCATION_SAMPLE)
+        unit = "pairs"
+    else:
+        return None
     return {"checked": checked, "rows": dataset["rows"], "lost": lost, "first_lost": list(first),
-            "max_length": int(params["max_length"])}
+            "max_length": max_length, "unit": unit}
+
+
+def nothing_to_learn(settings, method: str, model: dict | None, dataset: dict | None, params) -> list[str]:
+    """Before queueing a dpo, kto, reward or orpo job: a problem when max_length leaves every pair of the dataset
+    nothing to learn from (checked when the dataset is small enough to check whole)."""
+    if model is None or dataset is None or model.get("kind") == "classifier":
+        return []
+    found = truncation(settings, model["name"], dataset["name"], params.model_dump(), method=method)
+    if found and found["lost"] and found["lost"] == found["checked"] == found["rows"]:
+        return [f"every pair of {dataset['name']} loses all its trained tokens to max_length={params.max_length}: "
+                "nothing would be learned; raise max_length"]
+    return []
 
 
 def sample_html(sample: dict) -> str:

@@ -204,7 +204,11 @@ def import_gguf(settings: Settings, name: str, file: str | Path, source: str = "
     file = Path(file).expanduser().resolve()
     _check_gguf(file)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lab.modeling import IMPORTS
+
+    with IMPORTS:  # a web handler may call this
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def build(tmp: Path) -> None:
         try:
@@ -261,7 +265,11 @@ def build_tiny(folder: Path, vocab_size: int = 384, hidden: int = 64, layers: in
     """A random-initialised Llama-style causal LM with a byte-level BPE tokenizer trained here and now."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lab.modeling import IMPORTS
+
+    with IMPORTS:  # a web handler may call this
+        from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())

@@ -248,7 +248,9 @@ class RunContext:
                 if now - self._last_progress >= 0.5:
                     self._last_progress = now
                     ctx.set_progress(state.global_step, state.max_steps or None)
-                if ctx.stop_requested.is_set():
+                stop, timed = _agreed(ctx.stop_requested.is_set(),
+                                      ctx.training and bool(save_every_s) and now - self._last_save >= save_every_s)
+                if stop:
                     if ctx.cancelled():
                         raise JobCancelled(f"job {ctx.job_id} was cancelled")
                     if ctx.training:  # write a checkpoint at this step boundary; on_save then ends the process
@@ -257,7 +259,7 @@ class RunContext:
                         return control
                     raise JobInterrupted(f"job {ctx.job_id} was stopped by its worker")
                 ctx.check_cancelled()
-                if ctx.training and save_every_s and now - self._last_save >= save_every_s:
+                if timed:
                     control.should_save = True
                 return control
 
@@ -297,6 +299,20 @@ FIRST_STEP_NAN = ("the values were NaN before the first update, so the learning 
                   "data (an answer cut to nothing by max_length, empty rows), the model's own weights, or try "
                   "precision=fp32")
 KEEP_CHECKPOINTS = 2  # the newest checkpoints a run keeps (a full model's checkpoint holds its optimizer state)
+
+
+def _agreed(*flags: bool) -> tuple[bool, ...]:
+    """Each flag true on any process of a data-parallel run, so that every rank stops or checkpoints at the same
+    step (a SIGTERM or a clock can reach them a step apart); the flags as they are in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return flags
+    import torch
+
+    both = torch.tensor([float(f) for f in flags])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in both.tolist())
 
 
 def _guarded(key: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from lab import formats, modeling
+from lab import formats, modeling, preview
 from lab.plugins import TrainParams, advanced
 
 ID = "dpo"
@@ -57,7 +57,7 @@ class Params(TrainParams):
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
-    return modeling.not_causal(model)
+    return modeling.not_causal(model) or preview.nothing_to_learn(settings, ID, model, dataset, params)
 
 
 def run(ctx, params: Params) -> None:

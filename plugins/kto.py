@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from lab import formats, modeling
+from lab import formats, modeling, preview
 from lab.errors import DataError
 from lab.plugins import TrainParams, advanced
 
@@ -47,7 +47,7 @@ class Params(TrainParams):
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
-    return modeling.not_causal(model)
+    return modeling.not_causal(model) or preview.nothing_to_learn(settings, ID, model, dataset, params)
 
 
 def unpaired(row: dict) -> list[dict]:
@@ -78,8 +78,7 @@ def run(ctx, params: Params) -> None:
     trainer = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config)
     ctx.keep_trainable(trainer, len(data), params.max_length, unit="examples",
-                       rule="the prompt alone fills max_length, leaving no answer token",
-                       drop=lambda row: len(row["prompt_ids"]) >= params.max_length)  # trained on nothing
+                       rule="the prompt alone fills max_length, leaving no answer token")  # TRL drops those
     ctx.train(trainer, params)
     final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
     final.save_pretrained(str(ctx.output_dir))

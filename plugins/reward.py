@@ -15,7 +15,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from lab import formats, modeling
+from lab import formats, modeling, preview
 from lab.plugins import TrainParams, advanced
 
 ID = "reward"
@@ -49,6 +49,10 @@ class Params(TrainParams):
     warmup_steps: int = Field(0, **advanced(ge=0, description="Steps of linear warm-up."))
     logging_steps: int = Field(5, **advanced(ge=1, description="Record metrics every this many steps."))
     eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps."))
+
+
+def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
+    return preview.nothing_to_learn(settings, ID, model, dataset, params)
 
 
 def run(ctx, params: Params) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
-from conftest import wait_for_status, write_jsonl
+from conftest import wait_for_status, wait_until, write_jsonl
 from gradio_client import Client, handle_file
 
 from lab import registry, runs
@@ -74,12 +75,16 @@ def test_a_server_restart_mid_job_loses_nothing(ws, lab_server):
     server = lab_server.start()
     job_id = runs.submit(ws, "sleeping", params={"seconds": "6"})
     wait_for_status(ws, job_id, ("running",))
+    log = Path(runs.get_job(ws, job_id)["run_dir"]) / "log.txt"
+    wait_until(lambda: "sleeping" in log.read_text(), what="the plugin to start")
     assert server.stop() == 0
     job = runs.get_job(ws, job_id)
     assert job["status"] == "queued" and job["error"].startswith("interrupted"), "never left running"
     server.start()
     assert wait_for_status(ws, job_id, timeout=90) == "completed"
-    assert runs.get_job(ws, job_id)["attempts"] == 2
+    job = runs.get_job(ws, job_id)
+    assert job["attempts"] == 1, "a stop by the server is not the job's fault: it uses up no attempt"
+    assert "started again (attempt 1 of 1)" in (Path(job["run_dir"]) / "log.txt").read_text()
 
 
 def test_binding_beyond_loopback_needs_a_password(ws):

@@ -160,7 +160,12 @@ def long_pairs(where: str, n: int = 20) -> list[dict]:
     ("kto", "prompt", "the prompt alone fills max_length"),  # KTO would learn from no answer token at all
 ])
 def test_pairs_that_max_length_leaves_nothing_to_learn_fail_as_data_naming_max_length(
-        ws, tiny_model_dir, tmp_path, plugin, where, rule):
+        ws, tiny_model_dir, tmp_path, monkeypatch, plugin, where, rule):
+    """At run time: the check before queueing reads the first rows of a large dataset only (here 4 of 20), so
+    the job itself must find that nothing is left."""
+    from lab import preview
+
+    monkeypatch.setattr(preview, "TRUNCATION_SAMPLE", 4)
     registry.add_folder(ws, "tiny", tiny_model_dir)
     datasets.add(ws, "long", write_jsonl(tmp_path / "long.jsonl", long_pairs(where)))
     job = run_to_end(ws, plugin, model="tiny", dataset="long",

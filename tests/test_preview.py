@@ -110,6 +110,27 @@ def test_the_train_page_counts_the_rows_lost_and_a_dataset_lost_entirely_is_refu
     runs.submit(ws, "sft", model="tiny", dataset="too-long", params={"max_length": "24", "completion_only": "false"})
 
 
+@pytest.mark.parametrize(("method", "side"), [("dpo", "prompt"), ("kto", "prompt"), ("reward", "chosen"),
+                                             ("orpo", "chosen")])
+def test_the_train_page_counts_the_pairs_each_method_loses_and_refuses_a_dataset_lost_entirely(
+        ws, tiny_model_dir, tmp_path, method, side):
+    """The pairs each preference trainer's own preparation drops (or, for orpo, cuts to an empty answer) at
+    max_length: the even rows here, as the same rows at run time (test_diagnosis)."""
+    from test_diagnosis import long_pairs
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "half", write_jsonl(tmp_path / "half.jsonl", long_pairs(f"half-{side}", 8)))
+    found = preview.truncation(ws, "tiny", "half", {"max_length": 64}, method=method)
+    assert (found["lost"], found["checked"], found["first_lost"], found["unit"]) == (4, 8, [0, 2, 4, 6], "pairs")
+    assert preview.truncation(ws, "tiny", "half", {"max_length": 4096}, method=method)["lost"] == 0
+
+    datasets.add(ws, "all", write_jsonl(tmp_path / "all.jsonl", long_pairs(side, 4)))
+    with pytest.raises(LabError, match="every pair of all loses all its trained tokens to max_length=64"):
+        runs.submit(ws, method, model="tiny", dataset="all", params={"max_length": "64"})
+    assert runs.list_jobs(ws) == []
+    runs.submit(ws, method, model="tiny", dataset="all", params={"max_length": "4096"})
+
+
 @pytest.mark.parametrize("cut", [False, True])
 def test_the_preference_preview_is_what_dpo_trains_on(tokenizer_dir, cut):
     import torch
@@ -138,9 +159,10 @@ def test_the_preference_preview_is_what_dpo_trains_on(tokenizer_dir, cut):
         assert shown[side]["trained"] > 0 and (shown[side]["cut"] > 0) == (max_length is not None)
 
 
-def test_previews_and_checks_in_several_server_threads_at_once_find_trl(tmp_path):
-    """The web server runs handlers in threads: three that need TRL at the same moment, in a fresh process (plain
-    `from trl import SFTConfig` in three threads fails this way nearly every time: a half-imported module)."""
+def test_previews_and_checks_in_several_server_threads_at_once_find_trl(tiny_model_dir):
+    """The web server runs handlers in threads: some that need TRL, a tokenizer and a model at the same moment, in
+    a fresh process (without the import lock this fails nearly every time: "cannot import name 'SFTConfig' from
+    'trl'", "... 'PreTrainedTokenizerBase' from 'transformers'": a half-imported module)."""
     import subprocess
     import sys
 
@@ -150,10 +172,13 @@ def test_previews_and_checks_in_several_server_threads_at_once_find_trl(tmp_path
         "errors = []\n"
         "def use(name):\n"
         "    try:\n"
-        "        getattr(modeling.trl(), name)\n"
+        f"        if name == 'tokenizer': modeling.tokenizer({str(tiny_model_dir)!r}, log=print)\n"
+        f"        elif name == 'model': modeling.causal_lm({{'path': {str(tiny_model_dir)!r}, 'kind': 'full'}})\n"
+        "        else: getattr(modeling.trl(), name)\n"
         "    except Exception as exc:\n"
         "        errors.append(repr(exc))\n"
-        "threads = [threading.Thread(target=use, args=(n,)) for n in ('SFTConfig', 'DPOTrainer', 'SFTTrainer')]\n"
+        "threads = [threading.Thread(target=use, args=(n,))\n"
+        "           for n in ('SFTConfig', 'tokenizer', 'DPOTrainer', 'model', 'SFTTrainer')]\n"
         "[t.start() for t in threads]\n"
         "[t.join() for t in threads]\n"
         "print(errors or 'ok')\n")

@@ -44,12 +44,12 @@ def lab(ws, tiny_model_dir, tmp_path):
     return ws
 
 
-@pytest.mark.parametrize("plugin", list(METHODS))
-def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plugin):
+@pytest.mark.parametrize(("plugin", "processes"), [(p, 1) for p in METHODS] + [("sft", 2)])  # 2: under torchrun
+def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plugin, processes):
     dataset, params = METHODS[plugin]
     params = {**params, "precision": "fp32", "save_minutes": 0, "logging_steps": 1}
-    job_id = runs.submit(lab, plugin, model="tiny", dataset=dataset,  # one attempt: a stop does not use it up
-                         params={k: str(v) for k, v in params.items()})
+    job_id = runs.submit(lab, plugin, model="tiny", dataset=dataset, processes=processes,
+                         params={k: str(v) for k, v in params.items()})  # one attempt: a stop does not use it up
     worker = Worker(lab, say=lambda m: None)
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()

@@ -12,7 +12,7 @@ NEEDS_MODEL = False
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    how: Literal["error", "torch_oom", "memory", "missing_module", "data"] = Field("error")
+    how: Literal["error", "torch_oom", "memory", "grow", "missing_module", "data"] = Field("error")
 
 
 def run(ctx, params: Params) -> None:
@@ -23,6 +23,13 @@ def run(ctx, params: Params) -> None:
         torch.empty(2**46, dtype=torch.uint8)  # 64 TiB
     if params.how == "memory":
         bytearray(2**46)
+    if params.how == "grow":  # touch 64 MiB more every tenth of a second, up to 16 GiB: the kernel's limit comes first
+        import time
+
+        held = []
+        for _ in range(256):
+            held.append(b"\x01" * 2**26)
+            time.sleep(0.1)
     if params.how == "missing_module":
         import lab_no_such_package  # noqa: F401
     if params.how == "data":

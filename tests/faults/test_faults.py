@@ -381,3 +381,56 @@ def test_a_stopped_lab_serve_checkpoints_its_training_job_which_resumes_after_re
     assert f"resuming from checkpoint-{saved}" in log
     steps = [s for s, _, _ in runs.metrics(tiny, [job_id], ["loss"])[job_id]["loss"]]
     assert steps == list(range(1, 401)), "each step once"
+
+
+def _memory_cgroup(limit: int) -> Path | None:
+    """A new memory cgroup (v1 or v2) limited to `limit` bytes, or None where this machine does not let us make one."""
+    name = f"lab-test-{os.getpid()}"
+    v1 = Path("/sys/fs/cgroup/memory")
+    v2 = Path("/sys/fs/cgroup")
+    try:
+        if (v1 / "memory.limit_in_bytes").is_file():
+            group = v1 / name
+            group.mkdir(exist_ok=True)
+            (group / "memory.limit_in_bytes").write_text(str(limit))
+            if (group / "memory.memsw.limit_in_bytes").is_file():  # no swapping out of it either
+                (group / "memory.memsw.limit_in_bytes").write_text(str(limit))
+            return group
+        if "memory" in (v2 / "cgroup.controllers").read_text().split():
+            group = v2 / name
+            group.mkdir(exist_ok=True)
+            (group / "memory.max").write_text(str(limit))
+            (group / "memory.swap.max").write_text("0")
+            return group
+    except OSError:
+        return None
+    return None
+
+
+def test_a_job_the_kernel_kills_for_memory_fails_as_oom(ws):
+    """A worker in a memory-limited cgroup (as in a container with a memory limit): its job grows past the limit,
+    the kernel's OOM killer kills it, and the job fails as `oom` with the next step, not as a mysterious SIGKILL."""
+    group = _memory_cgroup(1536 * 2**20)
+    if group is None:
+        pytest.skip("this machine does not let the tests make a memory cgroup")
+    job_id = runs.submit(ws, "failing", params={"how": "grow"})
+    procs = str(group / "cgroup.procs")
+
+    def enter_group():  # in the worker's process before it starts: it and its jobs live in the limited group
+        with open(procs, "w") as f:
+            f.write(str(os.getpid()))
+
+    worker = subprocess.Popen([sys.executable, "-m", "jobs.worker"], cwd=Path(__file__).resolve().parents[2],
+                              preexec_fn=enter_group, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        status = wait_for_status(ws, job_id, timeout=120)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        try:
+            group.rmdir()
+        except OSError:
+            pass
+    job = runs.get_job(ws, job_id)
+    assert status == "failed" and job["failure"] == "oom", job
+    assert "out-of-memory killer" in job["error"] and "lower batch_size" in job["next_step"]

@@ -129,20 +129,22 @@ def build(ui: UI) -> None:
         return cmd, text + truncation_warning(pid, model_name, ds_name, resolved.model_dump())
 
     def truncation_warning(pid, model_name, ds_name, params) -> str:
-        """sft: rows that would lose every trained token to max_length, counted by TRL's own preparation."""
-        if pid != "sft":
+        """Rows (sft) or pairs (dpo, kto, reward, orpo) that max_length leaves nothing to learn from, counted by
+        the trainer's own preparation."""
+        if pid not in ("sft", *preview.PAIR_METHODS) or "max_length" not in params:
             return ""
         try:
-            found = preview.truncation(ui.settings, model_name, ds_name, params)
+            found = preview.truncation(ui.settings, model_name, ds_name, params, method=pid)
         except Exception as exc:  # a courtesy, like the estimate
             return f"\n\nNo truncation check: {md(exc)}"
         if not found or not found["lost"]:
             return ""
-        of = (f"{found['checked']:,} rows checked (the first of {found['rows']:,})"
-              if found["checked"] < found["rows"] else f"{found['rows']:,} rows")
+        unit = found["unit"]
+        of = (f"{found['checked']:,} {unit} checked (the first of {found['rows']:,})"
+              if found["checked"] < found["rows"] else f"{found['rows']:,} {unit}")
         if found["lost"] == found["checked"]:
-            return (f"\n\n**Every row loses all its trained tokens to max_length={found['max_length']}** "
-                    f"({of}): nothing would be learned. Raise max_length.")
+            return (f"\n\n**Every one of the {unit} loses all its trained tokens to max_length="
+                    f"{found['max_length']}** ({of}): nothing would be learned. Raise max_length.")
         rows = ", ".join(str(i + 1) for i in found["first_lost"])
         return (f"\n\n**Warning: {found['lost']:,} of {of} lose all their trained tokens to "
                 f"max_length={found['max_length']}** and are dropped from training (rows {rows}"

@@ -254,12 +254,19 @@ def sample_html(sample: dict) -> str:
 
 
 @lru_cache(maxsize=32)
-def _mean_tokens(tokenizer_path: str, dataset_path: str, fingerprint: str, fmt: str, limit: int = 64) -> float:
+def _mean_tokens(tokenizer_path: str, dataset_path: str, fingerprint: str, fmt: str, max_length: int,
+                 limit: int = 64) -> float:
+    """Tokens a row (or a preference pair: prompt and chosen, prompt and rejected) puts through the model, each
+    sequence cut to max_length, on average over the first rows."""
     counts = []
     for i, row in enumerate(iter_rows(dataset_path)):
         if i >= limit:
             break
-        counts.append(tokenize_row(tokenizer_path, fmt, row)["count"])
+        if fmt == "preference":
+            pair = preference_row(tokenizer_path, row)
+            counts.append(min(pair["chosen"]["count"], max_length) + min(pair["rejected"]["count"], max_length))
+        else:
+            counts.append(min(tokenize_row(tokenizer_path, fmt, row)["count"], max_length))
     return sum(counts) / max(1, len(counts))
 
 
@@ -284,8 +291,8 @@ def estimate(settings, model_name: str, dataset_name: str, params: dict) -> dict
     kv = hidden * cfg.get("num_key_value_heads", 1) // max(1, cfg.get("num_attention_heads", 1))
     batch, accum = int(params.get("batch_size", 1)), int(params.get("grad_accum", 1))
     max_len = int(params.get("max_length", 1024))
-    mean = _mean_tokens(model.path, dataset.path, dataset.fingerprint, dataset.format)
-    seq = max_len if params.get("packing") else min(mean, max_len)
+    mean = _mean_tokens(model.path, dataset.path, dataset.fingerprint, dataset.format, max_len)
+    seq = max_len if params.get("packing") else mean
     if params.get("use_lora", True):
         r = int(params.get("lora_r", 16))  # LoRA on every linear layer: r * (inputs + outputs) each
         trainable = layers * r * ((hidden + hidden) * 2 + (hidden + kv) * 2 + (hidden + inter) * 3)

@@ -185,3 +185,16 @@ def test_previews_and_checks_in_several_server_threads_at_once_find_trl(tiny_mod
     for _ in range(3):
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert done.stdout.strip().splitlines()[-1] == "ok", done.stdout + done.stderr
+
+
+def test_the_estimate_counts_both_sequences_of_a_pair_each_cut_to_max_length(ws, tiny_model_dir, tmp_path):
+    from test_diagnosis import long_pairs
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    rows = long_pairs("half-chosen", 4)
+    datasets.add(ws, "pairs", write_jsonl(tmp_path / "pairs.jsonl", rows))
+    counts = [preview.preference_row(str(tiny_model_dir), r) for r in rows]
+    want = sum(min(c["chosen"]["count"], 64) + min(c["rejected"]["count"], 64) for c in counts) / 4
+    est = preview.estimate(ws, "tiny", "pairs", {"max_length": 64, "batch_size": 2})
+    assert est["mean_row_tokens"] == pytest.approx(want, abs=0.1) and want > 64
+    assert est["tokens_per_step"] == round(2 * want)

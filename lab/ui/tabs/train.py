@@ -66,7 +66,7 @@ def build(ui: UI) -> None:
         attempts = gr.Number(label="Attempts", value=1, precision=0, minimum=1, maximum=20, scale=1,
                              info="a killed or lost job is retried from its last checkpoint")
         time_limit = gr.Number(label="Time limit (minutes)", value=None, minimum=0, scale=1,
-                               info="empty: none; past it the job writes a checkpoint and stops (`timeout`)")
+                               info="0: none; past it the job writes a checkpoint and stops (`timeout`)")
     launch = gr.Button("Launch", variant="primary", elem_id="launch")
     message = gr.HTML(elem_id="train-message")
     if broken:
@@ -123,8 +123,9 @@ def build(ui: UI) -> None:
             return cmd, f"No estimate: {md(exc)}"
         gb = est["memory_gb"]
         memory = f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
+        rows = "pairs (chosen and rejected)" if pid in preview.PAIR_METHODS else "rows"
         text = (f"**Rough estimate**: about **{memory}** of memory, "
-                f"**{est['tokens_per_step']:,} tokens per step** (rows average {est['mean_row_tokens']:.0f} "
+                f"**{est['tokens_per_step']:,} tokens per step** ({rows} average {est['mean_row_tokens']:.0f} "
                 f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters.")
         return cmd, text + truncation_warning(pid, model_name, ds_name, resolved.model_dump())
 
@@ -158,7 +159,7 @@ def build(ui: UI) -> None:
 
     def resources(n_processes, n_devices, n_attempts, n_minutes) -> dict:
         return {"processes": int(n_processes or 1), "max_attempts": int(n_attempts or 1),
-                "time_limit_min": None if n_minutes in (None, "") else float(n_minutes),
+                "time_limit_min": float(n_minutes) if n_minutes else None,  # empty or 0: no limit
                 "devices": None if n_devices in (None, "", "auto") else int(n_devices)}
 
     def refused(exc: LabError) -> str:

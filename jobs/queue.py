@@ -122,6 +122,16 @@ def progress(settings: Settings, job_id: int, step: int, total: int | None) -> N
     _update_running(settings, job_id, step=step, total_steps=total)
 
 
+PHASES = {"loading": "loading the model and data", "training": "training", "evaluating": "evaluating",
+          "saving": "saving", "checking": "checking the saved weights", "registering": "registering the output"}
+
+
+def set_phase(settings: Settings, job_id: int, phase: str) -> None:
+    """What the running job does now, one of PHASES (shown with its progress)."""
+    assert phase in PHASES, phase
+    _update_running(settings, job_id, phase=phase)
+
+
 def _masked(settings: Settings, text: str | None) -> str | None:
     """Text about to be stored, with the lab's secrets hidden (an exception message may quote one)."""
     return None if text is None else mask(text, secret_values(settings))
@@ -172,7 +182,7 @@ def requeue(settings: Settings, job_id: int, worker_id: str, note: str, uses_att
             return False
         job.status, job.worker, job.pid, job.heartbeat_at = "queued", None, None, None
         job.started_at, job.step, job.total_steps, job.error = None, 0, None, note
-        job.failure, job.next_step = None, None
+        job.failure, job.next_step, job.phase = None, None, None
         if not uses_attempt:
             job.attempts = max(0, job.attempts - 1)
         return True

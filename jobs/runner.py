@@ -183,12 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.world_size > 1:
             print(f"[lab] rank {ctx.rank} of {ctx.world_size} started (pid {os.getpid()})", flush=True)
         _setup_wandb(ctx)
+        ctx.set_phase("loading")
         plugin.run(ctx, params)
         if not ctx.is_main:
             print(f"[lab] rank {ctx.rank} of {ctx.world_size} finished", flush=True)
             return 0
         if not ctx.output_dir.is_dir() or not any(ctx.output_dir.iterdir()):
             raise LabError(f"plugin {plugin.id} returned but wrote nothing to {ctx.output_dir}")
+        ctx.set_phase("checking")
         check_finite(ctx.output_dir)
         # the worker registers the output and queues a follow-up with the outcome, in one transaction
     except JobCancelled as exc:

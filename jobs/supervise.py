@@ -140,6 +140,7 @@ class Supervision:
             return "queued"
         completion = None
         if status == "completed":
+            w.db(queue.set_phase, s, job.id, "registering", patient=True)
             try:
                 completion = outputs.prepare(s, job, run_dir)
             except LabError as exc:

@@ -109,7 +109,7 @@ def models_export(
     from lab.export import export
 
     done = export(_settings(workspace), name, export_name)
-    out.print(f"exported {name} to {done['folder']}\narchive: {done['archive']} ({done['bytes'] / 1e6:.1f} MB)",
+    out.print(f"exported {name} to {done['folder']}\narchive: {done['archive']} ({done['bytes'] / 2**20:.1f} MiB)",
               markup=False)
 
 
@@ -545,7 +545,10 @@ DEMO_DATASET = "demo-instructions"
 
 
 def _setup(s: Settings) -> dict:
-    out.print("starter model (the first time, SmolLM2-135M-Instruct is imported from its GGUF file: ~30 s)")
+    if registry.STARTER_NAME not in {m["name"] for m in registry.list_all(s)}:
+        out.print("starter model: importing SmolLM2-135M-Instruct from its GGUF file (the first time only, ~30 s)")
+    else:
+        out.print("starter model: already imported")
     model = registry.ensure_starter(s)
     out.print(f"    {model['name']}: {model['path']}")
     if DEMO_DATASET not in {d["name"] for d in datasets.list_all(s)}:

@@ -17,7 +17,21 @@ from lab.tables import Job, Metric, Model
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563", "#65a30d",
            "#9333ea", "#ea580c", "#0d9488")
 COUNTERS = re.compile(r"(^|[:/])(num_tokens|rows|tokens|episode)$")  # totals, not scores: no best value
-LOWER_IS_BETTER = re.compile(r"loss|perplexity|runtime|error|kl\b|/kl|steps_per|_time", re.IGNORECASE)
+LOWER_IS_BETTER = re.compile(r"loss|perplexity|error", re.IGNORECASE)
+HIGHER_IS_BETTER = re.compile(r"accurac(y|ies)|(^|[/_:])(macro_)?f1|precision|recall|score|bleu|rouge|chrf|exact_match"
+                              r"|contains|margin|(^|[/:])rewards?(/mean|/chosen)?$", re.IGNORECASE)
+
+
+def direction(key: str) -> str | None:
+    """Which way a metric is better: "lower" (losses, perplexity, error), "higher" (accuracy, F1, rewards,
+    margins, text-overlap scores) or None for diagnostics (gradient norm, entropy, KL, speed, log-probabilities,
+    a rejected answer's reward), which are never marked best."""
+    name = key.removeprefix("best ").split(":", 1)[-1]
+    if "rejected" in name or name.startswith(("logps", "logits")):
+        return None
+    if LOWER_IS_BETTER.search(name):
+        return "lower"
+    return "higher" if HIGHER_IS_BETTER.search(name) else None
 HIDDEN = re.compile(r"^(epoch|step|total_flos|train_runtime|.*samples_per_second|.*steps_per_second|lr|learning_rate"
                     r"|eval_runtime|num_input_tokens_seen|train_tokens_per_second)$")
 
@@ -96,8 +110,9 @@ def _columns(rows, n: int):
 
 def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step", smoothing: float = 0.0,
            log_scale: bool = False, buckets: int = 250):
-    """A table (pandas) of run, x, value: one metric for several runs, ready for a chart. x: step, tokens, or
-    time (seconds since the run's first point). Long curves are downsampled keeping every bucket's extremes."""
+    """A table (pandas) of job, run, x, value: one metric for several runs, ready for a chart. x: step, tokens, or
+    time (seconds since the run's first point). Long curves are downsampled keeping every bucket's extremes.
+    log_scale: only the values a logarithmic axis can show (above 0)."""
     import numpy as np
     import pandas as pd
 
@@ -140,9 +155,10 @@ def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step",
                 xs = count[idx]  # the count at or before each point's step
             ys = smooth(values[a:b], smoothing)
             ok = np.isfinite(ys) & ((ys > 0) if log_scale else True)
-            xs, ys = downsample(xs[ok], np.log10(ys[ok]) if log_scale else ys[ok], buckets)
-            parts.append(pd.DataFrame({"run": f"#{job_id} {names.get(job_id, '')}", "x": xs, "value": ys}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["run", "x", "value"])
+            xs, ys = downsample(xs[ok], ys[ok], buckets)
+            parts.append(pd.DataFrame({"job": job_id, "run": f"#{job_id} {names.get(job_id, '')}", "x": xs,
+                                       "value": ys}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["job", "run", "x", "value"])
 
 
 def _evaluations_of(s, job_ids: list[int]) -> dict[int, dict[str, float]]:
@@ -185,22 +201,25 @@ def leaderboard(settings: Settings, job_ids: list[int]) -> tuple[list[str], list
             rows[job_id][key] = value
             columns[key] = None
     for job_id, key, lo, hi, n, _ in extremes:
-        if HIDDEN.match(key) or COUNTERS.search(key) or n < 2 or lo == hi:
+        way = direction(key)
+        if HIDDEN.match(key) or COUNTERS.search(key) or n < 2 or lo == hi or way is None:
             continue
         best_key = f"best {key}"
-        rows[job_id][best_key] = lo if LOWER_IS_BETTER.search(key) else hi
+        rows[job_id][best_key] = lo if way == "lower" else hi
         columns[best_key] = None
     for job_id, scores in evaluations.items():
         for key, value in scores.items():
             rows[job_id][key] = value
             columns[key] = None
-    ordered = sorted(columns, key=lambda c: (not c.startswith("eval"), c.startswith("best "), c))
+    # scores first (evaluations, then the loss), then the rest that has a direction, then diagnostics
+    ordered = sorted(columns, key=lambda c: (c != "loss" and not c.startswith(("eval", "final/")),
+                                             direction(c) is None, c.startswith("best "), c))
     best: dict[str, int] = {}
     for c in ordered:
         have = [(row[c], j) for j, row in rows.items() if isinstance(row.get(c), (int, float))]
-        if len(have) >= 2 and len({v for v, _ in have}) > 1 and not COUNTERS.search(c):  # ties mark nobody
-            lower = bool(LOWER_IS_BETTER.search(c.removeprefix("best ")))
-            best[c] = (min(have) if lower else max(have))[1]
+        way = direction(c)
+        if way and len(have) >= 2 and len({v for v, _ in have}) > 1 and not COUNTERS.search(c):  # ties: nobody
+            best[c] = (min(have) if way == "lower" else max(have))[1]
     return ["run", "status", *ordered], [dict(rows[j], id=j) for j in job_ids], best
 
 

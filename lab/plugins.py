@@ -222,6 +222,8 @@ def _number_problems(values: dict, where: str = "") -> list[str]:
         elif isinstance(value, int) and not isinstance(value, bool):
             if key == "seed" and not 0 <= value < 2**32:
                 problems.append(f"`{name}`: a seed must be from 0 to {2**32 - 1} (got {value})")
+            elif key == "max_steps" and value == 0:
+                problems.append(f"`{name}`: 0 trains nothing: give a number of steps, or -1 to train for `epochs`")
             elif key.endswith("steps") and value > MAX_STEPS:
                 problems.append(f"`{name}`: at most {MAX_STEPS:,} (got {value})")
             elif abs(value) > MAX_INT:

@@ -210,7 +210,7 @@ def _row(job: Job, names: dict, positions: dict[int, int]) -> dict:
         "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at), "duration_s": _duration_s(job),
         "cancel_requested": job.cancel_requested, "error": job.error, "failure": job.failure,
         "next_step": job.next_step, "worker": job.worker,
-        "group": job.group_name, "tags": job.tags or [],
+        "group": job.group_name, "tags": job.tags or [], "phase": job.phase if job.status == "running" else None,
     }
 
 

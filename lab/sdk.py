@@ -92,6 +92,13 @@ class RunContext:
             return
         queue.progress(self.settings, self.job_id, step, total)
 
+    def set_phase(self, phase: str) -> None:
+        """Say what the job does now (loading, training, evaluating, saving, ...: jobs.queue.PHASES); rank 0 only,
+        and only when it changes."""
+        if self.is_main and phase != getattr(self, "_phase", None):
+            self._phase = phase
+            queue.set_phase(self.settings, self.job_id, phase)
+
     def cancelled(self) -> bool:
         """True once the user asked to cancel this job."""
         self._last_cancel_check = time.monotonic()
@@ -213,6 +220,7 @@ class RunContext:
                 self._mark = (time.monotonic(), 0.0)
 
             def on_train_begin(self, args, state, control, model=None, **kwargs):
+                ctx.set_phase("training")
                 if model is not None:
                     self._parameters = sum(p.numel() for p in model.parameters())
                 try:
@@ -261,10 +269,19 @@ class RunContext:
                 ctx.check_cancelled()
                 if timed:
                     control.should_save = True
+                if control.should_evaluate or control.should_save:  # what the trainer does next, before a step
+                    ctx.set_phase("evaluating" if control.should_evaluate else "saving")
                 return control
+
+            def on_prediction_step(self, args, state, control, **kwargs):
+                ctx.set_phase("evaluating")
+
+            def on_evaluate(self, args, state, control, **kwargs):
+                ctx.set_phase("saving" if control.should_save else "training")
 
             def on_save(self, args, state, control, **kwargs):
                 self._last_save = time.monotonic()
+                ctx.set_phase("training")
                 if self._stopping:
                     raise JobInterrupted(f"job {ctx.job_id} was stopped by its worker after saving "
                                          f"checkpoint-{state.global_step}; it resumes from there")
@@ -291,6 +308,7 @@ class RunContext:
 
             def on_train_end(self, args, state, control, **kwargs):
                 ctx.set_progress(state.global_step, state.max_steps or None)
+                ctx.set_phase("saving")  # what a plugin does after training: its output
 
         return LabCallback()
 

@@ -135,7 +135,8 @@ LOG_TAIL_LINES = 40
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    """The last lines of a log, with progress-bar carriage returns collapsed to their final state."""
+    """The last lines of a log as a person reads them: each progress bar redrawn with carriage returns shown in its
+    final state, terminal colour codes removed."""
     try:
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -143,8 +144,14 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
             data = f.read().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return ""
-    rows = [line.rsplit("\r", 1)[-1] for line in data.splitlines()]
+    data = ANSI.sub("", data)
+    rows = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in data.split("\n")]  # not splitlines: it splits at \r
+    if rows and rows[-1] == "":
+        rows.pop()
     return "\n".join(rows[-lines:])
+
+
+ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07]*(\x07|\x1b\\)|[@-Z\\-_])")  # CSI, OSC and 2-byte codes
 
 
 def checkpoint_step(folder: Path) -> int:

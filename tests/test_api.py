@@ -75,8 +75,9 @@ def test_a_server_restart_mid_job_loses_nothing(ws, lab_server):
     server = lab_server.start()
     job_id = runs.submit(ws, "sleeping", params={"seconds": "6"})
     wait_for_status(ws, job_id, ("running",))
+    wait_until(lambda: runs.get_job(ws, job_id)["run_dir"], what="the run folder")
     log = Path(runs.get_job(ws, job_id)["run_dir"]) / "log.txt"
-    wait_until(lambda: "sleeping" in log.read_text(), what="the plugin to start")
+    wait_until(lambda: log.is_file() and "sleeping" in log.read_text(), what="the plugin to start")
     assert server.stop() == 0
     job = runs.get_job(ws, job_id)
     assert job["status"] == "queued" and job["error"].startswith("interrupted"), "never left running"

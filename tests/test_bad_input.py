@@ -148,6 +148,8 @@ CASES = [
                                                       params={"seed": str(10**23)}), r"`seed`"),
     ("max_steps of 10**30", lambda s, t, m: runs.submit(s, "sft", model="tiny", dataset="facts",
                                                         params={"max_steps": str(10**30)}), r"`max_steps`: at most"),
+    ("max_steps of 0", lambda s, t, m: runs.submit(s, "dpo", model="tiny", dataset="facts",
+                                                   params={"max_steps": "0"}), r"`max_steps`: 0 trains nothing"),
     ("epochs of 1e400", lambda s, t, m: runs.submit(s, "sft", model="tiny", dataset="facts",
                                                     params={"epochs": "1e400"}), r"`epochs`"),
     ("NaN in extra_args", lambda s, t, m: runs.submit(s, "sft", model="tiny", dataset="facts",

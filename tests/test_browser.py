@@ -50,19 +50,47 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
+def _text(page, selector: str) -> str:
+    """What an element shows; for a text box, what is in it."""
+    boxes = page.locator(f"{selector} textarea")
+    return boxes.first.input_value() if boxes.count() else page.locator(selector).inner_text()
+
+
 def _wait_for_text(page, selector: str, pattern: str, timeout_s: float = 120) -> str:
     for _ in range(int(timeout_s * 2)):
-        text = page.locator(selector).inner_text()
+        text = _text(page, selector)
         if re.search(pattern, text):
             return text
         page.wait_for_timeout(500)
     raise AssertionError(f"{selector} never matched {pattern!r}; last: {text!r}")
 
 
-def _chart_points(page) -> int:
-    """Distinct data points Vega drew in the loss chart (each point, and the line itself, carries a label)."""
-    labels = page.locator('#loss-chart [aria-label^="step:"]').evaluate_all("els => els.map(e => e.ariaLabel)")
-    return len(set(labels))
+def _plotted(page, elem_id: str) -> dict:
+    """What a chart on the page draws, read from the chart itself: its lines {name: (xs, ys)}, the x axis title
+    and whether its y axis is logarithmic, and the legend entries shown."""
+    return page.locator(f"#{elem_id} .js-plotly-plot").first.evaluate("""el => ({
+        lines: Object.fromEntries(el.data.map(t => [t.name, [Array.from(t.x), Array.from(t.y), t.mode]])),
+        x_title: el.layout.xaxis.title.text, y_type: el.layout.yaxis.type,
+        legend: Array.from(el.querySelectorAll('.legendtext')).map(e => e.textContent)})""")
+
+
+def _wait_for_plot(page, elem_id: str, check, timeout_s: float = 30) -> dict:
+    """Poll the chart until check(drawn) holds (a chart is redrawn after the event that changes it)."""
+    drawn = None
+    for _ in range(int(timeout_s * 2)):
+        try:
+            drawn = _plotted(page, elem_id)
+            if check(drawn):
+                return drawn
+        except Exception:  # not drawn yet
+            pass
+        page.wait_for_timeout(500)
+    raise AssertionError(f"#{elem_id} never showed what was expected; last: {drawn}")
+
+
+def _no_error_toast(page) -> None:
+    toasts = page.locator('[data-testid="toast-body"]')
+    assert toasts.count() == 0, f"an error toast: {toasts.all_inner_texts()}"
 
 
 def test_upload_launch_watch_reload(ws, lab_server, tiny_model_dir, tmp_path, page):
@@ -116,7 +144,11 @@ def test_upload_launch_watch_reload(ws, lab_server, tiny_model_dir, tmp_path, pa
     _shot(page, "train")
     page.locator("#launch").click()
 
-    # the run view opens on the new job and follows it live; a reload mid-run loses nothing
+    # the run view opens on the new job and follows it live (no error toast for metrics not logged yet); a reload
+    # mid-run loses nothing
+    _wait_for_text(page, "#run-head", "running|queued", 60)
+    page.wait_for_timeout(1000)
+    _no_error_toast(page)
     _wait_for_text(page, "#run-head", "running", 60)
     job_id = runs.list_jobs(ws)[0]["id"]
     page.reload()
@@ -127,7 +159,14 @@ def test_upload_launch_watch_reload(ws, lab_server, tiny_model_dir, tmp_path, pa
     page.goto(f"{lab_server.url}?job={job_id}")
     _wait_for_text(page, "#run-head", "completed", 120)
     page.wait_for_timeout(2500)
-    assert _chart_points(page) == 60, "one loss point per step"
+    drawn = _wait_for_plot(page, "loss-chart", lambda d: len(d["lines"].get("loss", [[]])[0]) == 60)
+    assert drawn["lines"]["loss"][0] == list(range(1, 61)), "one loss point per step, by step"
+    assert drawn["legend"] == ["loss"] and drawn["x_title"] == "step"
+    rates = _wait_for_plot(page, "lr-chart", lambda d: "learning_rate" in d["lines"])["lines"]["learning_rate"]
+    assert len(rates[0]) == 60 and rates[1][0] > rates[1][-1], "the linear schedule decays"
+    _no_error_toast(page)
+    at_tail = page.locator("#run-log textarea").evaluate("t => t.scrollTop + t.clientHeight >= t.scrollHeight - 4")
+    assert at_tail and "[lab] job" in _text(page, "#run-log"), "the log opens at its newest lines"
     _shot(page, "run")
     _tab(page, "Jobs")
     _wait_for_text(page, "#jobs-table", "completed", 10)
@@ -135,25 +174,58 @@ def test_upload_launch_watch_reload(ws, lab_server, tiny_model_dir, tmp_path, pa
 
 
 def test_compare_page_overlays_two_runs_and_shows_their_difference(ws, lab_server, page):
-    group, ids = runs.sweep(ws, "instant", model=None, dataset=None, experiment="default", base={},
+    group, ids = runs.sweep(ws, "instant", model=None, dataset=None, experiment="default", base={"tokens": "100"},
                             axes=["steps=3,5"])
     from jobs.worker import Worker
 
     Worker(ws, say=lambda m: None).serve(until_empty=True)
     page.goto(f"{lab_server.start().url}?group={group}")
     _wait_for_text(page, "#compare-diff", "steps", 60)
-    page.wait_for_timeout(2000)
-    labels = [label for label in page.locator("#compare-chart [aria-label]").evaluate_all(
-        "els => els.map(e => e.ariaLabel)") if "; run: " in label]  # a point: "step: 1; loss: 1; run: #1 instant"
-    drawn = {label.split("run: ")[-1] for label in labels}
-    assert drawn == {f"#{ids[0]} instant", f"#{ids[1]} instant"}, labels[:4]
-    assert len(set(labels)) == 3 + 5, "every point of both curves"
+    names = [f"#{ids[0]} instant", f"#{ids[1]} instant"]
+    drawn = _wait_for_plot(page, "compare-chart", lambda d: set(d["lines"]) == set(names))
+    assert drawn["lines"][names[0]][0] == [1, 2, 3] and drawn["lines"][names[1]][0] == [1, 2, 3, 4, 5]
+    assert drawn["lines"][names[1]][1] == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5]), "loss = 1/step"
+    assert sorted(drawn["legend"]) == sorted(names), "a legend entry per run"
+    assert drawn["lines"][names[0]][2] == "lines+markers", "few points: each one marked"
+    _no_error_toast(page)
+
+    # each x axis draws the data it names (a chart once kept the previous choice's data under the new title)
+    for axis, want in (("tokens", [100, 200, 300]), ("time", None), ("step", [1, 2, 3])):
+        page.get_by_label(axis, exact=True).check()
+        drawn = _wait_for_plot(page, "compare-chart", lambda d, axis=axis: d["x_title"].startswith(
+            {"tokens": "tokens", "time": "time", "step": "step"}[axis]))
+        xs = drawn["lines"][names[0]][0]
+        if want is not None:
+            assert xs == want, (axis, xs)
+        else:  # seconds since the run's first point: from 0, rising, and not the steps
+            assert xs[0] == 0 and xs == sorted(xs) and len(xs) == 3, xs
+    page.get_by_label("log scale").check()
+    assert _wait_for_plot(page, "compare-chart", lambda d: d["y_type"] == "log")["lines"][names[0]][1][0] == 1.0
     diff = page.locator("#compare-diff").inner_text()
     assert "steps" in diff and "record" not in diff, "only the setting that differs"
     board = page.locator("#compare-board").inner_text()
     assert f"#{ids[0]} instant" in board and "loss" in board
     _shot(page, "compare")
 
+
+
+def test_an_evaluation_shows_its_scores_and_confusion_matrix_and_every_file_it_wrote(ws, lab_server, page):
+    job_id = runs.submit(ws, "instant", params={"steps": "1", "scores": "true"})
+    from jobs.worker import Worker
+
+    Worker(ws, say=lambda m: None).serve(once=True)
+    page.goto(f"{lab_server.start().url}?job={job_id}")
+    _wait_for_text(page, "#run-head", "completed", 60)
+    scores = _wait_for_text(page, "#run-scores", "eval/accuracy", 30)
+    assert "0.75" in scores and "eval/macro_f1" in scores
+    drawn = _wait_for_plot(page, "loss-chart", lambda d: "loss" in d["lines"])
+    assert drawn["lines"]["loss"][0] == [1] and drawn["lines"]["loss"][2] == "lines+markers", "a single point shows"
+    matrix = page.locator("#run-confusion .js-plotly-plot").first.evaluate("el => el.data[0].z")
+    assert matrix == [[5, 1], [2, 4]]
+    files = page.locator("#run-files").inner_text().replace("\n", "")  # the page breaks names at the dot
+    assert "confusion_matrix.json" in files and "job.json" in files and "result.txt" in files
+    _no_error_toast(page)
+    _shot(page, "run-evaluation")
 
 XSS = "<img src=x onerror=alert(11)>"
 
@@ -167,6 +239,7 @@ def test_text_from_users_and_files_never_runs_as_script(ws, lab_server, tiny_mod
     registry.add_folder(ws, "tiny", tiny_model_dir)
     experiments.create(ws, "xss", notes=XSS)
     datasets.add(ws, "cells", write_jsonl(tmp_path / "cells.jsonl", [{"text": XSS, "note": XSS}] * 3))
+    datasets.add(ws, "facts", write_jsonl(tmp_path / "facts.jsonl", [{"prompt": "a", "completion": "b"}] * 2))
     job_id = runs.submit(ws, "instant", experiment="xss")
     claimed = queue.claim_next(ws, "test-worker")
     run_dir = tmp_path / "run"
@@ -197,6 +270,8 @@ def test_text_from_users_and_files_never_runs_as_script(ws, lab_server, tiny_mod
 
     _tab(page, "Train")
     _choose(page, "train-model", "tiny")
+    _choose(page, "train-dataset", "facts")
+    _wait_for_text(page, "#train-estimate", "tokens per step", 120)  # the first estimate loads TRL: let it finish
     page.get_by_text("Advanced parameters", exact=True).locator("visible=true").first.click()
     page.get_by_label("extra_args").locator("visible=true").first.fill(json.dumps({XSS: 1}))
     page.locator("#launch").click()

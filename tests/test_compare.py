@@ -49,6 +49,27 @@ def test_leaderboard_marks_the_best_value_of_each_column(ws):
     assert compare.best_run(ws, [a, b], "best accuracy") == a
 
 
+
+@pytest.mark.parametrize(("key", "way"), [
+    ("loss", "lower"), ("eval_loss", "lower"), ("best loss", "lower"), ("eval/perplexity", "lower"),
+    ("eval_accuracy", "higher"), ("final/macro_f1", "higher"), ("eval/bleu", "higher"), ("eval/rougeL", "higher"),
+    ("rewards/margins", "higher"), ("rewards/accuracies", "higher"), ("reward", "higher"), ("eval_fewshot:accuracy",
+                                                                                          "higher"),
+    ("grad_norm", None), ("entropy", None), ("kl", None), ("tokens_per_s", None), ("mfu", None),
+    ("rewards/rejected", None), ("logps/chosen", None), ("learning_rate", None)])
+def test_every_metric_has_a_direction_or_none(key, way):
+    assert compare.direction(key) == way
+
+
+def test_diagnostics_are_never_marked_best_and_the_scores_come_first(ws):
+    a = _run(ws, {}, {"grad_norm": [1.0, 3.0], "entropy": [2.0, 1.0], "loss": [2.0, 1.0], "eval_accuracy": [0.5, 0.8]})
+    b = _run(ws, {}, {"grad_norm": [1.0, 2.0], "entropy": [2.0, 1.5], "loss": [2.0, 1.5], "eval_accuracy": [0.5, 0.6]})
+    columns, _, best = compare.leaderboard(ws, [a, b])
+    assert "grad_norm" not in best and "entropy" not in best and "best grad_norm" not in columns
+    assert best["loss"] == a and best["eval_accuracy"] == a
+    assert columns[2:5] == ["eval_accuracy", "loss", "best eval_accuracy"], columns
+    assert columns.index("grad_norm") > columns.index("best loss"), "diagnostics last"
+
 def test_curves_downsample_keeping_extremes_and_align_on_tokens(ws):
     values = [float(i % 50) for i in range(3000)]
     values[1234] = -100.0

@@ -12,12 +12,21 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     record: str = Field("", description="File to which the job id is appended (to count runs).")
     steps: int = Field(3, ge=0, le=1000, description="Metric points to log.")
+    tokens: int = Field(0, ge=0, description="Tokens each step counts (num_tokens), when above 0.")
+    scores: bool = Field(False, description="Also log evaluation scores once and write a confusion matrix.")
 
 
 def run(ctx, params: Params) -> None:
+    import json
+
     for step in range(1, params.steps + 1):
-        ctx.log_metrics(step, {"loss": 1.0 / step})
+        ctx.log_metrics(step, {"loss": 1.0 / step, **({"num_tokens": params.tokens * step} if params.tokens else {})})
         ctx.set_progress(step, params.steps)
+    if params.scores:
+        ctx.log_metrics(params.steps, {"eval/accuracy": 0.75, "eval/macro_f1": 0.7})
+        (ctx.run_dir / "eval").mkdir(exist_ok=True)
+        (ctx.run_dir / "eval" / "confusion_matrix.json").write_text(json.dumps(
+            {"labels": ["ham", "spam"], "matrix": [[5, 1], [2, 4]]}))
     (ctx.output_dir / "result.txt").write_text(f"job {ctx.job_id}\n")
     if params.record:
         with open(params.record, "a") as f:

@@ -8,6 +8,7 @@ import pandas as pd
 
 from lab import compare, runs
 from lab.tables import JOB_STATES
+from lab.ui import charts
 from lab.ui.common import UI, user_errors
 from lab.ui.html import md
 
@@ -41,14 +42,18 @@ def build(ui: UI) -> None:
         tag = gr.Dropdown(label="Tag", choices=[ALL], value=ALL, scale=1)
         kind = gr.Dropdown(label="Kind", choices=["train", "eval", ALL], value="train", scale=1)
         last = gr.Number(label="Last N runs", value=10, precision=0, minimum=1, scale=1)
+        mix = gr.Checkbox(label="mix methods", value=False, scale=1,
+                          info="off: with Plugin 'all', the newest run's method only")
         pick = gr.Button("Select", variant="primary", scale=1)
     chosen = gr.Dropdown(label="Runs", multiselect=True, choices=[], value=[], elem_id="compare-runs")
+    picked = gr.Markdown(elem_id="compare-picked")
     with gr.Row():
-        key = gr.Dropdown(label="Metric", choices=["loss"], value="loss", scale=2, elem_id="compare-metric")
+        key = gr.Dropdown(label="Metric", choices=["loss"], value="loss", scale=2, elem_id="compare-metric",
+                          allow_custom_value=True)  # its choices follow the runs: a stale value is not an error
         x = gr.Radio(label="x axis", choices=["step", "tokens", "time"], value="step", scale=2)
         smoothing = gr.Slider(label="Smoothing", minimum=0, maximum=0.99, step=0.01, value=0, scale=2)
-        log_scale = gr.Checkbox(label="log10 scale", value=False, scale=1)
-    chart = gr.LinePlot(x="x", y="value", color="run", height=380, label="Curves", elem_id="compare-chart")
+        log_scale = gr.Checkbox(label="log scale", value=False, scale=1)
+    chart = gr.Plot(label="Curves", elem_id="compare-chart")
     gr.Markdown("#### Leaderboard\nFinal value of every metric, the best value of those that moved, and the scores "
                 "of evaluations of each run's output; the best cell of each column is marked.")
     board = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-board", max_height=400)
@@ -69,15 +74,22 @@ def build(ui: UI) -> None:
 
     ui["compare_refresh"] = (refresh_filters, [experiment, plugin, group, tag])
 
-    def on_pick(exp, plug, stat, grp, tg, knd, n):
-        found = compare.select_runs(ui.settings, experiment=None if exp == ALL else exp,
-                                    plugin=None if plug == ALL else plug, status=None if stat == ALL else stat,
-                                    group=None if grp == ALL else grp, tag=None if tg == ALL else tg,
-                                    kind=None if knd == ALL else knd, last=int(n) if n else None)
+    def on_pick(exp, plug, stat, grp, tg, knd, n, mixed):
+        filters = dict(experiment=None if exp == ALL else exp, status=None if stat == ALL else stat,
+                       group=None if grp == ALL else grp, tag=None if tg == ALL else tg,
+                       kind=None if knd == ALL else knd, last=int(n) if n else None)
+        found = compare.select_runs(ui.settings, plugin=None if plug == ALL else plug, **filters)
+        note = ""
+        methods = sorted({j["plugin"] for j in found})
+        if plug == ALL and not mixed and len(methods) > 1:  # losses of different methods do not compare
+            newest = found[0]["plugin"]
+            found = compare.select_runs(ui.settings, plugin=newest, **filters)
+            note = (f"Showing **{md(newest)}** runs only (the newest run's method; also found: "
+                    f"{md(', '.join(m for m in methods if m != newest))}). Tick *mix methods* to compare across.")
         options = [(compare.label(j), str(j["id"])) for j in found]
-        return gr.update(choices=options, value=[v for _, v in options])
+        return gr.update(choices=options, value=[v for _, v in options]), note
 
-    pick.click(user_errors(on_pick), [experiment, plugin, status, group, tag, kind, last], [chosen])
+    pick.click(user_errors(on_pick), [experiment, plugin, status, group, tag, kind, last, mix], [chosen, picked])
 
     def ids_of(values) -> list[int]:
         return [int(v) for v in values or []]
@@ -101,15 +113,16 @@ def build(ui: UI) -> None:
 
     def on_chart(values, metric, axis, weight, log):
         ids = ids_of(values)
+        titles = {"step": "step", "tokens": "tokens seen", "time": "time (s since the run's first point)"}
         if not ids or not metric:
-            return None
+            return charts.lines([], x_title=titles[axis], y_title=metric or "", empty="pick runs and a metric")
         data = compare.curves(ui.settings, ids, metric, x=axis, smoothing=float(weight or 0), log_scale=bool(log))
-        if data.empty:
-            return None
         jobs = {j["id"]: j for j in runs.jobs_by_id(ui.settings, ids)}
-        colours = {f"#{i} {jobs[i]['plugin']}": compare.colour(i) for i in ids if i in jobs}
-        return gr.update(value=data, color_map=colours, x_title=axis,
-                         y_title=f"log10 {metric}" if log else metric)
+        series = [charts.Line(compare.label(jobs[i]), compare.colour(i), part["x"].tolist(), part["value"].tolist())
+                  for i, part in data.groupby("job", sort=False) if i in jobs]
+        missing = "no token counts logged by these runs" if axis == "tokens" else f"no {metric} logged"
+        return charts.lines(series, x_title=titles[axis], y_title=metric, log_y=bool(log),
+                            whole_x=axis in ("step", "tokens"), height=400, empty=missing)
 
     for trigger in (key.change, x.change, smoothing.release, log_scale.change, chosen.change):
         trigger(user_errors(on_chart), [chosen, key, x, smoothing, log_scale], [chart], show_progress="hidden")

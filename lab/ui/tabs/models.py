@@ -102,7 +102,7 @@ def build(ui: UI) -> None:
         if not name:
             raise LabError("pick a model to export")
         done = export(ui.settings, name, (as_name or "").strip() or None)
-        return done["archive"], ok_box(f"exported {name} to {done['folder']} ({done['bytes'] / 1e6:.1f} MB)")
+        return done["archive"], ok_box(f"exported {name} to {done['folder']} ({done['bytes'] / 2**20:.1f} MiB)")
 
     export_go.click(on_export, [to_export, export_as], [export_file, message])
     starter.click(on_starter, [], outputs)

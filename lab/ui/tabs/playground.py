@@ -11,6 +11,7 @@ from lab import datasets, playground, registry
 from lab.errors import LabError
 from lab.ui.common import UI, user_errors
 from lab.ui.html import error_box, ok_box
+from lab.ui.tabs import models as models_tab
 
 COLUMNS = 3
 
@@ -162,8 +163,11 @@ def build(ui: UI) -> None:
             if dataset not in preference_sets(ui):
                 raise LabError("rank some answers first: the dataset does not exist yet")
             base = (names or [None])[0]
-            return (gr.update(selected="train"), plugin, gr.update(value=dataset),
-                    gr.update(value=base) if base else gr.update())
+            fitting = [d["name"] for d in datasets.list_all(ui.settings) if d["format"] == "preference"]
+            models = [m["name"] for m in registry.list_all(ui.settings)]
+            # the choices with the values: a value outside its dropdown's choices is an error on the next event
+            return (gr.update(selected="train"), plugin, gr.update(choices=fitting, value=dataset),
+                    gr.update(choices=models_tab.choices(ui), value=base) if base in models else gr.update())
         return handler
 
     for button, plugin in ((to_reward, "reward"), (to_dpo, "dpo")):

@@ -5,24 +5,68 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from html import escape
 from pathlib import Path
 
 import gradio as gr
-import pandas as pd
 
+from jobs.queue import PHASES
 from lab import runs
+from lab.compare import downsample
 from lab.diagnosis import KINDS
 from lab.errors import LabError
+from lab.ui import charts
 from lab.ui.common import TERMINAL, UI, duration, user_errors
 from lab.ui.html import badge
 from lab.workspace import log_tail
 
 LOG_LINES = 200
-DEFAULT_KEYS = ("loss", "eval_loss")
+DEFAULT_KEYS = ("loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "reward")
+SCORE = ("eval/", "final/", "eval_")  # keys of scores: shown as a table besides any curve
+NOT_DEFAULT = re.compile(r"^(epoch|learning_rate|grad_norm|num_tokens|tokens_per_s|mfu|.*runtime|.*per_second)$")
 
 
-def header(job: dict) -> str:
+def default_keys(available: list[str]) -> list[str]:
+    """What a run's chart shows before anyone picks: its loss curves and main scores; for a run without those
+    (an evaluation), its first few metrics."""
+    chosen = [k for k in DEFAULT_KEYS if k in available]
+    return chosen or [k for k in available if not NOT_DEFAULT.match(k)][:4]
+
+
+def scores(points: dict[str, list]) -> list[list]:
+    """The evaluation scores a run logged (eval/..., final/..., eval_...): metric, last value, its step."""
+    rows = []
+    for key in sorted(points):
+        if key.startswith(SCORE) and not key.endswith(("runtime", "per_second")) and points[key]:
+            step, value, _ = points[key][-1]
+            rows.append([key, "NaN" if value is None else float(f"{value:.6g}"), step])
+    return rows
+
+
+def confusion(run_dir: str | None):
+    """The run's confusion matrix (eval/confusion_matrix.json) as a picture, or None."""
+    path = Path(run_dir or "") / "eval" / "confusion_matrix.json"
+    try:
+        found = json.loads(path.read_text())
+        return charts.confusion([str(x) for x in found["labels"]], found["matrix"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def attempts(job: dict, log_text: str) -> str:
+    """The attempt this is and why earlier starts ended (the lines the worker wrote to the log), or ""."""
+    ended = [line[6:] for line in log_text.splitlines()
+             if line.startswith("[lab] ") and ("goes back to the queue" in line or "went back to the queue" in line)]
+    if job["attempts"] <= 1 and job["max_attempts"] <= 1 and not ended:
+        return ""
+    text = f"attempt {max(job['attempts'], 1)} of {job['max_attempts']}"
+    if ended:
+        text += f"; started {len(ended) + 1} times. Earlier starts: " + " · ".join(ended[-3:])
+    return f'<div class="run-timing" id="run-attempts">{escape(text)}</div>'
+
+
+def header(job: dict, log_text: str = "") -> str:
     pct = 100 * job["step"] / job["total_steps"] if job["total_steps"] else (100 if job["status"] == "completed"
                                                                              else 0)
     steps = f"step {job['step']} of {job['total_steps']}" if job["total_steps"] else "no steps yet"
@@ -30,9 +74,11 @@ def header(job: dict) -> str:
             f"model <b>{escape(job['model'] or '-')}</b>", f"dataset <b>{escape(job['dataset'] or '-')}</b>",
             f"experiment <b>{escape(job['experiment'] or '-')}</b>"]
     timing = [steps]
+    if job.get("phase"):  # what a running job does now: a long final evaluation or save is not a frozen page
+        timing.insert(0, f'<b class="run-phase">{escape(PHASES.get(job["phase"], job["phase"]))}</b>')
     if job["duration_s"] is not None:
         timing.append(f"ran {duration(job['duration_s'])}")
-    if job["eta_s"] is not None:
+    if job["eta_s"] is not None and job.get("phase") in (None, "training"):
         timing.append(f"about {duration(job['eta_s'])} left")
     if job["queue_position"]:
         timing.append(f"position {job['queue_position']} in the queue")
@@ -41,7 +87,7 @@ def header(job: dict) -> str:
     return (f'<div class="run-head">{badge(job["status"])} {" · ".join(bits)}</div>'
             f'<div class="progress"><div class="progress-bar" style="width:{pct:.1f}%"></div></div>'
             f'<div class="run-timing">{" · ".join(timing)}</div>'
-            f'<div class="run-timing">lineage: {escape(job["lineage"])}</div>')
+            f'<div class="run-timing">lineage: {escape(job["lineage"])}</div>' + attempts(job, log_text))
 
 
 def nonfinite(points: dict[str, list]) -> list[str]:
@@ -76,29 +122,37 @@ def failure(job: dict, points: dict[str, list] | None = None) -> str:
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563")
 
 
-def frame(points: dict[str, list], keys: list[str]) -> pd.DataFrame:
-    rows = [{"step": step, "value": value, "metric": key} for key in keys for step, value, _ in points.get(key, [])]
-    # numeric dtypes even when empty, or the chart would take its axes for categories
-    return pd.DataFrame(rows, columns=["step", "value", "metric"]).astype({"step": "int64", "value": "float64"})
+CURVE_POINTS = 500  # a long run's curve is downsampled to this many buckets, each keeping its extremes
 
 
-def plot(points: dict[str, list], keys: list[str]):
-    """A chart update with stable colours. No points: no chart at all (None), because a chart first drawn from an
-    empty table keeps its lines invisible when the points arrive; from None it is drawn afresh."""
-    data = frame(points, keys)
-    colours = {k: PALETTE[i % len(PALETTE)] for i, k in enumerate(keys)}
-    return gr.update(value=data if len(data) else None, color_map=colours)
+def plot(points: dict[str, list], keys: list[str], title: str = "value"):
+    """The chosen metrics by step, one named line each in a stable colour (NaN points left out: they are named
+    above the charts)."""
+    import numpy as np
+
+    series = []
+    for i, key in enumerate(keys):
+        found = [(step, value) for step, value, _ in points.get(key, []) if value is not None and math.isfinite(value)]
+        if not found:
+            continue
+        xs, ys = downsample(np.array([s for s, _ in found]), np.array([v for _, v in found]), CURVE_POINTS)
+        series.append(charts.Line(key, PALETTE[i % len(PALETTE)], xs.tolist(), ys.tolist()))
+    return charts.lines(series, x_title="step", y_title=title, whole_x=True,
+                        empty="no points logged yet" if keys else "pick metrics to plot")
+
+
+ARTIFACTS_MAX = 200
+SKIPPED = ("checkpoints", "base-merged", ".staging")  # resume state and scratch: large, and not results
 
 
 def artifacts(run_dir: str | None) -> list[str]:
-    if not run_dir:
+    """Every file the run wrote (its log, configuration, output, evaluation files, samples), but its checkpoints."""
+    if not run_dir or not Path(run_dir).is_dir():
         return []
     root = Path(run_dir)
-    files = [root / "job.json", root / "log.txt"]
-    out = root / "output"
-    if out.is_dir():
-        files += sorted(p for p in out.rglob("*") if p.is_file())
-    return [str(f) for f in files if f.is_file()]
+    found = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in SKIPPED)
+    first = [p for p in found if p.parent == root]  # job.json, log.txt, ... before what lies in folders
+    return [str(f) for f in (first + [p for p in found if p.parent != root])[:ARTIFACTS_MAX]]
 
 
 def config(run_dir: str | None, job: dict) -> dict:
@@ -112,19 +166,23 @@ def build(ui: UI) -> None:
     with gr.Row(equal_height=True):
         job_id = gr.Number(label="Run (job id)", value=None, precision=0, scale=1, elem_id="run-job")
         refresh = gr.Button("Open / refresh", scale=1)
-        keys = gr.Dropdown(label="Metrics to plot", multiselect=True, choices=list(DEFAULT_KEYS),
-                           value=list(DEFAULT_KEYS), scale=4, elem_id="run-keys")
+        keys = gr.Dropdown(label="Metrics to plot", multiselect=True, choices=[], value=[], scale=4,
+                           elem_id="run-keys", allow_custom_value=True)  # choices follow the run: never an error
     head = gr.HTML(elem_id="run-head")
     failed = gr.HTML(elem_id="run-failure")
     with gr.Row():
-        chart = gr.LinePlot(x="step", y="value", color="metric", label="Metrics", height=320, elem_id="loss-chart")
-        lr = gr.LinePlot(x="step", y="value", color="metric", label="Learning rate", height=320)
+        chart = gr.Plot(label="Metrics", elem_id="loss-chart")
+        lr = gr.Plot(label="Learning rate", elem_id="lr-chart")
+    with gr.Row():
+        score_table = gr.Dataframe(headers=["metric", "value", "step"], label="Scores", interactive=False,
+                                   visible=False, elem_id="run-scores")
+        matrix = gr.Plot(label="Confusion matrix", visible=False, elem_id="run-confusion")
     with gr.Row():
         with gr.Column(scale=3):
-            log = gr.Code(label=f"Log (last {LOG_LINES} lines)", language=None, lines=16, max_lines=16,
-                          interactive=False, elem_id="run-log")
+            log = gr.Textbox(label=f"Log (last {LOG_LINES} lines)", lines=16, max_lines=16, autoscroll=True,
+                             interactive=False, buttons=["copy"], elem_id="run-log")
         with gr.Column(scale=2):
-            files = gr.File(label="Artifacts", file_count="multiple", interactive=False)
+            files = gr.File(label="Artifacts", file_count="multiple", interactive=False, elem_id="run-files")
     with gr.Accordion("Resolved configuration (job.json)", open=False):
         conf = gr.JSON()
     ui["run_job"] = job_id
@@ -134,17 +192,25 @@ def build(ui: UI) -> None:
     def view(jid, chosen):
         if not jid:
             return ("<i>Open a run from the Jobs tab, or type its id.</i>", "", None, None, "",
-                    gr.update(choices=[]), [], None, None)
+                    gr.update(choices=[], value=[]), [], None, gr.update(visible=False), gr.update(visible=False),
+                    None)
         job = runs.get_job(ui.settings, int(jid))
         points = runs.metrics(ui.settings, [job["id"]]).get(job["id"], {})
         available = sorted(points)
-        chosen = [k for k in (chosen or []) if k in available] or [k for k in DEFAULT_KEYS if k in available]
+        chosen = [k for k in (chosen or []) if k in available] or default_keys(available)
         log_text = log_tail(Path(job["run_dir"]) / "log.txt", LOG_LINES) if job["run_dir"] else ""
-        return (header(job), failure(job, points), plot(points, chosen), plot(points, ["learning_rate"]), log_text,
+        found = scores(points)
+        picture = confusion(job["run_dir"])
+        return (header(job, log_text), failure(job, points), plot(points, chosen),
+                plot(points, ["learning_rate"], "learning rate"), log_text,
                 gr.update(choices=available, value=chosen), artifacts(job["run_dir"]), config(job["run_dir"], job),
+                gr.update(value=found, visible=bool(found)), gr.update(value=picture, visible=picture is not None),
                 _signature(job, points, chosen, log_text))
 
-    outputs = [head, failed, chart, lr, log, keys, files, conf, shown]
+    outputs = [head, failed, chart, lr, log, keys, files, conf, score_table, matrix, shown]
+    # the log opens at its newest lines (a text box scrolls itself only when it grows while shown)
+    log.change(None, js="() => { const t = document.querySelector('#run-log textarea'); "
+                        "if (t) { setTimeout(() => { t.scrollTop = t.scrollHeight; }, 50); } }")
     show = user_errors(view)
     job_id.change(show, [job_id, keys], outputs)
     refresh.click(show, [job_id, keys], outputs)
@@ -161,7 +227,9 @@ def build(ui: UI) -> None:
         if last is not None and last[0] == job["id"] and job["status"] in TERMINAL and last[1] == job["status"]:
             return unchanged  # a finished run shown as finished: nothing changes any more
         fresh = view(jid, chosen)
-        return unchanged if fresh[-1] == last else fresh  # redraw the charts only when there is something new
+        if fresh[-1] == last:  # nothing new to draw; a running job's time still goes on
+            return [fresh[0] if job["status"] == "running" else gr.update()] + unchanged[1:]
+        return fresh
 
     ui["timer"].tick(tick, [job_id, keys, shown], outputs, show_progress="hidden")
 

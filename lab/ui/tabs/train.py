@@ -88,15 +88,18 @@ def build(ui: UI) -> None:
         gr.on([c.change for c in form.components], capture, [values_of, *form.components], [values_of],
               show_progress="hidden", concurrency_id="train-form", queue=True)
 
-    def on_plugin(pid, ds_name):
+    def on_plugin(pid, ds_name, model_name):
         p = found[pid]
         fitting = datasets_tab.names(ui, p.accepts)
+        models = model_choices(ui, p)
+        names = [name for _, name in models]
         return ([gr.update(visible=fid == pid) for fid in form_of]
-                + [_describe(p), gr.update(choices=fitting, value=ds_name if ds_name in fitting else None,
+                + [_describe(p), gr.update(choices=fitting, value=_kept_or_only(ds_name, fitting),
                                            visible=p.needs_dataset),
-                   gr.update(visible=bool(p.needs_model), label=_model_label(p), choices=model_choices(ui, p))])
+                   gr.update(visible=bool(p.needs_model), label=_model_label(p), choices=models,
+                             value=_kept_or_only(model_name, names))])
 
-    plugin.change(on_plugin, [plugin, dataset], [*groups, description, dataset, model])
+    plugin.change(on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
 
     def on_preview(n_processes, n_devices, n_attempts, n_minutes, pid, model_name, ds_name, prio, experiment, values):
         """The command line and the estimate for the form as it is. It leaves the launch message alone: a late
@@ -168,9 +171,19 @@ def build(ui: UI) -> None:
     def follow_up(evaluator, eval_ds):
         return {"plugin": evaluator, "dataset": eval_ds or None, "params": {}} if evaluator else None
 
+    def missing(pid, model_name, ds_name) -> None:
+        """The page's words for an empty pick (the queue's own message speaks of command-line options)."""
+        p = found.get(pid)
+        if p is not None and p.needs_model is True and not model_name:
+            raise LabError("pick a base model", "a registered model or an earlier run's output")
+        if p is not None and p.needs_dataset and not ds_name:
+            raise LabError("pick a dataset", f"only datasets this method reads are listed ({', '.join(p.accepts)}); "
+                           "import one on the Datasets page")
+
     def on_launch(n_processes, n_devices, n_attempts, n_minutes, evaluator, eval_ds, pid, model_name, ds_name, prio,
                   experiment, values):
         try:
+            missing(pid, model_name, ds_name)
             params = split(pid, values)
             job_id = runs.submit(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
                                  experiment=experiment or "default", params=params, priority=int(prio or 0),
@@ -186,6 +199,7 @@ def build(ui: UI) -> None:
     def on_sweep(n_processes, n_devices, n_attempts, n_minutes, axes, name, evaluator, eval_ds, pid, model_name,
                  ds_name, prio, experiment, values):
         try:
+            missing(pid, model_name, ds_name)
             base = split(pid, values)
             group_name, ids = runs.sweep(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
                                          experiment=experiment or "default", base=base,
@@ -227,6 +241,11 @@ def picker_updates(ui: UI) -> list:
             for _, kind in ui["train_pickers"]]
 
 
+def _kept_or_only(value, names: list[str]):
+    """A dropdown's value after its choices change: kept when still offered, else the one choice if only one."""
+    return value if value in names else (names[0] if len(names) == 1 else None)
+
+
 def model_choices(ui: UI, p: plugins.Plugin | None) -> list[tuple[str, str]]:
     optional = [("(none: start from scratch)", "")] if p is not None and p.needs_model == "optional" else []
     return optional + models_tab.choices(ui)
@@ -236,8 +255,10 @@ def refresh_choices(ui: UI, pid: str | None):
     """Model and dataset choices for the current plugin (called on page load and after imports)."""
     found, _ = plugins.discover(ui.settings)
     p = found.get(pid)
-    return (gr.update(choices=model_choices(ui, p)),
-            gr.update(choices=datasets_tab.names(ui, p.accepts if p else None)))
+    models, fitting = model_choices(ui, p), datasets_tab.names(ui, p.accepts if p else None)
+    only = {"value": models[0][1]} if len(models) == 1 else {}
+    return (gr.update(choices=models, **only),
+            gr.update(choices=fitting, **({"value": fitting[0]} if len(fitting) == 1 else {})))
 
 
 def clone(ui: UI, job: dict) -> list:

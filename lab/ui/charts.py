@@ -1,0 +1,69 @@
+"""The lab's charts, as Plotly figures for `gr.Plot`: a legend naming every line, markers where a line has few
+points (a metric logged once is still seen), whole-number ticks on step axes, and a real logarithmic axis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MARKERS_UP_TO = 40  # points in a line drawn with a marker on each
+SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross", "triangle-down")
+DASHES = ("solid", "dash", "dot", "dashdot")  # lines that lie on each other still show apart
+FONT = "ui-sans-serif, system-ui, sans-serif"
+
+
+@dataclass
+class Line:
+    name: str  # the legend entry
+    colour: str
+    xs: list
+    ys: list
+
+
+def lines(series: list[Line], *, x_title: str, y_title: str, log_y: bool = False, whole_x: bool = False,
+          height: int = 340, empty: str = "nothing logged yet"):
+    """A line chart of `series`, each in its colour and named in the legend (also when it is alone)."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for i, s in enumerate(series):
+        few = len(s.xs) <= MARKERS_UP_TO
+        fig.add_trace(go.Scatter(
+            x=list(s.xs), y=list(s.ys), name=s.name, mode="lines+markers" if few else "lines", showlegend=True,
+            line={"color": s.colour, "width": 2, "dash": DASHES[i % len(DASHES)]},
+            marker={"size": 8 if few else 4, "symbol": SYMBOLS[i % len(SYMBOLS)]}, opacity=0.9,
+            hovertemplate=f"%{{y:.5g}} at {x_title} %{{x}}<extra>{s.name}</extra>"))
+    xs = [x for s in series for x in s.xs]
+    xaxis = {"title": {"text": x_title}, "zeroline": False}
+    if whole_x:  # steps and token counts are whole numbers: no 1.1, 1.2 ... ticks
+        xaxis["tickformat"] = ",d"
+        if xs and max(xs) - min(xs) <= 10:
+            xaxis["dtick"] = 1
+    fig.update_layout(
+        height=height, margin={"l": 60, "r": 20, "t": 60, "b": 50}, font={"family": FONT, "size": 12},
+        xaxis=xaxis, yaxis={"title": {"text": y_title}, "type": "log" if log_y else "linear"},
+        # above the plot on the right: the component's label sits on the left
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "xanchor": "right", "x": 1},
+        plot_bgcolor="white", paper_bgcolor="white", hovermode="closest")
+    fig.update_xaxes(showgrid=True, gridcolor="#e5e7eb")
+    fig.update_yaxes(showgrid=True, gridcolor="#e5e7eb")
+    if not series:
+        fig.add_annotation(text=empty, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5,
+                           font={"size": 14, "color": "#6b7280"})
+        fig.update_xaxes(visible=False)
+        fig.update_yaxes(visible=False)
+    return fig
+
+
+def confusion(labels: list[str], matrix: list[list[int]], title: str = "Confusion matrix"):
+    """A confusion matrix as a heat map: rows the true label, columns the predicted one, counts in the cells."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure(go.Heatmap(z=matrix, x=labels, y=labels, colorscale="Blues", showscale=False,
+                               text=[[str(v) for v in row] for row in matrix], texttemplate="%{text}",
+                               hovertemplate="true %{y}, predicted %{x}: %{z}<extra></extra>"))
+    side = 160 + 50 * len(labels)
+    fig.update_layout(title={"text": title}, height=min(side, 700), width=min(side + 80, 800),
+                      margin={"l": 80, "r": 20, "t": 50, "b": 60}, font={"family": FONT, "size": 12},
+                      xaxis={"title": {"text": "predicted"}, "side": "bottom"},
+                      yaxis={"title": {"text": "true"}, "autorange": "reversed"})
+    return fig

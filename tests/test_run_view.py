@@ -1,0 +1,57 @@
+"""The run view's pieces: what a running job is doing, which attempt it is and why earlier ones ended, the scores
+and default curves of a run, the log as a person reads it."""
+
+from __future__ import annotations
+
+import threading
+
+from conftest import wait_until
+
+from jobs import queue
+from jobs.worker import Worker
+from lab import runs
+from lab.ui.tabs import run as run_view
+from lab.workspace import log_tail
+
+
+def test_a_running_job_says_what_it_is_doing(ws):
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "30"})
+    worker = Worker(ws, say=lambda m: None)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: runs.get_job(ws, job_id)["phase"] == "loading", 60, "the loading phase")
+        page = run_view.header(runs.get_job(ws, job_id))
+        assert "loading the model and data" in page and "left" not in page
+    finally:
+        queue.cancel(ws, job_id)
+        worker.stop.set()
+        thread.join(60)
+    assert runs.get_job(ws, job_id)["phase"] is None, "a job that is not running has no phase"
+
+
+def test_the_attempt_and_why_earlier_starts_ended_are_shown():
+    job = {"attempts": 2, "max_attempts": 3}
+    log = ("[lab] job 4: sft ...\n[lab] attempt 1 of 3 killed by SIGKILL; it goes back to the queue and resumes "
+           "from its last checkpoint\n[lab] started again (attempt 2 of 3): resuming from checkpoint-20\n")
+    shown = run_view.attempts(job, log)
+    assert "attempt 2 of 3" in shown and "Earlier starts: attempt 1 of 3 killed by SIGKILL" in shown
+    stopped = run_view.attempts({"attempts": 1, "max_attempts": 1},
+                                "[lab] interrupted: its worker was stopped; the job went back to the queue\n")
+    assert "attempt 1 of 1; started 2 times" in stopped
+    assert run_view.attempts({"attempts": 1, "max_attempts": 1}, "[lab] job 1\n") == "", "a first start says nothing"
+
+
+def test_scores_and_the_default_curves_of_a_run():
+    points = {"loss": [(1, 2.0, None), (2, 1.0, None)], "grad_norm": [(1, 1.0, None)],
+              "eval/accuracy": [(2, 0.75, None)], "eval/runtime": [(2, 3.0, None)],
+              "final/macro_f1": [(2, None, None)]}
+    assert run_view.scores(points) == [["eval/accuracy", 0.75, 2], ["final/macro_f1", "NaN", 2]]
+    assert run_view.default_keys(sorted(points)) == ["loss"]
+    assert run_view.default_keys(["epoch", "eval/accuracy", "grad_norm"]) == ["eval/accuracy"], "an evaluation"
+
+
+def test_the_log_is_shown_as_a_person_reads_it(tmp_path):
+    path = tmp_path / "log.txt"
+    path.write_bytes(b"start\nLoading  0%\rLoading 50%\rLoading 100%\n\x1b[31mred\x1b[0m text\nend\r\n")
+    assert log_tail(path) == "start\nLoading 100%\nred text\nend"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, write_jsonl
 
-from lab import registry, runs
+from lab import datasets, registry, runs
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"
@@ -227,6 +227,32 @@ def test_an_evaluation_shows_its_scores_and_confusion_matrix_and_every_file_it_w
     _no_error_toast(page)
     _shot(page, "run-evaluation")
 
+
+def test_the_playground_opens_a_dpo_job_on_its_rankings_with_every_field_filled(ws, lab_server, tiny_model_dir,
+                                                                               tmp_path, page):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    registry.add_folder(ws, "tiny2", tiny_model_dir)
+    datasets.add(ws, "facts", write_jsonl(tmp_path / "facts.jsonl", [{"prompt": "a", "completion": "b"}] * 2))
+    datasets.add(ws, "playground-rankings", write_jsonl(tmp_path / "ranked.jsonl", [
+        {"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go."}] * 4))
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    _tab(page, "Train")  # another method and dataset chosen first: the button must replace both
+    _choose(page, "train-dataset", "facts")
+    _tab(page, "Playground")
+    page.get_by_role("tab", name="Side by side and ranking").click()
+    _choose(page, "sbs-models", "tiny2")
+    page.get_by_role("button", name="Tune with DPO on it").click()
+    page.wait_for_timeout(2500)
+    assert page.locator("#train-dataset input").input_value() == "playground-rankings"
+    assert page.locator("#train-model input").input_value() == "tiny2"
+    _no_error_toast(page)
+    page.locator("#launch").click()
+    _wait_for_text(page, "#run-head", "dpo", 60)
+    assert [(j["plugin"], j["dataset"], j["model"]) for j in runs.list_jobs(ws)] == [
+        ("dpo", "playground-rankings", "tiny2")]
+    _no_error_toast(page)
+
 XSS = "<img src=x onerror=alert(11)>"
 
 
@@ -234,7 +260,7 @@ def test_text_from_users_and_files_never_runs_as_script(ws, lab_server, tiny_mod
     """The payload sits in every place the page shows user or file text: it must show literally, and no dialog
     may fire anywhere."""
     from jobs import queue
-    from lab import datasets, experiments
+    from lab import experiments
 
     registry.add_folder(ws, "tiny", tiny_model_dir)
     experiments.create(ws, "xss", notes=XSS)

@@ -42,8 +42,7 @@ def build(ui: UI) -> None:
         tag = gr.Dropdown(label="Tag", choices=[ALL], value=ALL, scale=1)
         kind = gr.Dropdown(label="Kind", choices=["train", "eval", ALL], value="train", scale=1)
         last = gr.Number(label="Last N runs", value=10, precision=0, minimum=1, scale=1)
-        mix = gr.Checkbox(label="mix methods", value=False, scale=1,
-                          info="off: with Plugin 'all', the newest run's method only")
+        mix = gr.Checkbox(label="mix methods", value=False, scale=1)  # off: Plugin 'all' means the newest's
         pick = gr.Button("Select", variant="primary", scale=1)
     chosen = gr.Dropdown(label="Runs", multiselect=True, choices=[], value=[], elem_id="compare-runs")
     picked = gr.Markdown(elem_id="compare-picked")

@@ -108,4 +108,5 @@ def build(ui: UI) -> None:
         return [*train_tab.clone(ui, data), gr.update(selected="train")]
 
     clone.click(on_clone, [job_id], [ui["train_plugin"], ui["train_model"], ui["train_dataset"],
-                                     ui["train_priority"], *ui["train_fields"], ui["tabs"]])
+                                     ui["train_priority"], *ui["train_fields"], ui["tabs"]]).success(
+        *ui["train_after"])

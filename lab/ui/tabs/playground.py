@@ -172,7 +172,8 @@ def build(ui: UI) -> None:
 
     for button, plugin in ((to_reward, "reward"), (to_dpo, "dpo")):
         button.click(go_train(plugin), [target, models],
-                     [ui["tabs"], ui["train_plugin"], ui["train_dataset"], ui["train_model"]])
+                     [ui["tabs"], ui["train_plugin"], ui["train_dataset"], ui["train_model"]]).success(
+            *ui["train_after"])
 
     # -- tokenizer view
     @user_errors

@@ -25,9 +25,11 @@ def build(ui: UI) -> None:
     description = gr.Markdown(value=_describe(found[first]) if first else "No plugins are installed.")
     with gr.Row():
         model = gr.Dropdown(label="Base model: a registered model or an earlier run's output", choices=[],
-                            value=None, scale=1, elem_id="train-model")
+                            value=None, scale=1, elem_id="train-model", allow_custom_value=True)
+        # their choices change with the method (and from other pages): an event may carry the old value with the
+        # new choices, which must not be an error toast; what is launched is checked by the queue
         dataset = gr.Dropdown(label="Dataset (only formats this method accepts)", choices=[], value=None, scale=1,
-                              elem_id="train-dataset")
+                              elem_id="train-dataset", allow_custom_value=True)
     form_of: dict[str, forms.Form] = {}
     groups = []
     for pid, p in found.items():
@@ -99,7 +101,10 @@ def build(ui: UI) -> None:
                    gr.update(visible=bool(p.needs_model), label=_model_label(p), choices=models,
                              value=_kept_or_only(model_name, names))])
 
-    plugin.change(on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
+    # on the user's choice; a page that sets the method itself runs this after its own update (`ui["train_after"]`)
+    # rather than on `change`, which could read the model and dataset before that update reached them
+    plugin.input(on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
+    ui["train_after"] = (on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
 
     def on_preview(n_processes, n_devices, n_attempts, n_minutes, pid, model_name, ds_name, prio, experiment, values):
         """The command line and the estimate for the form as it is. It leaves the launch message alone: a late

@@ -37,6 +37,10 @@ class RunContext:
     stop_requested: threading.Event = field(default_factory=threading.Event)  # SIGTERM: checkpoint, then stop
     training: bool = False  # inside `train`: a stop waits for the step boundary and its checkpoint
     _last_cancel_check: float = 0.0
+    _phase: str | None = None  # the last phase asked for, and the one thread that writes it (see set_phase)
+    _phase_next: str | None = None
+    _phase_writer: threading.Thread | None = None
+    _phase_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def rank(self) -> int:
@@ -94,10 +98,27 @@ class RunContext:
 
     def set_phase(self, phase: str) -> None:
         """Say what the job does now (loading, training, evaluating, saving, ...: jobs.queue.PHASES); rank 0 only,
-        and only when it changes."""
-        if self.is_main and phase != getattr(self, "_phase", None):
-            self._phase = phase
-            queue.set_phase(self.settings, self.job_id, phase)
+        and only when it changes. Written by a background thread, newest first: a busy database never holds the
+        job up for what is only shown on the page."""
+        if not self.is_main or phase == self._phase:
+            return
+        with self._phase_lock:
+            self._phase = self._phase_next = phase
+            if self._phase_writer is None:
+                self._phase_writer = threading.Thread(target=self._write_phases, daemon=True)
+                self._phase_writer.start()
+
+    def _write_phases(self) -> None:
+        while True:
+            with self._phase_lock:
+                phase, self._phase_next = self._phase_next, None
+                if phase is None:
+                    self._phase_writer = None
+                    return
+            try:
+                queue.set_phase(self.settings, self.job_id, phase)
+            except Exception:  # noqa: BLE001 (a phase is a courtesy: the next one, or the outcome, follows)
+                pass
 
     def cancelled(self) -> bool:
         """True once the user asked to cancel this job."""

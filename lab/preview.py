@@ -151,6 +151,12 @@ def _kept_by_preparation(method: str, tok, rows: list[dict], max_length: int) ->
     return set(prepared["lab_row"])  # kto unpairs: both examples of a pair share its prompt, and its row number
 
 
+def orpo_trains(row: dict) -> bool:
+    """Whether a pair as ORPO tokenized it (`tokenize_row`) keeps an answer token on both sides: ORPO averages
+    each answer's log-probability over its tokens, so an answer cut to nothing makes the loss NaN."""
+    return any(t != -100 for t in row["chosen_labels"]) and any(t != -100 for t in row["rejected_labels"])
+
+
 def _kept_by_orpo(tok, rows: list[dict], max_length: int) -> set[int]:
     """The pairs ORPO can train on: its own tokenization (`ORPOTrainer.tokenize_row`, after the same prompt and
     chat-template steps) cuts both answers when prompt plus the longer answer pass max_length, and a pair whose
@@ -169,8 +175,7 @@ def _kept_by_orpo(tok, rows: list[dict], max_length: int) -> set[int]:
     kept = set()
     for i, row in enumerate(_with_rows(rows)):
         row = data_utils.maybe_apply_chat_template(data_utils.maybe_extract_prompt(row), tok)
-        out = ORPOTrainer.tokenize_row(stand_in, {k: row[k] for k in ("prompt", "chosen", "rejected")})
-        if any(t != -100 for t in out["chosen_labels"]) and any(t != -100 for t in out["rejected_labels"]):
+        if orpo_trains(ORPOTrainer.tokenize_row(stand_in, {k: row[k] for k in ("prompt", "chosen", "rejected")})):
             kept.add(i)
     return kept
 
@@ -223,15 +228,17 @@ def truncation(settings, model_name: str, dataset_name: str, params: dict, metho
             "max_length": max_length, "unit": unit}
 
 
-def nothing_to_learn(settings, method: str, model: dict | None, dataset: dict | None, params) -> list[str]:
-    """Before queueing a dpo, kto, reward or orpo job: a problem when max_length leaves every pair of the dataset
-    nothing to learn from (checked when the dataset is small enough to check whole)."""
+def nothing_to_learn(settings, method: str, model: dict | None, dataset: dict | None, params,
+                     also: str = "") -> list[str]:
+    """Before queueing an sft, dpo, kto, reward or orpo job: a problem when max_length leaves every row or pair of
+    the dataset nothing to learn from (checked when the dataset is small enough to check whole); `also`: another
+    way out, after "raise max_length"."""
     if model is None or dataset is None or model.get("kind") == "classifier":
         return []
     found = truncation(settings, model["name"], dataset["name"], params.model_dump(), method=method)
     if found and found["lost"] and found["lost"] == found["checked"] == found["rows"]:
-        return [f"every pair of {dataset['name']} loses all its trained tokens to max_length={params.max_length}: "
-                "nothing would be learned; raise max_length"]
+        return [f"every {found['unit'][:-1]} of {dataset['name']} loses all its trained tokens to max_length="
+                f"{params.max_length}: nothing would be learned; raise max_length{also}"]
     return []
 
 
@@ -253,21 +260,28 @@ def sample_html(sample: dict) -> str:
     return legend + '<div class="tok-sample">' + "".join(spans) + "</div>"
 
 
-@lru_cache(maxsize=32)
-def _mean_tokens(tokenizer_path: str, dataset_path: str, fingerprint: str, fmt: str, max_length: int,
-                 limit: int = 64) -> float:
+def _mean_tokens(tokenizer_path: str, dataset_path: str, fingerprint: str, fmt: str, max_length: int) -> float:
     """Tokens a row (or a preference pair: prompt and chosen, prompt and rejected) puts through the model, each
     sequence cut to max_length, on average over the first rows."""
-    counts = []
-    for i, row in enumerate(iter_rows(dataset_path)):
-        if i >= limit:
-            break
+    counts = _sequence_lengths(tokenizer_path, dataset_path, fingerprint, fmt)
+    return sum(sum(min(n, max_length) for n in row) for row in counts) / max(1, len(counts))
+
+
+@lru_cache(maxsize=32)
+def _sequence_lengths(tokenizer_path: str, dataset_path: str, fingerprint: str, fmt: str,
+                      limit: int = 64) -> tuple[tuple[int, ...], ...]:
+    """The token count of each sequence a row sends through the model (two for a preference pair), for the first
+    rows: tokenized once per dataset, whatever max_length the form tries."""
+    from itertools import islice
+
+    out = []
+    for row in islice(iter_rows(dataset_path), limit):
         if fmt == "preference":
             pair = preference_row(tokenizer_path, row)
-            counts.append(min(pair["chosen"]["count"], max_length) + min(pair["rejected"]["count"], max_length))
+            out.append((pair["chosen"]["count"], pair["rejected"]["count"]))
         else:
-            counts.append(min(tokenize_row(tokenizer_path, fmt, row)["count"], max_length))
-    return sum(counts) / max(1, len(counts))
+            out.append((tokenize_row(tokenizer_path, fmt, row)["count"],))
+    return tuple(out)
 
 
 def _config(path: str) -> dict:

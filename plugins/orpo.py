@@ -66,8 +66,7 @@ def run(ctx, params: Params) -> None:
     ctx.keep_trainable(trainer, len(data), params.max_length, unit="pairs",
                        rule="an answer is cut to nothing (ORPO shortens both answers by the amount the prompt and "
                             "the longer answer exceed max_length; the loss would be NaN)",
-                       drop=lambda row: not any(t != -100 for t in row["chosen_labels"])
-                       or not any(t != -100 for t in row["rejected_labels"]))
+                       drop=lambda row: not preview.orpo_trains(row))
     tokenized = trainer.train_dataset  # ORPO counts no tokens: measure the pairs once it has tokenized them
     per_pair = sum(len(a) + len(b) for a, b in zip(tokenized["chosen_input_ids"], tokenized["rejected_input_ids"],
                                                    strict=True)) / len(tokenized)

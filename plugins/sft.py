@@ -86,15 +86,8 @@ def check(params: Params) -> list[str]:
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
-    problems = modeling.not_causal(model)
-    if problems or model is None or dataset is None or params.packing:
-        return problems
-    found = preview.truncation(settings, model["name"], dataset["name"], params.model_dump())
-    if found and found["lost"] and found["lost"] == found["checked"] == found["rows"]:
-        problems.append(f"every row of {dataset['name']} loses all its trained tokens to max_length="
-                        f"{params.max_length} (the prompt alone fills it): nothing would be learned; raise max_length"
-                        + (" or turn off completion_only" if params.completion_only else ""))
-    return problems
+    return modeling.not_causal(model) or preview.nothing_to_learn(
+        settings, ID, model, dataset, params, also=" or turn off completion_only" if params.completion_only else "")
 
 
 def run(ctx, params: Params) -> None:

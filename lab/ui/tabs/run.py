@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from html import escape
 from pathlib import Path
@@ -150,9 +151,12 @@ def artifacts(run_dir: str | None) -> list[str]:
     if not run_dir or not Path(run_dir).is_dir():
         return []
     root = Path(run_dir)
-    found = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0] not in SKIPPED)
-    first = [p for p in found if p.parent == root]  # job.json, log.txt, ... before what lies in folders
-    return [str(f) for f in (first + [p for p in found if p.parent != root])[:ARTIFACTS_MAX]]
+    first, inside = [], []  # job.json, log.txt, ... before what lies in folders
+    for folder, subfolders, names in os.walk(root):
+        if folder == str(root):
+            subfolders[:] = [d for d in subfolders if d not in SKIPPED]  # checkpoints are not walked at all
+        (first if folder == str(root) else inside).extend(Path(folder) / n for n in names)
+    return [str(f) for f in (sorted(first) + sorted(inside))[:ARTIFACTS_MAX]]
 
 
 def config(run_dir: str | None, job: dict) -> dict:
@@ -194,11 +198,18 @@ def build(ui: UI) -> None:
             return ("<i>Open a run from the Jobs tab, or type its id.</i>", "", None, None, "",
                     gr.update(choices=[], value=[]), [], None, gr.update(visible=False), gr.update(visible=False),
                     None)
-        job = runs.get_job(ui.settings, int(jid))
+        return render(*read(runs.get_job(ui.settings, int(jid)), chosen))
+
+    def read(job, chosen):
+        """What the page draws from: the job, its points, the metrics to plot, its log."""
         points = runs.metrics(ui.settings, [job["id"]]).get(job["id"], {})
         available = sorted(points)
         chosen = [k for k in (chosen or []) if k in available] or default_keys(available)
         log_text = log_tail(Path(job["run_dir"]) / "log.txt", LOG_LINES) if job["run_dir"] else ""
+        return job, points, chosen, log_text
+
+    def render(job, points, chosen, log_text):
+        available = sorted(points)
         found = scores(points)
         picture = confusion(job["run_dir"])
         return (header(job, log_text), failure(job, points), plot(points, chosen),
@@ -226,10 +237,10 @@ def build(ui: UI) -> None:
             return unchanged
         if last is not None and last[0] == job["id"] and job["status"] in TERMINAL and last[1] == job["status"]:
             return unchanged  # a finished run shown as finished: nothing changes any more
-        fresh = view(jid, chosen)
-        if fresh[-1] == last:  # nothing new to draw; a running job's time still goes on
-            return [fresh[0] if job["status"] == "running" else gr.update()] + unchanged[1:]
-        return fresh
+        state = read(job, chosen)
+        if _signature(*state) == last:  # nothing new to draw (no chart, file walk or picture); the time goes on
+            return [header(job, state[3]) if job["status"] == "running" else gr.update()] + unchanged[1:]
+        return render(*state)
 
     ui["timer"].tick(tick, [job_id, keys, shown], outputs, show_progress="hidden")
 

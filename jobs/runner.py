@@ -75,6 +75,15 @@ def _model_info(model: Model | None, base: Model | None) -> dict | None:
             "base_model_id": model.base_model_id, "base_model": base and base.name, "base_path": base and base.path}
 
 
+def _dataset_info(settings: Settings, dataset: Dataset, plugin: plugins.Plugin) -> dict:
+    """The dataset as this run reads it: an evaluation reads the held-out test split when the dataset keeps one
+    (`split` and `rows` say which and how many); training always reads the training rows."""
+    found = datasets_mod.info(settings, dataset.name)
+    if plugin.kind == "eval" and found.get("test_rows"):
+        return {**found, "split": "test", "rows": found["test_rows"], "train_rows": found["rows"]}
+    return {**found, "split": "train"}
+
+
 def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.Plugin, object]:
     job = queue.get(settings, job_id)
     plugin = plugins.get(settings, job.plugin)
@@ -89,7 +98,7 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
     ctx = RunContext(
         settings=settings, job_id=job.id, plugin=plugin.id, experiment=experiment.name, run_dir=Path(job.run_dir),
         model=_model_info(model, base),
-        dataset=None if dataset is None else {**datasets_mod.info(settings, dataset.name)},
+        dataset=None if dataset is None else _dataset_info(settings, dataset, plugin),
         report_to=[] if settings.wandb == "off" else ["wandb"],
     )
     if job.attempts > 1 or (ctx.run_dir / "job.json").is_file():  # started before: retried, or its worker stopped
@@ -101,13 +110,16 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
             f"resuming from {ctx.resume_from.name}" if ctx.resume_from else
             "no checkpoint, training starts over" if plugin.resumable
             else f"{plugin.id} cannot resume: it starts over"))
+    if ctx.dataset and ctx.dataset["split"] == "test":
+        ctx.log(f"[lab] reading the held-out test split of {ctx.dataset['name']} ({ctx.dataset['rows']} rows; "
+                f"training reads its other {ctx.dataset['train_rows']})")
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
     record = {
         "job_id": job.id, "plugin": plugin.id, "plugin_origin": plugin.origin, "experiment": experiment.name,
         "params": params.model_dump(mode="json"), "seed": getattr(params, "seed", None), "priority": job.priority,
         "model": ctx.model, "dataset": ctx.dataset and {k: ctx.dataset[k] for k in ("id", "name", "format", "rows",
-                                                                                  "fingerprint", "path")},
+                                                                                  "split", "fingerprint", "path")},
         "worker": job.worker, "attempt": job.attempts, "processes": job.processes, "devices": job.devices,
         "created_at": job.created_at.isoformat(),
         "started_at": (job.started_at or utcnow()).isoformat(), "versions": _versions(), "git_commit": _git_commit(),

@@ -167,13 +167,25 @@ def datasets_list(workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
 @datasets_app.command("add")
 def datasets_add(
     name: str,
-    file: Path,
+    file: Annotated[Path, typer.Argument(help="A data file, or a dataset folder (save_to_disk, or split files).")],
     fmt: Annotated[str | None, typer.Option("--format", help="Format; detected from the columns if omitted.")] = None,
+    columns: Annotated[str | None, typer.Option(
+        "--columns", help="Map columns to a format's fields, target=source: e.g. text=v2,label=v1.")] = None,
+    encoding: Annotated[str | None, typer.Option(
+        "--encoding", help="A text file's encoding when it is not UTF-8 or UTF-16, e.g. latin-1.")] = None,
+    split: Annotated[str | None, typer.Option(
+        "--split", help="A folder's split to train on (default: train, or its only split).")] = None,
+    test_split: Annotated[str | None, typer.Option(
+        "--test-split", help="A folder's split kept for evaluation (default: test, else validation; none).")] = None,
     workspace: WorkspaceOpt = None,
 ):
-    """Validate a JSONL, JSON, CSV, Parquet or text file and register it."""
-    info = datasets.add(_settings(workspace), name, file, fmt)
-    out.print(f"added dataset {info['name']}: {info['rows']} rows, format {info['format']}")
+    """Validate a JSONL, JSON, CSV/TSV, Parquet or text file, or a dataset folder, and register it."""
+    info = datasets.add(_settings(workspace), name, file, fmt, columns=columns, encoding=encoding, split=split,
+                        test_split=test_split)
+    held = f", {info['test_rows']} held out for evaluation" if info.get("test_rows") is not None else ""
+    out.print(f"added dataset {info['name']}: {info['rows']} rows{held}, format {info['format']}", markup=False)
+    for note in info["notes"]:
+        out.print(f"  note: {note}", markup=False)
 
 
 @datasets_app.command("show")

@@ -1,172 +1,34 @@
-"""Datasets: read a JSONL, JSON, CSV, Parquet or text file, detect its format, validate every row, store it.
+"""Datasets: read a file or a dataset folder (see lab.sources), map its columns, detect its format, validate every
+row, store it.
 
-A dataset is stored as `workspace/datasets/<name>/` with `data.jsonl` (the rows, normalised), the original file,
-and `dataset.json` (format, columns, rows, fingerprint). Nothing is stored or registered unless every row is valid.
+A dataset is stored as `workspace/datasets/<name>/` with `data.jsonl` (the rows to train on, normalised), `test.jsonl`
+when the source had a held-out test split (evaluation reads it; training never does), the original file, and
+`dataset.json` (format, columns, rows, fingerprint, where it came from and how it was read). Nothing is stored or
+registered unless every row is valid.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
 
-from lab import formats
+from lab import formats, mapping, sources
 from lab.db import read_session, session
 from lab.errors import LabError, ValidationError
 from lab.settings import Settings
+from lab.sources import Loaded, read_file  # noqa: F401 (the readers' results, as callers know them)
 from lab.tables import Dataset
 from lab.workspace import check_name, datasets_dir, staging
 
-SUFFIXES = {
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "txt",
-}
 DATA_FILE = "data.jsonl"
-MAX_ROW_CHARS = 8 * 1024 * 1024  # one row (a JSONL line, a CSV record) longer than this is a broken file
-
-
-def _too_long(n: int, place: str) -> str:
-    return (f"{place}: {n / 1e6:.1f} million characters in one row (the limit is {MAX_ROW_CHARS / 1e6:.1f} "
-            "million): is the whole file on one line?")
-
-
-@dataclass
-class Loaded:
-    """Rows read from a file, each with the place a user would look for it ("line 7", "row 3")."""
-
-    rows: list[Any]
-    places: list[str]
-    problems: list[str]
-
-
-def _decode(raw: bytes, path: Path) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise LabError(
-            f"{path.name} is not UTF-8 text: undecodable byte 0x{raw[exc.start]:02x} on line {line}",
-            "save the file as UTF-8",
-        ) from None
-
-
-def _read_jsonl(text: str) -> Loaded:
-    out = Loaded([], [], [])
-    # JSON lines end at "\n" only: str.splitlines() would also cut at U+2028, U+2029 and U+0085, which
-    # json.dumps(ensure_ascii=False) writes inside strings
-    for n, line in enumerate(text.split("\n"), start=1):
-        line = line.removesuffix("\r")
-        if not line.strip():
-            continue
-        if len(line) > MAX_ROW_CHARS:
-            out.problems.append(_too_long(len(line), f"line {n}"))
-            continue
-        try:
-            out.rows.append(json.loads(line))
-            out.places.append(f"line {n}")
-        except json.JSONDecodeError as exc:
-            out.problems.append(f"line {n}: invalid JSON ({exc.msg} at column {exc.colno})")
-        except RecursionError:
-            out.problems.append(f"line {n}: JSON nested too deeply to be a row")
-    return out
-
-
-def _read_json(text: str) -> Loaded:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LabError(f"invalid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
-    except RecursionError:
-        raise LabError("the JSON is nested too deeply to be a table of rows") from None
-    if isinstance(data, dict):
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise LabError("a JSON file must hold a list of rows, or an object with exactly one list of rows")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise LabError(f"a JSON file must hold a list of rows, got {type(data).__name__}")
-    return Loaded(data, [f"row {i}" for i in range(1, len(data) + 1)], [])
-
-
-_EXTRA = "\0extra"  # where csv.DictReader puts the fields of a row longer than the header
-
-
-def _read_csv(text: str) -> Loaded:
-    csv.field_size_limit(max(csv.field_size_limit(), MAX_ROW_CHARS))  # long texts are fine; whole files are not
-    reader = csv.DictReader(io.StringIO(text, newline=""), restkey=_EXTRA, restval=None)
-    out = Loaded([], [], [])
-    if not reader.fieldnames or not any(f.strip() for f in reader.fieldnames):
-        raise LabError("the CSV file has no header row", "the first line must name the columns, e.g. text,label")
-    if len(set(reader.fieldnames)) != len(reader.fieldnames):
-        raise LabError(f"the CSV header repeats a column name: {', '.join(reader.fieldnames)}")
-    try:
-        for i, row in enumerate(reader, start=1):
-            place = f"row {i} (line {reader.line_num})"
-            if _EXTRA in row:
-                fields = len(reader.fieldnames) + len(row[_EXTRA])
-                out.problems.append(f"{place}: {fields} fields, but the header has {len(reader.fieldnames)}")
-                continue
-            if any(v is None for v in row.values()):
-                out.problems.append(f"{place}: fewer fields than the header's {len(reader.fieldnames)}")
-                continue
-            if (size := sum(len(v) for v in row.values())) > MAX_ROW_CHARS:
-                out.problems.append(_too_long(size, place))
-                continue
-            out.rows.append(row)
-            out.places.append(place)
-    except csv.Error as exc:
-        raise LabError(f"unreadable CSV at line {reader.line_num}: {exc}") from None
-    return out
-
-
-def _read_parquet(path: Path) -> Loaded:
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise LabError(f"{path.name} is not a readable Parquet file: {exc}") from None
-    return Loaded(rows, [f"row {i}" for i in range(1, len(rows) + 1)], [])
-
-
-def _read_txt(text: str) -> Loaded:
-    """Plain text becomes `text` rows, one per paragraph (blocks separated by blank lines)."""
-    paragraphs = [p.strip("\n") for p in text.replace("\r\n", "\n").split("\n\n")]
-    rows = [{"text": p} for p in paragraphs if p.strip()]
-    return Loaded(rows, [f"paragraph {i}" for i in range(1, len(rows) + 1)], [])
-
-
-def read_file(path: Path) -> Loaded:
-    """Rows of a dataset file, with file-level errors raised and per-row parse problems collected."""
-    path = Path(path)
-    if path.is_dir():
-        raise LabError(f"{path} is a folder", "give one data file (.jsonl, .json, .csv, .parquet or .txt)")
-    kind = SUFFIXES.get(path.suffix.lower())
-    if kind is None:
-        raise LabError(
-            f"unsupported file type {path.suffix or '(none)'!r} for {path.name}",
-            f"use one of {', '.join(SUFFIXES)}",
-        )
-    if not path.is_file():
-        raise LabError(f"no such file: {path}")
-    if path.stat().st_size == 0:
-        raise LabError(f"{path.name} is empty")
-    if kind == "parquet":
-        loaded = _read_parquet(path)
-    else:
-        text = _decode(path.read_bytes(), path)
-        loaded = {"jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "txt": _read_txt}[kind](text)
-    if not loaded.rows and not loaded.problems:
-        raise LabError(f"{path.name} holds no rows")
-    return loaded
+TEST_FILE = "test.jsonl"
 
 
 def columns_of(rows: list[Any]) -> list[str]:
@@ -175,6 +37,10 @@ def columns_of(rows: list[Any]) -> list[str]:
         if isinstance(row, dict):
             seen.update(dict.fromkeys(row))
     return list(seen)
+
+
+def _count(problems: list[str]) -> str:
+    return f"{len(problems)} problem{'s' if len(problems) != 1 else ''}"
 
 
 def _label_types(rows: list[Any], places: list[str]) -> list[str]:
@@ -190,33 +56,79 @@ def _label_types(rows: list[Any], places: list[str]) -> list[str]:
     return []
 
 
+def _hint_for(columns: list[str], rows: list[Any]) -> str | None:
+    found = mapping.suggest(columns, rows)
+    return mapping.hint(*found) if found else None
+
+
 def validate(loaded: Loaded, fmt: str | None, name: str) -> tuple[str, list[str]]:
-    """The format (given or detected) and the columns; raises ValidationError listing every bad row."""
+    """The format (given or detected; an import layout such as sharegpt before its conversion) and the columns;
+    raises ValidationError listing every bad row."""
     not_objects = [f"{place}: {problem}" for row, place in zip(loaded.rows, loaded.places, strict=True)
                    if (problem := formats.object_problem(row))]
     if not_objects:
-        raise ValidationError(f"{name} is not a table of rows ({len(not_objects)} problems):",
+        raise ValidationError(f"{name} is not a table of rows ({_count(not_objects)}):",
                               loaded.problems + not_objects)
     columns = columns_of(loaded.rows)
     if fmt is None:
         fmt = formats.detect(columns)
         if fmt is None and loaded.problems:  # unreadable lines first: they may be why no format shows
-            raise ValidationError(f"{name} could not be read ({len(loaded.problems)} problems):", loaded.problems)
+            raise ValidationError(f"{name} could not be read ({_count(loaded.problems)}):", loaded.problems)
         if fmt is None:
             raise LabError(
                 f"cannot tell the format of {name}: its columns are {', '.join(columns) or '(none)'}",
-                "expected one of: " + "; ".join(f"{k} ({v})" for k, v in formats.FORMATS.items()),
+                _hint_for(columns, loaded.rows) or "expected one of: " + "; ".join(
+                    f"{k} ({v})" for k, v in {**formats.FORMATS, **formats.LAYOUTS}.items())
+                + f"; or map the columns: --columns {mapping.SYNTAX}",
             )
-    elif fmt not in formats.FORMATS:
-        raise LabError(f"unknown format {fmt!r}", f"choose one of {', '.join(formats.FORMATS)}")
+    elif fmt not in formats.FORMATS and fmt not in formats.LAYOUTS:
+        raise LabError(f"unknown format {fmt!r}", f"choose one of {', '.join([*formats.FORMATS, *formats.LAYOUTS])}")
+    absent = [c for c in formats.REQUIRED[fmt] if c not in columns]
+    if absent and loaded.rows:  # one message for the file, not one per row
+        found = mapping.suggest(columns, loaded.rows)
+        raise LabError(
+            f"{name} has no {', '.join(f'`{c}`' for c in absent)} column for the {fmt} format: its columns are "
+            f"{', '.join(columns) or '(none)'}",
+            mapping.hint(*found) if found and found[0] == fmt else f"map a column to it: --columns {mapping.SYNTAX}")
     problems = list(loaded.problems)
     for row, place in zip(loaded.rows, loaded.places, strict=True):
         problems += [f"{place}: {p}" for p in formats.check_row(fmt, row)]
     if fmt == "classification" and not problems:
         problems += _label_types(loaded.rows, loaded.places)
     if problems:
-        raise ValidationError(f"{name} is not a valid {fmt} dataset ({len(problems)} problems):", problems)
+        raise ValidationError(f"{name} is not a valid {fmt} dataset ({_count(problems)}):", problems)
     return fmt, columns
+
+
+def _text_note(columns: list[str], rows: list[Any]) -> str | None:
+    """Why a file with more than a `text` column was taken as raw text, and what would make it classification."""
+    others = [c for c in columns if c != "text"]
+    if not others:
+        return None
+    note = (f"format text (raw text for pretraining): the file has a `text` column and no `label`; its other "
+            f"columns ({', '.join(others)}) are kept but not used")
+    label = next((c for c in others if mapping._label_like(rows, c)), None)
+    if label:
+        note += (f". To import it as classification with `{label}` as the label: --columns label={label} "
+                 "(or map it on the Datasets page)")
+    return note
+
+
+def prepare(loaded: Loaded, fmt: str | None, columns: dict[str, str], name: str) -> tuple[str, str, list[dict],
+                                                                                          list[str]]:
+    """The rows as stored: mapped, validated, converted from an import layout. Returns the stored format, the
+    layout it was read as, the rows and notes on what was done."""
+    notes = mapping.apply(loaded.rows, columns, columns_of(loaded.rows), name)
+    layout, cols = validate(loaded, fmt, name)
+    rows = loaded.rows
+    if layout == "text" and fmt is None and (note := _text_note(cols, rows)):
+        notes.append(note)
+    stored = layout
+    if layout in formats.STORED_AS:
+        stored, convert = formats.STORED_AS[layout]
+        rows = [convert(r) for r in rows]
+        notes.append(f"{layout} rows stored as {stored}")
+    return stored, layout, rows, notes
 
 
 def _jsonl_bytes(rows: list[Any]) -> bytes:
@@ -228,40 +140,72 @@ def _exists(settings: Settings, name: str) -> bool:
         return s.scalar(select(Dataset.id).where(Dataset.name == name)) is not None
 
 
-def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None, source: str | None = None) -> dict:
-    """Validate `file` and register it as dataset `name`; all or nothing. `source` says where it came from."""
+def _load(file: Path, fmt: str | None, columns, encoding: str | None, split: str | None, test_split: str | None):
+    mapped = mapping.parse(columns)
+    src = sources.read(file, encoding=encoding or None, split=split or None, test_split=test_split or None)
+    stored, layout, rows, notes = prepare(src.train, fmt, mapped, src.name)
+    test = None
+    if src.test is not None:
+        _, _, test, _ = prepare(src.test, layout, mapped, f"{src.name} (split {src.test_split})")
+    return mapped, src, stored, layout, rows, test, src.notes + notes
+
+
+def check(file: str | Path, fmt: str | None = None, *, columns: str | dict | None = None,
+          encoding: str | None = None, split: str | None = None, test_split: str | None = None,
+          show: int = 3) -> dict:
+    """What `add` would store, without storing anything: the format, the counts, the notes and the first rows
+    as they would be kept. Raises what `add` would raise."""
+    _, src, stored, layout, rows, test, notes = _load(Path(file).expanduser(), fmt, columns, encoding, split,
+                                                      test_split)
+    return {"format": stored, "layout": layout, "rows": len(rows), "test_rows": None if test is None else len(test),
+            "columns": columns_of(rows), "notes": notes, "first": rows[:show]}
+
+
+def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None, source: str | None = None, *,
+        columns: str | dict | None = None, encoding: str | None = None, split: str | None = None,
+        test_split: str | None = None) -> dict:
+    """Validate a file or dataset folder and register it as dataset `name`; all or nothing. `columns` maps the
+    file's columns to a format's fields (`text=v2,label=v1`), `encoding` names a text file's encoding, `split` and
+    `test_split` pick a folder's splits. `source` says where it came from. The result's `notes` say what was done
+    beyond a plain import (an encoding found, columns dropped or renamed, a layout converted)."""
     check_name(name, "dataset")
     file = Path(file).expanduser()
     if _exists(settings, name):
         raise LabError(f"a dataset named {name!r} already exists", "pick another name, or see `lab datasets list`")
-    loaded = read_file(file)
-    fmt, columns = validate(loaded, fmt, file.name)
-    data = _jsonl_bytes(loaded.rows)
+    mapped, src, stored, layout, rows, test, notes = _load(file, fmt, columns, encoding, split, test_split)
+    data = _jsonl_bytes(rows)
     fingerprint = hashlib.sha256(data).hexdigest()
     final = datasets_dir(settings) / name
     source = source or str(file.resolve())
-    meta = {"name": name, "format": fmt, "columns": columns, "rows": len(loaded.rows), "fingerprint": fingerprint,
-            "source": source}
+    cols = columns_of(rows)
+    meta = {"name": name, "format": stored, "columns": cols, "rows": len(rows), "fingerprint": fingerprint,
+            "source": source, "layout": layout, "columns_mapped": mapped, "encoding": encoding or None,
+            "split": src.split, "test_split": src.test_split, "test_rows": len(test) if test is not None else None,
+            "notes": notes}
     moved = False
     try:
         with session(settings) as s:
             with staging(final, "dataset", registered=lambda: _exists(settings, name)) as tmp:
                 (tmp / DATA_FILE).write_bytes(data)
-                shutil.copyfile(file, tmp / f"original{file.suffix.lower()}")
-                (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-                s.add(Dataset(name=name, format=fmt, path=str(final), columns=columns, rows=len(loaded.rows),
-                              fingerprint=fingerprint, source=source))
+                if test is not None:
+                    (tmp / TEST_FILE).write_bytes(_jsonl_bytes(test))
+                if file.is_file():
+                    shutil.copyfile(file, tmp / f"original{file.suffix.lower()}")
+                (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+                s.add(Dataset(name=name, format=stored, path=str(final), columns=cols, rows=len(rows),
+                              test_rows=meta["test_rows"], fingerprint=fingerprint, source=source))
                 s.flush()  # a duplicate name fails here, before the folder is moved into place
             moved = True
     except Exception:
         if moved:  # the commit failed after the folder was moved: take it back out
             shutil.rmtree(final, ignore_errors=True)
         raise
-    return info(settings, name)
+    return {**info(settings, name), "notes": notes}
 
 
 def _info(row: Dataset) -> dict:
-    return {"id": row.id, "name": row.name, "format": row.format, "rows": row.rows, "columns": row.columns,
+    return {"id": row.id, "name": row.name, "format": row.format, "rows": row.rows, "test_rows": row.test_rows,
+            "columns": row.columns,
             "fingerprint": row.fingerprint, "path": row.path, "source": row.source,
             "created_at": row.created_at.isoformat(timespec="seconds")}
 
@@ -283,8 +227,9 @@ def list_all(settings: Settings) -> list[dict]:
         return [_info(r) for r in s.scalars(select(Dataset).order_by(Dataset.id))]
 
 
-def iter_rows(path: str | Path) -> Iterator[dict]:
-    with open(Path(path) / DATA_FILE, encoding="utf-8") as f:
+def iter_rows(path: str | Path, split: str = "train") -> Iterator[dict]:
+    """The stored rows: `train` (what training reads) or `test` (the held-out split, when there is one)."""
+    with open(Path(path) / (TEST_FILE if split == "test" else DATA_FILE), encoding="utf-8") as f:
         for line in f:
             yield json.loads(line)
 
@@ -300,7 +245,8 @@ def preview(settings: Settings, name: str, rows: int = 5, offset: int = 0) -> li
     return out
 
 
-def converted_rows(settings: Settings, name: str, to: str, limit: int | None = None) -> list[dict]:
+def converted_rows(settings: Settings, name: str, to: str, limit: int | None = None, split: str = "train"
+                   ) -> list[dict]:
     """Rows of dataset `name` converted to format `to` (see formats.CONVERSIONS), without storing anything."""
     info = get(settings, name)
     convert = formats.CONVERSIONS.get((info.format, to))
@@ -308,7 +254,7 @@ def converted_rows(settings: Settings, name: str, to: str, limit: int | None = N
         known = ", ".join(f"{a} -> {b}" for a, b in formats.CONVERSIONS)
         raise LabError(f"no conversion from {info.format} to {to}", f"the lab converts {known}")
     out = []
-    for i, row in enumerate(iter_rows(info.path)):
+    for i, row in enumerate(iter_rows(info.path, split)):
         if limit is not None and i >= limit:
             break
         out.append(convert(row))
@@ -318,11 +264,13 @@ def converted_rows(settings: Settings, name: str, to: str, limit: int | None = N
 def convert(settings: Settings, name: str, new_name: str, to: str) -> dict:
     """Store dataset `name` converted to format `to` as `new_name`; the result is validated like any import."""
     check_name(new_name, "dataset")
-    rows = converted_rows(settings, name, to)
+    held_out = get(settings, name).test_rows is not None
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{new_name}.jsonl"
-        path.write_bytes(_jsonl_bytes(rows))
-        return add(settings, new_name, path, to, source=f"dataset {name} converted to {to}")
+        folder = Path(tmp) / new_name  # train.jsonl, and test.jsonl for a dataset that keeps a test split
+        folder.mkdir()
+        for split in ("train", "test") if held_out else ("train",):
+            (folder / f"{split}.jsonl").write_bytes(_jsonl_bytes(converted_rows(settings, name, to, split=split)))
+        return add(settings, new_name, folder, to, source=f"dataset {name} converted to {to}")
 
 
 def append_rows(settings: Settings, name: str, rows: list[dict]) -> dict:

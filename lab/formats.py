@@ -4,10 +4,12 @@
 |-------------------|-------------------------------------------|----------------------------------|
 | chat              | messages: [{role, content}, ...]          | sft                              |
 | alpaca            | instruction, input (optional), output     | sft                              |
-| prompt_completion | prompt, completion                        | sft                              |
+| prompt_completion | prompt, completion (texts or messages)    | sft                              |
 | preference        | chosen, rejected, prompt (optional)       | reward, dpo                      |
 | classification    | text, label                               | classify                         |
 | text              | text                                      | pretrain                         |
+
+ShareGPT files (`conversations` of {from, value} turns) are an import layout: they are stored as `chat`.
 """
 
 from __future__ import annotations
@@ -19,14 +21,24 @@ from typing import Any
 FORMATS: dict[str, str] = {
     "chat": "conversations: `messages` is a list of {role, content} with at least one assistant turn",
     "alpaca": "instructions: `instruction`, optional `input`, `output`",
-    "prompt_completion": "`prompt` and `completion` strings",
+    "prompt_completion": "`prompt` and `completion`, both texts or both lists of {role, content} messages",
     "preference": "`chosen` and `rejected` replies, with an optional shared `prompt`",
     "classification": "`text` and its `label`",
     "text": "raw `text` for pretraining",
 }
 ROLES = ("system", "user", "assistant", "tool")
 REQUIRED = {"chat": ("messages",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
-            "preference": ("chosen", "rejected"), "classification": ("text", "label"), "text": ("text",)}
+            "preference": ("chosen", "rejected"), "classification": ("text", "label"), "text": ("text",),
+            "sharegpt": ("conversations",)}
+OPTIONAL = {"alpaca": ("input",), "preference": ("prompt",), "sharegpt": ("system",)}
+LAYOUTS = {"sharegpt": "ShareGPT: `conversations` is a list of {from, value} turns (human, gpt, system, ...); "
+                       "stored as chat"}
+FIELDS = tuple(dict.fromkeys(c for cols in (*REQUIRED.values(), *OPTIONAL.values()) for c in cols))
+
+
+def fields_of(fmt: str) -> tuple[str, ...]:
+    """The columns a format reads: the required ones, then the optional ones."""
+    return REQUIRED[fmt] + OPTIONAL.get(fmt, ())
 
 
 def detect(columns: Iterable[str]) -> str | None:
@@ -34,6 +46,8 @@ def detect(columns: Iterable[str]) -> str | None:
     cols = set(columns)
     if "messages" in cols:
         return "chat"
+    if "conversations" in cols:
+        return "sharegpt"
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if {"chosen", "rejected"} <= cols:
@@ -99,6 +113,15 @@ def _check_alpaca(row: dict) -> list[str]:
 
 
 def _check_prompt_completion(row: dict) -> list[str]:
+    kinds = {isinstance(row.get(k), list) for k in ("prompt", "completion")}
+    if kinds == {True}:  # TRL's conversational form
+        problems = _messages(row["prompt"], "prompt", need_assistant=False)
+        problems += _messages(row["completion"], "completion")
+        if not problems and row["completion"][0]["role"] != "assistant":
+            problems.append("`completion` must start with an assistant turn")
+        return problems
+    if kinds == {True, False} and all(row.get(k) is not None for k in ("prompt", "completion")):
+        return ["`prompt` and `completion` must both be texts or both lists of messages"]
     return _text(row, "prompt") + _text(row, "completion")
 
 
@@ -108,6 +131,25 @@ def _check_preference(row: dict) -> list[str]:
         problems += _reply(row, "prompt")
     if not problems and row["chosen"] == row["rejected"]:
         problems.append("`chosen` and `rejected` are the same")
+    if not problems and row.get("prompt") is None and isinstance(row["chosen"], list) != isinstance(row["rejected"],
+                                                                                                     list):
+        problems.append("`chosen` and `rejected` must both be texts or both lists of messages")
+    if not problems and row.get("prompt") is None and isinstance(row["chosen"], str) and split_transcripts(
+            row["chosen"], row["rejected"]) is None:
+        split = split_texts(row["chosen"], row["rejected"])
+        if not split["prompt"]:
+            problems.append("`chosen` and `rejected` share no leading words to use as the prompt, and there is no "
+                            "`prompt`")
+        elif not split["chosen"] or not split["rejected"]:
+            problems.append("after the words `chosen` and `rejected` share, each needs a reply")
+    if not problems and row.get("prompt") is None and isinstance(row["chosen"], list):
+        shared = len(common_turns(row["chosen"], row["rejected"]))
+        if shared == 0:
+            problems.append("`chosen` and `rejected` share no leading turn to use as the prompt, and there is no "
+                            "`prompt`")
+        elif not any(m["role"] == "assistant" for m in row["chosen"][shared:]) or not any(
+                m["role"] == "assistant" for m in row["rejected"][shared:]):
+            problems.append("after the turns `chosen` and `rejected` share, each needs an assistant reply")
     return problems
 
 
@@ -125,6 +167,48 @@ def _check_text(row: dict) -> list[str]:
     return _text(row, "text")
 
 
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
+
+
+def _turn(turn: Any) -> tuple[Any, Any]:
+    """A ShareGPT turn's role and text: {from, value}, or {role, content} as some exports write them."""
+    if not isinstance(turn, dict):
+        return None, None
+    return turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+
+
+def _check_sharegpt(row: dict) -> list[str]:
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return [f"`conversations` must be a non-empty list of {{from, value}} turns, got {_type_name(turns)}"]
+    problems = []
+    for i, turn in enumerate(turns):
+        who, text = _turn(turn)
+        if not isinstance(turn, dict):
+            problems.append(f"`conversations[{i}]` must be an object with from and value, got {_type_name(turn)}")
+        elif str(who).lower() not in SHAREGPT_ROLES:
+            problems.append(f"`conversations[{i}].from` must be one of {', '.join(SHAREGPT_ROLES)}, got {who!r}")
+        elif not isinstance(text, str):
+            problems.append(f"`conversations[{i}].value` must be text, got {_type_name(text)}")
+    if problems:
+        return problems
+    if row.get("system") is not None and not isinstance(row["system"], str):
+        problems.append(f"`system` must be text, got {_type_name(row['system'])}")
+    return problems or _check_chat(from_sharegpt(row))
+
+
+def from_sharegpt(row: dict) -> dict:
+    """A ShareGPT row as a chat row: `messages` with OpenAI roles, a top-level `system` first; other columns kept."""
+    messages = [{"role": SHAREGPT_ROLES[str(_turn(t)[0]).lower()], "content": _turn(t)[1]}
+                for t in row["conversations"]]
+    if row.get("system"):
+        messages.insert(0, {"role": "system", "content": row["system"]})
+    rest = {k: v for k, v in row.items() if k not in ("conversations", "system", "messages")}
+    return {**rest, "messages": messages}
+
+
 CHECKS: dict[str, Callable[[dict], list[str]]] = {
     "chat": _check_chat,
     "alpaca": _check_alpaca,
@@ -132,7 +216,9 @@ CHECKS: dict[str, Callable[[dict], list[str]]] = {
     "preference": _check_preference,
     "classification": _check_classification,
     "text": _check_text,
+    "sharegpt": _check_sharegpt,
 }
+STORED_AS = {"sharegpt": ("chat", from_sharegpt)}  # import layouts: the format they are kept in, and how
 
 
 def object_problem(row: Any) -> str | None:
@@ -172,6 +258,9 @@ def to_prompt_completion(fmt: str, row: dict) -> dict:
             "prompt": [{"role": "user", "content": user}],
             "completion": [{"role": "assistant", "content": row["output"]}],
         }
+    if fmt == "prompt_completion" and isinstance(row["prompt"], list):
+        return {"prompt": [{"role": m["role"], "content": m["content"]} for m in row["prompt"]],
+                "completion": [{"role": m["role"], "content": m["content"]} for m in row["completion"]]}
     if fmt == "prompt_completion":
         return {
             "prompt": [{"role": "user", "content": row["prompt"]}],
@@ -215,21 +304,46 @@ def split_transcripts(chosen: str, rejected: str) -> dict | None:
             "rejected": rejected[b + len(marker):].strip()}
 
 
+def split_texts(chosen: str, rejected: str) -> dict:
+    """Two plain texts cut after the words they both begin with: the shared words are the prompt (empty when they
+    share none)."""
+    n = 0
+    for a, b in zip(chosen, rejected, strict=False):
+        if a != b:
+            break
+        n += 1
+    if n < min(len(chosen), len(rejected)) or len(chosen) != len(rejected):
+        cut = chosen[:n]
+        n = max(cut.rfind(" "), cut.rfind("\n")) + 1 if not cut[-1:].isspace() else n
+    return {"prompt": chosen[:n].strip(), "chosen": chosen[n:].strip(), "rejected": rejected[n:].strip()}
+
+
 def _as_messages(value, role: str) -> list[dict]:
     if isinstance(value, list):
         return value
     return transcript_to_messages(value) or [{"role": role, "content": value}]
 
 
+def common_turns(a: list[dict], b: list[dict]) -> list[dict]:
+    """The leading messages two conversations share (the implicit prompt of a conversational preference pair)."""
+    shared = []
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        shared.append(x)
+    return shared
+
+
 def to_preference_pair(row: dict) -> dict:
     """A preference row in TRL's conversational form: prompt turns, and the chosen and rejected replies.
-    Whole transcripts without a `prompt` are split at their last assistant turn; plain texts with neither stay
-    an implicit-prompt text pair."""
+    Without a `prompt`, the pair's shared start is its prompt (TRL's implicit prompt): the leading turns two
+    conversations share, the turns before the last assistant turn of two transcripts, or the words two plain texts
+    begin with."""
+    if row.get("prompt") is None and isinstance(row["chosen"], list):
+        n = len(common_turns(row["chosen"], row["rejected"]))
+        return {"prompt": row["chosen"][:n], "chosen": row["chosen"][n:], "rejected": row["rejected"][n:]}
     if row.get("prompt") is None and isinstance(row["chosen"], str) and isinstance(row["rejected"], str):
-        split = split_transcripts(row["chosen"], row["rejected"])
-        if split is None:
-            return {"chosen": row["chosen"], "rejected": row["rejected"]}
-        row = split
+        row = split_transcripts(row["chosen"], row["rejected"]) or split_texts(row["chosen"], row["rejected"])
     reply = lambda v: v if isinstance(v, list) else [{"role": "assistant", "content": v}]  # noqa: E731
     return {"prompt": _as_messages(row["prompt"], "user"), "chosen": reply(row["chosen"]),
             "rejected": reply(row["rejected"])}
@@ -254,8 +368,8 @@ def _text_of(fmt: str, row: dict) -> str:
 
 
 CONVERSIONS: dict[tuple[str, str], Callable[[dict], dict]] = {
-    ("preference", "preference"): lambda r: r if r.get("prompt") is not None else (
-        split_transcripts(r["chosen"], r["rejected"]) or r),
+    ("preference", "preference"): lambda r: r if r.get("prompt") is not None else to_preference_pair(r) if isinstance(
+        r["chosen"], list) else split_transcripts(r["chosen"], r["rejected"]) or r,
     ("alpaca", "prompt_completion"): lambda r: {"prompt": alpaca_to_prompt(r), "completion": r["output"]},
     ("chat", "prompt_completion"): lambda r: {
         "prompt": "\n\n".join(m["content"] for m in to_prompt_completion("chat", r)["prompt"]),

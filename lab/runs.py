@@ -160,8 +160,9 @@ def _wrong_format(plugin, ds) -> tuple[str, str]:
 
 def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str,
                  priority: int = 0, processes: int = 1, devices: int | None = None, max_attempts: int = 1,
-                 time_limit_min: float | None = None) -> str:
-    """The `lab run` command that queues the same job (pass only the parameters that differ from defaults)."""
+                 time_limit_min: float | None = None, then_eval: dict | None = None) -> str:
+    """The `lab run` command that queues the same job (pass only the parameters that differ from defaults), with
+    its follow-up evaluation."""
     parts = ["lab", "run", plugin]
     if model:
         parts += ["--model", model]
@@ -180,6 +181,12 @@ def command_line(plugin: str, params: dict, model: str | None, dataset: str | No
         parts += ["--max-attempts", str(max_attempts)]
     if time_limit_min is not None:
         parts += ["--time-limit", f"{time_limit_min:g}"]
+    if then_eval:
+        parts += ["--then-eval", then_eval["plugin"]]
+        if then_eval.get("dataset"):
+            parts += ["--eval-dataset", then_eval["dataset"]]
+        for key, value in (then_eval.get("params") or {}).items():
+            parts += ["--eval-set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     return shlex.join(parts)
 
 

@@ -65,10 +65,11 @@ class RunContext:
         return self.run_dir / "checkpoints"
 
     def rows(self) -> list[dict]:
-        """The dataset's rows, as validated at import."""
+        """The dataset's rows, as validated at import: the training rows, or for an evaluation the held-out test
+        split when the dataset keeps one (`dataset["split"]` says which)."""
         if self.dataset is None:
             raise RuntimeError(f"plugin {self.plugin} asked for rows but the job has no dataset")
-        return list(iter_rows(self.dataset["path"]))
+        return list(iter_rows(self.dataset["path"], self.dataset.get("split", "train")))
 
     def log(self, message: str) -> None:
         """A line in the run's log.txt (stdout goes there); rank 0 only under torchrun."""

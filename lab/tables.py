@@ -34,6 +34,7 @@ class Dataset(Base):
     path: Mapped[str] = mapped_column(Text)  # folder under workspace/datasets
     columns: Mapped[list] = mapped_column(JSON, default=list)
     rows: Mapped[int] = mapped_column(Integer)
+    test_rows: Mapped[int | None] = mapped_column(Integer, nullable=True)  # a held-out split kept beside, if any
     fingerprint: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(Text, default="")  # the file it was imported from
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -69,6 +69,11 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
             "two at least"]
 
 
+def examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """The rows as the classifier learns them: the text, and its label as text (1 and "1" are one label)."""
+    return [{"text": r["text"], "label": str(r["label"])} for r in rows]
+
+
 def run(ctx, params: Params) -> None:
     import numpy as np
     from datasets import Dataset
@@ -76,12 +81,12 @@ def run(ctx, params: Params) -> None:
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     # 1. data: labels as read from the rows, in a stable order
-    rows = ctx.rows()
-    labels = sorted({str(r["label"]) for r in rows})
+    rows = examples(ctx.dataset["format"], ctx.rows())
+    labels = sorted({r["label"] for r in rows})
     if len(labels) < 2:
         raise DataError(f"classification needs at least two labels; the data has only {labels}")
     index = {label: i for i, label in enumerate(labels)}
-    data = Dataset.from_list([{"text": r["text"], "label": index[str(r["label"])]} for r in rows])
+    data = Dataset.from_list([{"text": r["text"], "label": index[r["label"]]} for r in rows])
     train, held_out = data, None
     if params.eval_split > 0:
         split = data.train_test_split(test_size=params.eval_split, seed=params.seed)

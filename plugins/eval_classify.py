@@ -29,6 +29,11 @@ class Params(BaseModel):
     batch_size: int = Field(16, ge=1, le=4096, description="Rows scored at once.")
 
 
+def examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """The rows as they are scored: the text, and its label as text (1 and "1" are one label)."""
+    return [{"text": r["text"], "label": str(r["label"])} for r in rows]
+
+
 def run(ctx, params: Params) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -36,7 +41,7 @@ def run(ctx, params: Params) -> None:
     model = AutoModelForSequenceClassification.from_pretrained(ctx.model["path"], dtype=torch.float32).eval()
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log, padding_side="right")
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    rows = ctx.rows()[: params.limit]
+    rows = examples(ctx.dataset["format"], ctx.rows()[: params.limit])
     unknown = sorted({str(r["label"]) for r in rows} - set(labels))
     if unknown:
         raise DataError(f"labels {unknown} are not among the classifier's labels {labels}")
@@ -50,8 +55,8 @@ def run(ctx, params: Params) -> None:
         ctx.check_cancelled()
     summary, matrix = evaluation.classification_scores(labels, truth, predicted)
     majority = max(truth.count(i) for i in range(len(labels))) / len(truth)
-    examples = [{"row": i + 1, "label": labels[t], "predicted": labels[p]}
+    scored = [{"row": i + 1, "label": labels[t], "predicted": labels[p]}
                 for i, (t, p) in enumerate(zip(truth, predicted, strict=True))]
-    evaluation.record(ctx, {**summary, "majority_baseline": majority, "rows": len(rows)}, examples)
+    evaluation.record(ctx, {**summary, "majority_baseline": majority, "rows": len(rows)}, scored)
     (Path(ctx.run_dir) / "eval" / "confusion_matrix.json").write_text(json.dumps(
         {"labels": labels, "rows_are": "true label", "columns_are": "predicted label", "matrix": matrix}, indent=2))

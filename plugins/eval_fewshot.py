@@ -47,12 +47,17 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
     return modeling.not_causal(model)
 
 
+def examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """The rows as they are scored: the text, and its label as text (1 and "1" are one label)."""
+    return [{"text": r["text"], "label": str(r["label"])} for r in rows]
+
+
 def run(ctx, params: Params) -> None:
     import torch
 
     model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log).eval()
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
-    rows = ctx.rows()
+    rows = examples(ctx.dataset["format"], ctx.rows())
     labels = sorted({str(r["label"]) for r in rows})
     pool, tests = rows[: params.pool], rows[params.pool:][: params.limit]
     if not tests:
@@ -68,7 +73,7 @@ def run(ctx, params: Params) -> None:
             logits = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
         return sum(logits[i - 1, ids[i]].item() for i in range(len(start), len(ids)))
 
-    summary, examples = {}, []
+    summary, scored = {}, []
     ks = [int(k) for k in params.shots.split(",")]
     for n, k in enumerate(ks):
         correct = 0
@@ -78,9 +83,9 @@ def run(ctx, params: Params) -> None:
             prompt += f"Text: {row['text']}\nLabel:"
             guess = max(labels, key=lambda label: label_logprob(prompt, label))
             correct += guess == str(row["label"])
-            examples.append({"shots": k, "row": params.pool + i + 1, "label": str(row["label"]), "predicted": guess})
+            scored.append({"shots": k, "row": params.pool + i + 1, "label": str(row["label"]), "predicted": guess})
             ctx.set_progress(n * len(tests) + i + 1, len(ks) * len(tests))
             ctx.check_cancelled()
         summary[f"accuracy_{k}shot"] = correct / len(tests)
     summary["majority_baseline"] = max(sum(str(r["label"]) == lab for r in tests) for lab in labels) / len(tests)
-    evaluation.record(ctx, summary, examples)
+    evaluation.record(ctx, summary, scored)

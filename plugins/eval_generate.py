@@ -33,9 +33,16 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
     return modeling.not_causal(model)
 
 
+def examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """The prompts answered, each with the reference answer it is scored against."""
+    prompts, references = evaluation.prompts_and_references(fmt, rows)
+    return [{"prompt": p, "reference": r} for p, r in zip(prompts, references, strict=True)]
+
+
 def run(ctx, params: Params) -> None:
     rows = ctx.rows()[: params.limit]
-    prompts, references = evaluation.prompts_and_references(ctx.dataset["format"], rows)
+    found = examples(ctx.dataset["format"], rows)
+    prompts, references = [e["prompt"] for e in found], [e["reference"] for e in found]
     model, tokenizer = evaluation.load_generator(ctx.model, log=ctx.log)
     answers = []
     for start in range(0, len(prompts), params.batch_size):
@@ -45,6 +52,6 @@ def run(ctx, params: Params) -> None:
         ctx.set_progress(len(answers), len(prompts))
         ctx.check_cancelled()
     summary, per = evaluation.text_scores(answers, references)
-    examples = [{"row": i + 1, "prompt": p[-1]["content"], "reference": r, "answer": a, **s}
+    scored = [{"row": i + 1, "prompt": p[-1]["content"], "reference": r, "answer": a, **s}
                 for i, (p, r, a, s) in enumerate(zip(prompts, references, answers, per, strict=True))]
-    evaluation.record(ctx, {**summary, "rows": len(answers)}, examples)
+    evaluation.record(ctx, {**summary, "rows": len(answers)}, scored)

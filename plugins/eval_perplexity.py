@@ -32,6 +32,11 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
     return modeling.not_causal(model)
 
 
+def examples(fmt: str, rows: list[dict]) -> list[str | list[dict]]:
+    """What is scored: raw text, or the whole conversation (with the chat template applied when scored)."""
+    return [row["text"] if fmt == "text" else formats.to_messages(fmt, row)["messages"] for row in rows]
+
+
 def run(ctx, params: Params) -> None:
     import torch
 
@@ -39,12 +44,12 @@ def run(ctx, params: Params) -> None:
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
     fmt = ctx.dataset["format"]
     total_loss = total_tokens = 0.0
-    examples = []
-    for i, row in enumerate(ctx.rows()[: params.limit]):
+    scored = []
+    for i, example in enumerate(examples(fmt, ctx.rows()[: params.limit])):
         if fmt == "text":
-            ids = tokenizer(row["text"], truncation=True, max_length=params.max_length)["input_ids"]
+            ids = tokenizer(example, truncation=True, max_length=params.max_length)["input_ids"]
         else:
-            out = tokenizer.apply_chat_template(formats.to_messages(fmt, row)["messages"], tokenize=True)
+            out = tokenizer.apply_chat_template(example, tokenize=True)
             ids = list(out["input_ids"] if hasattr(out, "keys") else out)[: params.max_length]
         if len(ids) < 2:
             continue
@@ -53,11 +58,11 @@ def run(ctx, params: Params) -> None:
             loss = model(input_ids=batch, labels=batch).loss.item()
         n = len(ids) - 1
         total_loss, total_tokens = total_loss + loss * n, total_tokens + n
-        examples.append({"row": i + 1, "tokens": n, "loss": loss})
+        scored.append({"row": i + 1, "tokens": n, "loss": loss})
         ctx.set_progress(i + 1, min(params.limit, ctx.dataset["rows"]))
         ctx.check_cancelled()
     if not total_tokens:
         raise DataError("no row had two or more tokens to score")
     mean = total_loss / total_tokens
     evaluation.record(ctx, {"loss": mean, "perplexity": math.exp(min(mean, 50)), "tokens": total_tokens,
-                            "rows": len(examples)}, examples)
+                            "rows": len(scored)}, scored)

@@ -23,14 +23,19 @@ class Params(BaseModel):
     limit: int = Field(500, ge=1, le=1_000_000, description="Pairs scored (from the start of the dataset).")
 
 
+def examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """The pairs as the reward model scores them: a prompt and two replies."""
+    return [formats.to_preference_pair(r) for r in rows]
+
+
 def run(ctx, params: Params) -> None:
     score = evaluation.reward_scorer(ctx.model["path"])
-    pairs = [formats.to_preference_pair(r) for r in ctx.rows()[: params.limit]]
+    pairs = examples(ctx.dataset["format"], ctx.rows()[: params.limit])
     prompts = [p.get("prompt", []) for p in pairs]
     chosen = score(prompts, [p["chosen"] for p in pairs])
     rejected = score(prompts, [p["rejected"] for p in pairs])
     margins = [c - r for c, r in zip(chosen, rejected, strict=True)]
-    examples = [{"row": i + 1, "chosen_reward": c, "rejected_reward": r, "margin": c - r}
+    scored = [{"row": i + 1, "chosen_reward": c, "rejected_reward": r, "margin": c - r}
                 for i, (c, r) in enumerate(zip(chosen, rejected, strict=True))]
     evaluation.record(ctx, {"accuracy": sum(m > 0 for m in margins) / len(margins),
-                            "mean_margin": sum(margins) / len(margins), "rows": len(margins)}, examples)
+                            "mean_margin": sum(margins) / len(margins), "rows": len(margins)}, scored)

@@ -61,14 +61,19 @@ def answers_of(info: dict, prompts, params: Params, log) -> list[str]:
     return out
 
 
+def examples(fmt: str, rows: list[dict]) -> list[list[dict]]:
+    """The prompts answered and scored: each row's prompt turns."""
+    return [formats.prompt_of(fmt, row) for row in rows]
+
+
 def run(ctx, params: Params) -> None:
     fmt = ctx.dataset["format"]
-    prompts = [formats.prompt_of(fmt, row) for row in ctx.rows()[: params.limit]]
+    prompts = examples(fmt, ctx.rows()[: params.limit])
     score = evaluation.reward_scorer(registry.info(ctx.settings, params.reward_model)["path"])
     ours = answers_of(ctx.model, prompts, params, ctx.log)
     ours_scores = score(prompts, ours)
     summary = {"mean_reward": sum(ours_scores) / len(ours_scores), "rows": len(prompts)}
-    examples = [{"row": i + 1, "prompt": p[-1]["content"], "answer": a, "reward": s}
+    scored = [{"row": i + 1, "prompt": p[-1]["content"], "answer": a, "reward": s}
                 for i, (p, a, s) in enumerate(zip(prompts, ours, ours_scores, strict=True))]
     if params.compare_to:
         other = registry.info(ctx.settings, params.compare_to)
@@ -76,7 +81,7 @@ def run(ctx, params: Params) -> None:
         theirs_scores = score(prompts, theirs)
         wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours_scores, theirs_scores, strict=True)]
         summary.update(other_mean_reward=sum(theirs_scores) / len(theirs_scores), win_rate=sum(wins) / len(wins))
-        for example, answer, s in zip(examples, theirs, theirs_scores, strict=True):
+        for example, answer, s in zip(scored, theirs, theirs_scores, strict=True):
             example.update(other_answer=answer, other_reward=s)
         ctx.log(f"[lab] {ctx.model['name']} against {other['name']}: win rate {summary['win_rate']:.3f}")
-    evaluation.record(ctx, summary, examples)
+    evaluation.record(ctx, summary, scored)

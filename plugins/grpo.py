@@ -131,6 +131,13 @@ class Samples:
         return scored
 
 
+def examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """The prompts GRPO samples answers to, with the reference answer where the format has one."""
+    return [{"prompt": formats.prompt_of(fmt, row),
+             "reference": "" if fmt == "preference" else formats.to_prompt_completion(fmt, row)["completion"][0][
+                 "content"]} for row in rows]
+
+
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
@@ -139,12 +146,10 @@ def run(ctx, params: Params) -> None:
     # 1. prompts (and the reference answer where the format has one)
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log, padding_side="left")
     fmt, rows = ctx.dataset["format"], []
-    for row in ctx.rows():
-        prompt = formats.prompt_of(fmt, row)
-        if len(tokenizer.apply_chat_template(prompt, tokenize=False)) > params.max_prompt_tokens * 4:
+    for example in examples(fmt, ctx.rows()):
+        if len(tokenizer.apply_chat_template(example["prompt"], tokenize=False)) > params.max_prompt_tokens * 4:
             continue  # a cheap length guard: about four characters per token
-        reference = "" if fmt == "preference" else formats.to_prompt_completion(fmt, row)["completion"][0]["content"]
-        rows.append({"prompt": prompt, "reference": reference})
+        rows.append(example)
     if not rows:
         raise DataError(f"no prompt is shorter than max_prompt_tokens={params.max_prompt_tokens}",
                         "raise max_prompt_tokens")

@@ -59,12 +59,17 @@ def unpaired(row: dict) -> list[dict]:
             {"prompt": pair["prompt"], "completion": pair["rejected"], "label": False}]
 
 
+def examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """The pairs as KTOTrainer gets them: two unpaired examples each."""
+    return [example for row in rows for example in unpaired(row)]
+
+
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import KTOConfig, KTOTrainer
 
-    data = Dataset.from_list([example for row in ctx.rows() for example in unpaired(row)]).shuffle(seed=params.seed)
+    data = Dataset.from_list(examples(ctx.dataset["format"], ctx.rows())).shuffle(seed=params.seed)
     ctx.log(f"[lab] {len(data)} examples ({len(data) // 2} desirable); beta {params.beta}")
     model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log)
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)

@@ -46,12 +46,17 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
     return modeling.not_causal(model) or preview.nothing_to_learn(settings, ID, model, dataset, params)
 
 
+def examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """The rows as the trainer gets them: a prompt and the chosen and rejected replies, as conversations."""
+    return [formats.to_preference_pair(r) for r in rows]
+
+
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    data = Dataset.from_list([formats.to_preference_pair(r) for r in ctx.rows()])
+    data = Dataset.from_list(examples(ctx.dataset["format"], ctx.rows()))
     ctx.log(f"[lab] {len(data)} training pairs; beta {params.beta}")
     model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log)
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)

@@ -94,6 +94,11 @@ class SampleLog:
                                     "score": float(row.get("score", float("nan")))}, ensure_ascii=False) + "\n")
 
 
+def examples(fmt: str, rows: list[dict]) -> list[list[dict]]:
+    """The prompts PPO samples answers to: each row's prompt turns."""
+    return [formats.prompt_of(fmt, row) for row in rows]
+
+
 def run(ctx, params: Params) -> None:
     import torch
     from datasets import Dataset
@@ -105,8 +110,8 @@ def run(ctx, params: Params) -> None:
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log, padding_side="left")
     fmt = ctx.dataset["format"]
     prompts = []
-    for row in ctx.rows():
-        ids = tokenizer.apply_chat_template(formats.prompt_of(fmt, row), add_generation_prompt=True, tokenize=True)
+    for prompt in examples(fmt, ctx.rows()):
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         if len(ids) <= params.max_prompt_tokens:
             prompts.append({"input_ids": ids})

@@ -141,6 +141,11 @@ def pack(data, tokenizer, block_size: int):
     return tokenized.map(group, batched=True, batch_size=1000)
 
 
+def examples(fmt: str, rows: list[dict]) -> list[str]:
+    """The texts the model reads (tokenized and cut into blocks)."""
+    return [r["text"] for r in rows]
+
+
 def run(ctx, params: Params) -> None:
     import torch
     from datasets import Dataset
@@ -150,7 +155,7 @@ def run(ctx, params: Params) -> None:
     torch.manual_seed(params.seed)
 
     # 1. tokenizer and model: trained/initialised from scratch, or the registered model's own
-    texts = [r["text"] for r in ctx.rows()]
+    texts = examples(ctx.dataset["format"], ctx.rows())
     if ctx.model is None:
         tokenizer = train_tokenizer(texts, params.vocab_size, params.objective)
         model = new_model(params.objective, params.size, tokenizer, params.block_size)

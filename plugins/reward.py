@@ -55,13 +55,18 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
     return preview.nothing_to_learn(settings, ID, model, dataset, params)
 
 
+def examples(fmt: str, rows: list[dict]) -> list[dict]:
+    """The rows as the trainer gets them: a prompt and the chosen and rejected replies, as conversations."""
+    return [formats.to_preference_pair(r) for r in rows]
+
+
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import RewardConfig, RewardTrainer
 
     # 1. data: pairs in TRL's conversational form (the chat template is applied by the trainer)
-    data = Dataset.from_list([formats.to_preference_pair(r) for r in ctx.rows()])
+    data = Dataset.from_list(examples(ctx.dataset["format"], ctx.rows()))
     train, held_out = data, None
     if params.eval_split > 0:
         split = data.train_test_split(test_size=params.eval_split, seed=params.seed)

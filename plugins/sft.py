@@ -90,6 +90,11 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
         settings, ID, model, dataset, params, also=" or turn off completion_only" if params.completion_only else "")
 
 
+def examples(fmt: str, rows: list[dict], completion_only: bool = True) -> list[dict]:
+    """The rows as SFTTrainer gets them: prompt/completion (the prompt masked) or whole conversations."""
+    return [preview.sft_example(fmt, row, completion_only) for row in rows]
+
+
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig, PeftModel
@@ -97,7 +102,7 @@ def run(ctx, params: Params) -> None:
 
     # 1. data: rows -> conversations (prompt/completion to mask the prompt, or whole messages)
     fmt = ctx.dataset["format"]
-    data = Dataset.from_list([preview.sft_example(fmt, row, params.completion_only) for row in ctx.rows()])
+    data = Dataset.from_list(examples(fmt, ctx.rows(), params.completion_only))
     train, evaluation = data, None
     if params.eval_split > 0:
         split = data.train_test_split(test_size=params.eval_split, seed=params.seed)

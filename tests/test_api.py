@@ -10,7 +10,7 @@ import pytest
 from conftest import wait_for_status, wait_until, write_jsonl
 from gradio_client import Client, handle_file
 
-from lab import registry, runs
+from lab import datasets, registry, runs
 
 API = {"submit_job", "list_jobs", "get_job", "cancel_job", "job_metrics", "list_models", "list_datasets",
        "upload_dataset"}
@@ -37,6 +37,15 @@ def test_a_client_uploads_trains_and_reads_metrics(ws, lab_server, tiny_model_di
                           api_name="/upload_dataset")
     assert (info["name"], info["format"], info["rows"]) == ("yes", "alpaca", 6)
     assert [d["name"] for d in client.predict(api_name="/list_datasets")] == ["yes"]
+    # a file with other column names and another encoding: mapped and decoded as asked
+    spam = tmp_path / "spam.csv"
+    spam.write_bytes("v1,v2\nham,caf\xe9 at 5\nspam,win \xa3100\n".encode("latin-1"))
+    with pytest.raises(Exception, match="not UTF-8"):
+        client.predict("spam", handle_file(str(spam)), "auto", api_name="/upload_dataset")
+    info = client.predict("spam", handle_file(str(spam)), "auto", "text=v2,label=v1", "latin-1",
+                          api_name="/upload_dataset")
+    assert (info["format"], info["rows"], info["notes"]) == ("classification", 2, [])
+    assert datasets.preview(ws, "spam", 1)[0] == {"text": "café at 5", "label": "ham"}
 
     job = client.predict("sft", "tiny", "yes", "api", json.dumps({"max_steps": 3}), 0, api_name="/submit_job")
     assert job["status"] == "queued" and job["experiment"] == "api"

@@ -53,6 +53,15 @@ def _file(tmp: Path, name: str, content: bytes | str) -> Path:
     return p
 
 
+def _zip(tmp: Path, member: str) -> Path:
+    import zipfile
+
+    path = tmp / "evil.zip"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(member, '{"text": "a"}\n')
+    return path
+
+
 def _model_folder(tmp: Path, src: Path, drop: tuple[str, ...], replace: dict[str, bytes] | None = None) -> Path:
     folder = tmp / "broken-model"
     folder.mkdir()
@@ -83,7 +92,7 @@ CASES = [
     ("empty text", lambda s, t, m: datasets.add(s, "d", _file(t, "et.jsonl", '{"text": ""}\n')), r"line 1"),
     ("non-UTF-8 bytes", lambda s, t, m: datasets.add(s, "d", _file(
         t, "latin.jsonl", '{"text": "caf\xe9"}\n'.encode("latin-1"))),
-     r"not UTF-8 text: undecodable byte 0xe9 on line 1"),
+     r"not UTF-8 text: byte 0xe9 on line 1 is not UTF-8(.|\n)*--encoding latin-1"),
     ("a 50 MB single line", lambda s, t, m: datasets.add(s, "d", _file(
         t, "big.jsonl", '{"text": "' + "a" * 50_000_000 + '"}')), r"line 1: 50\.0 million characters in one row"),
     ("a CSV with a ragged row", lambda s, t, m: datasets.add(s, "d", _file(
@@ -101,7 +110,28 @@ CASES = [
     ("an unsupported file type", lambda s, t, m: datasets.add(s, "d", _file(t, "sheet.xlsx", "x")),
      r"unsupported file type '\.xlsx'"),
     ("a file that does not exist", lambda s, t, m: datasets.add(s, "d", t / "missing.jsonl"), r"no such file"),
-    ("a folder given as a file", lambda s, t, m: datasets.add(s, "d", t), r"is a folder"),
+    ("a folder with no data files", lambda s, t, m: datasets.add(s, "d", _file(t, "README.md", "x").parent),
+     r"the folder inputs holds no data files"),
+    ("a mapping to a field no format reads", lambda s, t, m: datasets.add(
+        s, "d", _file(t, "m.csv", "sms,kind\nhi,ham\nyo,spam\n"), columns="body=sms,label=kind"),
+     r"'body' is not a field any format reads"),
+    ("a mapping that names a missing column", lambda s, t, m: datasets.add(
+        s, "d", _file(t, "m.csv", "sms,kind\nhi,ham\nyo,spam\n"), columns="text=message,label=kind"),
+     r"m.csv has no column 'message' to map(.|\n)*its columns are sms, kind"),
+    ("a mapping without '='", lambda s, t, m: datasets.add(
+        s, "d", _file(t, "m.csv", "sms,kind\nhi,ham\n"), columns="text:sms"), r"cannot read the column mapping"),
+    ("an unknown encoding", lambda s, t, m: datasets.add(s, "d", _file(t, "e.csv", "text\nhi\n"), encoding="klingon"),
+     r"unknown encoding 'klingon'"),
+    ("a split the folder lacks", lambda s, t, m: datasets.add(
+        s, "d", _file(t, "train.jsonl", '{"text": "a"}\n').parent, split="dev"),
+     r"has no split 'dev'(.|\n)*its splits are train"),
+    ("an empty split", lambda s, t, m: datasets.add(
+        s, "d", (_file(t, "train.jsonl", '{"text": "a"}\n'), _file(t, "test.jsonl", "\n\n"))[0].parent),
+     r"the split 'test' of the folder inputs holds no rows"),
+    ("a zip that unpacks outside its folder", lambda s, t, m: datasets.add(s, "d", _zip(t, "../x.jsonl")),
+     r"would unpack outside its folder"),
+    ("a split asked of a single file", lambda s, t, m: datasets.add(
+        s, "d", _file(t, "one.jsonl", '{"text": "a"}\n'), split="test"), r"one file: it has no splits"),
     ("an unknown format name", lambda s, t, m: datasets.add(s, "d", _file(t, "u.jsonl", '{"text": "a"}\n'),
                                                            fmt="yaml"), r"unknown format 'yaml'"),
     ("a duplicate dataset name", lambda s, t, m: datasets.add(s, "facts", write_jsonl(t / "f2.jsonl", GOOD_SFT)),

@@ -319,3 +319,33 @@ def test_text_from_users_and_files_never_runs_as_script(ws, lab_server, tiny_mod
     _shot(page, "xss-literal")
     assert dialogs == []
     assert page.locator("img[src=x]").count() == 0
+
+
+def test_a_csv_with_other_columns_and_encoding_is_mapped_on_the_page(ws, lab_server, tmp_path, page):
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    _tab(page, "Datasets")
+    # the SMS spam file as distributed: Latin-1 bytes, header v1,v2,,,
+    spam = tmp_path / "spam.csv"
+    spam.write_bytes(("v1,v2,,,\nham,Ok lar... Joking wif u oni,,,\nspam,Free entry: win \xa3100 now,,,\n"
+                      "ham,See you at the caf\xe9,,,\n").encode("latin-1"))
+    page.locator("#dataset-upload input[type=file]").set_input_files(str(spam))
+    said = _wait_for_text(page, "#dataset-columns", "cannot be read", 30)
+    assert "byte 0xa3 on line 3 is not UTF-8" in said and "--encoding latin-1" in said
+    page.locator("#dataset-encoding textarea, #dataset-encoding input").first.fill("latin-1")
+    page.locator("#dataset-encoding textarea, #dataset-encoding input").first.press("Enter")
+    said = _wait_for_text(page, "#dataset-columns", "look like", 30)
+    assert "Columns: v1, v2." in said and "classification" in said
+    assert page.locator("#map-text input").input_value() == "v2"
+    assert page.locator("#map-label input").input_value() == "v1"
+    page.locator("#dataset-check").click()
+    report = _wait_for_text(page, "#dataset-report", "Would import", 30)
+    assert "3 rows as classification" in report and "without a name and without data dropped" in report
+    assert "Free entry: win £100 now" in page.locator("#dataset-first").inner_text()
+    assert datasets.list_all(ws) == []  # a preview stores nothing
+    _shot(page, "datasets-mapping")
+    page.get_by_role("button", name="Import", exact=True).click()
+    report = _wait_for_text(page, "#dataset-report", "Imported", 30)
+    assert "3 rows, format classification, columns text, label" in report
+    assert datasets.preview(ws, "spam", 1)[0] == {"text": "Ok lar... Joking wif u oni", "label": "ham"}
+    _no_error_toast(page)

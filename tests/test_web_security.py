@@ -111,7 +111,7 @@ def test_upload_dataset_takes_only_uploaded_files(ws, tmp_path, payload):
     data = json.loads(json.dumps(payload).replace("{server}", str(private)))
     server = LabServer(ws.workspace, workers=0).start()
     try:
-        kind, stream = _call(server, "upload_dataset", ["stolen", data, "auto"])
+        kind, stream = _call(server, "upload_dataset", ["stolen", data, "auto", "", "", "", ""])
         assert kind == "error", stream
         assert "uploaded" in stream
         assert datasets.list_all(settings.load()) == []

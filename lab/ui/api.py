@@ -91,9 +91,13 @@ def register(ui: UI) -> None:
         return [_public(d) for d in datasets.list_all(s)]
 
     @api_errors
-    def upload_dataset(name: str, file: FileData, format: str) -> dict:  # noqa: A002 (the API's word)
-        """Validate an uploaded file and register it; `format` is 'auto' or a format name."""
-        return _public(datasets_tab.import_file(ui, file, name, format))
+    def upload_dataset(name: str, file: FileData, format: str, columns: str = "",  # noqa: A002 (the API's word)
+                       encoding: str = "", split: str = "", test_split: str = "") -> dict:
+        """Validate an uploaded file or zipped dataset folder and register it; `format` is 'auto' or a format name;
+        `columns` maps columns to fields (`text=v2,label=v1`); `encoding` names a file's encoding when it is not
+        UTF-8 or UTF-16; `split` and `test_split` pick a zipped folder's splits. The result's `notes` say what was
+        done beyond a plain import."""
+        return _public(datasets_tab.import_file(ui, file, name, format, columns, encoding, split, test_split))
 
     for fn in (submit_job, list_jobs, get_job, cancel_job, job_metrics, list_models, list_datasets,
                upload_dataset):

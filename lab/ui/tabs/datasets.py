@@ -8,20 +8,20 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from lab import datasets, formats, preview, registry
+from lab import datasets, formats, mapping, preview, registry, sources
 from lab.errors import LabError
 from lab.ui.common import UI, user_errors
 from lab.ui.html import error_box, md, ok_box, problems_box
 from lab.workspace import inside
 
-COLUMNS = ["name", "format", "rows", "columns", "created_at"]
+COLUMNS = ["name", "format", "rows", "held out", "columns", "created_at"]
 PAGE = 10
 
 
 def table(ui: UI) -> pd.DataFrame:
     rows = datasets.list_all(ui.settings)
-    return pd.DataFrame([{**{c: r[c] for c in COLUMNS}, "columns": ", ".join(r["columns"])} for r in rows],
-                        columns=COLUMNS)
+    return pd.DataFrame([{**{c: r.get(c) for c in COLUMNS}, "columns": ", ".join(r["columns"]),
+                          "held out": r["test_rows"] or ""} for r in rows], columns=COLUMNS)
 
 
 def names(ui: UI, accepts: tuple[str, ...] | None = None) -> list[str]:
@@ -66,24 +66,51 @@ def uploaded(file) -> Path:
     return Path(path).resolve()
 
 
-def import_file(ui: UI, file, name: str, fmt: str) -> dict:
-    """Validate and register an uploaded file (shared with the `upload_dataset` API)."""
+def _format(fmt: str | None) -> str | None:
+    return None if fmt in (None, "", "auto") else fmt
+
+
+def import_file(ui: UI, file, name: str, fmt: str, columns: str | dict | None = None, encoding: str | None = None,
+                split: str | None = None, test_split: str | None = None) -> dict:
+    """Validate and register an uploaded file or zipped dataset folder (shared with the `upload_dataset` API)."""
     path = uploaded(file)
     name = (name or "").strip() or path.stem.replace(" ", "-")
-    return datasets.add(ui.settings, name, path, None if fmt in (None, "", "auto") else fmt,
-                        source=f"upload {path.name}")
+    return datasets.add(ui.settings, name, path, _format(fmt), source=f"upload {path.name}", columns=columns,
+                        encoding=(encoding or "").strip() or None, split=(split or "").strip() or None,
+                        test_split=(test_split or "").strip() or None)
+
+
+def mapping_of(fmt: str | None, *chosen) -> dict[str, str]:
+    """The mapping the page's column pickers hold for format `fmt` (pickers of other formats are ignored)."""
+    fields = formats.fields_of(fmt) if fmt in formats.REQUIRED else ()
+    return {f: c for f, c in zip(formats.FIELDS, chosen, strict=True) if f in fields and c and c != f}
 
 
 def build(ui: UI) -> None:
     with gr.Row():
         with gr.Column(scale=1):
-            gr.Markdown("#### Import a dataset\nJSONL, JSON, CSV, Parquet or plain text. Every row is checked "
-                        "before anything is stored.")
-            upload = gr.File(label="File", file_types=[".jsonl", ".json", ".csv", ".parquet", ".txt"],
+            gr.Markdown("#### Import a dataset\nJSONL, JSON (ShareGPT too), CSV/TSV, Parquet, plain text, or a "
+                        "zipped dataset folder (save_to_disk, or split files). Every row is checked before anything "
+                        "is stored.")
+            upload = gr.File(label="File", file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".zip"],
                              type="filepath", elem_id="dataset-upload")
             name = gr.Textbox(label="Name", placeholder="taken from the file name when empty")
-            fmt = gr.Dropdown(label="Format", choices=["auto", *formats.FORMATS], value="auto",
-                              info="auto: detected from the columns")
+            fmt = gr.Dropdown(label="Format", choices=["auto", *formats.FORMATS, *formats.LAYOUTS], value="auto",
+                              info="auto: detected from the columns; pick one to map the columns yourself",
+                              elem_id="dataset-format")
+            with gr.Accordion("Columns, encoding and splits", open=False) as options:
+                found_columns = gr.Markdown(elem_id="dataset-columns")
+                pickers = [gr.Dropdown(label=f"Column for {f}", choices=[("(none)", "")], value="",
+                                       visible=False, elem_id=f"map-{f}") for f in formats.FIELDS]
+                with gr.Row():
+                    encoding = gr.Textbox(label="Encoding", placeholder="auto: UTF-8 or UTF-16",
+                                          info="for other text files, e.g. latin-1, cp1252",
+                                          elem_id="dataset-encoding")
+                    split = gr.Textbox(label="Split to train on", placeholder="train", info="a zipped folder's")
+                    test_split = gr.Textbox(label="Held-out split", placeholder="test, else validation",
+                                            info="`none` keeps none")
+                check = gr.Button("Preview the import", elem_id="dataset-check")
+                checked = gr.JSON(label="First rows as they would be stored", visible=False, elem_id="dataset-first")
             go = gr.Button("Import", variant="primary")
             report = gr.HTML(elem_id="dataset-report")
         with gr.Column(scale=2):
@@ -121,17 +148,91 @@ def build(ui: UI) -> None:
     sample = gr.HTML(elem_id="token-sample")
     ui["ds_chosen"], ui["ds_model"] = chosen, model
 
-    def on_import(file, nm, f):
+    read_inputs = [upload, fmt, encoding, split, test_split, *pickers]
+
+    def on_import(file, nm, f, enc, sp, tsp, *chosen_columns):
         try:
-            info = import_file(ui, file, nm, f)
+            info = import_file(ui, file, nm, f, mapping_of(f, *chosen_columns), enc, sp, tsp)
         except LabError as exc:
             return problems_box(exc, "Nothing was stored."), table(ui), gr.update(), None
-        msg = (f"Imported {info['name']}: {info['rows']} rows, format {info['format']}, "
-               f"columns {', '.join(info['columns'])}")
+        held = f", {info['test_rows']} held out for evaluation" if info["test_rows"] is not None else ""
+        msg = (f"Imported {info['name']}: {info['rows']} rows{held}, format {info['format']}, "
+               f"columns {', '.join(info['columns'])}" + "".join(f"\nNote: {n}" for n in info["notes"]))
         return ok_box(msg), table(ui), gr.update(choices=names(ui), value=info["name"]), None
 
     # the file box is emptied after each try, ready for the next file; the report names what was tried
-    go.click(on_import, [upload, name, fmt], [report, ui["ds_table"], chosen, upload])
+    go.click(on_import, [*read_inputs[:1], name, *read_inputs[1:]], [report, ui["ds_table"], chosen, upload])
+
+    def pickers_for(fmt_now: str | None, columns: list[str], given: dict[str, str]) -> list:
+        """The column pickers of format `fmt_now`, filled with `given` or a column of the field's own name."""
+        fields = formats.fields_of(fmt_now) if fmt_now in formats.REQUIRED else ()
+        choices = [("(none)", ""), *[(c, c) for c in columns]]
+        return [gr.update(visible=f in fields, choices=choices,
+                          value=given.get(f) or (f if f in columns else "")) for f in formats.FIELDS]
+
+    def on_file(file, f, enc, sp, tsp, *_):
+        """A new file: its columns, and when its format cannot be told from them, a guessed mapping to check."""
+        if not file:
+            return ["", gr.update(visible=False), gr.update(), gr.update(open=False), *pickers_for(None, [], {})]
+        try:
+            src = sources.read(uploaded(file), encoding=(enc or "").strip() or None, split=(sp or "").strip() or None,
+                               test_split=(tsp or "").strip() or None)
+        except LabError as exc:
+            return [f"**The file cannot be read as it is**: {md(exc)}", gr.update(visible=False), gr.update(),
+                    gr.update(open=True), *pickers_for(None, [], {})]
+        columns = datasets.columns_of(src.train.rows)
+        detected = formats.detect(columns)
+        text = f"Columns: {md(', '.join(columns) or '(none)')}."
+        if _format(f) is None and detected is None:
+            guess = mapping.suggest(columns, src.train.rows)
+            if guess is None:
+                text += " The format cannot be told from them: pick a format and map its fields to the columns."
+                return [text, gr.update(visible=False), gr.update(), gr.update(open=True), *pickers_for(None, [], {})]
+            text += (f" The format cannot be told from their names; they look like **{guess[0]}**, mapped as "
+                     "below: check, then Preview or Import.")
+            return [text, gr.update(visible=False), gr.update(value=guess[0]), gr.update(open=True),
+                    *pickers_for(guess[0], columns, guess[1])]
+        text += f" Format {_format(f) or detected}" + (" (detected)." if _format(f) is None else ".")
+        guess = mapping.suggest(columns, src.train.rows) if _format(f) else None
+        given = guess[1] if guess and guess[0] == _format(f) else {}
+        return [text, gr.update(visible=False), gr.update(), gr.update(),
+                *pickers_for(_format(f) or detected, columns, given)]
+
+    def on_upload(file, f, *rest):
+        """A new file starts from a detected format: a format guessed for the previous file does not stick."""
+        out = on_file(file, "auto", *rest)
+        return [*out[:2], gr.update(value="auto") if out[2] == gr.update() else out[2], *out[3:]]
+
+    upload.change(on_upload, read_inputs, [found_columns, checked, fmt, options, *pickers])
+    # typed options are read when the field is left or Enter is pressed, not at every key
+    gr.on([e for box in (encoding, split, test_split) for e in (box.submit, box.blur)], on_file, read_inputs,
+          [found_columns, checked, fmt, options, *pickers])
+
+    def on_format(file, f, *_):
+        """Another format picked: its fields' pickers, over the file's columns."""
+        columns: list[str] = []
+        if file:
+            try:
+                columns = datasets.columns_of(sources.read(uploaded(file)).train.rows)
+            except LabError:
+                columns = []
+        return pickers_for(_format(f), columns, {})
+
+    fmt.input(on_format, [upload, fmt], pickers)
+
+    def on_check(file, f, enc, sp, tsp, *chosen_columns):
+        try:
+            found = datasets.check(uploaded(file), _format(f), columns=mapping_of(f, *chosen_columns),
+                                   encoding=(enc or "").strip() or None, split=(sp or "").strip() or None,
+                                   test_split=(tsp or "").strip() or None)
+        except LabError as exc:
+            return problems_box(exc, "Nothing was stored."), gr.update(visible=False)
+        held = f", {found['test_rows']} held out for evaluation" if found["test_rows"] is not None else ""
+        msg = (f"Would import {found['rows']} rows{held} as {found['format']}, columns "
+               f"{', '.join(found['columns'])}" + "".join(f"\nNote: {n}" for n in found["notes"]))
+        return ok_box(msg), gr.update(value=found["first"], visible=True)
+
+    check.click(on_check, read_inputs, [report, checked])
 
     @user_errors
     def on_browse(nm, pg):

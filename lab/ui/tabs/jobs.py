@@ -31,6 +31,8 @@ def table(ui: UI, experiment: str | None, status: str | None) -> pd.DataFrame:
         progress = ""
         if j["total_steps"]:
             progress = f"{j['step']}/{j['total_steps']} ({100 * j['step'] / j['total_steps']:.0f}%)"
+        if j.get("phase"):  # what a running job is doing now: loading, training, evaluating, saving, ...
+            progress = f"{j['phase']} {progress}".strip()
         out.append({
             "id": j["id"], "experiment": j["experiment"], "plugin": j["plugin"], "model": j["model"] or "",
             "dataset": j["dataset"] or "", "status": j["status"] + (" (cancelling)" if j["cancel_requested"]

@@ -43,7 +43,7 @@ def build(ui: UI) -> None:
     with gr.Row(equal_height=True):
         with gr.Column(scale=3):
             command = gr.Code(label="The same job from the command line", language="shell", interactive=False,
-                              elem_id="train-command", wrap_lines=True, lines=3)
+                              elem_id="train-command", wrap_lines=True, lines=1)
         with gr.Column(scale=2):
             estimate = gr.Markdown(elem_id="train-estimate")
     evaluators = [p for p in found.values() if p.kind == "eval"]
@@ -106,7 +106,8 @@ def build(ui: UI) -> None:
     plugin.input(on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
     ui["train_after"] = (on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
 
-    def on_preview(n_processes, n_devices, n_attempts, n_minutes, pid, model_name, ds_name, prio, experiment, values):
+    def on_preview(n_processes, n_devices, n_attempts, n_minutes, evaluator, eval_ds, pid, model_name, ds_name, prio,
+                   experiment, values):
         """The command line and the estimate for the form as it is. It leaves the launch message alone: a late
         estimate must not wipe out the answer to a launch made after it."""
         if not pid:
@@ -122,7 +123,7 @@ def build(ui: UI) -> None:
         except (TypeError, ValueError):
             extra = {}
         cmd = runs.command_line(pid, changed, model_name, ds_name, experiment or "default", int(prio or 0),
-                                **extra)
+                                then_eval=follow_up(evaluator, eval_ds), **extra)
         if not (model_name and ds_name):
             return cmd, "Pick a model and a dataset to see the estimate."
         try:
@@ -161,9 +162,10 @@ def build(ui: UI) -> None:
 
     preview_inputs = [plugin, model, dataset, priority, ui["experiment"], values_of]
     resource_inputs = [processes, devices, attempts, time_limit]
-    gr.on([c.change for c in [*resource_inputs, *preview_inputs]], on_preview, [*resource_inputs, *preview_inputs],
+    command_inputs = [*resource_inputs, then_eval, eval_dataset, *preview_inputs]
+    gr.on([c.change for c in command_inputs], on_preview, command_inputs,
           [command, estimate], trigger_mode="always_last", show_progress="hidden")
-    ui["train_preview"] = (on_preview, [*resource_inputs, *preview_inputs], [command, estimate])
+    ui["train_preview"] = (on_preview, command_inputs, [command, estimate])
 
     def resources(n_processes, n_devices, n_attempts, n_minutes) -> dict:
         return {"processes": int(n_processes or 1), "max_attempts": int(n_attempts or 1),

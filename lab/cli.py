@@ -114,10 +114,41 @@ def models_export(
 
 
 @models_app.command("add")
-def models_add(name: str, path: Path, workspace: WorkspaceOpt = None):
-    """Register a local Hugging Face model folder (it stays where it is)."""
-    info = registry.add_folder(_settings(workspace), name, path)
-    out.print(f"registered model {info['name']}: {info['architecture']}, {_size(info['parameters'])} parameters")
+def models_add(
+    name: str,
+    path: Annotated[str, typer.Argument(help="A model or adapter folder, or a hub id in the local HF cache "
+                                             "(ORG/NAME[@REVISION]).")],
+    base: Annotated[str | None, typer.Option("--base", help="An adapter's base: a registered model [default: the "
+                                                            "one its adapter_config.json names].")] = None,
+    workspace: WorkspaceOpt = None,
+):
+    """Register a local Hugging Face model folder, a model from the local HF cache, or a PEFT adapter with its base
+    (it stays where it is; nothing is downloaded)."""
+    s = _settings(workspace)
+    before = {m["name"] for m in registry.list_all(s)}
+    info = registry.add_folder(s, name, path, base=base)
+    for new in sorted({m["name"] for m in registry.list_all(s)} - before - {name}):
+        out.print(f"registered its base as model {new}", markup=False)
+    where = f" from the cache at {info['revision'][:12]}" if info["revision"] else ""
+    on = f" on {info['base_model']}" if info["base_model"] else ""
+    out.print(f"registered {'adapter' if info['kind'] == 'adapter' else 'model'} {info['name']}{on}{where}: "
+              f"{info['architecture']}, {_size(info['parameters'])} parameters", markup=False)
+
+
+@models_app.command("scan")
+def models_scan(as_json: JsonOpt = False):
+    """List the models on this machine: the local Hugging Face cache, LM Studio's and Ollama's GGUF files."""
+    from lab import local_models
+
+    found = local_models.scan()
+    if as_json:
+        return _print_json(found)
+    for f in found:
+        f["size"] = f"{f['size'] / 2**20:,.1f} MiB"
+        f["register with"] = (f"lab models add NAME {f['id']}" if f["where"] == "hf-cache" and f["format"] == "hf"
+                              else f"lab models import-gguf NAME {f['path']}")
+    _table(found, ["where", "id", "format", "architecture", "size", "register with"], "models on this machine")
+    out.print("searched: " + "; ".join(local_models.searched()), markup=False)
 
 
 @models_app.command("import-gguf")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import struct
 from importlib import metadata
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from lab import local_models
 from lab.db import read_session, session
 from lab.errors import LabError
 from lab.settings import Settings
@@ -29,6 +31,28 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
 # --- reading a folder ------------------------------------------------------------------------------------------
+
+
+def _bin_parameters(files: list[Path]) -> int | None:
+    """Parameter count of `pytorch_model*.bin` files, memory-mapped (weights_only: no code from the file runs)."""
+    import torch
+
+    total = 0
+    for f in files:
+        try:
+            state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # torch raises several types for a damaged or foreign file
+            raise LabError(f"{f} is not a readable PyTorch weights file ({str(exc)[:200]})",
+                           "the file is damaged or was cut short: copy or save the model again") from None
+        total += sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    return total or None
+
+
+def _parameters(weights: list[Path]) -> int | None:
+    safetensors = [w for w in weights if w.suffix == ".safetensors"]
+    if safetensors:
+        return _safetensors_parameters(safetensors)
+    return _bin_parameters([w for w in weights if w.suffix == ".bin"])
 
 
 def _safetensors_parameters(files: list[Path]) -> int | None:
@@ -90,10 +114,8 @@ def describe_folder(path: Path) -> dict:
         if not weights:
             raise LabError(f"{path} has adapter_config.json but no adapter weights (adapter_model.safetensors)")
         cfg = _json_object(path / "adapter_config.json")
-        safetensors = [w for w in weights if w.suffix == ".safetensors"]
         return {"kind": "adapter", "architecture": f"{cfg.get('peft_type', 'LORA')} adapter",
-                "parameters": _safetensors_parameters(safetensors) if safetensors else None,
-                "base_model": cfg.get("base_model_name_or_path")}
+                "parameters": _parameters(weights), "base_model": cfg.get("base_model_name_or_path")}
     if not (path / "config.json").is_file():
         raise LabError(f"{path} is not a Hugging Face model folder: config.json is missing")
     weights = [w for pattern in WEIGHT_PATTERNS for w in sorted(path.glob(pattern))]
@@ -108,9 +130,7 @@ def describe_folder(path: Path) -> dict:
     kind = "full"
     if arch.endswith("ForSequenceClassification"):
         kind = "reward" if cfg.get("num_labels", len(cfg.get("id2label", {}) or {}) or 2) == 1 else "classifier"
-    safetensors = [w for w in weights if w.suffix == ".safetensors"]
-    return {"kind": kind, "architecture": arch,
-            "parameters": _safetensors_parameters(safetensors) if safetensors else None, "base_model": None}
+    return {"kind": kind, "architecture": arch, "parameters": _parameters(weights), "base_model": None}
 
 
 def fingerprint_folder(path: Path) -> str:
@@ -142,14 +162,8 @@ def model_fields(folder: Path, path: Path, source: str) -> dict:
             "fingerprint": fingerprint_folder(folder)}
 
 
-def _row(name: str, folder: Path, path: Path, source: str) -> Model:
-    return Model(name=name, **model_fields(folder, path, source))
-
-
-def _register(settings: Settings, name: str, path: Path, source: str) -> dict:
-    with session(settings) as s:
-        s.add(_row(name, path, path, source))
-    return info(settings, name)
+def _row(name: str, folder: Path, path: Path, source: str, **extra) -> Model:
+    return Model(name=name, **model_fields(folder, path, source), **extra)
 
 
 def _taken(settings: Settings, name: str) -> bool:
@@ -157,7 +171,7 @@ def _taken(settings: Settings, name: str) -> bool:
         return s.scalar(select(Model.id).where(Model.name == name)) is not None
 
 
-def _publish(settings: Settings, name: str, source: str, build) -> dict:
+def _publish(settings: Settings, name: str, source: str, build, **extra) -> dict:
     """Build a model into workspace/models/<name> with `build(folder)`, then publish the folder and write its row
     in one step (see workspace.staging: an interrupted build is cleared by the next run of the same command)."""
     final = models_dir(settings) / name
@@ -166,7 +180,7 @@ def _publish(settings: Settings, name: str, source: str, build) -> dict:
         with session(settings) as s:
             with staging(final, "model", registered=lambda: _taken(settings, name)) as tmp:
                 build(tmp)
-                s.add(_row(name, tmp, final, source))
+                s.add(_row(name, tmp, final, source, **extra))
                 s.flush()  # a taken name fails here, before the folder is moved into place
             published = True
     except Exception:
@@ -180,14 +194,109 @@ def write_model_json(folder: Path, **fields) -> None:
     (folder / "model.json").write_text(json.dumps(fields, indent=2) + "\n")
 
 
-def add_folder(settings: Settings, name: str, path: str | Path) -> dict:
-    """Register a local HF folder in place (it is not copied)."""
-    _ensure_free(settings, name)
+def _where(path: str | Path) -> tuple[Path, str | None, str | None]:
+    """A model given as a folder, a hub id in the local cache (ORG/NAME[@REVISION]) or a cache entry folder
+    (models--org--name): its folder, and the hub id and commit when known."""
+    text = str(path)
+    if local_models.looks_like_hub_id(text.partition("@")[0]):
+        folder, commit = local_models.resolve(text)
+        return folder, text.partition("@")[0], commit
     folder = Path(path).expanduser().resolve()
-    if describe_folder(folder)["kind"] == "adapter":
-        raise LabError(f"{folder} is an adapter, not a model",
-                       "adapters are registered from the runs that produce them; register the base model instead")
-    return _register(settings, name, folder, "local")
+    if local_models.is_cache_entry(folder):
+        snapshot, commit, hub_id = local_models.resolve_entry(folder)
+        return snapshot, hub_id, commit
+    return folder, None, None
+
+
+def add_folder(settings: Settings, name: str, path: str | Path, base: str | None = None) -> dict:
+    """Register a local HF folder in place (it is not copied): a model, or a PEFT adapter with its base. `path`
+    may also be a hub id in the local Hugging Face cache, or a cache entry folder; the snapshot's commit is kept.
+    An adapter's base is `base` (a registered model), else the one its adapter_config.json names."""
+    _ensure_free(settings, name)
+    folder, hub_id, commit = _where(path)
+    desc = describe_folder(folder)
+    if desc["kind"] == "adapter":
+        return _add_adapter(settings, name, folder, desc, base, hub_id, commit)
+    if base:
+        raise LabError(f"{folder} is a model, not an adapter: --base goes with an adapter folder")
+    with session(settings) as s:
+        s.add(Model(name=name, hub_id=hub_id, revision=commit,
+                    **model_fields(folder, folder, "hub" if hub_id else "local")))
+    return info(settings, name)
+
+
+def _base_for(settings: Settings, named: str, adapter: Path) -> tuple[Model | None, str]:
+    """The registered model an adapter's base_model_name_or_path names: by name, by hub id, or by folder. None
+    with how to register it (a hub id in the cache, or a folder), or a LabError when it is nowhere."""
+    with read_session(settings) as s:
+        rows = list(s.scalars(select(Model).where(Model.kind != "adapter")))
+    for row in rows:
+        if named in (row.name, row.hub_id):
+            return row, ""
+    candidate = Path(named).expanduser()
+    if not candidate.is_absolute():
+        candidate = adapter / candidate
+    if candidate.is_dir():
+        for row in rows:
+            if Path(row.path).resolve() == candidate.resolve():
+                return row, ""
+        return None, str(candidate.resolve())
+    if local_models.looks_like_hub_id(named):
+        try:
+            local_models.resolve(named)
+            return None, named
+        except LabError:
+            pass
+    raise LabError(f"the adapter's base {named!r} is nowhere: not a registered model, not in the local Hugging "
+                   f"Face cache ({local_models.hub_cache()}), not a folder",
+                   "register the base first (lab models add NAME FOLDER_OR_HUB_ID), then pass --base NAME")
+
+
+def _free_name(settings: Settings, wanted: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", wanted).strip("-.")[:56] or "base"
+    name, n = stem, 1
+    while _taken(settings, name):
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
+def _add_adapter(settings: Settings, name: str, folder: Path, desc: dict, base: str | None, hub_id: str | None,
+                 commit: str | None) -> dict:
+    """An adapter trained elsewhere, copied into the workspace (adapters are small; the copy travels with the
+    workspace and holds the base's tokenizer when the adapter has none) and registered with its base, which is
+    registered first when the adapter names a cached hub id or a folder the registry does not hold yet."""
+    if base:
+        row = get(settings, base)
+        if row.kind == "adapter":
+            raise LabError(f"{base} is an adapter: an adapter's base is a full model")
+    else:
+        named = desc.get("base_model")
+        if not named:
+            raise LabError(f"{folder}'s adapter_config.json names no base model",
+                           "name it: --base NAME (a registered model)")
+        row, to_register = _base_for(settings, named, folder)
+        if row is None:
+            new = _free_name(settings, Path(to_register).name if "/" not in to_register or Path(
+                to_register).is_dir() else to_register.split("/")[-1])
+            add_folder(settings, new, to_register)
+            row = get(settings, new)
+    if row.kind not in ("full",):
+        raise LabError(f"{row.name} is a {row.kind} model: an adapter goes on a causal language model")
+    base_path = Path(row.path)
+
+    def build(tmp: Path) -> None:
+        """The adapter as a run keeps one: its files, and the base's tokenizer when it brought none."""
+        shutil.copytree(folder, tmp, dirs_exist_ok=True, symlinks=False)
+        if not any((tmp / f).is_file() for f in TOKENIZER_FILES):
+            for f in base_path.iterdir():
+                if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges"))
+                                    or f.name in ("chat_template.jinja", "chat_template.json")):
+                    shutil.copyfile(f, tmp / f.name)
+        write_model_json(tmp, name=name, kind="adapter", source=str(folder), base=row.name)
+
+    return _publish(settings, name, "hub" if hub_id else "local", build, hub_id=hub_id, revision=commit,
+                    base_model_id=row.id)
 
 
 def _check_gguf(file: Path) -> None:
@@ -333,6 +442,7 @@ def _info(row: Model, bases: dict[int, Model]) -> dict:
             "architecture": row.architecture, "parameters": row.parameters, "path": row.path,
             "base_model": base.name if base else None, "base_path": base.path if base else None,
             "base_model_id": row.base_model_id, "job_id": row.job_id, "fingerprint": row.fingerprint,
+            "hub_id": row.hub_id, "revision": row.revision,
             "created_at": row.created_at.isoformat(timespec="seconds")}
 
 

@@ -46,7 +46,9 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     path: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(32))  # full, adapter, reward, classifier
-    source: Mapped[str] = mapped_column(String(32))  # local, gguf, starter, tiny, run
+    source: Mapped[str] = mapped_column(String(32))  # local, hub (the local HF cache), gguf, starter, tiny, run
+    hub_id: Mapped[str | None] = mapped_column(String(256), nullable=True)  # ORG/NAME when known (cache, adapter)
+    revision: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the cached snapshot's commit
     architecture: Mapped[str] = mapped_column(String(128), default="")
     parameters: Mapped[int | None] = mapped_column(Integer, nullable=True)
     base_model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"), nullable=True)

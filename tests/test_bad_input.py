@@ -130,6 +130,10 @@ CASES = [
      r"the split 'test' of the folder inputs holds no rows"),
     ("a zip that unpacks outside its folder", lambda s, t, m: datasets.add(s, "d", _zip(t, "../x.jsonl")),
      r"would unpack outside its folder"),
+    ("a hub id not in the local cache", lambda s, t, m: registry.add_folder(s, "m", "acme/definitely-missing"),
+     r"acme/definitely-missing is not in the local Hugging Face cache"),
+    ("--base for a model that is not an adapter", lambda s, t, m: registry.add_folder(s, "m", m, base="x"),
+     r"is a model, not an adapter"),
     ("a split asked of a single file", lambda s, t, m: datasets.add(
         s, "d", _file(t, "one.jsonl", '{"text": "a"}\n'), split="test"), r"one file: it has no splits"),
     ("an unknown format name", lambda s, t, m: datasets.add(s, "d", _file(t, "u.jsonl", '{"text": "a"}\n'),

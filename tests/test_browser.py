@@ -349,3 +349,31 @@ def test_a_csv_with_other_columns_and_encoding_is_mapped_on_the_page(ws, lab_ser
     assert "3 rows, format classification, columns text, label" in report
     assert datasets.preview(ws, "spam", 1)[0] == {"text": "Ok lar... Joking wif u oni", "label": "ham"}
     _no_error_toast(page)
+
+
+def test_models_on_this_machine_are_found_and_registered_from_the_page(ws, lab_server, tmp_path, monkeypatch,
+                                                                      tiny_model_dir, page):
+    from test_local_models import COMMIT, fake_cache
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # the server inherits it
+    monkeypatch.setenv("LMSTUDIO_MODELS", str(tmp_path / "none"))
+    monkeypatch.setenv("OLLAMA_MODELS", str(tmp_path / "none"))
+    fake_cache(tmp_path / "hf" / "hub", "acme/tiny-chat", tiny_model_dir)
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    _tab(page, "Models")
+    page.get_by_text("Models on this machine").click()
+    page.locator("#models-scan").click()
+    _wait_for_text(page, "#models-found", "acme/tiny-chat", 30)
+    _choose(page, "models-found-pick", "hf-cache: acme/tiny-chat")
+    page.locator("#models-found-name textarea, #models-found-name input").first.fill("smol")
+    page.locator("#models-found-add").click()
+    for _ in range(60):
+        if "smol" in {m["name"] for m in registry.list_all(ws)}:
+            break
+        page.wait_for_timeout(500)
+    _shot(page, "models-found")
+    info = registry.info(ws, "smol")
+    assert (info["hub_id"], info["revision"]) == ("acme/tiny-chat", COMMIT)
+    _shot(page, "models-found")
+    _no_error_toast(page)

@@ -223,6 +223,12 @@ def leaderboard(settings: Settings, job_ids: list[int]) -> tuple[list[str], list
     return ["run", "status", *ordered], [dict(rows[j], id=j) for j in job_ids], best
 
 
+def shown_columns(columns: list[str], diagnostics: bool = False) -> list[str]:
+    """The leaderboard's columns as shown: scores and losses (metrics with a better direction) by default;
+    diagnostics (gradient norm, entropy, KL, log-probabilities, speed) only when asked."""
+    return [c for c in columns if diagnostics or c in ("run", "status") or direction(c) is not None]
+
+
 def config_diff(settings: Settings, job_ids: list[int], only_differences: bool = True) -> tuple[list[str], list[dict]]:
     """One row per setting (plugin, model, dataset and every parameter), one column per run; by default only the
     settings whose values differ."""

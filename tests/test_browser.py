@@ -377,3 +377,37 @@ def test_models_on_this_machine_are_found_and_registered_from_the_page(ws, lab_s
     assert (info["hub_id"], info["revision"]) == ("acme/tiny-chat", COMMIT)
     _shot(page, "models-found")
     _no_error_toast(page)
+
+
+def test_the_run_page_shows_the_phase_a_ticking_time_and_the_second_attempt(ws, lab_server, page):
+    import os
+    import signal
+
+    job_id = runs.submit(ws, "sleeping", params={"seconds": "120"}, max_attempts=2)
+    lab_server.start()
+    run_dir = None
+    for _ in range(120):  # the first attempt is running: kill its process as the kernel or a user would
+        job = runs.get_job(ws, job_id)
+        if job["status"] == "running" and job["run_dir"] and (Path(job["run_dir"]) / "pid.txt").is_file():
+            run_dir = Path(job["run_dir"])
+            break
+        page.wait_for_timeout(500)
+    assert run_dir is not None, "the job never started"
+    first = int((run_dir / "pid.txt").read_text())
+    os.kill(first, signal.SIGKILL)
+    for _ in range(120):
+        job = runs.get_job(ws, job_id)
+        pid = (run_dir / "pid.txt").read_text() if (run_dir / "pid.txt").is_file() else ""
+        if job["status"] == "running" and job["attempts"] == 2 and pid and int(pid) != first:
+            break
+        page.wait_for_timeout(500)
+    assert job["attempts"] == 2 and job["status"] == "running", job
+    page.goto(f"{lab_server.url}?job={job_id}")
+    head = _wait_for_text(page, "#run-head", "attempt 2 of 2", 30)
+    assert "Earlier starts: attempt 1 of 2 killed by SIGKILL" in head
+    assert page.locator("#run-head .run-phase").inner_text() == "loading the model and data"
+    ran = re.search(r"ran (\d+:\d+(:\d+)?)", head).group(1)
+    later = _wait_for_text(page, "#run-head", rf"ran (?!{ran}\b)\d+:\d+", 15)  # the time ticks between steps
+    assert "running" in later
+    _no_error_toast(page)
+    _shot(page, "run-second-attempt")

@@ -69,6 +69,10 @@ def test_diagnostics_are_never_marked_best_and_the_scores_come_first(ws):
     assert best["loss"] == a and best["eval_accuracy"] == a
     assert columns[2:5] == ["eval_accuracy", "loss", "best eval_accuracy"], columns
     assert columns.index("grad_norm") > columns.index("best loss"), "diagnostics last"
+    shown = compare.shown_columns(columns)
+    assert "grad_norm" not in shown and "entropy" not in shown and {"run", "status", "loss", "eval_accuracy"} <= set(
+        shown), "diagnostics only when asked"
+    assert compare.shown_columns(columns, diagnostics=True) == columns
 
 def test_curves_downsample_keeping_extremes_and_align_on_tokens(ws):
     values = [float(i % 50) for i in range(3000)]

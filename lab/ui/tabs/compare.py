@@ -55,6 +55,8 @@ def build(ui: UI) -> None:
     chart = gr.Plot(label="Curves", elem_id="compare-chart")
     gr.Markdown("#### Leaderboard\nFinal value of every metric, the best value of those that moved, and the scores "
                 "of evaluations of each run's output; the best cell of each column is marked.")
+    diagnostics = gr.Checkbox(label="Also show diagnostics (gradient norm, entropy, KL, log-probabilities, speed: "
+                                    "metrics with no better direction)", value=False, elem_id="compare-diagnostics")
     board = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-board", max_height=400)
     with gr.Row():
         rank_by = gr.Dropdown(label="Best run by", choices=[], scale=2)
@@ -93,11 +95,12 @@ def build(ui: UI) -> None:
     def ids_of(values) -> list[int]:
         return [int(v) for v in values or []]
 
-    def on_runs(values, current_key):
+    def on_runs(values, current_key, show_diagnostics=False):
         ids = ids_of(values)
         keys = compare.keys(ui.settings, ids)
         metric = current_key if current_key in keys else ("loss" if "loss" in keys else (keys[0] if keys else None))
         columns, rows, best = compare.leaderboard(ui.settings, ids)
+        columns = compare.shown_columns(columns, bool(show_diagnostics))
         ranked = [c for c in columns if c in best]
         # rank by an evaluation score when there is one, else by the final loss
         default = next((c for c in ranked if c.startswith("eval")), "loss" if "loss" in ranked else None)
@@ -108,7 +111,8 @@ def build(ui: UI) -> None:
                 pd.DataFrame(diff_rows, columns=diff_cols) if ids else None,
                 ("#### Lineage\n" + lines) if lines else "")
 
-    chosen.change(user_errors(on_runs), [chosen, key], [key, board, rank_by, diff, lineage])
+    chosen.change(user_errors(on_runs), [chosen, key, diagnostics], [key, board, rank_by, diff, lineage])
+    diagnostics.change(user_errors(on_runs), [chosen, key, diagnostics], [key, board, rank_by, diff, lineage])
 
     def on_chart(values, metric, axis, weight, log):
         ids = ids_of(values)

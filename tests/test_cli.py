@@ -127,3 +127,23 @@ def test_a_run_is_repeated_from_its_job_json(ws):
     assert second != first and b["status"] == "completed"
     assert (b["plugin"], b["experiment"], b["params"]) == (a["plugin"], a["experiment"], a["params"])
     assert lab_cli("run", "--from-job-json", "/no/job.json").returncode == 2
+
+
+def test_the_train_page_s_command_line_queues_the_same_job_and_its_evaluation(ws, tmp_path, tiny_model_dir):
+    import shlex
+
+    from jobs import queue
+    from lab import datasets, registry
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "facts", write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a", "completion": "b"}] * 4))
+    follow = {"plugin": "eval-perplexity", "dataset": "facts", "params": {"limit": 3}}
+    line = runs.command_line("sft", {"max_steps": 2}, "tiny", "facts", "cmd", priority=3, max_attempts=2,
+                             then_eval=follow)
+    assert "--then-eval eval-perplexity --eval-dataset facts --eval-set limit=3" in line
+    args = shlex.split(line)
+    assert args[:2] == ["lab", "run"]
+    done = lab_cli(*args[1:], check=True)
+    job = queue.get(ws, int(done.stdout.strip().splitlines()[-1]))
+    assert (job.plugin, job.priority, job.max_attempts, job.params["max_steps"]) == ("sft", 3, 2, 2)
+    assert job.follow_up["plugin"] == "eval-perplexity" and job.follow_up["params"]["limit"] == 3

@@ -204,9 +204,15 @@ def build(ui: UI) -> None:
         return [*out[:2], gr.update(value="auto") if out[2] == gr.update() else out[2], *out[3:]]
 
     upload.change(on_upload, read_inputs, [found_columns, checked, fmt, options, *pickers])
+    def on_option(*args):
+        """An option typed: the file read again with it. The preview shown is left alone: leaving the field by
+        clicking Preview must not hide the preview that click asks for."""
+        out = on_file(*args)
+        return [out[0], *out[2:]]
+
     # typed options are read when the field is left or Enter is pressed, not at every key
-    gr.on([e for box in (encoding, split, test_split) for e in (box.submit, box.blur)], on_file, read_inputs,
-          [found_columns, checked, fmt, options, *pickers])
+    gr.on([e for box in (encoding, split, test_split) for e in (box.submit, box.blur)], on_option, read_inputs,
+          [found_columns, fmt, options, *pickers])
 
     def on_format(file, f, *_):
         """Another format picked: its fields' pickers, over the file's columns."""

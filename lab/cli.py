@@ -312,16 +312,20 @@ def run_cmd(
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Registered dataset.")] = None,
     experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="[default: default]")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Parameter as key=value; repeatable.")] = None,
-    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
-    max_attempts: Annotated[int, typer.Option("--max-attempts", min=1, max=20, help="Starts allowed: a killed or "
-                                              "lost job is retried from its last checkpoint.")] = 1,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first. [default: 0]")] = None,
+    max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1, max=20, help="Starts allowed: a killed "
+                                                     "or lost job is retried from its last checkpoint. [default: 1]")]
+    = None,
     time_limit: Annotated[float | None, typer.Option("--time-limit", help="Minutes one attempt may run; past them "
                                                      "the job writes a checkpoint and fails as timeout.")] = None,
-    processes: Annotated[int, typer.Option("--processes", min=1, max=64, help="Run data-parallel in this many "
-                                           "processes (torchrun); sft, pretrain, classify.")] = 1,
+    processes: Annotated[int | None, typer.Option("--processes", min=1, max=64, help="Run data-parallel in this many "
+                                                  "processes (torchrun); sft, pretrain, classify. [default: 1]")]
+    = None,
     devices: Annotated[int | None, typer.Option("--devices", min=0, max=64, help="Accelerators the job needs "
                                                 "[default: one per process on a worker with GPUs, else none].")]
     = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A run config file (YAML or JSON: plugin, model, "
+                                                "dataset, params, ...); other options override it.")] = None,
     from_job_json: Annotated[Path | None, typer.Option("--from-job-json", help="Repeat the run a job.json describes; "
                                                        "other options override it.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end; exit non-zero unless it completed.")]
@@ -332,16 +336,26 @@ def run_cmd(
     workspace: WorkspaceOpt = None,
 ):
     """Queue a job and print its id."""
+    from lab import run_config
+    from lab.run_config import pick
+
     s = _settings(workspace)
+    if config and from_job_json:
+        raise LabError("give --config or --from-job-json, not both")
+    cfg = run_config.load(config) if config else run_config.RunConfig()
     base = _from_job_json(from_job_json) if from_job_json else {"params": {}}
-    plugin = plugin or base.get("plugin")
+    plugin = plugin or cfg.plugin or base.get("plugin")
     if not plugin:
-        raise LabError("which plugin? `lab run PLUGIN ...` or `lab run --from-job-json PATH`")
-    job_id = runs.submit(s, plugin, model=model or base.get("model"), dataset=dataset or base.get("dataset"),
-                         experiment=experiment or base.get("experiment") or experiments.DEFAULT,
-                         params={**base["params"], **plugins.parse_sets(sets or [])}, priority=priority,
-                         then_eval=_then_eval(then_eval, eval_dataset, eval_sets), max_attempts=max_attempts,
-                         processes=processes, devices=devices, time_limit_min=time_limit)
+        raise LabError("which plugin? `lab run PLUGIN ...`, `lab run --config FILE` or `lab run --from-job-json PATH`")
+    follow = _then_eval(then_eval, eval_dataset, eval_sets) or (cfg.then_eval.model_dump() if cfg.then_eval else None)
+    job_id = runs.submit(s, plugin, model=model or cfg.model or base.get("model"),
+                         dataset=dataset or cfg.dataset or base.get("dataset"),
+                         experiment=experiment or cfg.experiment or base.get("experiment") or experiments.DEFAULT,
+                         params={**base["params"], **cfg.params, **plugins.parse_sets(sets or [])},
+                         priority=pick(priority, cfg.priority, 0), then_eval=follow,
+                         max_attempts=pick(max_attempts, cfg.max_attempts, 1),
+                         processes=pick(processes, cfg.processes, 1), devices=pick(devices, cfg.devices),
+                         time_limit_min=pick(time_limit, cfg.time_limit))
     print(job_id)
     if wait:
         raise typer.Exit(_wait(s, job_id))
@@ -357,14 +371,17 @@ def _then_eval(plugin: str | None, dataset: str | None, sets: list[str] | None) 
 
 @app.command("sweep")
 def sweep_cmd(
-    plugin: str,
-    grid: Annotated[list[str], typer.Option("--grid", "-g", help="key=v1,v2,...; repeat for more axes.")],
+    plugin: Annotated[str | None, typer.Argument(help="Plugin id [default: the config file's].")] = None,
+    grid: Annotated[list[str] | None, typer.Option("--grid", "-g", help="key=v1,v2,...; repeat for more axes.")]
+    = None,
     model: Annotated[str | None, typer.Option("--model", "-m")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d")] = None,
-    experiment: Annotated[str, typer.Option("--experiment", "-e")] = experiments.DEFAULT,
+    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="[default: default]")] = None,
     sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Parameters shared by every run.")] = None,
     group: Annotated[str | None, typer.Option(help="Name of the group [default: PLUGIN-sweep-TIME].")] = None,
-    priority: Annotated[int, typer.Option()] = 0,
+    priority: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="A run config file; its `grid` key is the sweep's "
+                                                "grid, and --grid adds or replaces axes.")] = None,
     then_eval: Annotated[str | None, typer.Option("--then-eval", help="An eval plugin to run on each output.")]
     = None,
     eval_dataset: Annotated[str | None, typer.Option("--eval-dataset")] = None,
@@ -374,10 +391,25 @@ def sweep_cmd(
     workspace: WorkspaceOpt = None,
 ):
     """Queue every combination of a grid of parameters as one group (compare them on the Compare page)."""
+    from lab import run_config
+    from lab.run_config import pick
+
     s = _settings(workspace)
-    name, ids = runs.sweep(s, plugin, model=model, dataset=dataset, experiment=experiment,
-                           base=plugins.parse_sets(sets or []), axes=grid, group=group, priority=priority,
-                           then_eval=_then_eval(then_eval, eval_dataset, eval_sets), time_limit_min=time_limit)
+    cfg = run_config.load(config) if config else run_config.RunConfig()
+    plugin = plugin or cfg.plugin
+    if not plugin:
+        raise LabError("which plugin? `lab sweep PLUGIN --grid ...` or `lab sweep --config FILE`")
+    axes = {k: f"{k}={','.join(str(v) for v in values)}" for k, values in (cfg.grid or {}).items()}
+    axes.update({item.partition("=")[0].strip(): item for item in grid or []})
+    if not axes:
+        raise LabError("a sweep needs a grid: --grid key=v1,v2 (or `grid:` in the config file)")
+    follow = _then_eval(then_eval, eval_dataset, eval_sets) or (cfg.then_eval.model_dump() if cfg.then_eval else None)
+    name, ids = runs.sweep(s, plugin, model=model or cfg.model, dataset=dataset or cfg.dataset,
+                           experiment=experiment or cfg.experiment or experiments.DEFAULT,
+                           base={**cfg.params, **plugins.parse_sets(sets or [])}, axes=list(axes.values()),
+                           group=group or cfg.group, priority=pick(priority, cfg.priority, 0), then_eval=follow,
+                           time_limit_min=pick(time_limit, cfg.time_limit), max_attempts=cfg.max_attempts or 1,
+                           processes=cfg.processes or 1, devices=cfg.devices)
     out.print(f"queued {len(ids)} jobs as group {name}: {', '.join(map(str, ids))}", markup=False)
 
 

@@ -411,3 +411,37 @@ def test_the_run_page_shows_the_phase_a_ticking_time_and_the_second_attempt(ws, 
     assert "running" in later
     _no_error_toast(page)
     _shot(page, "run-second-attempt")
+
+
+def test_the_train_form_saves_and_loads_a_run_config(ws, lab_server, tiny_model_dir, tmp_path, page):
+    import yaml
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "facts", write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a", "completion": "b"}] * 4))
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    _tab(page, "Train")
+    page.get_by_label("max_steps").fill("12")
+    _wait_for_text(page, "#train-command", "max_steps=12", 30)
+    page.get_by_text("Run config file (YAML)").click()
+    page.locator("#train-save-config").click()
+    link = page.locator("#train-config-file a").first
+    link.wait_for(timeout=30000)
+    with page.expect_download() as caught:
+        link.click()
+    saved = yaml.safe_load(Path(caught.value.path()).read_text())
+    assert saved == {"plugin": "sft", "model": "tiny", "dataset": "facts", "experiment": "default",
+                     "params": {"max_steps": 12}}, saved
+    # an edited config loads into the form, and Launch queues what it says
+    edited = tmp_path / "edited.yaml"
+    edited.write_text(yaml.safe_dump({**saved, "params": {"max_steps": 7, "lora_r": 4}, "priority": 2}))
+    page.locator("#train-load-config input[type=file]").set_input_files(str(edited))
+    _wait_for_text(page, "#train-message", "Loaded edited.yaml", 30)
+    _wait_for_text(page, "#train-command", "max_steps=7", 30)
+    assert "lora_r=4" in _text(page, "#train-command") and "--priority 2" in _text(page, "#train-command")
+    page.locator("#launch").click()
+    _wait_for_text(page, "#run-head", "sft", 60)
+    job = runs.list_jobs(ws)[0]
+    assert (job["plugin"], job["priority"]) == ("sft", 2)
+    assert runs.get_job(ws, job["id"])["params"]["max_steps"] == 7
+    _no_error_toast(page)

@@ -147,3 +147,44 @@ def test_the_train_page_s_command_line_queues_the_same_job_and_its_evaluation(ws
     job = queue.get(ws, int(done.stdout.strip().splitlines()[-1]))
     assert (job.plugin, job.priority, job.max_attempts, job.params["max_steps"]) == ("sft", 3, 2, 2)
     assert job.follow_up["plugin"] == "eval-perplexity" and job.follow_up["params"]["limit"] == 3
+
+
+def test_a_run_config_file_queues_its_job_and_the_command_line_overrides_it(ws, tmp_path, tiny_model_dir):
+    from jobs import queue
+    from lab import datasets, registry
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "facts", write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a", "completion": "b"}] * 4))
+    config = tmp_path / "run.yaml"
+    config.write_text("plugin: sft\nmodel: tiny\ndataset: facts\nexperiment: yaml\npriority: 4\nmax_attempts: 2\n"
+                      "params:\n  max_steps: 10\n  learning_rate: 2.0e-4\n"
+                      "then_eval: {plugin: eval-perplexity, dataset: facts, params: {limit: 2}}\n")
+    done = lab_cli("run", "--config", str(config), "--set", "max_steps=3", "--priority", "1", check=True)
+    job = queue.get(ws, int(done.stdout.strip().splitlines()[-1]))
+    assert (job.plugin, job.priority, job.max_attempts) == ("sft", 1, 2)
+    assert job.params["max_steps"] == 3 and job.params["learning_rate"] == 2e-4
+    assert job.follow_up["plugin"] == "eval-perplexity" and job.follow_up["params"]["limit"] == 2
+    assert runs.get_job(ws, job.id)["experiment"] == "yaml"
+    as_json = tmp_path / "run.json"
+    as_json.write_text(json.dumps({"plugin": "sft", "model": "tiny", "dataset": "facts", "params": {"max_steps": 2}}))
+    assert lab_cli("run", "--config", str(as_json)).returncode == 0
+
+    # a sweep takes one too: the file's grid, with --grid adding an axis
+    config.write_text("plugin: sft\nmodel: tiny\ndataset: facts\ngroup: from-yaml\nparams: {max_steps: 2}\n"
+                      "grid: {learning_rate: [1.0e-4, 2.0e-4]}\n")
+    done = lab_cli("sweep", "--config", str(config), "--grid", "lora_r=4,8", check=True)
+    assert "queued 4 jobs as group from-yaml" in done.stdout
+    before = len(runs.list_jobs(ws))
+
+    # mistakes are named, and nothing is queued
+    for text, message in [("plugin: sft\nmodle: tiny\n", "unknown key `modle` in bad.yaml"),
+                          ("plugin: sft\npriority: high\n", "`priority` in bad.yaml: Input should be a valid integer"),
+                          ("plugin: [sft\n", "bad.yaml is not valid YAML"),
+                          ("- sft\n", "bad.yaml must hold a mapping of keys"),
+                          ("plugin: sft\nthen_eval: {plugin: eval-perplexity, sets: {}}\n",
+                           "unknown key `then_eval.sets`")]:
+        (tmp_path / "bad.yaml").write_text(text)
+        failed = lab_cli("run", "--config", str(tmp_path / "bad.yaml"))
+        assert failed.returncode != 0 and message in failed.stderr, failed.stderr
+        assert "Traceback" not in failed.stderr
+    assert len(runs.list_jobs(ws)) == before

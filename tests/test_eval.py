@@ -94,6 +94,12 @@ def test_export_merges_the_adapter_and_writes_a_model_card(lab):
     card = (folder / "README.md").read_text()
     assert f"tiny → sft #{sft['id']}" in card and "facts-train" in card and '"max_steps": 2' in card
     assert "eval-generate on facts: rouge1" in card
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard.load(folder / "README.md").data  # read by the Hub's own library
+    assert (meta.base_model, meta.library_name, meta.pipeline_tag) == ("tiny", "transformers", "text-generation")
+    assert "sft" in meta.tags and meta.datasets == ["facts-train"]
+    assert meta.lab_datasets[0]["fingerprint"] == datasets.info(lab, "facts-train")["fingerprint"]
     with tarfile.open(done["archive"]) as tar:
         assert f"{sft['output_model']}/README.md" in tar.getnames()
     with pytest.raises(Exception, match="already exists"):

@@ -129,6 +129,8 @@ def _adapter(base: Path, folder: Path, names: str) -> Path:
 
 def test_an_adapter_trained_elsewhere_trains_evaluates_and_exports(ws, cache, tmp_path, tiny_model_dir):
     adapter = _adapter(tiny_model_dir, tmp_path / "my-lora", "acme/tiny-chat")
+    (cache / "models--acme--tiny-chat" / "snapshots" / COMMIT / "README.md").write_text(
+        "---\nlicense: apache-2.0\n---\n# tiny chat\n")  # the base declares its license in its card
     info = registry.add_folder(ws, "mine", adapter)
     # its base, a cached hub id the registry did not hold, is registered first
     base = registry.info(ws, info["base_model"])
@@ -142,6 +144,10 @@ def test_an_adapter_trained_elsewhere_trains_evaluates_and_exports(ws, cache, tm
 
     exported = Path(export(ws, "mine")["folder"])
     assert (exported / "config.json").is_file() and not (exported / "adapter_config.json").exists()
+    from huggingface_hub import ModelCard
+
+    meta = ModelCard.load(exported / "README.md").data
+    assert (meta.base_model, meta.license, meta.library_name) == ("acme/tiny-chat", "apache-2.0", "transformers")
     # --base names a registered model; an adapter naming a base that is nowhere is refused, nothing registered
     assert registry.add_folder(ws, "mine2", adapter, base=base["name"])["base_model"] == base["name"]
     lost = _adapter(tiny_model_dir, tmp_path / "lost", "acme/gone")

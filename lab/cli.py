@@ -347,7 +347,7 @@ def run_cmd(
     plugin = plugin or cfg.plugin or base.get("plugin")
     if not plugin:
         raise LabError("which plugin? `lab run PLUGIN ...`, `lab run --config FILE` or `lab run --from-job-json PATH`")
-    follow = _then_eval(then_eval, eval_dataset, eval_sets) or (cfg.then_eval.model_dump() if cfg.then_eval else None)
+    follow = _then_eval(then_eval, eval_dataset, eval_sets, cfg)
     job_id = runs.submit(s, plugin, model=model or cfg.model or base.get("model"),
                          dataset=dataset or cfg.dataset or base.get("dataset"),
                          experiment=experiment or cfg.experiment or base.get("experiment") or experiments.DEFAULT,
@@ -361,11 +361,12 @@ def run_cmd(
         raise typer.Exit(_wait(s, job_id))
 
 
-def _then_eval(plugin: str | None, dataset: str | None, sets: list[str] | None) -> dict | None:
+def _then_eval(plugin: str | None, dataset: str | None, sets: list[str] | None, cfg=None) -> dict | None:
+    """The follow-up evaluation the options name, else the config file's (cfg), else none."""
     if not plugin:
         if dataset or sets:
             raise LabError("--eval-dataset and --eval-set go with --then-eval PLUGIN")
-        return None
+        return cfg.then_eval.model_dump() if cfg is not None and cfg.then_eval else None
     return {"plugin": plugin, "dataset": dataset, "params": plugins.parse_sets(sets or [])}
 
 
@@ -403,7 +404,7 @@ def sweep_cmd(
     axes.update({item.partition("=")[0].strip(): item for item in grid or []})
     if not axes:
         raise LabError("a sweep needs a grid: --grid key=v1,v2 (or `grid:` in the config file)")
-    follow = _then_eval(then_eval, eval_dataset, eval_sets) or (cfg.then_eval.model_dump() if cfg.then_eval else None)
+    follow = _then_eval(then_eval, eval_dataset, eval_sets, cfg)
     name, ids = runs.sweep(s, plugin, model=model or cfg.model, dataset=dataset or cfg.dataset,
                            experiment=experiment or cfg.experiment or experiments.DEFAULT,
                            base={**cfg.params, **plugins.parse_sets(sets or [])}, axes=list(axes.values()),

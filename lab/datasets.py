@@ -107,7 +107,7 @@ def _text_note(columns: list[str], rows: list[Any]) -> str | None:
         return None
     note = (f"format text (raw text for pretraining): the file has a `text` column and no `label`; its other "
             f"columns ({', '.join(others)}) are kept but not used")
-    label = next((c for c in others if mapping._label_like(rows, c)), None)
+    label = next((c for c in others if mapping.label_like(rows, c)), None)
     if label:
         note += (f". To import it as classification with `{label}` as the label: --columns label={label} "
                  "(or map it on the Datasets page)")

@@ -88,7 +88,7 @@ def _strings(rows: list[Any], column: str) -> list[str]:
             and not isinstance(r.get(column), bool)]
 
 
-def _label_like(rows: list[Any], column: str) -> bool:
+def label_like(rows: list[Any], column: str) -> bool:
     """Few distinct short values: what a label column looks like."""
     values = [str(v).strip() for v in _strings(rows, column)]
     distinct = set(values)
@@ -119,8 +119,8 @@ def suggest(columns: list[str], rows: list[Any]) -> tuple[str, dict[str, str]] |
     if prompt and completion:
         return "prompt_completion", {"prompt": prompt, "completion": completion}
     label = _named(columns, "label", set())
-    if label is None or not _label_like(rows, label):
-        label = next((c for c in columns if _label_like(rows, c)), None)
+    if label is None or not label_like(rows, label):
+        label = next((c for c in columns if label_like(rows, c)), None)
     taken = {label} if label else set()
     text = _named(columns, "text", taken)
     if text is None:

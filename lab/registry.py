@@ -221,8 +221,7 @@ def add_folder(settings: Settings, name: str, path: str | Path, base: str | None
     if base:
         raise LabError(f"{folder} is a model, not an adapter: --base goes with an adapter folder")
     with session(settings) as s:
-        s.add(Model(name=name, hub_id=hub_id, revision=commit,
-                    **model_fields(folder, folder, "hub" if hub_id else "local")))
+        s.add(_row(name, folder, folder, "hub" if hub_id else "local", hub_id=hub_id, revision=commit))
     return info(settings, name)
 
 

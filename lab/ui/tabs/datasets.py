@@ -76,8 +76,13 @@ def import_file(ui: UI, file, name: str, fmt: str, columns: str | dict | None = 
     path = uploaded(file)
     name = (name or "").strip() or path.stem.replace(" ", "-")
     return datasets.add(ui.settings, name, path, _format(fmt), source=f"upload {path.name}", columns=columns,
-                        encoding=(encoding or "").strip() or None, split=(split or "").strip() or None,
-                        test_split=(test_split or "").strip() or None)
+                        **_options(encoding, split, test_split))
+
+
+def _options(enc: str | None, sp: str | None, tsp: str | None) -> dict:
+    """The page's typed reading options (encoding, split, held-out split) as `datasets.add` takes them."""
+    return {"encoding": (enc or "").strip() or None, "split": (sp or "").strip() or None,
+            "test_split": (tsp or "").strip() or None}
 
 
 def mapping_of(fmt: str | None, *chosen) -> dict[str, str]:
@@ -175,8 +180,7 @@ def build(ui: UI) -> None:
         if not file:
             return ["", gr.update(visible=False), gr.update(), gr.update(open=False), *pickers_for(None, [], {})]
         try:
-            src = sources.read(uploaded(file), encoding=(enc or "").strip() or None, split=(sp or "").strip() or None,
-                               test_split=(tsp or "").strip() or None)
+            src = sources.read(uploaded(file), **_options(enc, sp, tsp))
         except LabError as exc:
             return [f"**The file cannot be read as it is**: {md(exc)}", gr.update(visible=False), gr.update(),
                     gr.update(open=True), *pickers_for(None, [], {})]
@@ -214,23 +218,23 @@ def build(ui: UI) -> None:
     gr.on([e for box in (encoding, split, test_split) for e in (box.submit, box.blur)], on_option, read_inputs,
           [found_columns, fmt, options, *pickers])
 
-    def on_format(file, f, *_):
-        """Another format picked: its fields' pickers, over the file's columns."""
+    def on_format(file, f, enc, sp, tsp, *_):
+        """Another format picked: its fields' pickers, over the file's columns (read with the options typed, so a
+        file in another encoding keeps its columns)."""
         columns: list[str] = []
         if file:
             try:
-                columns = datasets.columns_of(sources.read(uploaded(file)).train.rows)
+                columns = datasets.columns_of(sources.read(uploaded(file), **_options(enc, sp, tsp)).train.rows)
             except LabError:
                 columns = []
         return pickers_for(_format(f), columns, {})
 
-    fmt.input(on_format, [upload, fmt], pickers)
+    fmt.input(on_format, read_inputs, pickers)
 
     def on_check(file, f, enc, sp, tsp, *chosen_columns):
         try:
             found = datasets.check(uploaded(file), _format(f), columns=mapping_of(f, *chosen_columns),
-                                   encoding=(enc or "").strip() or None, split=(sp or "").strip() or None,
-                                   test_split=(tsp or "").strip() or None)
+                                   **_options(enc, sp, tsp))
         except LabError as exc:
             return problems_box(exc, "Nothing was stored."), gr.update(visible=False)
         held = f", {found['test_rows']} held out for evaluation" if found["test_rows"] is not None else ""

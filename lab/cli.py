@@ -101,14 +101,36 @@ def models_show(name: str, workspace: WorkspaceOpt = None, as_json: JsonOpt = Fa
 @models_app.command("export")
 def models_export(
     name: str,
-    export_name: Annotated[str | None, typer.Option("--as", help="Name of the export [default: the model's].")]
-    = None,
+    export_name: Annotated[str | None, typer.Option("--as", help="Name of the export [default: the model's; for "
+                                                                 "GGUF NAME-QUANT].")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="hf: a Hugging Face folder and .tar.gz; gguf: one GGUF file "
+                                                      "for llama.cpp, Ollama and LM Studio.")] = "hf",
+    quant: Annotated[str, typer.Option("--quant", help="GGUF only: f32, f16, bf16, q8_0, q6_k, q5_k_m, q5_0, "
+                                                       "q4_k_m or q4_0.")] = "f16",
+    adapter: Annotated[bool, typer.Option("--adapter", help="Export an adapter as an adapter (not merged), its "
+                                                            "base named so that it loads elsewhere.")] = False,
     workspace: WorkspaceOpt = None,
 ):
-    """Export a model as a standalone HF folder with a model card (an adapter merged in), and a .tar.gz."""
+    """Export a model: a standalone HF folder with a model card (an adapter merged in, unless --adapter) and a
+    .tar.gz, or a GGUF file with an Ollama Modelfile (built with llama.cpp's own converter and quantizer)."""
+    s = _settings(workspace)
+    if fmt not in ("hf", "gguf"):
+        raise LabError(f"--format must be hf or gguf, got {fmt!r}")
+    if fmt == "gguf":
+        from lab.gguf_export import export_gguf
+
+        if adapter:
+            raise LabError("--adapter exports a Hugging Face adapter folder; a GGUF export merges the adapter",
+                           "leave out --adapter, or use --format hf")
+        done = export_gguf(s, name, quant, export_name, say=lambda m: out.print(m, markup=False))
+        meta = done["llama_cpp"]
+        out.print(f"llama.cpp reads it: {meta['architecture']}, {meta['vocab']:,} tokens, chat template "
+                  f"{'embedded' if meta['chat_template'] else 'missing'}\nOllama: cd {done['folder']} && ollama "
+                  f"create {done['name']} -f Modelfile", markup=False)
+        return
     from lab.export import export
 
-    done = export(_settings(workspace), name, export_name)
+    done = export(s, name, export_name, adapter=adapter)
     out.print(f"exported {name} to {done['folder']}\narchive: {done['archive']} ({done['bytes'] / 2**20:.1f} MiB)",
               markup=False)
 

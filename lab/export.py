@@ -72,7 +72,7 @@ def _declared_license(path: str) -> str | None:
         return None
 
 
-def card_metadata(settings: Settings, name: str, *, merged: bool = True) -> dict:
+def card_metadata(settings: Settings, name: str, *, merged: bool = True, gguf: bool = False) -> dict:
     """The card's YAML metadata, as the Hub reads it: base_model (the hub id where the lineage starts from a known
     one, else the registered name), library_name, pipeline_tag, tags (the lineage's methods), datasets (with their
     fingerprints under lab_datasets) and the base's license when it declares one."""
@@ -85,25 +85,44 @@ def card_metadata(settings: Settings, name: str, *, merged: bool = True) -> dict
     methods = list(dict.fromkeys(h["plugin"] for h in history if h["plugin"]))
     used = {h["dataset"]: h["dataset_fingerprint"] for h in history if h["dataset"]}
     meta = {"base_model": _hub_id(first) or first["name"],
-            "library_name": "transformers" if merged or info["kind"] != "adapter" else "peft",
+            "library_name": "gguf" if gguf else "transformers" if merged or info["kind"] != "adapter" else "peft",
             "pipeline_tag": PIPELINES.get(info["kind"], "text-generation"),
-            "tags": ["llm-lab", *methods, *(["lora"] if info["kind"] == "adapter" else [])],
+            "tags": ["llm-lab", *methods, *(["lora"] if info["kind"] == "adapter" else []),
+                     *(["gguf"] if gguf else [])],
             "datasets": list(used), "lab_datasets": [{"name": n, "fingerprint": f} for n, f in used.items()]}
     if license_ := _declared_license(first["path"]):
         meta["license"] = license_
     return {k: v for k, v in meta.items() if v not in (None, [], "")}
 
 
-def model_card(settings: Settings, name: str) -> str:
+def model_card(settings: Settings, name: str, gguf: dict | None = None, adapter: bool = False) -> str:
     """The export's README.md: YAML metadata the Hub and huggingface_hub.ModelCard read, then the lineage, each
-    run's data and parameters, and the evaluation results."""
+    run's data and parameters, and the evaluation results. `gguf` ({file, quant}) adds how to run the file."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(**card_metadata(settings, name))
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_card_text(settings, name)}"))
+    meta = card_metadata(settings, name, merged=not adapter, gguf=gguf is not None)
+    if adapter:
+        meta["base_model"] = portable_base(settings, name)
+    data = ModelCardData(**meta)
+    text = _card_text(settings, name, adapter=adapter)
+    if gguf:
+        text += _gguf_text(gguf["file"], gguf["quant"])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{text}"))
 
 
-def _card_text(settings: Settings, name: str) -> str:
+def _gguf_text(file: str, quant: str) -> str:
+    stem = file.removesuffix(".gguf")
+    return "\n".join([
+        "", "## Run it", "", f"`{file}` is a GGUF file ({quant.upper()}) converted with llama.cpp's own converter; "
+        "the tokenizer and chat template are inside it.", "", "```sh",
+        f"llama-cli -m {file} -cnv                 # llama.cpp, in a chat",
+        f"llama-server -m {file} --port 8080       # llama.cpp's OpenAI-compatible server",
+        f"ollama create {stem} -f Modelfile && ollama run {stem}",
+        f"mkdir -p ~/.lmstudio/models/llm-lab && cp -r ../{stem} ~/.lmstudio/models/llm-lab/   # LM Studio",
+        "```", ""])
+
+
+def _card_text(settings: Settings, name: str, adapter: bool = False) -> str:
     info = registry.info(settings, name)
     chain = registry.lineage(settings, name)
     history = _history(settings, chain)
@@ -116,6 +135,14 @@ def _card_text(settings: Settings, name: str) -> str:
     lines = [f"# {name}", "", f"Exported from the lab. Architecture {shape['architecture']}, "
              f"{shape['parameters'] or 0:,} parameters" + (merged if shape is not info else "") + ".", "",
              "## Lineage", "", registry.lineage_text(chain), ""]
+    if adapter:
+        base = portable_base(settings, name)
+        lines[2] = (f"A LoRA adapter ({info['parameters'] or 0:,} parameters) exported from the lab, not merged. It "
+                    f"needs its base model **{base}** (architecture {shape['architecture']}, "
+                    f"{shape['parameters'] or 0:,} parameters):")
+        lines[3:3] = ["", "```python", "from peft import AutoPeftModelForCausalLM", "",
+                      "model = AutoPeftModelForCausalLM.from_pretrained(\"path/to/this/folder\")  # loads the base "
+                      "named in adapter_config.json", "```", ""]
     for h in history:
         lines += [f"### Run {h['run']}: {h['plugin']}", "",
                   f"- data: {h['dataset'] or '(none)'}" + (f" (fingerprint `{h['dataset_fingerprint'][:16]}`)"
@@ -132,17 +159,32 @@ def _card_text(settings: Settings, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export(settings: Settings, name: str, export_name: str | None = None) -> dict:
-    """Write workspace/exports/<export_name>/ (the model, its tokenizer, README.md) and <export_name>.tar.gz."""
+def portable_base(settings: Settings, name: str) -> str:
+    """What an adapter's `base_model_name_or_path` should say to load on another machine: the hub id its base
+    came from where the lab knows it, else the base's registered name (the card says which base it needs)."""
+    base = registry.base_of(settings, registry.get(settings, name))
+    first = registry.info(settings, base.name)
+    chain = registry.lineage(settings, base.name)
+    if chain:
+        first = registry.info(settings, chain[0]["model"])
+    same = first["name"] == base.name  # a hub id stands for the base only if the base is that model, untrained
+    return (_hub_id(first) if same else None) or base.name
+
+
+def export(settings: Settings, name: str, export_name: str | None = None, adapter: bool = False) -> dict:
+    """Write workspace/exports/<export_name>/ (the model, its tokenizer, README.md) and <export_name>.tar.gz. An
+    adapter is merged into its base, or with `adapter` exported as an adapter whose base is named portably."""
     export_name = check_name(export_name or name, "export")
     info = registry.info(settings, name)
+    if adapter and info["kind"] != "adapter":
+        raise LabError(f"{name} is a {info['kind']} model, not an adapter", "leave out --adapter to export it")
     final = exports_dir(settings) / export_name
     archive = final.with_name(f"{export_name}.tar.gz")
     if final.exists():  # the folder is published last: it stands for a finished export
         raise LabError(f"an export named {export_name!r} already exists in {exports_dir(settings)}",
                        "pick another name")
     with staging(final, "export") as tmp:  # an archive left without its folder by a killed export is overwritten
-        if info["kind"] == "adapter":
+        if info["kind"] == "adapter" and not adapter:
             from lab import modeling
 
             base = registry.base_of(settings, registry.get(settings, name))
@@ -154,7 +196,11 @@ def export(settings: Settings, name: str, export_name: str | None = None) -> dic
                 if item.name in ("model.json", "README.md", "training_args.bin") or item.is_dir():
                     continue
                 shutil.copy2(item, tmp / item.name)
-        (tmp / "README.md").write_text(model_card(settings, name))
+        if adapter:
+            cfg = json.loads((tmp / "adapter_config.json").read_text())
+            cfg["base_model_name_or_path"] = portable_base(settings, name)
+            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        (tmp / "README.md").write_text(model_card(settings, name, adapter=adapter))
         partial = tmp / ".archive.partial"  # inside the build folder: removed with it if interrupted
         with tarfile.open(partial, "w:gz") as tar:
             tar.add(tmp, arcname=export_name, filter=lambda m: None if m.name.endswith("/.archive.partial") else m)

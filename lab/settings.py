@@ -32,6 +32,9 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "<workspace>/secrets.env",
         "KEY=VALUE lines (e.g. WANDB_API_KEY, HF_TOKEN) given to job processes only; owner-only permissions.",
     ),
+    "llama_cpp_dir": ("LAB_LLAMA_CPP_DIR", "~/.cache/llm-lab",
+                      "Where llama.cpp's converter and library are built on the first GGUF export (one build per "
+                      "machine, shared by every workspace)."),
     "extra_plugins": (
         "LAB_EXTRA_PLUGINS",
         "",
@@ -131,6 +134,7 @@ class Settings:
     wandb: str = "offline"
     extra_plugins: tuple[str, ...] = field(default_factory=tuple)
     secrets_file: Path | None = None  # None: <workspace>/secrets.env
+    llama_cpp_dir: Path = field(default_factory=lambda: Path(SETTINGS_DOC["llama_cpp_dir"][1]).expanduser())
 
     @property
     def secrets_path(self) -> Path:
@@ -150,6 +154,7 @@ class Settings:
             "LAB_WANDB": self.wandb,
             "LAB_EXTRA_PLUGINS": ",".join(self.extra_plugins),
             "LAB_SECRETS_FILE": str(self.secrets_path),
+            "LAB_LLAMA_CPP_DIR": str(self.llama_cpp_dir),
         }
 
 
@@ -169,7 +174,9 @@ def load(workspace: str | Path | None = None) -> Settings:
                            f"got {module!r}", "install the plugin's package (pip install -e PATH) and name its module")
     secrets = _env("secrets_file")
     settings = Settings(workspace=ws, database_url=url, wandb=wandb, extra_plugins=extra,
-                        secrets_file=Path(secrets).expanduser().resolve() if secrets else None)
+                        secrets_file=Path(secrets).expanduser().resolve() if secrets else None,
+                        llama_cpp_dir=Path(_env("llama_cpp_dir") or SETTINGS_DOC["llama_cpp_dir"][1]).expanduser()
+                        .resolve())
     return replace(
         settings,
         lease_s=_float("lease_s"),

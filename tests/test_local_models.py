@@ -170,3 +170,37 @@ def test_pytorch_model_bin_weights_are_counted(ws, tmp_path, tiny_model_dir):
     torch.save(state, folder / "pytorch_model.bin")
     info = registry.add_folder(ws, "bin", folder)
     assert info["parameters"] == sum(t.numel() for t in state.values()) > 0
+
+
+def test_an_adapter_exported_as_an_adapter_names_a_base_that_loads_elsewhere(ws, cache, tmp_path, tiny_model_dir):
+    from conftest import lab_cli
+
+    registry.add_folder(ws, "mine", _adapter(tiny_model_dir, tmp_path / "my-lora", "acme/tiny-chat"))
+    trained = _job(ws, "sft", "mine", _demo(ws, tmp_path), max_steps=1, batch_size=2, eval_split=0)
+    done = lab_cli("models", "export", trained["output_model"], "--adapter", "--as", "travels", check=True)
+    folder = ws.workspace / "exports" / "travels"
+    assert str(folder) in done.stdout
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "acme/tiny-chat"  # a hub id, not a path on this machine
+    assert str(tmp_path) not in (folder / "adapter_config.json").read_text()
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert (card.data.base_model, card.data.library_name) == ("acme/tiny-chat", "peft")
+    assert "needs its base model **acme/tiny-chat**" in card.text
+    # elsewhere: a fresh process finds the base by its hub id (in its HF cache, offline) and applies the adapter
+    import subprocess
+    import sys
+
+    code = ("import torch; from peft import AutoPeftModelForCausalLM; "
+            f"m = AutoPeftModelForCausalLM.from_pretrained({str(folder)!r}); "
+            "print(m.peft_config['default'].base_model_name_or_path, m(torch.tensor([[1, 2, 3]])).logits.shape[-1])")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert loaded.stdout.split() == ["acme/tiny-chat", "384"], loaded.stderr[-2000:]
+    # a full model is not an adapter; an adapter whose base the lab trained is named by its registered name
+    refused = lab_cli("models", "export", "mine", "--adapter", "--format", "gguf")
+    assert refused.returncode == 2 and "--adapter" in refused.stderr
+    base = registry.info(ws, "mine")["base_model"]
+    refused = lab_cli("models", "export", base, "--adapter")
+    assert refused.returncode == 2 and "not an adapter" in refused.stderr

@@ -135,6 +135,22 @@ def models_export(
               markup=False)
 
 
+@models_app.command("serve")
+def models_serve(
+    name: str,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs an API key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="LAB_API_KEY",
+                                                help="Key clients send as 'Authorization: Bearer KEY'.")] = None,
+    workspace: WorkspaceOpt = None,
+):
+    """Serve a model at an OpenAI-compatible endpoint (/v1/models, /v1/chat/completions streamed or not,
+    /v1/completions), with transformers' own server; the model's id is its lab name."""
+    from lab.model_server import serve
+
+    serve(_settings(workspace), name, host, port, api_key, say=lambda m: out.print(m, markup=False))
+
+
 @models_app.command("add")
 def models_add(
     name: str,

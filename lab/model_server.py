@@ -114,6 +114,23 @@ class Gate:
                                                        f"`{self.model}`)", "invalid_request_error",
                                                   "model_not_found"))
         sent = False
+        pending: dict = {}
+        # transformers' server names the model `NAME@main` in its answers: they say the lab name, as /v1/models does
+        old, new = json.dumps(f"{self.model}@main").encode(), json.dumps(self.model).encode()
+
+        async def renamed(message):
+            if message["type"] == "http.response.start":
+                pending["start"] = message
+                return None
+            if message["type"] == "http.response.body":
+                message = {**message, "body": message.get("body", b"").replace(old, new)}
+                if "start" in pending:
+                    start = pending.pop("start")
+                    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                    if not message.get("more_body"):
+                        headers.append((b"content-length", str(len(message["body"])).encode()))
+                    await send({**start, "headers": headers})
+            return await send(message)
 
         async def replay():
             nonlocal sent
@@ -122,7 +139,7 @@ class Gate:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replay, renamed)
 
 
 def servable(settings: Settings, name: str) -> dict:
@@ -196,6 +213,7 @@ def serve(settings: Settings, name: str, host: str = "127.0.0.1", port: int = 80
         app = build_server(manager, ChatCompletionHandler(model_manager=manager, generation_state=state),
                            completion_handler=CompletionHandler(model_manager=manager, generation_state=state),
                            response_handler=ResponseHandler(model_manager=manager, generation_state=state),
+                           transcription_handler=None, systemone_handler=None,  # routes the gate does not open
                            generation_state=state)
         gate = Gate(app, name, HostPolicy(host, port), api_key, int(time.time()))
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
@@ -206,6 +224,8 @@ def serve(settings: Settings, name: str, host: str = "127.0.0.1", port: int = 80
         say(f"serving {name} at {url} (OpenAI-compatible: /models, /chat/completions, /completions); Ctrl-C stops")
         if not is_loopback(host):
             say(f"{host} is not loopback: requests need the header 'Authorization: Bearer <API key>'")
+        # uvicorn stops on SIGTERM and then raises it again: with this handler that ends in the `finally` below
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             uvicorn.run(gate, host=host, port=port, log_level="warning")
         finally:

@@ -445,3 +445,58 @@ def test_the_train_form_saves_and_loads_a_run_config(ws, lab_server, tiny_model_
     assert (job["plugin"], job["priority"]) == ("sft", 2)
     assert runs.get_job(ws, job["id"])["params"]["max_steps"] == 7
     _no_error_toast(page)
+
+
+@pytest.mark.llamacpp
+def test_a_model_is_exported_as_gguf_and_served_from_the_models_page(ws, lab_server, tmp_path, page):
+    import openai
+
+    from lab import llamacpp
+    from lab.pgserver import free_port
+
+    llamacpp.ensure(ws, say=lambda m: None)
+    folder = tmp_path / "tiny-llama"
+    _tiny_llama_with_starter_tokenizer(folder)
+    registry.add_folder(ws, "tiny", str(folder))
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    _tab(page, "Models")
+    page.get_by_text("Export a model").click()
+    _choose(page, "export-model", "tiny")
+    page.locator("#export-format").get_by_text("GGUF", exact=True).click()
+    _choose(page, "export-quant", "q8_0")
+    page.locator("#export-go").click()
+    _wait_for_text(page, "#models-message", r"exported tiny to .*tiny-q8_0\.gguf", 180)
+    assert (ws.workspace / "exports" / "tiny-q8_0" / "tiny-q8_0.gguf").is_file()
+    files = page.locator("#export-files").inner_text()
+    assert "tiny-q8_0\n.gguf" in files and "Modelfile" in files  # two downloads; the page shows the extension apart
+    page.get_by_text("Serve a model (OpenAI-compatible endpoint)").click()
+    _choose(page, "serve-model", "tiny")
+    port = free_port()
+    page.locator("#serve-port input").fill(str(port))
+    page.locator("#serve-start").click()
+    _wait_for_text(page, "#served", f"http://127.0.0.1:{port}/v1", 180)
+    assert "client.chat.completions.create" in page.locator("#served").inner_text()
+    _shot(page, "models-export-serve")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    assert client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=4).choices[0].message.content
+    page.locator("#serve-stop").click()
+    _wait_for_text(page, "#served", "No model is being served", 30)
+    with pytest.raises(openai.APIConnectionError):
+        openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0).models.list()
+    _no_error_toast(page)
+
+
+def _tiny_llama_with_starter_tokenizer(folder: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    file = registry.starter_file()
+    tok = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, bos_token_id=tok.bos_token_id,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                                 tie_word_embeddings=True)).save_pretrained(folder)
+    tok.save_pretrained(folder)

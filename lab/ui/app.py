@@ -115,7 +115,8 @@ def build(settings: Settings) -> gr.Blocks:
                                            "models_serve", "models_served", "train_model",
                                            "train_dataset", "jobs_experiment", "jobs_table", "jobs_workers")]
         refresh_outputs += [c for c, _ in ui["train_pickers"]]
-        refresh_outputs += [ui[n] for n in ("play_chat_model", "play_models", "play_tok_model", "play_target")]
+        refresh_outputs += [ui[n] for n in ("play_chat_model", "play_models", "play_tok_model", "play_target",
+                                            "play_endpoints", "play_endpoint_pick")]
 
         def on_load(saved, plugin, jobs_experiment, jobs_status, request: gr.Request):
             """The page opens with everything filled; `?job=N` in the address opens that run, `?group=NAME`

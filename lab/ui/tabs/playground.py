@@ -7,19 +7,29 @@ from html import escape
 
 import gradio as gr
 
-from lab import datasets, playground, registry
+from lab import datasets, endpoints, playground, registry
 from lab.errors import LabError
 from lab.ui.common import UI, user_errors
-from lab.ui.html import error_box, ok_box
+from lab.ui.html import error_box, md, ok_box
 from lab.ui.tabs import models as models_tab
 
 COLUMNS = 3
 
 
-def writers(ui: UI) -> list[str]:
-    """Models that write text: not scoring heads, not masked LMs."""
-    return [m["name"] for m in registry.list_all(ui.settings)
-            if m["kind"] in ("full", "adapter") and not m["architecture"].endswith("ForMaskedLM")]
+def writers(ui: UI) -> list[str | tuple[str, str]]:
+    """Models that write text: not scoring heads, not masked LMs; then the OpenAI-compatible endpoints."""
+    local = [m["name"] for m in registry.list_all(ui.settings)
+             if m["kind"] in ("full", "adapter") and not m["architecture"].endswith("ForMaskedLM")]
+    return [*local, *((f"{e['name']} · endpoint ({e['model']})", endpoints.PREFIX + e["name"])
+                      for e in endpoints.list_all(ui.settings))]
+
+
+def endpoints_text(ui: UI) -> str:
+    rows = endpoints.list_all(ui.settings)
+    if not rows:
+        return "No endpoint added yet."
+    return "\n".join(f"- **{md(e['name'])}**: model `{md(e['model'])}` at `{md(e['url'])}`"
+                     + (" (with an API key)" if e["api_key"] else "") for e in rows)
 
 
 def preference_sets(ui: UI) -> list[str]:
@@ -38,6 +48,14 @@ def _load(ui: UI, name: str):
     return playground.cache().get(ui.settings, name, _running(ui))
 
 
+def _stream(ui: UI, name: str, messages: list[dict], **sampling):
+    """The answer as it grows, from a model of the lab or from an OpenAI-compatible endpoint."""
+    if (name or "").startswith(endpoints.PREFIX):
+        return endpoints.stream(ui.settings, name, messages, **sampling)
+    model, tokenizer = _load(ui, name)
+    return playground.stream_answer(model, tokenizer, messages, **sampling)
+
+
 def build(ui: UI) -> None:
     with gr.Row():
         system = gr.Textbox(label="System prompt", placeholder="(none)", scale=3)
@@ -46,6 +64,22 @@ def build(ui: UI) -> None:
         max_new = gr.Number(label="Max new tokens", value=200, precision=0, minimum=1, maximum=4096, scale=1)
         seed = gr.Number(label="Seed", value=0, precision=0, scale=1)
     settings_inputs = [system, temperature, top_p, max_new, seed]
+    with gr.Accordion("OpenAI-compatible endpoints", open=False):
+        gr.Markdown("Chat with and rank models you run elsewhere beside the lab's: LM Studio's local server "
+                    "(`http://127.0.0.1:1234/v1`), Ollama (`http://127.0.0.1:11434/v1`), llama.cpp's "
+                    "`llama-server`, a model served from the Models page, or a hosted API. They appear in the "
+                    "model lists as *NAME · endpoint*.")
+        with gr.Row():
+            ep_name = gr.Textbox(label="Name", scale=1, elem_id="ep-name")
+            ep_url = gr.Textbox(label="Base URL", placeholder="http://127.0.0.1:1234/v1", scale=2, elem_id="ep-url")
+            ep_model = gr.Textbox(label="Model id (empty: the one it serves)", scale=2, elem_id="ep-model")
+            ep_key = gr.Textbox(label="API key (optional)", type="password", scale=1, elem_id="ep-key")
+            ep_add = gr.Button("Add", scale=1, elem_id="ep-add")
+        with gr.Row():
+            ep_list = gr.Markdown(elem_id="ep-list")
+            ep_gone = gr.Dropdown(label="Remove", choices=[], value=None, scale=1, elem_id="ep-remove")
+            ep_remove = gr.Button("Remove", scale=1, size="sm")
+        ep_message = gr.HTML(elem_id="ep-message")
 
     with gr.Tab("Chat"):
         chat_model = gr.Dropdown(label="Model", choices=[], value=None, elem_id="chat-model")
@@ -86,7 +120,33 @@ def build(ui: UI) -> None:
             tok_go = gr.Button("Split", scale=1)
         tok_view = gr.HTML(elem_id="tok-view")
 
-    ui.c.update(play_chat_model=chat_model, play_models=models, play_target=target, play_tok_model=tok_model)
+    ui.c.update(play_chat_model=chat_model, play_models=models, play_target=target, play_tok_model=tok_model,
+                play_endpoints=ep_list, play_endpoint_pick=ep_gone)
+
+    # -- endpoints
+    def endpoint_updates(note: str):
+        names = writers(ui)
+        return (endpoints_text(ui), gr.update(choices=[e["name"] for e in endpoints.list_all(ui.settings)],
+                                              value=None),
+                gr.update(choices=names), gr.update(choices=names), note)
+
+    def on_add_endpoint(name, url, model, key):
+        try:
+            done = endpoints.add(ui.settings, name, url, model, key)
+        except LabError as exc:
+            return (*endpoint_updates(error_box(f"{exc}\nnothing was added")), key)
+        return (*endpoint_updates(ok_box(f"added {done['name']}: {done['model']} at {done['url']}")), "")
+
+    def on_remove_endpoint(name):
+        try:
+            endpoints.remove(ui.settings, name or "")
+        except LabError as exc:
+            return endpoint_updates(error_box(str(exc)))
+        return endpoint_updates(ok_box(f"removed {name}"))
+
+    ep_outputs = [ep_list, ep_gone, chat_model, models, ep_message]
+    ep_add.click(on_add_endpoint, [ep_name, ep_url, ep_model, ep_key], [*ep_outputs, ep_key])
+    ep_remove.click(on_remove_endpoint, [ep_gone], ep_outputs)
 
     # -- chat: the answer streams into the conversation
     def on_send(history, text, name, sys, temp, tp, n, sd):
@@ -95,12 +155,12 @@ def build(ui: UI) -> None:
             yield history, "", ""
             return
         try:
-            model, tokenizer = _load(ui, name)
             messages = ([{"role": "system", "content": sys}] if sys else []) + [
                 {"role": m["role"], "content": m["content"]} for m in history] + [{"role": "user", "content": text}]
+            answers = _stream(ui, name, messages, max_new_tokens=int(n or 200), temperature=float(temp),
+                              top_p=float(tp), seed=int(sd or 0))
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-            for partial in playground.stream_answer(model, tokenizer, messages, max_new_tokens=int(n or 200),
-                                                    temperature=float(temp), top_p=float(tp), seed=int(sd or 0)):
+            for partial in answers:
                 history[-1]["content"] = partial
                 yield history, "", ""
         except LabError as exc:
@@ -125,9 +185,9 @@ def build(ui: UI) -> None:
                              f"Answer {chr(65 + i)}") for i in range(COLUMNS)]
         for i, name in enumerate(names):
             try:
-                model, tokenizer = _load(ui, name)
-                for partial in playground.stream_answer(model, tokenizer, messages, max_new_tokens=int(n or 200),
-                                                        temperature=float(temp), top_p=float(tp), seed=int(sd or 0)):
+                partial = ""
+                for partial in _stream(ui, name, messages, max_new_tokens=int(n or 200), temperature=float(temp),
+                                       top_p=float(tp), seed=int(sd or 0)):
                     columns[i] = gr.update(value=partial, label=f"Answer {chr(65 + i)}: {name}")
                     yield [*columns, "", answers]
                 answers[name] = partial.strip()
@@ -194,5 +254,7 @@ def refresh(ui: UI) -> dict:
     names = writers(ui)
     return {ui["play_chat_model"]: gr.update(choices=names), ui["play_models"]: gr.update(choices=names),
             ui["play_tok_model"]: gr.update(choices=[m["name"] for m in registry.list_all(ui.settings)]),
-            ui["play_target"]: gr.update(choices=preference_sets(ui))}
+            ui["play_target"]: gr.update(choices=preference_sets(ui)),
+            ui["play_endpoints"]: endpoints_text(ui),
+            ui["play_endpoint_pick"]: gr.update(choices=[e["name"] for e in endpoints.list_all(ui.settings)])}
 

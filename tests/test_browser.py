@@ -500,3 +500,37 @@ def _tiny_llama_with_starter_tokenizer(folder: Path) -> None:
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
                                  tie_word_embeddings=True)).save_pretrained(folder)
     tok.save_pretrained(folder)
+
+
+def test_an_openai_endpoint_is_added_in_the_playground_and_ranked_against_a_lab_model(ws, lab_server,
+                                                                                       tiny_model_dir, page):
+    from test_model_server import _start, _stop
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    proc, base = _start(ws, "tiny")
+    try:
+        page.goto(lab_server.start().url)
+        page.wait_for_timeout(2000)
+        _tab(page, "Playground")
+        page.get_by_text("OpenAI-compatible endpoints").click()
+        page.locator("#ep-name input, #ep-name textarea").first.fill("served")
+        page.locator("#ep-url input, #ep-url textarea").first.fill(f"{base}/v1")
+        page.locator("#ep-add").click()
+        _wait_for_text(page, "#ep-message", "added served: tiny at", 30)
+        assert "served" in page.locator("#ep-list").inner_text()
+        page.get_by_role("tab", name="Side by side and ranking").click()
+        _choose(page, "sbs-models", "tiny")
+        _choose(page, "sbs-models", "served · endpoint (tiny)")
+        page.locator("#sbs-prompt textarea").fill("Hello")
+        page.locator("#sbs-ask").click()
+        _wait_for_text(page, "#sbs-answer-1", r"\S", 60)
+        page.wait_for_timeout(1500)
+        _shot(page, "playground-endpoint")
+        page.locator("#vote-1").click()
+        ranked = _wait_for_text(page, "#sbs-ranking", r"pair\(s\) added|the same", 30)
+        if "pair(s) added" in ranked:
+            row = datasets.preview(ws, "playground-rankings", 1)[0]
+            assert (row["chosen_model"], row["rejected_model"]) == ("endpoint:served", "tiny")
+        _no_error_toast(page)
+    finally:
+        _stop(proc)

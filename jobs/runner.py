@@ -24,7 +24,7 @@ from pathlib import Path
 
 from jobs import queue
 from lab import datasets as datasets_mod
-from lab import plugins, runs
+from lab import plugins, runs, trackers
 from lab.db import read_session
 from lab.diagnosis import diagnose
 from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, Diverged, JobCancelled, JobInterrupted, LabError
@@ -99,8 +99,10 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         settings=settings, job_id=job.id, plugin=plugin.id, experiment=experiment.name, run_dir=Path(job.run_dir),
         model=_model_info(model, base),
         dataset=None if dataset is None else _dataset_info(settings, dataset, plugin),
-        report_to=[] if settings.wandb == "off" else ["wandb"],
     )
+    ctx.report_to, dropped = trackers.for_run(job.report_to, settings.report_to, settings.wandb)
+    if dropped and job.report_to is not None:  # asked for by the job: say why it does not happen
+        ctx.log(f"[lab] {dropped}")
     if job.attempts > 1 or (ctx.run_dir / "job.json").is_file():  # started before: retried, or its worker stopped
         ctx.resume_from = latest_checkpoint(ctx.checkpoints_dir) if plugin.resumable else None
         step = checkpoint_step(ctx.resume_from) if ctx.resume_from else -1
@@ -126,7 +128,9 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         "command": runs.command_line(plugin.id, params.model_dump(mode="json", exclude_defaults=True),
                                 model and model.name, dataset and dataset.name, experiment.name,
                                 processes=job.processes, devices=job.devices, max_attempts=job.max_attempts,
-                                time_limit_min=job.time_limit_s and job.time_limit_s / 60),
+                                time_limit_min=job.time_limit_s and job.time_limit_s / 60,
+                                report_to=job.report_to),
+        "report_to": ctx.report_to,
     }
     if ctx.is_main:  # one writer under torchrun
         text = mask(json.dumps(record, indent=2), secret_values(settings))  # e.g. a token passed as a parameter
@@ -134,15 +138,16 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
     return ctx, plugin, params
 
 
-def _setup_wandb(ctx: RunContext) -> None:
-    if ctx.settings.wandb == "off":
-        os.environ["WANDB_DISABLED"] = "true"
-        return
-    os.environ.setdefault("WANDB_MODE", ctx.settings.wandb)
-    os.environ["WANDB_DIR"] = str(ctx.run_dir)
-    os.environ.setdefault("WANDB_PROJECT", ctx.experiment)
-    os.environ["WANDB_NAME"] = f"{ctx.job_id}-{ctx.plugin}"
-    os.environ.setdefault("WANDB_SILENT", "true")
+def _setup_trackers(ctx: RunContext) -> None:
+    """Point the Trainer's tracker integrations at the run folder (lab.trackers)."""
+    env = trackers.environment(ctx.report_to, ctx.run_dir, ctx.experiment, f"{ctx.job_id}-{ctx.plugin}",
+                               ctx.settings.wandb)
+    for key in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_SILENT"):  # a user's own choice in the environment wins
+        if key in os.environ and key in env:
+            env.pop(key)
+    os.environ.update(env)
+    if ctx.report_to:
+        ctx.log(f"[lab] reporting to {', '.join(ctx.report_to)} (files in {ctx.run_dir})")
 
 
 def check_finite(folder: Path) -> None:
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx.log(f"[lab] job {job_id}: {plugin.id} in experiment {ctx.experiment}; folder {ctx.run_dir}")
         if ctx.world_size > 1:
             print(f"[lab] rank {ctx.rank} of {ctx.world_size} started (pid {os.getpid()})", flush=True)
-        _setup_wandb(ctx)
+        _setup_trackers(ctx)
         ctx.set_phase("loading")
         plugin.run(ctx, params)
         if not ctx.is_main:

@@ -362,6 +362,9 @@ def run_cmd(
     devices: Annotated[int | None, typer.Option("--devices", min=0, max=64, help="Accelerators the job needs "
                                                 "[default: one per process on a worker with GPUs, else none].")]
     = None,
+    report_to: Annotated[str | None, typer.Option("--report-to", help="Trackers beside the lab's own metrics: "
+                                                  "wandb, tensorboard, trackio, mlflow (comma-separated) or none "
+                                                  "[default: LAB_REPORT_TO].")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A run config file (YAML or JSON: plugin, model, "
                                                 "dataset, params, ...); other options override it.")] = None,
     from_job_json: Annotated[Path | None, typer.Option("--from-job-json", help="Repeat the run a job.json describes; "
@@ -393,7 +396,8 @@ def run_cmd(
                          priority=pick(priority, cfg.priority, 0), then_eval=follow,
                          max_attempts=pick(max_attempts, cfg.max_attempts, 1),
                          processes=pick(processes, cfg.processes, 1), devices=pick(devices, cfg.devices),
-                         time_limit_min=pick(time_limit, cfg.time_limit))
+                         time_limit_min=pick(time_limit, cfg.time_limit),
+                         report_to=pick(report_to, cfg.report_to))
     print(job_id)
     if wait:
         raise typer.Exit(_wait(s, job_id))
@@ -427,6 +431,8 @@ def sweep_cmd(
     eval_sets: Annotated[list[str] | None, typer.Option("--eval-set")] = None,
     time_limit: Annotated[float | None, typer.Option("--time-limit", help="Minutes each run's attempt may run.")]
     = None,
+    report_to: Annotated[str | None, typer.Option("--report-to", help="Trackers for every run (see `lab run`).")]
+    = None,
     workspace: WorkspaceOpt = None,
 ):
     """Queue every combination of a grid of parameters as one group (compare them on the Compare page)."""
@@ -448,7 +454,8 @@ def sweep_cmd(
                            base={**cfg.params, **plugins.parse_sets(sets or [])}, axes=list(axes.values()),
                            group=group or cfg.group, priority=pick(priority, cfg.priority, 0), then_eval=follow,
                            time_limit_min=pick(time_limit, cfg.time_limit), max_attempts=cfg.max_attempts or 1,
-                           processes=cfg.processes or 1, devices=cfg.devices)
+                           processes=cfg.processes or 1, devices=cfg.devices,
+                           report_to=pick(report_to, cfg.report_to))
     out.print(f"queued {len(ids)} jobs as group {name}: {', '.join(map(str, ids))}", markup=False)
 
 

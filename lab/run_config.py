@@ -47,6 +47,8 @@ class RunConfig(BaseModel):
     max_attempts: int | None = Field(None, ge=1, le=20)
     time_limit: float | None = Field(None, ge=0, description="minutes one attempt may run")
     then_eval: FollowUp | None = None
+    report_to: str | None = Field(None, description="trackers, comma-separated: wandb, tensorboard, trackio, "
+                                  "mlflow, or none")
     grid: dict[str, list[Any]] | None = None  # sweeps: parameter -> values
     group: str | None = None  # sweeps: the group's name
 
@@ -78,11 +80,17 @@ def load(path: str | Path) -> RunConfig:
         data = {}
     if not isinstance(data, dict):
         raise LabError(f"{path.name} must hold a mapping of keys ({', '.join(KEYS)}), got {type(data).__name__}")
+    if isinstance(data.get("report_to"), list):  # `report_to: [wandb, tensorboard]` reads as well as a string
+        data["report_to"] = ",".join(str(t) for t in data["report_to"]) or "none"
     try:
-        return RunConfig.model_validate(data)
+        config = RunConfig.model_validate(data)
     except ValidationError as exc:
         problems = [_problem(path, e) for e in exc.errors()]
         raise LabError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")) from None
+    from lab import trackers
+
+    trackers.parse(config.report_to, f"`report_to` in {path.name}")
+    return config
 
 
 def dump(config: dict) -> str:

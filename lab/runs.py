@@ -70,25 +70,30 @@ def submit(settings: Settings, plugin_id: str, *, model: str | None = None, data
            experiment: str = experiments.DEFAULT, params: dict | None = None, priority: int = 0,
            then_eval: dict | None = None, group: str | None = None, tags: list[str] | None = None,
            max_attempts: int = 1, devices: int | None = None, processes: int = 1,
-           time_limit_min: float | None = None) -> int:
+           time_limit_min: float | None = None, report_to: str | list[str] | None = None) -> int:
     """Validate everything, then queue the job and return its id (nothing is queued on error).
     then_eval: an evaluation {plugin, dataset, params} queued on the output once the job completes.
     max_attempts: how often the job may start; a killed or lost job is retried from its last checkpoint.
     devices: accelerators the job needs (None: one per process where the worker owns any, else none);
     processes: > 1 runs the plugin data-parallel under torchrun (plugins that support it);
     time_limit_min: minutes one attempt may run (None: no limit); past it the job writes a checkpoint and fails
-    as `timeout`."""
+    as `timeout`; report_to: trackers ('wandb,tensorboard', a list, or 'none'; None: LAB_REPORT_TO)."""
     return submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
                        params_list=[params or {}], priority=priority, then_eval=then_eval, group=group,
                        tags=tags, max_attempts=max_attempts, devices=devices, processes=processes,
-                       time_limit_min=time_limit_min)[0]
+                       time_limit_min=time_limit_min, report_to=report_to)[0]
 
 
 def submit_many(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
                 params_list: list[dict], priority: int = 0, then_eval: dict | None = None, group: str | None = None,
                 tags: list[str] | None = None, max_attempts: int = 1, devices: int | None = None,
-                processes: int = 1, time_limit_min: float | None = None) -> list[int]:
+                processes: int = 1, time_limit_min: float | None = None,
+                report_to: str | list[str] | None = None) -> list[int]:
     """Queue one job per parameter set, all or none (a sweep)."""
+    from lab import trackers
+
+    chosen = trackers.parse(report_to)
+    chosen = trackers.parse(settings.report_to, "LAB_REPORT_TO") if chosen is None else chosen
     _check_whole(priority, "priority")
     _check_time_limit(time_limit_min)
     _check_whole(max_attempts, "max attempts", 1, 20)
@@ -114,7 +119,8 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
         {"experiment_id": experiment_id, "plugin": j["plugin"], "params": j["params"], "model_id": j["model_id"],
          "dataset_id": j["dataset_id"], "priority": priority, "group_name": group, "tags": list(tags or []),
          "follow_up": follow, "max_attempts": max_attempts, "devices": devices, "processes": processes,
-         "time_limit_s": None if time_limit_min is None else float(time_limit_min) * 60}
+         "time_limit_s": None if time_limit_min is None else float(time_limit_min) * 60,
+         "report_to": trackers.stored(chosen)}
         for j in jobs])
 
 
@@ -160,7 +166,8 @@ def _wrong_format(plugin, ds) -> tuple[str, str]:
 
 def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str,
                  priority: int = 0, processes: int = 1, devices: int | None = None, max_attempts: int = 1,
-                 time_limit_min: float | None = None, then_eval: dict | None = None) -> str:
+                 time_limit_min: float | None = None, then_eval: dict | None = None,
+                 report_to: str | list[str] | None = None) -> str:
     """The `lab run` command that queues the same job (pass only the parameters that differ from defaults), with
     its follow-up evaluation."""
     parts = ["lab", "run", plugin]
@@ -181,6 +188,9 @@ def command_line(plugin: str, params: dict, model: str | None, dataset: str | No
         parts += ["--max-attempts", str(max_attempts)]
     if time_limit_min is not None:
         parts += ["--time-limit", f"{time_limit_min:g}"]
+    if report_to is not None:
+        chosen = report_to if isinstance(report_to, str) else ",".join(report_to)
+        parts += ["--report-to", chosen or "none"]
     if then_eval:
         parts += ["--then-eval", then_eval["plugin"]]
         if then_eval.get("dataset"):
@@ -276,7 +286,7 @@ def get_job(settings: Settings, job_id: int) -> dict:
     out.update({"params": job.params, "run_dir": job.run_dir, "exit_code": job.exit_code, "pid": job.pid,
                 "attempts": job.attempts, "max_attempts": job.max_attempts, "devices": job.devices,
                 "processes": job.processes, "time_limit_min": job.time_limit_s and job.time_limit_s / 60,
-                "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail,
+                "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail, "report_to": job.report_to,
                 "output_model": output_model})
     out["lineage"] = _lineage(settings, out, output_model)
     return mask_all(out, secret_values(settings))  # a parameter may hold a secret the user pasted

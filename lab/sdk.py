@@ -31,7 +31,7 @@ class RunContext:
     run_dir: Path
     model: dict | None = None  # registry info: name, path, kind, ...; None for plugins that need no model
     dataset: dict | None = None  # dataset info: name, path, format, rows, ...
-    report_to: list[str] = field(default_factory=list)  # ["wandb"] unless W&B is off
+    report_to: list[str] = field(default_factory=list)  # the trackers (lab.trackers), set by the runner
     perplexity: bool = False  # also log exp(loss) (pretraining)
     resume_from: Path | None = None  # a retried job's last complete checkpoint (`train` resumes from it)
     stop_requested: threading.Event = field(default_factory=threading.Event)  # SIGTERM: checkpoint, then stop
@@ -170,7 +170,8 @@ class RunContext:
         p = params.model_dump()
         seed = p.get("seed", 42)
         shared = dict(
-            output_dir=str(self.checkpoints_dir), report_to=self.report_to, run_name=f"{self.job_id}-{self.plugin}",
+            output_dir=str(self.checkpoints_dir), report_to=list(self.report_to),
+            run_name=f"{self.job_id}-{self.plugin}", project=self.experiment,  # Trackio's project
             disable_tqdm=True, use_cpu=speed.device() == "cpu", bf16=bf16, dataloader_num_workers=0,
             seed=seed, data_seed=seed, logging_steps=p.get("logging_steps", 1),
             # checkpoints: every save_steps, and (by the lab's callback) every save_minutes and on a graceful stop

@@ -32,6 +32,8 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
         "<workspace>/secrets.env",
         "KEY=VALUE lines (e.g. WANDB_API_KEY, HF_TOKEN) given to job processes only; owner-only permissions.",
     ),
+    "report_to": ("LAB_REPORT_TO", "wandb", "Experiment trackers a job reports to unless it names its own: any of "
+                  "wandb, tensorboard, trackio, mlflow (comma-separated; files in the run folder), or none."),
     "llama_cpp_dir": ("LAB_LLAMA_CPP_DIR", "~/.cache/llm-lab",
                       "Where llama.cpp's converter and library are built on the first GGUF export (one build per "
                       "machine, shared by every workspace)."),
@@ -132,6 +134,7 @@ class Settings:
     cancel_grace_s: float = 3.0
     stop_grace_s: float = 120.0
     wandb: str = "offline"
+    report_to: str = "wandb"
     extra_plugins: tuple[str, ...] = field(default_factory=tuple)
     secrets_file: Path | None = None  # None: <workspace>/secrets.env
     llama_cpp_dir: Path = field(default_factory=lambda: Path(SETTINGS_DOC["llama_cpp_dir"][1]).expanduser())
@@ -152,6 +155,7 @@ class Settings:
             "LAB_CANCEL_GRACE_S": str(self.cancel_grace_s),
             "LAB_STOP_GRACE_S": str(self.stop_grace_s),
             "LAB_WANDB": self.wandb,
+            "LAB_REPORT_TO": self.report_to,
             "LAB_EXTRA_PLUGINS": ",".join(self.extra_plugins),
             "LAB_SECRETS_FILE": str(self.secrets_path),
             "LAB_LLAMA_CPP_DIR": str(self.llama_cpp_dir),
@@ -172,8 +176,12 @@ def load(workspace: str | Path | None = None) -> Settings:
         if not MODULE_RE.fullmatch(module):
             raise LabError(f"LAB_EXTRA_PLUGINS takes importable module names such as my_pkg.my_plugin, "
                            f"got {module!r}", "install the plugin's package (pip install -e PATH) and name its module")
+    from lab import trackers
+
+    report_to = _env("report_to") or SETTINGS_DOC["report_to"][1]
+    trackers.parse(report_to, "LAB_REPORT_TO")  # a typo stops here, not in every job
     secrets = _env("secrets_file")
-    settings = Settings(workspace=ws, database_url=url, wandb=wandb, extra_plugins=extra,
+    settings = Settings(workspace=ws, database_url=url, wandb=wandb, report_to=report_to, extra_plugins=extra,
                         secrets_file=Path(secrets).expanduser().resolve() if secrets else None,
                         llama_cpp_dir=Path(_env("llama_cpp_dir") or SETTINGS_DOC["llama_cpp_dir"][1]).expanduser()
                         .resolve())

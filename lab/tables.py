@@ -74,6 +74,7 @@ class Job(Base):
     devices: Mapped[int | None] = mapped_column(Integer, nullable=True)
     processes: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))  # >1: torchrun
     time_limit_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # per attempt; None: no limit
+    report_to: Mapped[str | None] = mapped_column(String(200), nullable=True)  # trackers; None: settings' default
     phase: Mapped[str | None] = mapped_column(String(16), nullable=True)  # while running: see jobs.queue.PHASES
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)

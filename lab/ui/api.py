@@ -41,10 +41,11 @@ def register(ui: UI) -> None:
     @api_errors
     def submit_job(plugin: str, model: str, dataset: str, experiment: str, params: str, priority: int,
                    processes: int = 1, devices: int | None = None, max_attempts: int = 1,
-                   time_limit_min: float | None = None) -> dict:
+                   time_limit_min: float | None = None, report_to: str = "") -> dict:
         """Queue a job. `params` is a JSON object of parameter values; processes > 1 runs it data-parallel;
         devices: accelerators it needs (None: one per process on a worker with GPUs); time_limit_min: minutes
-        one attempt may run (None: no limit); returns the new job."""
+        one attempt may run (None: no limit); report_to: trackers, e.g. 'tensorboard,mlflow' or 'none' (empty:
+        LAB_REPORT_TO); returns the new job."""
         try:
             values = json.loads(params or "{}")
         except json.JSONDecodeError as exc:
@@ -55,7 +56,8 @@ def register(ui: UI) -> None:
                              experiment=experiment or "default", params=values, priority=int(priority or 0),
                              processes=int(processes or 1), devices=None if devices in (None, "") else int(devices),
                              max_attempts=int(max_attempts or 1),
-                             time_limit_min=None if time_limit_min in (None, "") else float(time_limit_min))
+                             time_limit_min=None if time_limit_min in (None, "") else float(time_limit_min),
+                             report_to=report_to or None)
         return runs.get_job(s, job_id)
 
     @api_errors

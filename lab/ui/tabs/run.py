@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from jobs.queue import PHASES
-from lab import runs
+from lab import runs, trackers
 from lab.compare import downsample
 from lab.diagnosis import KINDS
 from lab.errors import LabError
@@ -88,7 +88,17 @@ def header(job: dict, log_text: str = "") -> str:
     return (f'<div class="run-head">{badge(job["status"])} {" · ".join(bits)}</div>'
             f'<div class="progress"><div class="progress-bar" style="width:{pct:.1f}%"></div></div>'
             f'<div class="run-timing">{" · ".join(timing)}</div>'
-            f'<div class="run-timing">lineage: {escape(job["lineage"])}</div>' + attempts(job, log_text))
+            f'<div class="run-timing">lineage: {escape(job["lineage"])}</div>' + tracked(job)
+            + attempts(job, log_text))
+
+
+def tracked(job: dict) -> str:
+    """The trackers' files this run wrote, each with the command that opens it."""
+    found = trackers.written(Path(job["run_dir"]), job["experiment"] or "default") if job.get("run_dir") else []
+    if not found:
+        return ""
+    items = "".join(f'<li><b>{escape(t["tracker"])}</b>: <code>{escape(t["open"])}</code></li>' for t in found)
+    return f'<div class="run-timing run-trackers">trackers:<ul>{items}</ul></div>'
 
 
 def nonfinite(points: dict[str, list]) -> list[str]:

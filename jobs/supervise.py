@@ -24,8 +24,8 @@ from jobs import outputs, queue
 from lab.db import read_session
 from lab.diagnosis import Failure, from_exit, oom_kills
 from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, LabError
-from lab.settings import MASK
-from lab.tables import Experiment, Job
+from lab.settings import MASK, Settings
+from lab.tables import Experiment, Job, Model
 from lab.workspace import latest_checkpoint, log_tail, new_run_dir
 
 if TYPE_CHECKING:
@@ -150,6 +150,8 @@ class Supervision:
                         log_tail=log_tail(log_path), patient=True,
                         on_complete=completion.write if completion else None)
         if isinstance(recorded, list) and recorded:
+            if completion is not None and completion.model is not None:
+                recorded.append(_write_card(s, job.id))
             with open(log_path, "a") as log:
                 log.writelines(f"[lab] {line}\n" for line in recorded)
         w.seen_after(job.id)
@@ -231,3 +233,21 @@ class Supervision:
 def _experiment_name(settings, experiment_id: int) -> str:
     with read_session(settings) as db:
         return db.get(Experiment, experiment_id).name
+
+
+def _write_card(settings: Settings, job_id: int) -> str:
+    """The registered output's README.md: the lab's model card (Hub metadata with a portable base_model, lineage,
+    data, parameters) in place of the trainer's template, whose base_model is a path on this machine."""
+    from lab import export, registry
+
+    try:
+        from sqlalchemy import select
+
+        with read_session(settings) as db:
+            name = db.scalar(select(Model.name).where(Model.job_id == job_id).order_by(Model.id).limit(1))
+        info = registry.info(settings, name)
+        card = export.model_card(settings, name, adapter=info["kind"] == "adapter")
+        (Path(info["path"]) / "README.md").write_text(card)
+    except Exception as exc:  # a card is a courtesy: the run completed and its output is registered
+        return f"no model card written for the output: {type(exc).__name__}: {exc}"
+    return f"model card written to {Path(info['path']) / 'README.md'}"

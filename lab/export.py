@@ -132,12 +132,12 @@ def _card_text(settings: Settings, name: str, adapter: bool = False) -> str:
         base = registry.base_of(settings, registry.get(settings, name))
         shape = {"architecture": base.architecture, "parameters": base.parameters}
     merged = f" (a LoRA adapter of {info['parameters']:,} parameters, merged into its base)"
-    lines = [f"# {name}", "", f"Exported from the lab. Architecture {shape['architecture']}, "
+    lines = [f"# {name}", "", f"Trained and kept in LLM Lab. Architecture {shape['architecture']}, "
              f"{shape['parameters'] or 0:,} parameters" + (merged if shape is not info else "") + ".", "",
              "## Lineage", "", registry.lineage_text(chain), ""]
     if adapter:
         base = portable_base(settings, name)
-        lines[2] = (f"A LoRA adapter ({info['parameters'] or 0:,} parameters) exported from the lab, not merged. It "
+        lines[2] = (f"A LoRA adapter ({info['parameters'] or 0:,} parameters) from LLM Lab, not merged. It "
                     f"needs its base model **{base}** (architecture {shape['architecture']}, "
                     f"{shape['parameters'] or 0:,} parameters):")
         lines[3:3] = ["", "```python", "from peft import AutoPeftModelForCausalLM", "",

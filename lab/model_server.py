@@ -13,7 +13,7 @@ otherwise allow any caller:
 - loopback by default; binding elsewhere needs an API key (`--api-key` or LAB_API_KEY) and a request without it
   gets 401, as OpenAI answers;
 - the Host header must be one of the server's names (421) and a browser page from another origin is refused (403),
-  as for the web lab (lab.ui.guard).
+  as for the web lab (lab.guard).
 The model is served under its lab name: the server runs in a folder where that name is a link to the model, so no
 server path appears in any answer.
 """
@@ -33,8 +33,8 @@ from pathlib import Path
 
 from lab import registry
 from lab.errors import LabError
+from lab.guard import HostPolicy, check_port, is_loopback
 from lab.settings import Settings
-from lab.ui.guard import HostPolicy, is_loopback
 
 ROUTES = {("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
           ("POST", "/v1/responses"), ("GET", "/health")}
@@ -182,9 +182,7 @@ def serve(settings: Settings, name: str, host: str = "127.0.0.1", port: int = 80
     if not 0 < port < 65536:
         raise LabError(f"--port must be between 1 and 65535, got {port}")
     info = servable(settings, name)
-    from lab.ui.serve import _check_port
-
-    _check_port(host, port)
+    check_port(host, port)
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
@@ -276,9 +274,7 @@ def start(settings: Settings, name: str, port: int, wait_s: float = 300) -> dict
     servable(settings, name)
     if any(r["name"] == name for r in running(settings)):
         raise LabError(f"{name} is already being served", "stop it first")
-    from lab.ui.serve import _check_port
-
-    _check_port("127.0.0.1", port)
+    check_port("127.0.0.1", port)
     logs = settings.workspace / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / f"serve-{name}.log", "ab") as log:

@@ -177,13 +177,19 @@ def test_an_adapter_exported_as_an_adapter_names_a_base_that_loads_elsewhere(ws,
 
     registry.add_folder(ws, "mine", _adapter(tiny_model_dir, tmp_path / "my-lora", "acme/tiny-chat"))
     trained = _job(ws, "sft", "mine", _demo(ws, tmp_path), max_steps=1, batch_size=2, eval_split=0)
+    # the run's output carries the lab's card too (not the trainer's template naming a path on this machine)
+    from huggingface_hub import ModelCard
+
+    own = ModelCard.load(Path(registry.info(ws, trained["output_model"])["path"]) / "README.md")
+    assert (own.data.base_model, own.data.library_name) == ("acme/tiny-chat", "peft")
+    assert "sft" in own.data.tags and "demo" in own.data.datasets and str(tmp_path) not in str(own.data)
+    assert f"### Run {trained['id']}: sft" in own.text
     done = lab_cli("models", "export", trained["output_model"], "--adapter", "--as", "travels", check=True)
     folder = ws.workspace / "exports" / "travels"
     assert str(folder) in done.stdout
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "acme/tiny-chat"  # a hub id, not a path on this machine
     assert str(tmp_path) not in (folder / "adapter_config.json").read_text()
-    from huggingface_hub import ModelCard
 
     card = ModelCard.load(folder / "README.md")
     assert (card.data.base_model, card.data.library_name) == ("acme/tiny-chat", "peft")

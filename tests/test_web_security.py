@@ -12,7 +12,7 @@ import pytest
 from conftest import LabServer, write_jsonl
 
 from lab import datasets, settings
-from lab.ui.guard import HostPolicy, LoginThrottle
+from lab.guard import HostPolicy, LoginThrottle
 
 SECRET = "hf_secret_value_0123456789"
 

@@ -169,7 +169,7 @@ def launch(settings: Settings, host: str, port: int, auth: tuple[str, str] | Non
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
 
-    from lab.ui.guard import Guard, HostPolicy
+    from lab.guard import Guard, HostPolicy
 
     demo = build(settings)
     demo.queue(default_concurrency_limit=8)

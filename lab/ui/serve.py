@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,8 +13,8 @@ from pathlib import Path
 
 from lab import experiments, modeling
 from lab.errors import LabError
+from lab.guard import check_port, is_loopback
 from lab.settings import Settings, read_secrets
-from lab.ui.guard import is_loopback
 
 
 def _start_worker(settings: Settings, n: int, gpus: list[str] | None = None, slots: int = 1) -> subprocess.Popen:
@@ -42,23 +41,11 @@ def _stop_workers(procs: list[subprocess.Popen], grace: float) -> None:
             p.wait()
 
 
-def _check_port(host: str, port: int) -> None:
-    """Say plainly when the address cannot be listened on (taken, or not this machine's)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host.strip("[]"), port))
-        except OSError as exc:
-            raise LabError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
-                           "pick another port with --port") from None
-
-
 def serve(settings: Settings, host: str, port: int, workers: int, password: str | None, say=print,
           gpus: list[str] | None = None, slots: int = 1, allowed_hosts: tuple[str, ...] = ()) -> None:
     """Run the UI and `workers` worker processes until SIGINT or SIGTERM. `gpus` are dealt out among the
     workers (worker n owns every workers-th one), `slots` CPU job slots each. The UI answers only requests
-    addressed to its own names (see lab.ui.guard); `allowed_hosts` adds names a proxy uses."""
+    addressed to its own names (see lab.guard); `allowed_hosts` adds names a proxy uses."""
     if not is_loopback(host) and not password:
         raise LabError(f"binding to {host} makes the lab reachable from other machines: set a password",
                        "pass --password or set LAB_PASSWORD (user name: lab), or bind to 127.0.0.1")
@@ -81,7 +68,7 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
     procs: list[subprocess.Popen] = []
     server = None
     try:
-        _check_port(host, port)
+        check_port(host, port)
         server, url = launch(settings, host, port, auth=("lab", password) if password else None,
                              allowed_hosts=allowed_hosts)
         owned = {n: (gpus or [])[n - 1::workers] for n in range(1, workers + 1)}

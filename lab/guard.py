@@ -1,5 +1,5 @@
-"""The web lab's front door: it answers only requests addressed to the names it serves under and coming from its
-own pages, and it slows down password guessing.
+"""The front door of the lab's servers (the web lab, and `lab models serve`): they answer only requests addressed
+to the names they serve under and coming from their own pages, and the web lab slows down password guessing.
 
 - Host: a page on another site can point its own name at 127.0.0.1 (DNS rebinding) and then drive the lab as if
   it were the lab's own page. So a request whose Host header is not one of the lab's names is refused (421).
@@ -176,3 +176,17 @@ class Guard:
                 self.throttle.succeeded(client)
             else:
                 self.throttle.failed(client)
+
+
+def check_port(host: str, port: int) -> None:
+    """Say plainly when the address cannot be listened on (taken, or not this machine's)."""
+    from lab.errors import LabError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise LabError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                           "pick another port with --port") from None

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from jobs.queue import process_alive
 from lab import registry
 from lab.errors import LabError
 from lab.guard import HostPolicy, check_port, is_loopback
@@ -244,16 +245,6 @@ def _cuda() -> bool:
 # --- started and stopped from the Models page -------------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running(settings: Settings) -> list[dict]:
     """The model servers started from this workspace that are still alive (stale records are removed)."""
     out = []
@@ -262,7 +253,7 @@ def running(settings: Settings) -> list[dict]:
             rec = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
-        if _alive(int(rec.get("pid", 0))):
+        if process_alive(int(rec.get("pid", 0))):
             out.append(rec)
         else:
             f.unlink(missing_ok=True)
@@ -307,7 +298,7 @@ def stop(settings: Settings, name: str) -> None:
     except ProcessLookupError:
         pass
     for _ in range(100):
-        if not _alive(int(rec["pid"])):
+        if not process_alive(int(rec["pid"])):
             break
         time.sleep(0.1)
     state_file(settings, name).unlink(missing_ok=True)

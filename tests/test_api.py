@@ -54,6 +54,8 @@ def test_a_client_uploads_trains_and_reads_metrics(ws, lab_server, tiny_model_di
     metrics = client.predict(job["id"], "loss,learning_rate", api_name="/job_metrics")
     assert len(metrics["loss"]) == 3 and set(metrics) == {"loss", "learning_rate"}
     assert [j["id"] for j in client.predict("api", "", api_name="/list_jobs")] == [job["id"]]
+    tracked = client.predict("instant", "", "", "api", "{}", 0, report_to="tensorboard,mlflow", api_name="/submit_job")
+    assert runs.get_job(ws, tracked["id"])["report_to"] == "tensorboard,mlflow"
     assert done["output_model"] in {m["name"] for m in client.predict(api_name="/list_models")}
 
 
@@ -63,6 +65,8 @@ def test_api_errors_are_messages_and_change_nothing(ws, lab_server, tmp_path):
         client.predict("nope", "", "", "default", "{}", 0, api_name="/submit_job")
     with pytest.raises(Exception, match="params must be a JSON object"):
         client.predict("instant", "", "", "default", "[1", 0, api_name="/submit_job")
+    with pytest.raises(Exception, match="unknown tracker 'comet'"):
+        client.predict("instant", "", "", "default", "{}", 0, report_to="comet", api_name="/submit_job")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": ""}\n')
     with pytest.raises(Exception, match="line 1: `text` is empty"):

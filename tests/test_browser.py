@@ -434,16 +434,19 @@ def test_the_train_form_saves_and_loads_a_run_config(ws, lab_server, tiny_model_
                      "params": {"max_steps": 12}}, saved
     # an edited config loads into the form, and Launch queues what it says
     edited = tmp_path / "edited.yaml"
-    edited.write_text(yaml.safe_dump({**saved, "params": {"max_steps": 7, "lora_r": 4}, "priority": 2}))
+    edited.write_text(yaml.safe_dump({**saved, "params": {"max_steps": 7, "lora_r": 4}, "priority": 2,
+                                      "report_to": "tensorboard,mlflow"}))
     page.locator("#train-load-config input[type=file]").set_input_files(str(edited))
     _wait_for_text(page, "#train-message", "Loaded edited.yaml", 30)
     _wait_for_text(page, "#train-command", "max_steps=7", 30)
     assert "lora_r=4" in _text(page, "#train-command") and "--priority 2" in _text(page, "#train-command")
+    assert "--report-to tensorboard,mlflow" in _text(page, "#train-command")
     page.locator("#launch").click()
     _wait_for_text(page, "#run-head", "sft", 60)
     job = runs.list_jobs(ws)[0]
     assert (job["plugin"], job["priority"]) == ("sft", 2)
     assert runs.get_job(ws, job["id"])["params"]["max_steps"] == 7
+    assert runs.get_job(ws, job["id"])["report_to"] == "tensorboard,mlflow"
     _no_error_toast(page)
 
 

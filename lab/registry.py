@@ -135,9 +135,12 @@ def describe_folder(path: Path) -> dict:
 
 
 def fingerprint_folder(path: Path) -> str:
-    """SHA-256 over every file's relative name and bytes, in name order."""
+    """SHA-256 over every file's relative name and bytes, in name order: the weights, configuration and tokenizer.
+    The lab's own records are left out (model.json, and the top-level README.md, the model card the lab rewrites
+    after a run's output is registered)."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != "model.json"):
+    own = {path / "model.json", path / "README.md"}
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name != "model.json" and p not in own):
         h.update(str(f.relative_to(path)).encode() + b"\0")
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 20):

@@ -171,6 +171,32 @@ def portable_base(settings: Settings, name: str) -> str:
     return (_hub_id(first) if same else None) or base.name
 
 
+def merge_into(settings: Settings, info: dict, folder: Path) -> Path:
+    """An adapter merged into its base, saved with its tokenizer as a plain HF folder at `folder` (the export, the
+    GGUF converter and the model server all read one)."""
+    from lab import modeling
+
+    base = registry.base_of(settings, registry.get(settings, info["name"]))
+    model = modeling.causal_lm({**info, "base_path": base.path}, adapter="merge", log=lambda m: None)
+    model.save_pretrained(folder)
+    modeling.tokenizer(info["path"], log=lambda m: None).save_pretrained(folder)
+    return folder
+
+
+def generating_architecture(settings: Settings, info: dict) -> str:
+    """The architecture that would generate text for a model (an adapter's is its base's); '' for a scoring head,
+    and the architecture itself when it does not generate (a masked LM), for the caller's refusal to name."""
+    if info["kind"] in ("classifier", "reward"):
+        return ""
+    arch = info["architecture"] if info["kind"] != "adapter" else \
+        registry.base_of(settings, registry.get(settings, info["name"])).architecture
+    return arch or ""
+
+
+def generates(arch: str) -> bool:
+    return arch.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def export(settings: Settings, name: str, export_name: str | None = None, adapter: bool = False) -> dict:
     """Write workspace/exports/<export_name>/ (the model, its tokenizer, README.md) and <export_name>.tar.gz. An
     adapter is merged into its base, or with `adapter` exported as an adapter whose base is named portably."""
@@ -185,12 +211,7 @@ def export(settings: Settings, name: str, export_name: str | None = None, adapte
                        "pick another name")
     with staging(final, "export") as tmp:  # an archive left without its folder by a killed export is overwritten
         if info["kind"] == "adapter" and not adapter:
-            from lab import modeling
-
-            base = registry.base_of(settings, registry.get(settings, name))
-            model = modeling.causal_lm({**info, "base_path": base.path}, adapter="merge", log=lambda m: None)
-            model.save_pretrained(tmp)
-            modeling.tokenizer(info["path"], log=lambda m: None).save_pretrained(tmp)
+            merge_into(settings, info, tmp)
         else:
             for item in Path(info["path"]).iterdir():
                 if item.name in ("model.json", "README.md", "training_args.bin") or item.is_dir():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lab import llamacpp, registry
 from lab.errors import LabError
-from lab.export import exports_dir, model_card
+from lab.export import exports_dir, generates, generating_architecture, merge_into, model_card
 from lab.settings import Settings
 from lab.workspace import check_name, staging
 
@@ -49,11 +49,9 @@ def check(settings: Settings, name: str, quant: str) -> dict:
         raise LabError(f"{name} is a {info['kind']} model (a sequence-classification head): llama.cpp runs language "
                        "models that generate text, so it cannot be exported as GGUF",
                        "export it as a Hugging Face folder instead (--format hf)")
-    arch = info["architecture"]
-    if info["kind"] == "adapter":
-        arch = registry.base_of(settings, registry.get(settings, name)).architecture
-    if not (arch or "").endswith(("ForCausalLM", "LMHeadModel")):
-        what = "a masked language model" if "MaskedLM" in (arch or "") else f"a {arch} model"
+    arch = generating_architecture(settings, info)
+    if not generates(arch):
+        what = "a masked language model" if "MaskedLM" in arch else f"a {arch} model"
         raise LabError(f"{name} is {what}, not a causal language model: llama.cpp cannot generate text with it",
                        "export it as a Hugging Face folder instead (--format hf)")
     return {**info, "architecture": arch}
@@ -109,15 +107,8 @@ def _hf_folder(settings: Settings, info: dict, tmp: Path, say: Callable[[str], N
     """The folder the converter reads: the model's own, or an adapter merged into its base."""
     if info["kind"] != "adapter":
         return Path(info["path"])
-    from lab import modeling
-
     say(f"merging the adapter {info['name']} into its base")
-    base = registry.base_of(settings, registry.get(settings, info["name"]))
-    merged = tmp / ".merged"
-    model = modeling.causal_lm({**info, "base_path": base.path}, adapter="merge", log=lambda m: None)
-    model.save_pretrained(merged)
-    modeling.tokenizer(info["path"], log=lambda m: None).save_pretrained(merged)
-    return merged
+    return merge_into(settings, info, tmp / ".merged")
 
 
 def export_gguf(settings: Settings, name: str, quant: str = "f16", export_name: str | None = None,

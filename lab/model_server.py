@@ -34,6 +34,7 @@ from pathlib import Path
 from jobs.queue import process_alive
 from lab import registry
 from lab.errors import LabError
+from lab.export import generates, generating_architecture, merge_into
 from lab.guard import HostPolicy, check_port, is_loopback
 from lab.settings import Settings
 
@@ -149,9 +150,8 @@ def servable(settings: Settings, name: str) -> dict:
     if info["kind"] in ("classifier", "reward"):
         raise LabError(f"{name} is a {info['kind']} model: it scores text and cannot answer chat completions",
                        "serve a causal language model or an adapter")
-    arch = info["architecture"] if info["kind"] != "adapter" else \
-        registry.base_of(settings, registry.get(settings, name)).architecture
-    if not (arch or "").endswith(("ForCausalLM", "LMHeadModel")):
+    arch = generating_architecture(settings, info)
+    if not generates(arch):
         raise LabError(f"{name} is a {arch} model, not a causal language model: it cannot generate text")
     return info
 
@@ -160,14 +160,8 @@ def _folder(settings: Settings, info: dict, tmp: Path, say: Callable[[str], None
     """The HF folder to load: the model's own, or an adapter merged into its base (in a temporary folder)."""
     if info["kind"] != "adapter":
         return Path(info["path"])
-    from lab import modeling
-
     say(f"merging the adapter {info['name']} into its base")
-    base = registry.base_of(settings, registry.get(settings, info["name"]))
-    model = modeling.causal_lm({**info, "base_path": base.path}, adapter="merge", log=lambda m: None)
-    model.save_pretrained(tmp / "merged")
-    modeling.tokenizer(info["path"], log=lambda m: None).save_pretrained(tmp / "merged")
-    return tmp / "merged"
+    return merge_into(settings, info, tmp / "merged")
 
 
 def state_file(settings: Settings, name: str) -> Path:

@@ -123,7 +123,8 @@ def progress(settings: Settings, job_id: int, step: int, total: int | None) -> N
 
 
 PHASES = {"loading": "loading the model and data", "training": "training", "evaluating": "evaluating",
-          "saving": "saving", "checking": "checking the saved weights", "registering": "registering the output"}
+          "saving": "saving", "checking": "checking the saved weights", "registering": "registering the output",
+          "generating": "generating answers"}
 
 
 def set_phase(settings: Settings, job_id: int, phase: str) -> None:

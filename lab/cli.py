@@ -27,10 +27,13 @@ models_app = typer.Typer(help="Register, import and list models.", no_args_is_he
 datasets_app = typer.Typer(help="Import, validate and inspect datasets.", no_args_is_help=True)
 plugins_app = typer.Typer(help="The training and evaluation methods.", no_args_is_help=True)
 jobs_app = typer.Typer(help="The queue and the history of runs.", no_args_is_help=True)
+rank_app = typer.Typer(help="Rank the answers of a candidates dataset (a `generate` job's output) into preference "
+                            "pairs.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(plugins_app, name="plugins")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(rank_app, name="rank")
 
 # wide tables when piped (rich would assume 80 columns); the terminal's width otherwise
 out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
@@ -501,6 +504,8 @@ def _wait(s: Settings, job_id: int) -> int:
         err.print(f"job {job_id} completed; outputs in {Path(job['run_dir']) / 'output'}")
         if job.get("output_model"):
             err.print(f"registered as model {job['output_model']}")
+        if job.get("output_dataset"):
+            err.print(f"registered as dataset {job['output_dataset']}")
         return 0
     err.print(f"job {job_id} {job['status']}" + (f" ({job['failure']})" if job.get("failure") else "")
               + f": {job['error'] or ''}", markup=False)
@@ -703,6 +708,97 @@ def demo_cmd(
                   f"  log.txt    the log\n  output/    the LoRA adapter (Hugging Face format)\n"
                   f"metrics: lab jobs show {job_id}; all jobs: lab jobs list --workspace {s.workspace}")
     raise typer.Exit(code)
+
+
+AnnotatorOpt = Annotated[str, typer.Option("--annotator", "-a", help="Who ranks: rankings are kept per person.")]
+
+
+@rank_app.command("next")
+def rank_next(candidates: str, annotator: AnnotatorOpt, workspace: WorkspaceOpt = None, as_json: JsonOpt = False):
+    """The next item this annotator has not judged: its id, prompt and answers in the order shown (models hidden)."""
+    from lab import ranking
+
+    item = ranking.next_item(_settings(workspace), candidates, annotator)
+    if as_json:
+        return _print_json(item)
+    if item is None:
+        out.print(f"{annotator} has judged every item of {candidates}", markup=False)
+        return
+    out.print(f"item {item['item']} of {candidates} ({item['done']} of {item['total']} done by {annotator})",
+              markup=False)
+    for m in item["prompt"]:
+        out.print(f"[bold]{m['role']}:[/] {escape(m['content'])}")
+    for a in item["answers"]:
+        out.print(f"\n[bold]answer {a['number']}[/]\n{escape(a['text'])}")
+
+
+@rank_app.command("submit")
+def rank_submit(
+    candidates: str,
+    item: str,
+    annotator: AnnotatorOpt,
+    into: Annotated[str | None, typer.Option("--into", help="The preference dataset the pairs go into (created when "
+                                                             "new).")] = None,
+    order: Annotated[str | None, typer.Option("--order", help="Answer numbers as shown, best first, e.g. 2,1,3 "
+                                                               "(the last may be left out).")] = None,
+    best: Annotated[int | None, typer.Option("--best", help="Only the best answer's number (with --worst).")] = None,
+    worst: Annotated[int | None, typer.Option("--worst", help="The worst answer's number (with --best).")] = None,
+    tie: Annotated[bool, typer.Option("--tie", help="All answers equally good: no pair.")] = False,
+    skip: Annotated[bool, typer.Option("--skip", help="Not judged: no pair, left out of the agreement.")] = False,
+    pairs: Annotated[str, typer.Option("--pairs", help="all (every ordered pair) or best-vs-rest.")] = "all",
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Record a verdict on one item and append its preference pairs to --into."""
+    from lab import ranking
+
+    given = [name for name, on in (("--order", order is not None), ("--best/--worst", best is not None or worst
+                                                                       is not None), ("--tie", tie), ("--skip", skip))
+             if on]
+    if len(given) != 1:
+        raise LabError("give one verdict: --order, --best with --worst, --tie or --skip",
+                       f"got {', '.join(given)}" if given else None)
+    verdict = "order" if order is not None else "tie" if tie else "skip" if skip else "best_worst"
+    done = ranking.submit(_settings(workspace), candidates, item, annotator, verdict=verdict, order=order, best=best,
+                          worst=worst, into=into, pairs=pairs)
+    if as_json:
+        return _print_json(done)
+    added = f"{done['added']} pair(s) added to {done['into']} (now {done['pairs']})" if done["added"] else "no pair"
+    out.print(f"{verdict} recorded for item {done['item']}: {added}; the answers were by "
+              + ", ".join(f"{n} {m}" for n, m in enumerate(done["models"], 1)), markup=False)
+
+
+@rank_app.command("status")
+def rank_status(
+    candidates: str,
+    reward_model: Annotated[str | None, typer.Option("--reward-model", help="Also: how often this reward model "
+                                                                            "agrees with the people.")] = None,
+    workspace: WorkspaceOpt = None,
+    as_json: JsonOpt = False,
+):
+    """Progress per annotator, agreement between annotators (pairwise and Cohen's kappa), and a reward model's."""
+    from lab import ranking
+
+    s = _settings(workspace)
+    found = {**ranking.progress(s, candidates), "agreement": ranking.agreement(s, candidates)}
+    if reward_model:
+        scores = ranking.score_items(s, candidates, reward_model, only=ranking.judged_items(s, candidates))
+        found["reward_model"] = {"name": reward_model, **ranking.reward_agreement(s, candidates, scores)}
+    if as_json:
+        return _print_json(found)
+    out.print(f"{candidates}: {found['ranked_by_anyone']} of {found['items']} items ranked", markup=False)
+    _table([{"annotator": a, **v} for a, v in found["annotators"].items()], ["annotator", "done", "skipped"],
+           "rankings yet")
+    rows = [{"annotators": " & ".join(a["annotators"]), "items": a["items"], "pairs": a["pairs"],
+             "agreement": "—" if a["agreement"] is None else f"{a['agreement']:.3f}",
+             "kappa": "—" if a["kappa"] is None else f"{a['kappa']:.3f}"} for a in found["agreement"]]
+    if rows:
+        _table(rows, ["annotators", "items", "pairs", "agreement", "kappa"], "annotator pairs")
+    if reward_model:
+        r = found["reward_model"]
+        rate = "—" if r["agreement"] is None else f"{r['agreement']:.3f}"
+        out.print(f"{reward_model} agrees with the people on {rate} of {r['pairs']} ranked pairs", markup=False)
+
 
 
 def main() -> None:

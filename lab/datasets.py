@@ -56,6 +56,19 @@ def _label_types(rows: list[Any], places: list[str]) -> list[str]:
     return []
 
 
+def _repeated_ids(rows: list[Any], places: list[str]) -> list[str]:
+    """Candidates rows are ranked by id: two rows with one id would share their rankings."""
+    first: dict[str, str] = {}
+    problems = []
+    for row, place in zip(rows, places, strict=True):
+        if "id" in row:
+            key = str(row["id"])
+            if key in first:
+                problems.append(f"{place}: `id` {key!r} is already used ({first[key]})")
+            first.setdefault(key, place)
+    return problems
+
+
 def _hint_for(columns: list[str], rows: list[Any]) -> str | None:
     found = mapping.suggest(columns, rows)
     return mapping.hint(*found) if found else None
@@ -95,6 +108,8 @@ def validate(loaded: Loaded, fmt: str | None, name: str) -> tuple[str, list[str]
         problems += [f"{place}: {p}" for p in formats.check_row(fmt, row)]
     if fmt == "classification" and not problems:
         problems += _label_types(loaded.rows, loaded.places)
+    if fmt == "candidates" and not problems:
+        problems += _repeated_ids(loaded.rows, loaded.places)
     if problems:
         raise ValidationError(f"{name} is not a valid {fmt} dataset ({_count(problems)}):", problems)
     return fmt, columns
@@ -206,7 +221,7 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None,
 def _info(row: Dataset) -> dict:
     return {"id": row.id, "name": row.name, "format": row.format, "rows": row.rows, "test_rows": row.test_rows,
             "columns": row.columns,
-            "fingerprint": row.fingerprint, "path": row.path, "source": row.source,
+            "fingerprint": row.fingerprint, "path": row.path, "source": row.source, "job_id": row.job_id,
             "created_at": row.created_at.isoformat(timespec="seconds")}
 
 
@@ -273,9 +288,12 @@ def convert(settings: Settings, name: str, new_name: str, to: str) -> dict:
         return add(settings, new_name, folder, to, source=f"dataset {name} converted to {to}")
 
 
-def append_rows(settings: Settings, name: str, rows: list[dict]) -> dict:
+def append_rows(settings: Settings, name: str, rows: list[dict], db=None) -> dict:
     """Add validated rows to a stored dataset (the playground's rankings); the fingerprint and count follow.
-    The database's write lock is held while the file is rewritten, so two appends never lose a row."""
+    The database's write lock is held while the file is rewritten, so two appends never lose a row. With `db`, the
+    caller's open session is used and the rows count only once it commits (see lab.ranking)."""
+    from contextlib import nullcontext
+
     from sqlalchemy import update
 
     stored = get(settings, name)
@@ -284,8 +302,9 @@ def append_rows(settings: Settings, name: str, rows: list[dict]) -> dict:
     if problems:
         raise ValidationError(f"rows not valid for {name} ({stored.format}):", problems)
     folder = Path(stored.path)
-    with session(settings) as s:
+    with (nullcontext(db) if db is not None else session(settings)) as s:
         s.execute(update(Dataset).where(Dataset.id == stored.id).values(rows=Dataset.rows))  # take the write lock
+        stored = s.get(Dataset, stored.id)  # as of now, under the lock
         data = (folder / DATA_FILE).read_bytes() + _jsonl_bytes(rows)
         fingerprint = hashlib.sha256(data).hexdigest()
         columns = list(dict.fromkeys([*stored.columns, *columns_of(rows)]))
@@ -298,4 +317,4 @@ def append_rows(settings: Settings, name: str, rows: list[dict]) -> dict:
         (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
         s.execute(update(Dataset).where(Dataset.id == stored.id).values(rows=count, fingerprint=fingerprint,
                                                                        columns=columns))
-    return info(settings, name)
+    return {"name": name, "rows": count, "fingerprint": fingerprint}

@@ -21,21 +21,47 @@ def load_generator(info: dict, log=print):
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, batch_size: int = 8) -> list[str]:
     """Answers to chat prompts (greedy when temperature is 0), with the model's chat template."""
+    return [a["text"] for a in sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, seed,
+                                      batch_size)]
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    return ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
+def sample(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float = 0.0,
+           top_p: float = 1.0, seed: int = 0, batch_size: int = 8) -> list[dict]:
+    """Answers to chat prompts in batches (left padding, the KV cache, each row stopping at its own end of turn):
+    one {text, tokens, prompt_tokens, finish ("stop" or "length"), seconds (the batch's time shared out)} each.
+    The seed is set once, so the answers repeat for the same seed and batch size."""
+    import time
+
     import torch
 
     torch.manual_seed(seed)
-    answers = []
+    stops = _stop_ids(model, tokenizer)
+    out = []
     for start in range(0, len(prompts), batch_size):
         texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
                  for p in prompts[start:start + batch_size]]
         batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {
             "do_sample": False}
+        began = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            ids = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  **sampling)
-        answers += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [a.strip() for a in answers]
+        share = (time.perf_counter() - began) / len(texts)
+        new = ids[:, batch["input_ids"].shape[1]:].tolist()
+        for row, mask in zip(new, batch["attention_mask"].tolist(), strict=True):
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            kept = row if end is None else row[:end]
+            out.append({"text": tokenizer.decode(kept, skip_special_tokens=True).strip(),
+                        "tokens": len(kept) + (end is not None), "prompt_tokens": sum(mask),
+                        "finish": "length" if end is None else "stop", "seconds": round(share, 4)})
+    return out
 
 
 def prompts_and_references(fmt: str, rows: list[dict]) -> tuple[list[list[dict]], list[str]]:

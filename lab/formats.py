@@ -8,6 +8,7 @@
 | preference        | chosen, rejected, prompt (optional)       | reward, dpo                      |
 | classification    | text, label                               | classify                         |
 | text              | text                                      | pretrain                         |
+| candidates        | prompt, candidates: [{text, model, ...}]  | ranking (`lab rank`), eval-judge |
 
 ShareGPT files (`conversations` of {from, value} turns) are an import layout: they are stored as `chat`.
 """
@@ -25,12 +26,13 @@ FORMATS: dict[str, str] = {
     "preference": "`chosen` and `rejected` replies, with an optional shared `prompt`",
     "classification": "`text` and its `label`",
     "text": "raw `text` for pretraining",
+    "candidates": "a `prompt` and its `candidates`, a list of two or more answers ({text, model, ...}) to rank",
 }
 ROLES = ("system", "user", "assistant", "tool")
 REQUIRED = {"chat": ("messages",), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion"),
             "preference": ("chosen", "rejected"), "classification": ("text", "label"), "text": ("text",),
-            "sharegpt": ("conversations",)}
-OPTIONAL = {"alpaca": ("input",), "preference": ("prompt",), "sharegpt": ("system",)}
+            "candidates": ("prompt", "candidates"), "sharegpt": ("conversations",)}
+OPTIONAL = {"alpaca": ("input",), "preference": ("prompt",), "candidates": ("id",), "sharegpt": ("system",)}
 LAYOUTS = {"sharegpt": "ShareGPT: `conversations` is a list of {from, value} turns (human, gpt, system, ...); "
                        "stored as chat"}
 FIELDS = tuple(dict.fromkeys(c for cols in (*REQUIRED.values(), *OPTIONAL.values()) for c in cols))
@@ -48,6 +50,8 @@ def detect(columns: Iterable[str]) -> str | None:
         return "chat"
     if "conversations" in cols:
         return "sharegpt"
+    if {"prompt", "candidates"} <= cols:
+        return "candidates"
     if {"instruction", "output"} <= cols:
         return "alpaca"
     if {"chosen", "rejected"} <= cols:
@@ -167,6 +171,30 @@ def _check_text(row: dict) -> list[str]:
     return _text(row, "text")
 
 
+MAX_CANDIDATES = 16
+
+
+def _check_candidates(row: dict) -> list[str]:
+    problems = _reply(row, "prompt")
+    if isinstance(row.get("prompt"), list) and not problems and row["prompt"][-1]["role"] == "assistant":
+        problems.append("`prompt` ends with an assistant turn: there is nothing left to answer")
+    if "id" in row and not (isinstance(row["id"], (str, int)) and not isinstance(row["id"], bool)
+                            and str(row["id"]).strip() and len(str(row["id"])) <= 128):
+        problems.append(f"`id` must be a short text or number, got {_type_name(row['id'])}")
+    found = row.get("candidates")
+    if not isinstance(found, list) or not 2 <= len(found) <= MAX_CANDIDATES:
+        size = f"{len(found)} of them" if isinstance(found, list) else _type_name(found)
+        return problems + [f"`candidates` must be a list of 2 to {MAX_CANDIDATES} answers, got {size}"]
+    for i, c in enumerate(found):
+        if not isinstance(c, dict):
+            problems.append(f"`candidates[{i}]` must be an object with `text`, got {_type_name(c)}")
+        elif not isinstance(c.get("text"), str):
+            problems.append(f"`candidates[{i}].text` must be text, got {_type_name(c.get('text'))}")
+        elif c.get("model") is not None and not isinstance(c["model"], str):
+            problems.append(f"`candidates[{i}].model` must be text, got {_type_name(c['model'])}")
+    return problems
+
+
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system",
                   "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool"}
@@ -216,6 +244,7 @@ CHECKS: dict[str, Callable[[dict], list[str]]] = {
     "preference": _check_preference,
     "classification": _check_classification,
     "text": _check_text,
+    "candidates": _check_candidates,
     "sharegpt": _check_sharegpt,
 }
 STORED_AS = {"sharegpt": ("chat", from_sharegpt)}  # import layouts: the format they are kept in, and how
@@ -350,7 +379,11 @@ def to_preference_pair(row: dict) -> dict:
 
 
 def prompt_of(fmt: str, row: dict) -> list[dict]:
-    """The prompt turns of a row of any format that has one (for generation: GRPO, PPO, evaluation)."""
+    """The prompt turns of a row of any format that has one (for generation: GRPO, PPO, evaluation, generate)."""
+    if fmt == "candidates":
+        return row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
+    if fmt == "text":  # raw text as the prompt (a list of questions, say)
+        return [{"role": "user", "content": row["text"]}]
     if fmt == "preference":
         pair = to_preference_pair(row)
         if "prompt" not in pair:

@@ -2,7 +2,7 @@
 
 A plugin is a module with:
     ID: str                  unique id, used in `lab run ID`
-    KIND: str                "train" or "eval"
+    KIND: str                "train", "eval" or "data" (its output is a dataset: generate, synthesize)
     ACCEPTS: tuple[str, ...] dataset formats it takes (see lab.formats); () when it needs no dataset
     Params: pydantic model   every parameter with default, bounds and description
     run(ctx, params)         does the work (lab.sdk.RunContext)
@@ -37,9 +37,10 @@ from lab.settings import Settings
 
 BUILTINS = ("plugins.pretrain", "plugins.sft", "plugins.classify", "plugins.reward", "plugins.ppo", "plugins.dpo",
             "plugins.orpo", "plugins.kto", "plugins.grpo", "plugins.eval_perplexity", "plugins.eval_generate",
-            "plugins.eval_reward", "plugins.eval_preference", "plugins.eval_classify", "plugins.eval_fewshot")
+            "plugins.eval_reward", "plugins.eval_preference", "plugins.eval_classify", "plugins.eval_fewshot",
+            "plugins.generate")
 ENTRY_POINT_GROUP = "lab.plugins"
-KINDS = ("train", "eval")
+KINDS = ("train", "eval", "data")
 
 
 @dataclass(frozen=True)
@@ -263,8 +264,9 @@ def validate_params(plugin: Plugin, values: dict[str, Any]) -> BaseModel:
 
 def describe_params(plugin: Plugin) -> list[dict]:
     """One entry per parameter: name, type, default, bounds, description, and the form hints `advanced` (folded
-    away), `widget` ("slider", or "model" for the name of a registered model) and `model_kind` (which models a
-    "model" widget offers), which a field sets with json_schema_extra."""
+    away), `widget` ("slider", "model" for the name of a registered model, "models" for several, comma-separated)
+    and `model_kind` (which models a model widget offers, e.g. "reward" or "full|adapter"), which a field sets with
+    json_schema_extra."""
     out = []
     for name, f in plugin.params.model_fields.items():
         bounds = {}

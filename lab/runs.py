@@ -276,18 +276,20 @@ def jobs_by_id(settings: Settings, job_ids: list[int]) -> list[dict]:
 
 
 def get_job(settings: Settings, job_id: int) -> dict:
-    """Everything about one job: its row, parameters, folders, error and log tail, and its output model."""
+    """Everything about one job: its row, parameters, folders, error and log tail, and its output model (or the
+    dataset a data job made)."""
     with read_session(settings) as s:
         job = s.get(Job, job_id)
         if job is None:
             raise LabError(f"no job {job_id}", "see `lab jobs list`")
         out = _row(job, _names(s), _positions(s))
         output_model = s.scalar(select(Model.name).where(Model.job_id == job_id).order_by(Model.id).limit(1))
+        output_dataset = s.scalar(select(Dataset.name).where(Dataset.job_id == job_id).order_by(Dataset.id).limit(1))
     out.update({"params": job.params, "run_dir": job.run_dir, "exit_code": job.exit_code, "pid": job.pid,
                 "attempts": job.attempts, "max_attempts": job.max_attempts, "devices": job.devices,
                 "processes": job.processes, "time_limit_min": job.time_limit_s and job.time_limit_s / 60,
                 "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail, "report_to": job.report_to,
-                "output_model": output_model})
+                "output_model": output_model, "output_dataset": output_dataset})
     out["lineage"] = _lineage(settings, out, output_model)
     return mask_all(out, secret_values(settings))  # a parameter may hold a secret the user pasted
 

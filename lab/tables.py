@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -37,7 +37,27 @@ class Dataset(Base):
     test_rows: Mapped[int | None] = mapped_column(Integer, nullable=True)  # a held-out split kept beside, if any
     fingerprint: Mapped[str] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(Text, default="")  # the file it was imported from
+    job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)  # the run that produced it (generate, ...)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Ranking(Base):
+    """One annotator's verdict on one item of a candidates dataset (lab.ranking)."""
+
+    __tablename__ = "rankings"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    dataset_id: Mapped[int] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"))
+    item: Mapped[str] = mapped_column(String(128))  # the candidates row's id
+    annotator: Mapped[str] = mapped_column(String(64))
+    verdict: Mapped[str] = mapped_column(String(16))  # order, best_worst, tie, skip
+    ranking: Mapped[list] = mapped_column(JSON)  # candidate indices as stored, best first (best_worst: [best, worst])
+    shown: Mapped[list] = mapped_column(JSON)  # the order the answers were shown in (stored indices)
+    into_dataset: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the preference dataset fed
+    pairs_mode: Mapped[str | None] = mapped_column(String(16), nullable=True)  # all, best-vs-rest
+    pairs_added: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("dataset_id", "item", "annotator", name="uq_rankings_item_annotator"),)
 
 
 class Model(Base):

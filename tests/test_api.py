@@ -13,7 +13,7 @@ from gradio_client import Client, handle_file
 from lab import datasets, registry, runs
 
 API = {"submit_job", "list_jobs", "get_job", "cancel_job", "job_metrics", "list_models", "list_datasets",
-       "upload_dataset"}
+       "upload_dataset", "rank_next", "rank_submit", "rank_status"}
 
 
 def _poll(client: Client, job_id: int, timeout: float = 120) -> dict:
@@ -144,3 +144,24 @@ def test_workers_stop_when_the_server_is_killed(ws, lab_server):
     while queue.live_workers(ws) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not queue.live_workers(ws), f"worker {worker.id} outlived its server"
+
+
+def test_another_front_end_ranks_through_the_api(ws, lab_server, tmp_path):
+    rows = [{"id": f"q{i}", "prompt": f"Prompt {i}?", "candidates": [{"text": f"{c}{i}", "model": f"m-{c}"}
+                                                                   for c in "abc"]} for i in range(3)]
+    datasets.add(ws, "cands", write_jsonl(tmp_path / "cands.jsonl", rows))
+    client = Client(lab_server.start().url, verbose=False)
+    item = client.predict("cands", "ann", api_name="/rank_next")
+    assert item["item"] == "q0" and [a["number"] for a in item["answers"]] == [1, 2, 3]
+    assert "m-a" not in json.dumps(item), "the models stay hidden"
+    done = client.predict("cands", "q0", "ann", "order", "3,1,2", "prefs", "best-vs-rest", api_name="/rank_submit")
+    assert done["added"] == 2 and done["pairs"] == 2 and sorted(done["models"]) == ["m-a", "m-b", "m-c"]
+    done = client.predict("cands", "q1", "ann", "best_worst", "", "prefs", "all", 2, 3, api_name="/rank_submit")
+    assert done["added"] == 3 and done["pairs"] == 5
+    with pytest.raises(Exception, match="already judged item q0"):
+        client.predict("cands", "q0", "ann", "order", "1,2,3", "prefs", "all", api_name="/rank_submit")
+    with pytest.raises(Exception, match="'9' is not an answer number"):
+        client.predict("cands", "q2", "ann", "order", "9,1,2", "prefs", "all", api_name="/rank_submit")
+    status = client.predict("cands", api_name="/rank_status")
+    assert status["annotators"] == {"ann": {"done": 2, "skipped": 0}} and status["ranked_by_anyone"] == 2
+    assert datasets.info(ws, "prefs")["rows"] == 5

@@ -253,6 +253,45 @@ def test_the_playground_opens_a_dpo_job_on_its_rankings_with_every_field_filled(
         ("dpo", "playground-rankings", "tiny2")]
     _no_error_toast(page)
 
+def test_rank_three_prompts_with_the_keyboard_only_then_open_a_reward_job_on_the_pairs(ws, lab_server,
+                                                                                     tiny_model_dir, tmp_path, page):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    rows = [{"id": f"q{i}", "prompt": [{"role": "user", "content": f"Question {i}: {XSS}"}],
+             "candidates": [{"text": f"answer {c} to {i} {XSS if c == 'b' else ''}", "model": "tiny"}
+                            for c in "abc"]} for i in range(5)]
+    datasets.add(ws, "cands", write_jsonl(tmp_path / "cands.jsonl", rows))
+    page.on("dialog", lambda d: (_ for _ in ()).throw(AssertionError("a script ran: " + d.message)))
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    _tab(page, "Rank")
+    _choose(page, "rank-source", "cands")
+    page.locator("#rank-annotator textarea").fill("ann")
+    page.locator("#rank-into input").fill("ranked")
+    page.locator("#rank-start").click()
+    _wait_for_text(page, "#rank-progress", "0 of 5 judged by ann")
+    assert page.locator("#rank-cards .rank-card").count() == 3 and XSS in page.locator("#rank-prompt").inner_text()
+    page.focus("#rank-entry textarea")  # from here on, only keys
+    for n, typed in enumerate(["2 1 3", "312", "b1 w3"], start=1):
+        page.keyboard.type(typed)
+        page.keyboard.press("Enter")
+        _wait_for_text(page, "#rank-progress", f"{n} of 5 judged by ann.*{3 * n} pairs in ranked")
+        assert page.evaluate("document.activeElement.closest('#rank-entry') !== null"), "the focus stays put"
+    assert "answer 1: tiny" in page.locator("#rank-result").inner_text(), "models are shown after the vote"
+    _shot(page, "rank")
+    _no_error_toast(page)
+    pairs = datasets.preview(ws, "ranked", 20)
+    assert len(pairs) == 9 and {p["annotator"] for p in pairs} == {"ann"}
+    assert {p["item"] for p in pairs} == {"q0", "q1", "q2"}
+    page.locator("#rank-to-reward").click()
+    page.wait_for_timeout(2500)
+    assert page.locator("#train-dataset input").input_value() == "ranked"
+    assert page.locator("#train-model input").input_value() == "tiny"
+    _no_error_toast(page)
+    page.locator("#launch").click()
+    _wait_for_text(page, "#run-head", "reward", 60)
+    assert [(j["plugin"], j["dataset"], j["model"]) for j in runs.list_jobs(ws)] == [("reward", "ranked", "tiny")]
+
+
 XSS = "<img src=x onerror=alert(11)>"
 
 

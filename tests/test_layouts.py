@@ -50,6 +50,12 @@ VARIANTS: dict[str, dict[str, list[dict]]] = {
         "number labels": [{"text": "win cash now", "label": 1}, {"text": "see you soon", "label": 0}],
     },
     "text": {"paragraphs": [{"text": "The lab trains language models."}, {"text": "It keeps every run."}]},
+    "candidates": {
+        "conversational prompt, answers with their models": [
+            {"id": "q1", "prompt": [USER], "candidates": [{"text": "Paris.", "model": "sft-3"},
+                                                          {"text": "Rome.", "model": "tiny"}]}],
+        "text prompt, bare answers": [{"prompt": "2+2=", "candidates": [{"text": "4"}, {"text": "5"}, {"text": "4"}]}],
+    },
 }
 
 PLUGINS = {p.id: p for p in (plugins._load(m, "built-in") for m in plugins.BUILTINS) if p.accepts}
@@ -98,7 +104,7 @@ def _through_trainer(pid: str, examples: list, tok) -> int:
     if pid in ("grpo", "eval-generate"):
         return sum(bool(tok.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False))
                    for e in examples)
-    if pid in ("ppo", "eval-reward"):
+    if pid in ("ppo", "eval-reward", "generate"):
         return sum(bool(tok.apply_chat_template(e, add_generation_prompt=True, tokenize=False)) for e in examples)
     if pid == "eval-perplexity":
         return sum(bool(tok.apply_chat_template(e, tokenize=False) if isinstance(e, list) else tok(e)["input_ids"])

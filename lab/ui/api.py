@@ -6,6 +6,8 @@
     job = lab.predict("sft", "smollm2-135m-instruct", "notes", "default", '{"max_steps": 20}', 0,
                       api_name="/submit_job")
     lab.predict(job["id"], api_name="/get_job")["status"]
+    item = lab.predict("candidates-12", "ann", api_name="/rank_next")   # the next answers to rank, shuffled
+    lab.predict("candidates-12", item["item"], "ann", "order", "2,1,3", "prefs", "all", api_name="/rank_submit")
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from lab.ui.common import UI, user_errors
 from lab.ui.tabs import datasets as datasets_tab
 
 NAMES = ("submit_job", "list_jobs", "get_job", "cancel_job", "job_metrics", "list_models", "list_datasets",
-         "upload_dataset")
+         "upload_dataset", "rank_next", "rank_submit", "rank_status")
 
 
 def _public(info: dict) -> dict:
@@ -101,7 +103,36 @@ def register(ui: UI) -> None:
         done beyond a plain import."""
         return _public(datasets_tab.import_file(ui, file, name, format, columns, encoding, split, test_split))
 
+    @api_errors
+    def rank_next(candidates: str, annotator: str) -> dict | None:
+        """The next item of a candidates dataset this annotator has not judged: {item, prompt, answers: [{number,
+        text}] in the order shown (models hidden), done, total}; None when every item is done."""
+        from lab import ranking
+
+        return ranking.next_item(s, candidates, annotator)
+
+    @api_errors
+    def rank_submit(candidates: str, item: str, annotator: str, verdict: str, order: str, into: str,
+                    pairs: str = "all", best: int | None = None, worst: int | None = None) -> dict:
+        """Record a verdict on one item: verdict 'order' (order: answer numbers as shown, best first, e.g. '2,1,3'),
+        'best_worst' (best and worst numbers), 'tie' or 'skip'; its preference pairs go into dataset `into`
+        (created when new), all ordered pairs or 'best-vs-rest'. Returns the pairs added and who wrote each
+        answer."""
+        from lab import ranking
+
+        return ranking.submit(s, candidates, str(item), annotator, verdict=verdict or "order", order=order or None,
+                              best=None if best in (None, "") else int(best),
+                              worst=None if worst in (None, "") else int(worst), into=into or None,
+                              pairs=pairs or "all")
+
+    @api_errors
+    def rank_status(candidates: str) -> dict:
+        """Progress per annotator and agreement per pair of annotators (pairwise rate and Cohen's kappa)."""
+        from lab import ranking
+
+        return {**ranking.progress(s, candidates), "agreement": ranking.agreement(s, candidates)}
+
     for fn in (submit_job, list_jobs, get_job, cancel_job, job_metrics, list_models, list_datasets,
-               upload_dataset):
+               upload_dataset, rank_next, rank_submit, rank_status):
         assert fn.__name__ in NAMES
         gr.api(fn, api_name=fn.__name__)

@@ -17,6 +17,7 @@ from lab.ui.tabs import experiments as experiments_tab
 from lab.ui.tabs import jobs as jobs_tab
 from lab.ui.tabs import models as models_tab
 from lab.ui.tabs import playground as playground_tab
+from lab.ui.tabs import rank as rank_tab
 from lab.ui.tabs import run as run_tab
 from lab.ui.tabs import train as train_tab
 
@@ -79,6 +80,8 @@ def build(settings: Settings) -> gr.Blocks:
             compare_tab_block.render()
             with gr.Tab("Playground", id="playground"):
                 playground_tab.build(ui)
+            with gr.Tab("Rank", id="rank"):
+                rank_tab.build(ui)
         api.register(ui)
 
         def refresh(saved: str, plugin: str | None, jobs_experiment: str, jobs_status: str):
@@ -107,6 +110,7 @@ def build(settings: Settings) -> gr.Blocks:
                 ui["jobs_workers"]: jobs_tab.workers_line(ui),
                 **dict(zip([c for c, _ in ui["train_pickers"]], train_tab.picker_updates(ui), strict=True)),
                 **playground_tab.refresh(ui),
+                **rank_tab.refresh(ui),
             }
 
         refresh_inputs = [remembered, ui["train_plugin"], ui["jobs_experiment"], ui["jobs_status"]]
@@ -117,6 +121,7 @@ def build(settings: Settings) -> gr.Blocks:
         refresh_outputs += [c for c, _ in ui["train_pickers"]]
         refresh_outputs += [ui[n] for n in ("play_chat_model", "play_models", "play_tok_model", "play_target",
                                             "play_endpoints", "play_endpoint_pick")]
+        refresh_outputs += [ui[n] for n in ("rank_source", "rank_into", "rank_reward")]
 
         def on_load(saved, plugin, jobs_experiment, jobs_status, request: gr.Request):
             """The page opens with everything filled; `?job=N` in the address opens that run, `?group=NAME`

@@ -23,7 +23,7 @@ class Form:
     def model_pickers(self) -> list[tuple[gr.components.Component, str | None]]:
         """The fields that name a registered model, with the kind of model they take."""
         return [(c, self.fields[n]["model_kind"]) for n, c in zip(self.names, self.components, strict=True)
-                if self.fields[n]["widget"] == "model"]
+                if self.fields[n]["widget"] in ("model", "models")]
 
     def values(self, raw: list[Any]) -> dict:
         """Typed parameter values from the components (JSON fields parsed); validation is the Params' job."""
@@ -37,6 +37,8 @@ class Form:
                 except json.JSONDecodeError as exc:
                     example = '{"max_grad_norm": 0.5}'
                     raise LabError(f"`{name}` must be a JSON object, e.g. {example}: {exc.msg}") from None
+            elif field["widget"] == "models" and isinstance(value, list):  # several names, kept comma-separated
+                value = ",".join(v for v in value if v)
             elif field["type"] == "int" and isinstance(value, float) and value.is_integer():
                 value = int(value)
             out[name] = value
@@ -50,6 +52,8 @@ class Form:
             value = params.get(name, field["default"])
             if field["type"].startswith("dict"):
                 value = json.dumps(value) if value else ""
+            elif field["widget"] == "models":
+                value = [v.strip() for v in str(value or "").split(",") if v.strip()]
             vals.append(value)
         return vals
 
@@ -60,6 +64,10 @@ def _component(f: dict) -> gr.components.Component:
     b = f["bounds"]
     if f["widget"] == "model":  # a registered model's name; the choices are filled from the registry on refresh
         return gr.Dropdown(choices=[""], value=f["default"] or "", label=label, info=info, allow_custom_value=True)
+    if f["widget"] == "models":  # several registered models' names (kept comma-separated in the parameters)
+        chosen = [v.strip() for v in str(f["default"] or "").split(",") if v.strip()]
+        return gr.Dropdown(choices=chosen, value=chosen, multiselect=True, label=label, info=info,
+                           allow_custom_value=True)
     if f["choices"]:
         return gr.Dropdown(choices=f["choices"], value=f["default"], label=label, info=info)
     if f["type"] == "bool":

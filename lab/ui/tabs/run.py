@@ -79,12 +79,14 @@ def header(job: dict, log_text: str = "") -> str:
         timing.insert(0, f'<b class="run-phase">{escape(PHASES.get(job["phase"], job["phase"]))}</b>')
     if job["duration_s"] is not None:
         timing.append(f"ran {duration(job['duration_s'])}")
-    if job["eta_s"] is not None and job.get("phase") in (None, "training"):
+    if job["eta_s"] is not None and job.get("phase") in (None, "training", "generating"):
         timing.append(f"about {duration(job['eta_s'])} left")
     if job["queue_position"]:
         timing.append(f"position {job['queue_position']} in the queue")
     if job["output_model"]:
         timing.append(f"output registered as model <b>{escape(job['output_model'])}</b>")
+    if job.get("output_dataset"):
+        timing.append(f"output registered as dataset <b>{escape(job['output_dataset'])}</b>")
     return (f'<div class="run-head">{badge(job["status"])} {" · ".join(bits)}</div>'
             f'<div class="progress"><div class="progress-bar" style="width:{pct:.1f}%"></div></div>'
             f'<div class="run-timing">{" · ".join(timing)}</div>'

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lab import plugins, preview, registry, runs, trackers
+from lab import datasets, plugins, preview, registry, runs, trackers
 from lab.errors import LabError
 from lab.ui import forms
 from lab.ui.common import UI
@@ -138,6 +138,12 @@ def build(ui: UI) -> None:
                                 then_eval=follow_up(evaluator, eval_ds), **extra)
         if not (model_name and ds_name):
             return cmd, "Pick a model and a dataset to see the estimate."
+        plan = getattr(found[pid].module, "plan", None) if pid in found else None
+        if plan is not None:  # a job that trains nothing says what it will do instead
+            try:
+                return cmd, plan(resolved, datasets.info(ui.settings, ds_name))
+            except Exception as exc:  # a courtesy, like the estimate
+                return cmd, f"No estimate: {md(exc)}"
         try:
             est = preview.estimate(ui.settings, model_name, ds_name, resolved.model_dump())
         except Exception as exc:  # an estimate is a courtesy: never block the form
@@ -322,8 +328,9 @@ def _describe(p: plugins.Plugin) -> str:
 def picker_updates(ui: UI) -> list:
     """Fresh choices for the form fields that name a model of some kind (e.g. a PPO run's reward model)."""
     models = registry.list_all(ui.settings)
-    return [gr.update(choices=[""] + [m["name"] for m in models if kind is None or m["kind"] == kind])
-            for _, kind in ui["train_pickers"]]
+    return [gr.update(choices=([] if getattr(c, "multiselect", False) else [""])
+                      + [m["name"] for m in models if kind is None or m["kind"] in kind.split("|")])
+            for c, kind in ui["train_pickers"]]
 
 
 def _kept_or_only(value, names: list[str]):

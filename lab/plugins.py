@@ -7,7 +7,7 @@ A plugin is a module with:
     Params: pydantic model   every parameter with default, bounds and description
     run(ctx, params)         does the work (lab.sdk.RunContext)
 and optionally DESCRIPTION (else the docstring's first line), NEEDS_MODEL (True, False or "optional";
-default True), PASSTHROUGH (True when
+default True), NEEDS_DATASET ("optional" when a dataset in an accepted format may be left out), PASSTHROUGH (True when
 unknown `--set` names go to `params.extra_args`), RESUMABLE (False for a trainer that cannot resume from a
 checkpoint: its jobs take no retries), MODEL_KINDS (the registry kinds it starts from; default full and
 adapter), check(params) -> list of problems, and check_inputs(params, model, dataset, settings) -> list of
@@ -38,7 +38,7 @@ from lab.settings import Settings
 BUILTINS = ("plugins.pretrain", "plugins.sft", "plugins.classify", "plugins.reward", "plugins.ppo", "plugins.dpo",
             "plugins.orpo", "plugins.kto", "plugins.grpo", "plugins.eval_perplexity", "plugins.eval_generate",
             "plugins.eval_reward", "plugins.eval_preference", "plugins.eval_classify", "plugins.eval_fewshot",
-            "plugins.generate")
+            "plugins.generate", "plugins.eval_judge", "plugins.synthesize")
 ENTRY_POINT_GROUP = "lab.plugins"
 KINDS = ("train", "eval", "data")
 
@@ -58,6 +58,7 @@ class Plugin:
     example: str = field(default="")
     distributed: bool = False  # runs data-parallel under torchrun when a job asks for processes > 1
     resumable: bool = True  # a retried or interrupted job resumes from its last checkpoint (else it starts over)
+    dataset_optional: bool = False  # NEEDS_DATASET = "optional": it reads a dataset when given one
 
     @property
     def needs_dataset(self) -> bool:
@@ -116,6 +117,7 @@ def _load(module_name: str, origin: str) -> Plugin:
         model_kinds=tuple(getattr(module, "MODEL_KINDS", ("full", "adapter"))),
         distributed=bool(getattr(module, "DISTRIBUTED", False)),
         resumable=bool(getattr(module, "RESUMABLE", True)),
+        dataset_optional=getattr(module, "NEEDS_DATASET", True) == "optional",
     )
 
 

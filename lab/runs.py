@@ -36,7 +36,7 @@ def prepare(settings: Settings, plugin_id: str, *, model: str | None = None, dat
     if model:
         model_info = registry.info(settings, model)
         model_id = model_info["id"]
-    if plugin.needs_dataset:
+    if plugin.needs_dataset and (dataset or not plugin.dataset_optional):
         if not dataset:
             raise LabError(f"plugin {plugin.id} needs a dataset", "pass --dataset NAME (see `lab datasets list`)")
         ds = datasets.get(settings, dataset)

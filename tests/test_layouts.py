@@ -104,7 +104,7 @@ def _through_trainer(pid: str, examples: list, tok) -> int:
     if pid in ("grpo", "eval-generate"):
         return sum(bool(tok.apply_chat_template(e["prompt"], add_generation_prompt=True, tokenize=False))
                    for e in examples)
-    if pid in ("ppo", "eval-reward", "generate"):
+    if pid in ("ppo", "eval-reward", "generate", "eval-judge", "synthesize"):
         return sum(bool(tok.apply_chat_template(e, add_generation_prompt=True, tokenize=False)) for e in examples)
     if pid == "eval-perplexity":
         return sum(bool(tok.apply_chat_template(e, tokenize=False) if isinstance(e, list) else tok(e)["input_ids"])

@@ -136,14 +136,14 @@ def build(ui: UI) -> None:
             extra = {}
         cmd = runs.command_line(pid, changed, model_name, ds_name, experiment or "default", int(prio or 0),
                                 then_eval=follow_up(evaluator, eval_ds), **extra)
-        if not (model_name and ds_name):
-            return cmd, "Pick a model and a dataset to see the estimate."
         plan = getattr(found[pid].module, "plan", None) if pid in found else None
-        if plan is not None:  # a job that trains nothing says what it will do instead
-            try:
-                return cmd, plan(resolved, datasets.info(ui.settings, ds_name))
+        if plan is not None and (ds_name or found[pid].dataset_optional):  # a job that trains nothing says what it
+            try:  # will do instead
+                return cmd, plan(resolved, datasets.info(ui.settings, ds_name) if ds_name else None)
             except Exception as exc:  # a courtesy, like the estimate
                 return cmd, f"No estimate: {md(exc)}"
+        if not (model_name and ds_name):
+            return cmd, "Pick a model and a dataset to see the estimate."
         try:
             est = preview.estimate(ui.settings, model_name, ds_name, resolved.model_dump())
         except Exception as exc:  # an estimate is a courtesy: never block the form
@@ -204,7 +204,7 @@ def build(ui: UI) -> None:
         p = found.get(pid)
         if p is not None and p.needs_model is True and not model_name:
             raise LabError("pick a base model", "a registered model or an earlier run's output")
-        if p is not None and p.needs_dataset and not ds_name:
+        if p is not None and p.needs_dataset and not p.dataset_optional and not ds_name:
             raise LabError("pick a dataset", f"only datasets this method reads are listed ({', '.join(p.accepts)}); "
                            "import one on the Datasets page")
 

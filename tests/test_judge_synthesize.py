@@ -144,3 +144,36 @@ def test_synthesize_refuses_what_cannot_work_and_queues_nothing(lab, dataset, pa
     with pytest.raises(LabError, match=message):
         runs.submit(lab, "synthesize", model="tiny", dataset=dataset, params={k: str(v) for k, v in params.items()})
     assert runs.list_jobs(lab) == []
+
+
+def test_a_stopped_synthesize_job_goes_on_from_its_last_round(lab):
+    import threading
+
+    from conftest import wait_until
+
+    from jobs import queue
+    from jobs.worker import Worker
+
+    params = {"seed_tasks": SEEDS, "num_instructions": 30, "min_words": 1, "max_rounds": 500, "batch_size": 1,
+              "temperature": 1.5, "answer_temperature": 1.0, "max_task_tokens": 24, "max_new_tokens": 4}
+    job_id = runs.submit(lab, "synthesize", model="tiny", params={k: str(v) for k, v in params.items()})
+    worker = Worker(lab, say=lambda m: None)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: queue.get(lab, job_id).step >= 3, 120, "three tasks kept")
+        worker.stop.set()
+        thread.join(120)
+    finally:
+        worker.stop.set()
+    assert queue.get(lab, job_id).status == "queued"
+    state = json.loads((Path(runs.get_job(lab, job_id)["run_dir"]) / "checkpoints" / "synthesize.json").read_text())
+    assert len(state["kept"]) >= 3 and state["round"] >= 3
+    Worker(lab, say=lambda m: None).serve(once=True)
+    job = runs.get_job(lab, job_id)
+    assert job["status"] == "completed", job["log_tail"]
+    assert f"going on from round {state['round']}" in (Path(job["run_dir"]) / "log.txt").read_text()
+    final = json.loads((Path(job["run_dir"]) / "checkpoints" / "synthesize.json").read_text())
+    assert final["kept"][: len(state["kept"])] == state["kept"], "the earlier tasks are kept"
+    rows = datasets.preview(lab, job["output_dataset"], 100)
+    assert {r["instruction"] for r in rows} <= set(final["kept"]) and len(final["kept"]) == 30

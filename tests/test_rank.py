@@ -270,3 +270,18 @@ def test_a_reward_model_trains_on_ranked_pairs_and_scores_the_candidates(lab):
     assert set(scores) == {"1", "2"} and all(len(v) == 3 for v in scores.values())
     found = ranking.reward_agreement(lab, name, scores)
     assert found["pairs"] >= 4 and 0 <= found["agreement"] <= 1
+
+
+def test_rankings_their_pairs_and_agreement_on_any_database(any_ws, tmp_path):
+    datasets.add(any_ws, "cands", write_jsonl(tmp_path / "cands.jsonl", candidates_rows()))
+    for who in ("ann", "bob"):
+        for _ in range(2):
+            item = ranking.next_item(any_ws, "cands", who)
+            ranking.submit(any_ws, "cands", item["item"], who, order="1,2,3", into="prefs")
+    with pytest.raises(LabError, match="already judged"):
+        ranking.submit(any_ws, "cands", "q0", "ann", order="1,2,3", into="prefs")
+    assert datasets.info(any_ws, "prefs")["rows"] == 12
+    found, = ranking.agreement(any_ws, "cands")
+    assert found["items"] == 2 and found["pairs"] == 6 and 0 <= found["agreement"] <= 1
+    assert ranking.progress(any_ws, "cands")["annotators"] == {"ann": {"done": 2, "skipped": 0},
+                                                               "bob": {"done": 2, "skipped": 0}}

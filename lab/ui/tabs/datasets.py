@@ -31,9 +31,15 @@ def names(ui: UI, accepts: tuple[str, ...] | None = None) -> list[str]:
 CELL_CHARS = 160
 
 
-def _cell(value) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= CELL_CHARS else text[: CELL_CHARS - 1] + "…"
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _cell(value, column: str = "") -> str:
+    if column == "candidates" and isinstance(value, list):  # each answer numbered, with its model, cut on its own
+        return "  ‖  ".join(f"{i}. [{c.get('model') or '?'}] {_cut(str(c.get('text', '')), 90)}" if isinstance(c, dict)
+                            else f"{i}. {_cut(str(c), 90)}" for i, c in enumerate(value, 1))
+    return _cut(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False), CELL_CHARS)
 
 
 def page_frame(ui: UI, name: str, page: int) -> tuple[pd.DataFrame, str]:
@@ -41,7 +47,7 @@ def page_frame(ui: UI, name: str, page: int) -> tuple[pd.DataFrame, str]:
     pages = max(1, -(-info["rows"] // PAGE))
     page = min(max(1, int(page or 1)), pages)
     rows = datasets.preview(ui.settings, name, PAGE, (page - 1) * PAGE)
-    frame = pd.DataFrame([{"row": (page - 1) * PAGE + i + 1, **{c: _cell(r.get(c, "")) for c in info["columns"]}}
+    frame = pd.DataFrame([{"row": (page - 1) * PAGE + i + 1, **{c: _cell(r.get(c, ""), c) for c in info["columns"]}}
                           for i, r in enumerate(rows)], columns=["row", *info["columns"]])
     summary = (f"**{md(name)}**: {info['format']} ({formats.FORMATS[info['format']]}), {info['rows']} rows, "
                f"columns {md(', '.join(info['columns']))}. Page {page} of {pages}; long texts are cut at "

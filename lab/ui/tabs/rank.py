@@ -213,9 +213,10 @@ def build(ui: UI) -> None:
     submit.click(record({}), inputs, outputs)
     tie.click(record({"verdict": "tie"}), inputs, outputs)
     skip.click(record({"verdict": "skip"}), inputs, outputs)
-    undo.click(lambda: "", [], [entry])
+    # in the browser, without a round trip: quick clicks append in the order they were made
+    undo.click(None, [], [entry], js="() => ''")
     for n, button in enumerate(numbers, 1):
-        button.click(lambda typed, n=n: f"{(typed or '').strip()} {n}".strip(), [entry], [entry])
+        button.click(None, [entry], [entry], js=f"(t) => ((t || '').trim() + ' {n}').trim()")
 
     def go_train(plugin: str):
         @user_errors

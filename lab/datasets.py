@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -178,8 +179,10 @@ def check(file: str | Path, fmt: str | None = None, *, columns: str | dict | Non
 
 def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None, source: str | None = None, *,
         columns: str | dict | None = None, encoding: str | None = None, split: str | None = None,
-        test_split: str | None = None) -> dict:
-    """Validate a file or dataset folder and register it as dataset `name`; all or nothing. `columns` maps the
+        test_split: str | None = None, db=None) -> dict:
+    """Validate a file or dataset folder and register it as dataset `name`; all or nothing (with `db`, the row is
+    added in the caller's open session and counts once it commits; a folder left by a commit that failed is rebuilt
+    by the next `add` of that name). `columns` maps the
     file's columns to a format's fields (`text=v2,label=v1`), `encoding` names a text file's encoding, `split` and
     `test_split` pick a folder's splits. `source` says where it came from. The result's `notes` say what was done
     beyond a plain import (an encoding found, columns dropped or renamed, a layout converted)."""
@@ -199,7 +202,7 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None,
             "notes": notes}
     moved = False
     try:
-        with session(settings) as s:
+        with nullcontext(db) if db is not None else session(settings) as s:
             with staging(final, "dataset", registered=lambda: _exists(settings, name)) as tmp:
                 (tmp / DATA_FILE).write_bytes(data)
                 if test is not None:
@@ -215,6 +218,8 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None,
         if moved:  # the commit failed after the folder was moved: take it back out
             shutil.rmtree(final, ignore_errors=True)
         raise
+    if db is not None:
+        return {"name": name, "format": stored, "rows": len(rows), "notes": notes}
     return {**info(settings, name), "notes": notes}
 
 
@@ -292,8 +297,6 @@ def append_rows(settings: Settings, name: str, rows: list[dict], db=None) -> dic
     """Add validated rows to a stored dataset (the playground's rankings); the fingerprint and count follow.
     The database's write lock is held while the file is rewritten, so two appends never lose a row. With `db`, the
     caller's open session is used and the rows count only once it commits (see lab.ranking)."""
-    from contextlib import nullcontext
-
     from sqlalchemy import update
 
     stored = get(settings, name)

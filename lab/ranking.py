@@ -200,16 +200,13 @@ def submit(settings: Settings, name: str, item: str, annotator: str, *, verdict:
     record = Ranking(dataset_id=found.id, item=item, annotator=annotator, verdict=verdict, ranking=ranking,
                      shown=shown, into_dataset=target, pairs_mode=pairs, pairs_added=len(new_rows))
     try:
-        if new_rows and target in existing:
-            with session(settings) as s:  # the verdict and its pairs in one transaction
-                s.add(record)
-                s.flush()  # a verdict given twice at once fails here, before any pair is written
+        with session(settings) as s:  # the verdict and its pairs in one transaction
+            s.add(record)
+            s.flush()  # a verdict given twice at once fails here, before any pair is written
+            if new_rows and target in existing:
                 datasets.append_rows(settings, target, new_rows, db=s)
-        else:
-            if new_rows:  # a new dataset: created with its first pairs, then the verdict
-                _create(settings, target, new_rows, name)
-            with session(settings) as s:
-                s.add(record)
+            elif new_rows:  # a new dataset, created with its first pairs
+                _create(settings, target, new_rows, name, db=s)
     except IntegrityError:
         raise LabError(f"{annotator} has already judged item {item} of {name}") from None
     total = datasets.info(settings, target)["rows"] if target and (new_rows or target in existing) else None
@@ -219,7 +216,7 @@ def submit(settings: Settings, name: str, item: str, annotator: str, *, verdict:
             "ranking": [shown.index(i) + 1 for i in ranking]}
 
 
-def _create(settings: Settings, name: str, rows: list[dict], source: str) -> None:
+def _create(settings: Settings, name: str, rows: list[dict], source: str, db) -> None:
     import json
     import tempfile
     from pathlib import Path
@@ -227,7 +224,7 @@ def _create(settings: Settings, name: str, rows: list[dict], source: str) -> Non
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        datasets.add(settings, name, path, "preference", source=f"rankings of {source}")
+        datasets.add(settings, name, path, "preference", source=f"rankings of {source}", db=db)
 
 
 # --- agreement ------------------------------------------------------------------------------------------------

@@ -285,3 +285,20 @@ def test_rankings_their_pairs_and_agreement_on_any_database(any_ws, tmp_path):
     assert found["items"] == 2 and found["pairs"] == 6 and 0 <= found["agreement"] <= 1
     assert ranking.progress(any_ws, "cands")["annotators"] == {"ann": {"done": 2, "skipped": 0},
                                                                "bob": {"done": 2, "skipped": 0}}
+
+
+def test_a_verdict_that_fails_half_way_leaves_nothing_and_the_same_submit_then_works(cands, monkeypatch):
+    real_add = datasets.add
+
+    def add_then_die(*args, **kwargs):
+        real_add(*args, **kwargs)  # the new dataset's folder is in place, its row not yet committed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        ranking.submit(cands, "cands", "q0", "ann", order="1,2,3", into="prefs")
+    assert "prefs" not in [d["name"] for d in datasets.list_all(cands)]
+    assert ranking.progress(cands, "cands")["annotators"] == {}, "no verdict without its pairs"
+    monkeypatch.setattr(datasets, "add", real_add)
+    done = ranking.submit(cands, "cands", "q0", "ann", order="1,2,3", into="prefs")
+    assert done["added"] == 3 and datasets.info(cands, "prefs")["rows"] == 3

@@ -49,7 +49,7 @@ def label(job: dict) -> str:
 def select_runs(settings: Settings, *, experiment: str | None = None, plugin: str | None = None,
                 status: str | None = None, group: str | None = None, tag: str | None = None,
                 last: int | None = None, kind: str | None = "train") -> list[dict]:
-    """Jobs matching the filters, newest first; `last` keeps the newest N. kind: train or eval runs (None: both);
+    """Jobs matching the filters, newest first; `last` keeps the newest N. kind: train, eval or data runs (None: all);
     the scores of a training run's evaluations show in its own leaderboard row either way."""
     from lab import plugins
 

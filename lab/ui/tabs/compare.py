@@ -40,7 +40,7 @@ def build(ui: UI) -> None:
         status = gr.Dropdown(label="Status", choices=[ALL, *JOB_STATES], value="completed", scale=1)
         group = gr.Dropdown(label="Group (sweep)", choices=[ALL], value=ALL, scale=1, elem_id="compare-group")
         tag = gr.Dropdown(label="Tag", choices=[ALL], value=ALL, scale=1)
-        kind = gr.Dropdown(label="Kind", choices=["train", "eval", ALL], value="train", scale=1)
+        kind = gr.Dropdown(label="Kind", choices=["train", "eval", "data", ALL], value="train", scale=1)
         last = gr.Number(label="Last N runs", value=10, precision=0, minimum=1, scale=1)
         mix = gr.Checkbox(label="mix methods", value=False, scale=1)  # off: Plugin 'all' means the newest's
         pick = gr.Button("Select", variant="primary", scale=1)

@@ -15,7 +15,7 @@ from lab import datasets, ranking, registry
 from lab.errors import LabError
 from lab.formats import MAX_CANDIDATES
 from lab.ui.common import UI, user_errors
-from lab.ui.html import error_box, tag, text
+from lab.ui.html import error_box, md, tag, text
 from lab.ui.tabs import models as models_tab
 
 HELP = ("Type the answer numbers **best first** and press **Enter** (`2 1 3`; the last may be left out), or "
@@ -90,9 +90,9 @@ def item_html(item: dict | None, name: str) -> tuple[str, str]:
 def progress_md(ui: UI, found: dict, annotator: str, target: str | None) -> str:
     done = found["annotators"].get(annotator, {}).get("done", 0)
     sets = {d["name"]: d for d in datasets.list_all(ui.settings)}
-    pairs = (f" · **{sets[target]['rows']} pairs** in {text(target)}" if target in sets
+    pairs = (f" · **{sets[target]['rows']} pairs** in {md(target)}" if target in sets
              and sets[target]["format"] == "preference" else "")
-    return (f"**{done} of {found['items']} judged by {text(annotator)}** · {found['ranked_by_anyone']} ranked by "
+    return (f"**{done} of {found['items']} judged by {md(annotator)}** · {found['ranked_by_anyone']} ranked by "
             f"anyone · {len(found['annotators'])} annotator(s){pairs}")
 
 

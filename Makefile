@@ -45,7 +45,7 @@ llama-cpp: install
 
 test: install chromium postgres llama-cpp
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/queue_latency.py

@@ -41,6 +41,19 @@ def not_causal(model: dict | None) -> list[str]:
     return []
 
 
+def writer_problems(settings, name: str, field: str) -> list[str]:
+    """Why the model named in parameter `field` cannot write answers (unknown, a scoring head, a masked LM)."""
+    from lab import registry
+
+    try:
+        info = registry.info(settings, name)
+    except LabError:
+        return [f"`{field}`: no model named {name!r}"]
+    if info["kind"] not in ("full", "adapter"):
+        return [f"`{field}`: {name} is a {info['kind']} model: it scores text, it does not write any"]
+    return [f"`{field}`: {p}" for p in not_causal(info)]
+
+
 def tokenizer(path: str, log=print, padding_side: str | None = None):
     with IMPORTS:
         from transformers import AutoTokenizer

@@ -54,14 +54,7 @@ def check(params: Params) -> list[str]:
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
     problems = modeling.not_causal(model)
     for field in ("judge", "against"):
-        try:
-            info = registry.info(settings, getattr(params, field))
-        except Exception:
-            problems.append(f"`{field}`: no model named {getattr(params, field)!r}")
-            continue
-        if info["kind"] not in ("full", "adapter"):
-            problems.append(f"`{field}`: {info['name']} is a {info['kind']} model: it does not write text")
-        problems += [f"`{field}`: {p}" for p in modeling.not_causal(info)]
+        problems += modeling.writer_problems(settings, getattr(params, field), field)
     if model is not None and params.against == model["name"] and (dataset or {}).get("format") != "candidates":
         problems.append("`against` is the job's model: give another model (or a candidates dataset with two answers "
                         "by it)")

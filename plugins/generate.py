@@ -65,14 +65,7 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
     if model is not None and model["name"] in names:
         problems.append(f"`also_models`: {model['name']} is already the job's model")
     for name in names:
-        try:
-            info = registry.info(settings, name)
-        except Exception:
-            problems.append(f"`also_models`: no model named {name!r}")
-            continue
-        if info["kind"] not in ("full", "adapter"):
-            problems.append(f"`also_models`: {name} is a {info['kind']} model: it scores text, it does not write any")
-        problems += [f"`also_models`: {p}" for p in modeling.not_causal(info)]
+        problems += modeling.writer_problems(settings, name, "also_models")
     total = params.num_samples * (1 + len(names))
     if not 2 <= total <= MAX_CANDIDATES:
         problems.append(f"{total} answer(s) per prompt: a candidates set holds 2 to {MAX_CANDIDATES} "

@@ -70,6 +70,25 @@ def wait_until(predicate, timeout: float = 60, what: str = "the condition"):
     raise AssertionError(f"{what} did not happen in {timeout} s")
 
 
+def stop_worker_mid_job(s, job_id: int, step: int, what: str, timeout: float = 120) -> None:
+    """Run a worker until job `job_id` reports progress `step`, then stop it as Ctrl-C would: the job goes back to
+    the queue."""
+    import threading
+
+    from jobs import queue
+    from jobs.worker import Worker
+
+    worker = Worker(s, say=lambda m: None)
+    thread = threading.Thread(target=worker.serve, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: queue.get(s, job_id).step >= step, timeout, what)
+        worker.stop.set()
+        thread.join(timeout)
+    finally:
+        worker.stop.set()
+
+
 def wait_for_status(s, job_id: int, statuses=TERMINAL_STATES, timeout: float = 120) -> str:
     from jobs import queue
 

@@ -5,11 +5,10 @@ model trained on the result."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
-from conftest import lab_cli, wait_until, write_jsonl
+from conftest import lab_cli, stop_worker_mid_job, write_jsonl
 from test_stages import run_job
 
 from jobs import queue
@@ -99,15 +98,7 @@ def test_a_stopped_generate_job_keeps_its_finished_batches(lab):
     job_id = runs.submit(lab, "generate", model="tiny", dataset="questions",
                          params={"num_samples": "2", "max_new_tokens": "64", "batch_size": "1",
                                  "temperature": "1.0"})
-    worker = Worker(lab, say=lambda m: None)
-    thread = threading.Thread(target=worker.serve, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: queue.get(lab, job_id).step >= 3, 120, "three batches")
-        worker.stop.set()
-        thread.join(120)
-    finally:
-        worker.stop.set()
+    stop_worker_mid_job(lab, job_id, 3, "three batches")
     assert queue.get(lab, job_id).status == "queued"
     kept = Path(runs.get_job(lab, job_id)["run_dir"]) / "checkpoints" / "answers.jsonl"
     before = [json.loads(line) for line in kept.read_text().splitlines() if line.strip()]

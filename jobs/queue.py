@@ -68,15 +68,18 @@ def fits(free_devices: int, free_slots: int, owns_devices: bool):
 
 
 def claim_next(settings: Settings, worker_id: str, *, free_devices: int = 0, free_slots: int = 1,
-               owns_devices: bool = False) -> Job | None:
+               owns_devices: bool = False, cluster: bool = False) -> Job | None:
     """Move the most urgent queued job that fits the worker's free resources to running for `worker_id`,
     atomically; None when none fits (or the queue is empty).
 
     One UPDATE ... WHERE id = (SELECT ... LIMIT 1) ... RETURNING, inside a write transaction (BEGIN IMMEDIATE on
     SQLite; FOR UPDATE SKIP LOCKED on PostgreSQL), so a job is never handed to two workers.
+    cluster: a worker that hands its jobs to Slurm takes any job (the cluster has the resources); others take only
+    single-node jobs that fit.
     """
     now = utcnow()
-    pick = (select(Job.id).where(Job.status == "queued", fits(free_devices, free_slots, owns_devices))
+    fit = true() if cluster else and_(Job.nodes <= 1, fits(free_devices, free_slots, owns_devices))
+    pick = (select(Job.id).where(Job.status == "queued", fit)
             .order_by(Job.priority.desc(), Job.id).limit(1))
     if not is_sqlite(settings):
         pick = pick.with_for_update(skip_locked=True)
@@ -124,7 +127,7 @@ def progress(settings: Settings, job_id: int, step: int, total: int | None) -> N
 
 PHASES = {"loading": "loading the model and data", "training": "training", "evaluating": "evaluating",
           "saving": "saving", "checking": "checking the saved weights", "registering": "registering the output",
-          "generating": "generating answers"}
+          "generating": "generating answers", "slurm_pending": "queued in Slurm"}
 
 
 def set_phase(settings: Settings, job_id: int, phase: str) -> None:
@@ -184,6 +187,7 @@ def requeue(settings: Settings, job_id: int, worker_id: str, note: str, uses_att
         job.status, job.worker, job.pid, job.heartbeat_at = "queued", None, None, None
         job.started_at, job.step, job.total_steps, job.error = None, 0, None, note
         job.failure, job.next_step, job.phase = None, None, None
+        job.slurm_job_id, job.slurm_state, job.node_list = None, None, None  # a retry is a new Slurm job
         if not uses_attempt:
             job.attempts = max(0, job.attempts - 1)
         return True
@@ -256,7 +260,9 @@ def reap_stale(settings: Settings) -> list[int]:
     host = socket.gethostname()
     reaped = []
     with session(settings) as s:
-        stale = s.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff)).all()
+        # a job in Slurm goes on without its worker: another Slurm worker takes over following it (adopt_slurm)
+        stale = s.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < cutoff,
+                                            Job.slurm_job_id.is_(None))).all()
         for job in stale:
             same_host = (job.worker or "").split(":")[0] == host
             if same_host and process_alive(job.pid):
@@ -274,6 +280,58 @@ def reap_stale(settings: Settings) -> list[int]:
                                                       "database; run the job again")
             reaped.append(job.id)
     return reaped
+
+
+# --- jobs in Slurm ---------------------------------------------------------------------------------------------
+
+
+def slurm_submitted(settings: Settings, job_id: int, worker_id: str, slurm_id: str, run_dir: str) -> bool:
+    """The claimed job is in Slurm now, as job `slurm_id`."""
+    return _update_running(settings, job_id, worker_id, slurm_job_id=slurm_id, run_dir=run_dir, pid=None,
+                           slurm_state="PENDING", phase="slurm_pending")
+
+
+def slurm_seen(settings: Settings, job_id: int, worker_id: str, state: str, nodes: str | None,
+               pending: bool) -> bool:
+    """What squeue or sacct said of the job: its state (e.g. "PENDING (Resources)") and node list. While it waits in
+    Slurm's queue its phase says so; once it runs, the job's own phases (loading, training, ...) take over."""
+    with session(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None or job.status != "running" or job.worker != worker_id:
+            return False
+        job.slurm_state = state[:64]
+        if nodes and nodes not in ("None", "(null)"):
+            job.node_list = nodes
+        if pending and job.phase in (None, "slurm_pending"):
+            job.phase = "slurm_pending"
+        elif not pending and job.phase == "slurm_pending":
+            job.phase = None
+        return True
+
+
+def adopt_slurm(settings: Settings, worker_id: str) -> list[Job]:
+    """Take over following jobs in Slurm whose worker is gone (no heartbeat within the lease, its row says stopped,
+    or, on this machine, its process is dead). The jobs go on in Slurm; returns those now followed by `worker_id`."""
+    cutoff = utcnow() - timedelta(seconds=settings.lease_s)
+    host = socket.gethostname()
+    taken = []
+    with session(settings) as s:
+        candidates = s.scalars(select(Job).where(Job.status == "running", Job.slurm_job_id.is_not(None),
+                                                 Job.worker != worker_id)).all()
+        stopped = {w.id for w in s.scalars(select(WorkerRow).where(WorkerRow.status == "stopped"))}
+        for job in candidates:
+            old = job.worker or ""
+            parts = old.split(":")
+            dead_here = len(parts) >= 2 and parts[0] == host and parts[1].isdigit() and not process_alive(
+                int(parts[1]))
+            if not (job.heartbeat_at is None or job.heartbeat_at < cutoff or old in stopped or dead_here):
+                continue
+            moved = s.execute(update(Job).where(Job.id == job.id, Job.status == "running", Job.worker == old)
+                              .values(worker=worker_id, heartbeat_at=utcnow())).rowcount
+            if moved:
+                taken.append(job.id)
+        s.flush()
+        return [s.get(Job, job_id) for job_id in taken]
 
 
 # --- workers ---------------------------------------------------------------------------------------------------

@@ -123,13 +123,14 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         "model": ctx.model, "dataset": ctx.dataset and {k: ctx.dataset[k] for k in ("id", "name", "format", "rows",
                                                                                   "split", "fingerprint", "path")},
         "worker": job.worker, "attempt": job.attempts, "processes": job.processes, "devices": job.devices,
+        "nodes": job.nodes, "slurm_job_id": job.slurm_job_id,
         "created_at": job.created_at.isoformat(),
         "started_at": (job.started_at or utcnow()).isoformat(), "versions": _versions(), "git_commit": _git_commit(),
         "command": runs.command_line(plugin.id, params.model_dump(mode="json", exclude_defaults=True),
                                 model and model.name, dataset and dataset.name, experiment.name,
                                 processes=job.processes, devices=job.devices, max_attempts=job.max_attempts,
                                 time_limit_min=job.time_limit_s and job.time_limit_s / 60,
-                                report_to=job.report_to),
+                                report_to=job.report_to, nodes=job.nodes or 1, memory_gb=job.memory_gb),
         "report_to": ctx.report_to,
     }
     if ctx.is_main:  # one writer under torchrun

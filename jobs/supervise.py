@@ -39,6 +39,25 @@ def _kill_group(pid: int, sig: int) -> None:
         pass
 
 
+def copy_masked(fd: int, masks: list[bytes], write) -> None:
+    """Copy what a process writes to `fd` through write(bytes) until it closes, with every secret in `masks`
+    replaced by [secret]."""
+    keep = max((len(m) for m in masks), default=1) - 1  # a secret may straddle two reads
+    held = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        data = held + chunk
+        for secret in masks:  # a job that prints a secret does not write it to its log
+            data = data.replace(secret, MASK.encode())
+        # hold back a tail that could be the start of a secret until the next read (or the end); secrets hold
+        # no newline, so everything up to the last one is safe and a finished line is never held
+        cut = len(data) if not chunk else max(len(data) - keep, data.rfind(b"\n") + 1)
+        out, held = data[:cut], data[cut:]
+        write(out)
+        if not chunk:
+            break
+
+
 def job_command(job: Job, env: dict) -> list[str]:
     """The job process's argument list: the runner, or torchrun starting one runner per process."""
     if job.processes <= 1:
@@ -125,7 +144,16 @@ class Supervision:
         code = proc.returncode
         retryable = status == "failed" and (stopped_for == "lost" or (
             stopped_for is None and (code < 0 or code == INTERRUPTED_EXIT)))
-        if retryable and job.attempts < job.max_attempts:
+        return self.record(run_dir, status, failure, code, retryable=retryable,
+                           uses_attempt=stopped_for != "interrupted")
+
+    def record(self, run_dir: Path, status: str, failure: Failure | None, exit_code: int | None, *,
+               retryable: bool = False, uses_attempt: bool = True) -> str:
+        """Record how the job ended: back in the queue (a retry while attempts remain, or status "interrupted"),
+        or its final status with the output registered. Returns the status ("queued" when it went back)."""
+        s, job, w = self.settings, self.job, self.worker
+        log_path = run_dir / "log.txt"
+        if retryable and status == "failed" and job.attempts < job.max_attempts:
             status = "interrupted"
             failure = Failure(failure.kind, f"attempt {job.attempts} of {job.max_attempts} {failure.reason}; it goes "
                               "back to the queue and resumes from its last checkpoint", "")
@@ -133,8 +161,7 @@ class Supervision:
             with open(log_path, "a") as log:
                 log.write(f"[lab] {failure.reason}\n")
             # a stopped worker is not the job's fault: that start does not count against its attempts
-            w.db(queue.requeue, s, job.id, w.id, failure.reason, patient=True,
-                 uses_attempt=stopped_for != "interrupted")
+            w.db(queue.requeue, s, job.id, w.id, failure.reason, patient=True, uses_attempt=uses_attempt)
             w.seen_after(job.id)
             w.say(f"job {job.id} back in the queue: {failure.reason}")
             return "queued"
@@ -146,7 +173,7 @@ class Supervision:
             except LabError as exc:
                 status, failure = "failed", Failure("plugin_error", f"the run's output cannot be registered: {exc}",
                                                     "see the run's output/ folder and log.txt")
-        recorded = w.db(queue.finish, s, job.id, w.id, status, exit_code=proc.returncode, failure=failure,
+        recorded = w.db(queue.finish, s, job.id, w.id, status, exit_code=exit_code, failure=failure,
                         log_tail=log_tail(log_path), patient=True,
                         on_complete=completion.write if completion else None)
         if isinstance(recorded, list) and recorded:
@@ -160,26 +187,15 @@ class Supervision:
 
     def _tee(self, proc: subprocess.Popen, log) -> None:
         """Copy the job's output to its log (and the worker's stdout when echoing), with the secrets masked."""
-        masks = self.worker.masks
-        fd = proc.stdout.fileno()
-        keep = max((len(m) for m in masks), default=1) - 1  # a secret may straddle two reads
-        held = b""
-        while True:
-            chunk = os.read(fd, 65536)
-            data = held + chunk
-            for secret in masks:  # a job that prints a secret does not write it to its log
-                data = data.replace(secret, MASK.encode())
-            # hold back a tail that could be the start of a secret until the next read (or the end); secrets hold
-            # no newline, so everything up to the last one is safe and a finished line is never held
-            cut = len(data) if not chunk else max(len(data) - keep, data.rfind(b"\n") + 1)
-            out, held = data[:cut], data[cut:]
+
+        def write(out: bytes) -> None:
             log.write(out)
             log.flush()
             if self.worker.echo:
                 sys.stdout.buffer.write(out)
                 sys.stdout.flush()
-            if not chunk:
-                break
+
+        copy_masked(proc.stdout.fileno(), self.worker.masks, write)
 
     def _watch(self, proc: subprocess.Popen) -> str | None:
         """Wait for the job process; heartbeat; stop it on cancel, worker stop or its time limit. Returns why it was

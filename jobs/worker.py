@@ -41,12 +41,18 @@ class Worker:
         self.slots = slots
         self.secrets = read_secrets(settings)  # given to job processes; never stored, masked in their logs
         self.masks = sorted((v.encode() for v in self.secrets.values() if v), key=len, reverse=True)
+        self.slurm = settings.executor == "slurm"  # jobs go to Slurm (jobs.slurm_supervise); gpus and slots unused
         self.stop = threading.Event()  # set by signal handlers or the owner thread: finish up and exit
         self._lock = threading.Lock()
         self._active: dict[int, tuple[threading.Thread, list[str]]] = {}  # job -> (thread, its devices; [] = a slot)
 
     @property
     def capacity(self) -> str:
+        if self.slurm:
+            s = self.settings
+            where = ", ".join(filter(None, [s.slurm_partition and f"partition {s.slurm_partition}",
+                                            s.slurm_account and f"account {s.slurm_account}"]))
+            return f"slurm ({where + ', ' if where else ''}up to {s.slurm_max_jobs} jobs)"
         gpus = f"gpus {','.join(self.gpus)} + " if self.gpus else ""
         return f"{gpus}{self.slots} cpu slot{'s' if self.slots != 1 else ''}"
 
@@ -75,6 +81,8 @@ class Worker:
         for job_id in self.db(queue.reap_stale, s):
             self.say(f"job {job_id} had lost its worker: marked failed or put back in the queue")
         self.db(queue.worker_seen, s, self.id, "idle", capacity=self.capacity)
+        if self.slurm:
+            self._adopt()
         ran = 0
         marks = {"beat": time.monotonic(), "reap": time.monotonic()}
         try:
@@ -119,8 +127,16 @@ class Worker:
             marks["beat"] = now
         if now - marks["reap"] >= s.lease_s / 2:
             queue.reap_stale(s)
+            if self.slurm:
+                self._adopt()
             marks["reap"] = now
         return "idle"
+
+    def _adopt(self) -> None:
+        """Take over following the Slurm jobs of workers that are gone (they go on in Slurm meanwhile)."""
+        for job in self.db(queue.adopt_slurm, self.settings, self.id):
+            self.say(f"job {job.id}: its worker is gone; following Slurm job {job.slurm_job_id} from here")
+            self._start(job)
 
     def db(self, fn, *args, patient: bool = False, patience_s: float | None = None, **kwargs):
         """Call a queue function, retrying while the database is locked or unreachable (lab.db.retrying). Gives up
@@ -130,6 +146,12 @@ class Worker:
                         **kwargs)
 
     def _claim(self) -> Job | None:
+        if self.slurm:
+            with self._lock:
+                active = len(self._active)
+            if active >= self.settings.slurm_max_jobs:
+                return None
+            return queue.claim_next(self.settings, self.id, cluster=True)
         free, slots = self._free()
         if not free and slots < 1:
             return None
@@ -137,7 +159,16 @@ class Worker:
                                 owns_devices=bool(self.gpus))
 
     def _start(self, job: Job) -> None:
-        """Give the claimed job its devices (or a CPU slot) and run it in a thread."""
+        """Give the claimed job its devices (or a CPU slot) and run it in a thread; in Slurm, follow it there."""
+        if self.slurm:
+            from jobs.slurm_supervise import SlurmSupervision
+
+            thread = threading.Thread(target=lambda: SlurmSupervision(self, job).run(), daemon=True,
+                                      name=f"job-{job.id}")
+            with self._lock:
+                self._active[job.id] = (thread, [])
+            thread.start()
+            return
         free, _ = self._free()
         wanted = job.processes if job.devices is None and self.gpus else (job.devices or 0)
         devices = free[:wanted]  # none: the job takes a CPU slot
@@ -194,9 +225,21 @@ def install_signal_handlers(worker: Worker) -> None:
     signal.signal(signal.SIGINT, _handler)
 
 
+def probe_cluster(settings: Settings, say=print) -> None:
+    """Say at once what would keep Slurm's nodes from running the lab's jobs (LabError), before taking any."""
+    from jobs.slurm_supervise import environment
+    from lab import slurm
+
+    say(f"checking the cluster with a probe job: {slurm.probe(settings, environment(settings))}")
+
+
 def run_worker(settings: Settings, *, once: bool = False, until_empty: bool = False, echo: bool = False,
-               with_parent: bool = False, gpus: list[str] | None = None, slots: int = 1, say=print) -> int:
-    """A worker process's life (`lab worker`, and the workers `lab serve` starts): serve until stopped."""
+               with_parent: bool = False, gpus: list[str] | None = None, slots: int = 1, say=print,
+               probe: bool = True) -> int:
+    """A worker process's life (`lab worker`, and the workers `lab serve` starts): serve until stopped. A Slurm
+    worker first runs a probe job (probe=False: `lab serve` ran it already)."""
+    if settings.executor == "slurm" and probe:
+        probe_cluster(settings, say)
     worker = Worker(settings, echo=echo, say=say, gpus=gpus, slots=slots)
     install_signal_handlers(worker)
     if with_parent:
@@ -221,9 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--gpus", default="")
     parser.add_argument("--with-parent", action="store_true")
+    parser.add_argument("--no-probe", action="store_true")
     args = parser.parse_args(argv)
     try:
-        run_worker(load(args.workspace), with_parent=args.with_parent, slots=args.slots,
+        run_worker(load(args.workspace), with_parent=args.with_parent, slots=args.slots, probe=not args.no_probe,
                    gpus=[g for g in args.gpus.split(",") if g], say=lambda m: print(m, flush=True))
     except LabError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -365,6 +365,10 @@ def run_cmd(
     devices: Annotated[int | None, typer.Option("--devices", min=0, max=64, help="Accelerators the job needs "
                                                 "[default: one per process on a worker with GPUs, else none].")]
     = None,
+    nodes: Annotated[int | None, typer.Option("--nodes", min=1, max=1024, help="Spread a data-parallel job over "
+                                              "this many nodes (a Slurm worker runs it). [default: 1]")] = None,
+    memory_gb: Annotated[float | None, typer.Option("--memory-gb", help="Memory per node of a Slurm job, in GB "
+                                                    "[default: LAB_SLURM_MEMORY_GB].")] = None,
     report_to: Annotated[str | None, typer.Option("--report-to", help="Trackers beside the lab's own metrics: "
                                                   "wandb, tensorboard, trackio, mlflow (comma-separated) or none "
                                                   "[default: LAB_REPORT_TO].")] = None,
@@ -400,7 +404,8 @@ def run_cmd(
                          max_attempts=pick(max_attempts, cfg.max_attempts, 1),
                          processes=pick(processes, cfg.processes, 1), devices=pick(devices, cfg.devices),
                          time_limit_min=pick(time_limit, cfg.time_limit),
-                         report_to=pick(report_to, cfg.report_to))
+                         report_to=pick(report_to, cfg.report_to), nodes=pick(nodes, cfg.nodes, 1),
+                         memory_gb=pick(memory_gb, cfg.memory_gb))
     print(job_id)
     if wait:
         raise typer.Exit(_wait(s, job_id))
@@ -616,6 +621,16 @@ def jobs_priority(job_id: int, priority: int, workspace: WorkspaceOpt = None):
 # --- processes -------------------------------------------------------------------------------------------------
 
 
+ExecutorOpt = Annotated[str | None, typer.Option(
+    "--executor", help="local: run jobs on this machine; slurm: submit each with sbatch and follow it in Slurm "
+    "[default: LAB_EXECUTOR, else local].")]
+PartitionOpt = Annotated[str | None, typer.Option("--partition", help="Slurm partition [default: "
+                                                  "LAB_SLURM_PARTITION, else the cluster's].")]
+AccountOpt = Annotated[str | None, typer.Option("--account", help="Slurm account [default: LAB_SLURM_ACCOUNT].")]
+SbatchArgOpt = Annotated[list[str] | None, typer.Option(
+    "--sbatch-arg", help="One more sbatch argument for every job, e.g. --sbatch-arg=--qos=high; repeatable.")]
+
+
 @app.command("serve")
 def serve_cmd(
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback needs a password.")] = "127.0.0.1",
@@ -628,13 +643,18 @@ def serve_cmd(
     allowed_hosts: Annotated[str | None, typer.Option(
         "--allowed-hosts", envvar="LAB_ALLOWED_HOSTS",
         help="Further host names the lab answers to, comma-separated (a reverse proxy's name); '*' for any.")] = None,
+    executor: ExecutorOpt = None,
+    partition: PartitionOpt = None,
+    account: AccountOpt = None,
+    sbatch_arg: SbatchArgOpt = None,
     workspace: WorkspaceOpt = None,
 ):
     """Start the web UI on http://HOST:PORT with its worker processes."""
     from lab.ui.serve import serve
 
     names = tuple(h.strip() for h in (allowed_hosts or "").split(",") if h.strip())
-    serve(_settings(workspace), host, port, workers, password, say=lambda m: out.print(m, markup=False),
+    s = _settings(workspace).with_executor(executor, partition=partition, account=account, sbatch_args=sbatch_arg)
+    serve(s, host, port, workers, password, say=lambda m: out.print(m, markup=False),
           gpus=_gpu_list(gpus), slots=slots, allowed_hosts=names)
 
 
@@ -648,12 +668,18 @@ def worker_cmd(
     gpus: Annotated[str | None, typer.Option("--gpus", help="Accelerators this worker owns, e.g. 0,1: a job gets "
                                              "the ones it asks for; jobs run side by side while they fit.")] = None,
     slots: Annotated[int, typer.Option("--slots", min=0, max=64, help="CPU jobs this worker runs at once.")] = 1,
+    executor: ExecutorOpt = None,
+    partition: PartitionOpt = None,
+    account: AccountOpt = None,
+    sbatch_arg: SbatchArgOpt = None,
     workspace: WorkspaceOpt = None,
 ):
-    """Run jobs from the queue until stopped (Ctrl-C or SIGTERM)."""
+    """Run jobs from the queue until stopped (Ctrl-C or SIGTERM); with --executor slurm, hand each to Slurm and
+    follow it there (a stopped worker leaves them running; the next one takes over following them)."""
     from jobs.worker import run_worker
 
-    run_worker(_settings(workspace), once=once, until_empty=until_empty, echo=echo, with_parent=with_parent,
+    s = _settings(workspace).with_executor(executor, partition=partition, account=account, sbatch_args=sbatch_arg)
+    run_worker(s, once=once, until_empty=until_empty, echo=echo, with_parent=with_parent,
                gpus=_gpu_list(gpus), slots=slots, say=lambda m: out.print(m, markup=False))
 
 

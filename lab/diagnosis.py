@@ -25,6 +25,7 @@ KINDS = {
     "dependency": "a package is missing",
     "no_output": "wrote no output",
     "plugin_error": "the plugin failed",
+    "cluster": "the cluster refused the job",
 }
 
 

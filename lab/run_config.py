@@ -44,6 +44,8 @@ class RunConfig(BaseModel):
     priority: int | None = None
     processes: int | None = Field(None, ge=1, le=64)
     devices: int | None = Field(None, ge=0, le=64)
+    nodes: int | None = Field(None, ge=1, le=1024)
+    memory_gb: float | None = Field(None, gt=0, description="memory per node of a Slurm job, in GB")
     max_attempts: int | None = Field(None, ge=1, le=20)
     time_limit: float | None = Field(None, ge=0, description="minutes one attempt may run")
     then_eval: FollowUp | None = None

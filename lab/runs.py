@@ -70,25 +70,29 @@ def submit(settings: Settings, plugin_id: str, *, model: str | None = None, data
            experiment: str = experiments.DEFAULT, params: dict | None = None, priority: int = 0,
            then_eval: dict | None = None, group: str | None = None, tags: list[str] | None = None,
            max_attempts: int = 1, devices: int | None = None, processes: int = 1,
-           time_limit_min: float | None = None, report_to: str | list[str] | None = None) -> int:
+           time_limit_min: float | None = None, report_to: str | list[str] | None = None, nodes: int = 1,
+           memory_gb: float | None = None) -> int:
     """Validate everything, then queue the job and return its id (nothing is queued on error).
     then_eval: an evaluation {plugin, dataset, params} queued on the output once the job completes.
     max_attempts: how often the job may start; a killed or lost job is retried from its last checkpoint.
     devices: accelerators the job needs (None: one per process where the worker owns any, else none);
     processes: > 1 runs the plugin data-parallel under torchrun (plugins that support it);
     time_limit_min: minutes one attempt may run (None: no limit); past it the job writes a checkpoint and fails
-    as `timeout`; report_to: trackers ('wandb,tensorboard', a list, or 'none'; None: LAB_REPORT_TO)."""
+    as `timeout`; report_to: trackers ('wandb,tensorboard', a list, or 'none'; None: LAB_REPORT_TO);
+    nodes: > 1 spreads a data-parallel job over that many nodes (a Slurm worker runs it); memory_gb: the memory
+    per node a Slurm job asks for (None: LAB_SLURM_MEMORY_GB or the cluster's default)."""
     return submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
                        params_list=[params or {}], priority=priority, then_eval=then_eval, group=group,
                        tags=tags, max_attempts=max_attempts, devices=devices, processes=processes,
-                       time_limit_min=time_limit_min, report_to=report_to)[0]
+                       time_limit_min=time_limit_min, report_to=report_to, nodes=nodes, memory_gb=memory_gb)[0]
 
 
 def submit_many(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
                 params_list: list[dict], priority: int = 0, then_eval: dict | None = None, group: str | None = None,
                 tags: list[str] | None = None, max_attempts: int = 1, devices: int | None = None,
                 processes: int = 1, time_limit_min: float | None = None,
-                report_to: str | list[str] | None = None) -> list[int]:
+                report_to: str | list[str] | None = None, nodes: int = 1,
+                memory_gb: float | None = None) -> list[int]:
     """Queue one job per parameter set, all or none (a sweep)."""
     from lab import trackers
 
@@ -102,7 +106,12 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
     for tag in tags or []:
         check_name(tag, "tag")
     _check_resources(devices, processes)
+    _check_whole(nodes, "nodes", 1, 1024)
+    _check_memory(memory_gb)
     plugin = plugins.get(settings, plugin_id)
+    if nodes > 1 and not plugin.distributed:
+        raise LabError(f"plugin {plugin_id} runs in one process: it cannot spread over nodes={nodes}",
+                       "leave nodes at 1; sft, pretrain and classify run data-parallel over nodes")
     if processes > 1 and not plugin.distributed:
         raise LabError(f"plugin {plugin_id} runs in one process: it cannot use processes={processes}",
                        "leave processes at 1; sft, pretrain and classify run data-parallel")
@@ -120,7 +129,7 @@ def submit_many(settings: Settings, plugin_id: str, *, model: str | None, datase
          "dataset_id": j["dataset_id"], "priority": priority, "group_name": group, "tags": list(tags or []),
          "follow_up": follow, "max_attempts": max_attempts, "devices": devices, "processes": processes,
          "time_limit_s": None if time_limit_min is None else float(time_limit_min) * 60,
-         "report_to": trackers.stored(chosen)}
+         "report_to": trackers.stored(chosen), "nodes": nodes, "memory_gb": memory_gb}
         for j in jobs])
 
 
@@ -130,6 +139,15 @@ def _check_whole(value, what: str, low: int | None = None, high: int | None = No
     if not whole or (low is not None and not low <= value <= high):
         within = f" from {low} to {high}" if low is not None else ""
         raise LabError(f"{what} must be a whole number{within}, got {value!r}")
+
+
+MAX_MEMORY_GB = 1 << 16
+
+
+def _check_memory(gb) -> None:
+    good = isinstance(gb, (int, float)) and not isinstance(gb, bool) and gb == gb and 0 < gb <= MAX_MEMORY_GB
+    if gb is not None and not good:
+        raise LabError(f"memory must be a number of GB above 0 and at most {MAX_MEMORY_GB}, got {gb!r}")
 
 
 MAX_TIME_LIMIT_MIN = 60 * 24 * 30  # 30 days
@@ -167,7 +185,7 @@ def _wrong_format(plugin, ds) -> tuple[str, str]:
 def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str,
                  priority: int = 0, processes: int = 1, devices: int | None = None, max_attempts: int = 1,
                  time_limit_min: float | None = None, then_eval: dict | None = None,
-                 report_to: str | list[str] | None = None) -> str:
+                 report_to: str | list[str] | None = None, nodes: int = 1, memory_gb: float | None = None) -> str:
     """The `lab run` command that queues the same job (pass only the parameters that differ from defaults), with
     its follow-up evaluation."""
     parts = ["lab", "run", plugin]
@@ -184,6 +202,10 @@ def command_line(plugin: str, params: dict, model: str | None, dataset: str | No
         parts += ["--processes", str(processes)]
     if devices is not None:
         parts += ["--devices", str(devices)]
+    if nodes != 1:
+        parts += ["--nodes", str(nodes)]
+    if memory_gb is not None:
+        parts += ["--memory-gb", f"{memory_gb:g}"]
     if max_attempts != 1:
         parts += ["--max-attempts", str(max_attempts)]
     if time_limit_min is not None:
@@ -228,6 +250,7 @@ def _row(job: Job, names: dict, positions: dict[int, int]) -> dict:
         "cancel_requested": job.cancel_requested, "error": job.error, "failure": job.failure,
         "next_step": job.next_step, "worker": job.worker,
         "group": job.group_name, "tags": job.tags or [], "phase": job.phase if job.status == "running" else None,
+        "slurm_job_id": job.slurm_job_id, "slurm_state": job.slurm_state, "node_list": job.node_list,
     }
 
 
@@ -289,7 +312,8 @@ def get_job(settings: Settings, job_id: int) -> dict:
                 "attempts": job.attempts, "max_attempts": job.max_attempts, "devices": job.devices,
                 "processes": job.processes, "time_limit_min": job.time_limit_s and job.time_limit_s / 60,
                 "heartbeat_at": _iso(job.heartbeat_at), "log_tail": job.log_tail, "report_to": job.report_to,
-                "output_model": output_model, "output_dataset": output_dataset})
+                "output_model": output_model, "output_dataset": output_dataset, "nodes": job.nodes,
+                "memory_gb": job.memory_gb})
     out["lineage"] = _lineage(settings, out, output_model)
     return mask_all(out, secret_values(settings))  # a parameter may hold a secret the user pasted
 

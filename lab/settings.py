@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +38,22 @@ SETTINGS_DOC: dict[str, tuple[str, str, str]] = {
     "llama_cpp_dir": ("LAB_LLAMA_CPP_DIR", "~/.cache/llm-lab",
                       "Where llama.cpp's converter and library are built on the first GGUF export (one build per "
                       "machine, shared by every workspace)."),
+    "executor": ("LAB_EXECUTOR", "local", "Where a worker runs its jobs: local (child processes on its own machine) "
+                 "or slurm (each job submitted to Slurm with sbatch and followed there)."),
+    "slurm_partition": ("LAB_SLURM_PARTITION", "", "Slurm partition for the jobs (sbatch --partition); empty: the "
+                        "cluster's default."),
+    "slurm_account": ("LAB_SLURM_ACCOUNT", "", "Slurm account charged for the jobs (sbatch --account)."),
+    "slurm_sbatch_args": ("LAB_SLURM_SBATCH_ARGS", "", "More sbatch arguments for every job, split like a command "
+                          "line (e.g. --qos=normal --constraint=a100); they come last, so they win."),
+    "slurm_time_limit_min": ("LAB_SLURM_TIME_LIMIT_MIN", "", "Time limit in minutes of a Slurm job that sets none "
+                             "(sbatch --time); empty: the partition's default."),
+    "slurm_memory_gb": ("LAB_SLURM_MEMORY_GB", "", "Memory per node in GB of a Slurm job that sets none (sbatch "
+                        "--mem); empty: the cluster's default."),
+    "slurm_cpus_per_process": ("LAB_SLURM_CPUS_PER_PROCESS", "1", "CPU cores Slurm gives each training process of "
+                               "a job."),
+    "slurm_poll_s": ("LAB_SLURM_POLL_S", "2", "How often a Slurm worker asks squeue about the jobs it follows."),
+    "slurm_max_jobs": ("LAB_SLURM_MAX_JOBS", "32", "Jobs one Slurm worker keeps submitted at once (Slurm queues "
+                       "them; the rest wait in the lab's queue)."),
     "extra_plugins": (
         "LAB_EXTRA_PLUGINS",
         "",
@@ -138,6 +155,15 @@ class Settings:
     extra_plugins: tuple[str, ...] = field(default_factory=tuple)
     secrets_file: Path | None = None  # None: <workspace>/secrets.env
     llama_cpp_dir: Path = field(default_factory=lambda: Path(SETTINGS_DOC["llama_cpp_dir"][1]).expanduser())
+    executor: str = "local"
+    slurm_partition: str = ""
+    slurm_account: str = ""
+    slurm_sbatch_args: tuple[str, ...] = field(default_factory=tuple)
+    slurm_time_limit_min: float | None = None
+    slurm_memory_gb: float | None = None
+    slurm_cpus_per_process: int = 1
+    slurm_poll_s: float = 2.0
+    slurm_max_jobs: int = 32
 
     @property
     def secrets_path(self) -> Path:
@@ -159,7 +185,44 @@ class Settings:
             "LAB_EXTRA_PLUGINS": ",".join(self.extra_plugins),
             "LAB_SECRETS_FILE": str(self.secrets_path),
             "LAB_LLAMA_CPP_DIR": str(self.llama_cpp_dir),
+            "LAB_EXECUTOR": self.executor,
+            "LAB_SLURM_PARTITION": self.slurm_partition,
+            "LAB_SLURM_ACCOUNT": self.slurm_account,
+            "LAB_SLURM_SBATCH_ARGS": shlex.join(self.slurm_sbatch_args),
+            "LAB_SLURM_TIME_LIMIT_MIN": "" if self.slurm_time_limit_min is None else str(self.slurm_time_limit_min),
+            "LAB_SLURM_MEMORY_GB": "" if self.slurm_memory_gb is None else str(self.slurm_memory_gb),
+            "LAB_SLURM_CPUS_PER_PROCESS": str(self.slurm_cpus_per_process),
+            "LAB_SLURM_POLL_S": str(self.slurm_poll_s),
+            "LAB_SLURM_MAX_JOBS": str(self.slurm_max_jobs),
         }
+
+    def with_executor(self, executor: str | None = None, *, partition: str | None = None,
+                      account: str | None = None, sbatch_args: list[str] | None = None) -> Settings:
+        """These settings with a worker's command-line choices (`lab worker --executor slurm --partition P ...`)."""
+        changes: dict = {}
+        if executor is not None:
+            changes["executor"] = check_executor(executor, "--executor")
+        if partition is not None:
+            changes["slurm_partition"] = partition
+        if account is not None:
+            changes["slurm_account"] = account
+        if sbatch_args:
+            changes["slurm_sbatch_args"] = self.slurm_sbatch_args + tuple(sbatch_args)
+        return replace(self, **changes)
+
+
+EXECUTORS = ("local", "slurm")
+
+
+def check_executor(value: str, where: str) -> str:
+    value = value.strip().lower()
+    if value not in EXECUTORS:
+        raise LabError(f"{where} must be one of {', '.join(EXECUTORS)}, got {value!r}")
+    return value
+
+
+def _optional_float(name: str) -> float | None:
+    return None if _env(name) is None else _float(name)
 
 
 def load(workspace: str | Path | None = None) -> Settings:
@@ -180,6 +243,10 @@ def load(workspace: str | Path | None = None) -> Settings:
 
     report_to = _env("report_to") or SETTINGS_DOC["report_to"][1]
     trackers.parse(report_to, "LAB_REPORT_TO")  # a typo stops here, not in every job
+    try:
+        sbatch_args = tuple(shlex.split(_env("slurm_sbatch_args") or ""))
+    except ValueError as exc:
+        raise LabError(f"LAB_SLURM_SBATCH_ARGS cannot be split into arguments: {exc}") from None
     secrets = _env("secrets_file")
     settings = Settings(workspace=ws, database_url=url, wandb=wandb, report_to=report_to, extra_plugins=extra,
                         secrets_file=Path(secrets).expanduser().resolve() if secrets else None,
@@ -192,4 +259,13 @@ def load(workspace: str | Path | None = None) -> Settings:
         poll_s=_float("poll_s"),
         cancel_grace_s=_float("cancel_grace_s"),
         stop_grace_s=_float("stop_grace_s"),
+        executor=check_executor(_env("executor") or "local", "LAB_EXECUTOR"),
+        slurm_partition=_env("slurm_partition") or "",
+        slurm_account=_env("slurm_account") or "",
+        slurm_sbatch_args=sbatch_args,
+        slurm_time_limit_min=_optional_float("slurm_time_limit_min"),
+        slurm_memory_gb=_optional_float("slurm_memory_gb"),
+        slurm_cpus_per_process=int(_float("slurm_cpus_per_process")),
+        slurm_poll_s=_float("slurm_poll_s"),
+        slurm_max_jobs=max(1, int(_float("slurm_max_jobs"))),
     )

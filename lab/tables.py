@@ -94,6 +94,11 @@ class Job(Base):
     devices: Mapped[int | None] = mapped_column(Integer, nullable=True)
     processes: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))  # >1: torchrun
     time_limit_s: Mapped[float | None] = mapped_column(Float, nullable=True)  # per attempt; None: no limit
+    nodes: Mapped[int] = mapped_column(Integer, default=1, server_default=text("1"))  # >1: a Slurm multi-node job
+    memory_gb: Mapped[float | None] = mapped_column(Float, nullable=True)  # a Slurm job's --mem; None: the default
+    slurm_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)  # set while Slurm runs it
+    slurm_state: Mapped[str | None] = mapped_column(String(64), nullable=True)  # last seen, e.g. "PENDING (Priority)"
+    node_list: Mapped[str | None] = mapped_column(Text, nullable=True)  # Slurm's node list, e.g. "gpu[01-02]"
     report_to: Mapped[str | None] = mapped_column(String(200), nullable=True)  # trackers; None: settings' default
     phase: Mapped[str | None] = mapped_column(String(16), nullable=True)  # while running: see jobs.queue.PHASES
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)

@@ -22,8 +22,9 @@ def _start_worker(settings: Settings, n: int, gpus: list[str] | None = None, slo
     logs.mkdir(parents=True, exist_ok=True)
     log = open(logs / f"worker-{n}.log", "ab")  # noqa: SIM115 (kept open for the worker's life)
     owns = ["--gpus", ",".join(gpus)] if gpus else []
+    probed = ["--no-probe"] if settings.executor == "slurm" else []  # serve probed the cluster once already
     return subprocess.Popen([sys.executable, "-m", "jobs.worker", "--with-parent", "--workspace",
-                             str(settings.workspace), "--slots", str(slots), *owns],
+                             str(settings.workspace), "--slots", str(slots), *owns, *probed],
                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env={**os.environ, **settings.env})
 
@@ -55,6 +56,10 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
         raise LabError(f"{workers} workers for {len(gpus)} GPU(s): each worker needs one at least",
                        "one worker can run several jobs side by side: use --workers 1")
     read_secrets(settings)  # a bad secrets file stops here, not in every worker
+    if settings.executor == "slurm" and workers:  # so does a cluster whose nodes cannot run the lab's jobs
+        from jobs.worker import probe_cluster
+
+        probe_cluster(settings, say)
     experiments.get_or_create(settings, experiments.DEFAULT)
     from lab.ui.app import launch
 
@@ -85,7 +90,9 @@ def serve(settings: Settings, host: str, port: int, workers: int, password: str 
         if not is_loopback(host):
             say(f"warning: {host} is not loopback: anyone who can reach this port and knows the password can use "
                 "the lab")
-        say("Ctrl-C stops the lab and its workers; a running job goes back to the queue.")
+        say("Ctrl-C stops the lab and its workers; " + (
+            "jobs in Slurm go on, and the next Slurm worker follows them." if settings.executor == "slurm"
+            else "a running job goes back to the queue."))
         while not stop.wait(1.0):
             for i, p in enumerate(procs):
                 if p.poll() is not None:  # a worker died: start another, so the queue keeps moving

@@ -32,7 +32,11 @@ def table(ui: UI, experiment: str | None, status: str | None) -> pd.DataFrame:
         if j["total_steps"]:
             progress = f"{j['step']}/{j['total_steps']} ({100 * j['step'] / j['total_steps']:.0f}%)"
         if j.get("phase"):  # what a running job is doing now: loading, training, evaluating, saving, ...
-            progress = f"{j['phase']} {progress}".strip()
+            progress = f"{queue.PHASES.get(j['phase'], j['phase']) if j['phase'] == 'slurm_pending' else j['phase']}" \
+                       f" {progress}".strip()
+        if j.get("slurm_job_id"):  # where it runs: the Slurm job and its nodes
+            where = f"Slurm {j['slurm_job_id']}" + (f" on {j['node_list']}" if j.get("node_list") else "")
+            progress = f"{where} · {progress}" if progress else where
         out.append({
             "id": j["id"], "experiment": j["experiment"], "plugin": j["plugin"], "model": j["model"] or "",
             "dataset": j["dataset"] or "", "status": j["status"] + (" (cancelling)" if j["cancel_requested"]

@@ -83,6 +83,10 @@ def header(job: dict, log_text: str = "") -> str:
         timing.append(f"about {duration(job['eta_s'])} left")
     if job["queue_position"]:
         timing.append(f"position {job['queue_position']} in the queue")
+    if job.get("slurm_job_id"):
+        nodes = f" on {escape(job['node_list'])}" if job.get("node_list") else ""
+        state = f" ({escape(job['slurm_state'])})" if job.get("slurm_state") else ""
+        timing.append(f"Slurm job <b>{escape(job['slurm_job_id'])}</b>{nodes}{state}")
     if job["output_model"]:
         timing.append(f"output registered as model <b>{escape(job['output_model'])}</b>")
     if job.get("output_dataset"):

@@ -75,6 +75,12 @@ def build(ui: UI) -> None:
         report_to = gr.CheckboxGroup(list(trackers.TRACKERS), value=default_trackers, label="Report to", scale=2,
                                      elem_id="train-report-to",
                                      info="experiment trackers beside the lab's own charts; files in the run folder")
+    with gr.Accordion("Cluster (Slurm)", open=False), gr.Row():
+        nodes = gr.Number(label="Nodes", value=1, precision=0, minimum=1, maximum=1024, scale=1,
+                          info="more than 1: data-parallel over that many nodes; a Slurm worker runs it "
+                               "(`lab worker --executor slurm`)")
+        memory = gr.Number(label="Memory per node (GB)", value=None, minimum=0, scale=1,
+                           info="a Slurm job's --mem; empty: LAB_SLURM_MEMORY_GB or the cluster's default")
     with gr.Accordion("Run config file (YAML)", open=False), gr.Row():
         save_config = gr.Button("Save this form as a run config", scale=1, elem_id="train-save-config")
         config_out = gr.File(label="Run config (`lab run --config FILE`)", interactive=False, scale=2,
@@ -118,8 +124,8 @@ def build(ui: UI) -> None:
     plugin.input(on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
     ui["train_after"] = (on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
 
-    def on_preview(n_processes, n_devices, n_attempts, n_minutes, tracked, evaluator, eval_ds, pid, model_name,
-                   ds_name, prio, experiment, values):
+    def on_preview(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory, evaluator, eval_ds,
+                   pid, model_name, ds_name, prio, experiment, values):
         """The command line and the estimate for the form as it is. It leaves the launch message alone: a late
         estimate must not wipe out the answer to a launch made after it."""
         if not pid:
@@ -131,7 +137,7 @@ def build(ui: UI) -> None:
             return "", error_box(str(exc))
         changed = resolved.model_dump(mode="json", exclude_defaults=True)
         try:
-            extra = resources(n_processes, n_devices, n_attempts, n_minutes, tracked)
+            extra = resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory)
         except (TypeError, ValueError):
             extra = {}
         cmd = runs.command_line(pid, changed, model_name, ds_name, experiment or "default", int(prio or 0),
@@ -179,19 +185,20 @@ def build(ui: UI) -> None:
                 f"{', ...' if found['lost'] > len(found['first_lost']) else ''}). Raise max_length to keep them.")
 
     preview_inputs = [plugin, model, dataset, priority, ui["experiment"], values_of]
-    resource_inputs = [processes, devices, attempts, time_limit, report_to]
+    resource_inputs = [processes, devices, attempts, time_limit, report_to, nodes, memory]
     command_inputs = [*resource_inputs, then_eval, eval_dataset, *preview_inputs]
     gr.on([c.change for c in command_inputs], on_preview, command_inputs,
           [command, estimate], trigger_mode="always_last", show_progress="hidden")
     ui["train_preview"] = (on_preview, command_inputs, [command, estimate])
 
-    def resources(n_processes, n_devices, n_attempts, n_minutes, tracked) -> dict:
+    def resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory) -> dict:
         chosen = list(tracked or [])
         return {"processes": int(n_processes or 1), "max_attempts": int(n_attempts or 1),
                 "time_limit_min": float(n_minutes) if n_minutes else None,  # empty or 0: no limit
                 "devices": None if n_devices in (None, "", "auto") else int(n_devices),
                 # the settings' default is left unsaid (the command stays short); any other choice is the job's
-                "report_to": None if chosen == default_trackers else chosen}
+                "report_to": None if chosen == default_trackers else chosen,
+                "nodes": int(n_nodes or 1), "memory_gb": float(n_memory) if n_memory else None}
 
     def refused(exc: LabError) -> str:
         return problems_box(exc, "Nothing was queued.")
@@ -208,15 +215,16 @@ def build(ui: UI) -> None:
             raise LabError("pick a dataset", f"only datasets this method reads are listed ({', '.join(p.accepts)}); "
                            "import one on the Datasets page")
 
-    def on_launch(n_processes, n_devices, n_attempts, n_minutes, tracked, evaluator, eval_ds, pid, model_name,
-                  ds_name, prio, experiment, values):
+    def on_launch(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory, evaluator, eval_ds, pid,
+                  model_name, ds_name, prio, experiment, values):
         try:
             missing(pid, model_name, ds_name)
             params = split(pid, values)
             job_id = runs.submit(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
                                  experiment=experiment or "default", params=params, priority=int(prio or 0),
                                  then_eval=follow_up(evaluator, eval_ds),
-                                 **resources(n_processes, n_devices, n_attempts, n_minutes, tracked))
+                                 **resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes,
+                                             n_memory))
         except LabError as exc:
             return refused(exc), gr.update(), gr.update()
         return "", gr.update(selected="run"), job_id
@@ -224,8 +232,8 @@ def build(ui: UI) -> None:
     launch.click(on_launch, [*resource_inputs, then_eval, eval_dataset, *preview_inputs],
                  [message, ui["tabs"], ui["run_job"]], concurrency_id="train-form")
 
-    def on_sweep(n_processes, n_devices, n_attempts, n_minutes, tracked, axes, name, evaluator, eval_ds, pid,
-                 model_name, ds_name, prio, experiment, values):
+    def on_sweep(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory, axes, name, evaluator,
+                 eval_ds, pid, model_name, ds_name, prio, experiment, values):
         try:
             missing(pid, model_name, ds_name)
             base = split(pid, values)
@@ -234,7 +242,8 @@ def build(ui: UI) -> None:
                                          axes=[line for line in (axes or "").splitlines() if line.strip()],
                                          group=(name or "").strip() or None, priority=int(prio or 0),
                                          then_eval=follow_up(evaluator, eval_ds),
-                                         **resources(n_processes, n_devices, n_attempts, n_minutes, tracked))
+                                         **resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes,
+                                             n_memory))
         except LabError as exc:
             return refused(exc), gr.update(), gr.update(), gr.update()
         options = [(f"#{i} {pid} {model_name or ''}".strip(), str(i)) for i in ids]
@@ -244,8 +253,8 @@ def build(ui: UI) -> None:
     sweep.click(on_sweep, [*resource_inputs, grid, group, then_eval, eval_dataset, *preview_inputs],
                 [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]], concurrency_id="train-form")
 
-    def on_save_config(n_processes, n_devices, n_attempts, n_minutes, tracked, evaluator, eval_ds, pid, model_name,
-                       ds_name, prio, experiment, values):
+    def on_save_config(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory, evaluator, eval_ds,
+                       pid, model_name, ds_name, prio, experiment, values):
         import tempfile
 
         from lab import run_config
@@ -255,13 +264,14 @@ def build(ui: UI) -> None:
                                                                                        exclude_defaults=True)
         except (LabError, KeyError) as exc:
             return refused(LabError(str(exc))), None
-        extra = resources(n_processes, n_devices, n_attempts, n_minutes, tracked)
+        extra = resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory)
         text = run_config.dump({
             "plugin": pid, "model": model_name or None, "dataset": ds_name or None,
             "experiment": experiment or None, "params": params, "priority": int(prio or 0) or None,
             "processes": extra["processes"] if extra["processes"] != 1 else None, "devices": extra["devices"],
             "max_attempts": extra["max_attempts"] if extra["max_attempts"] != 1 else None,
             "time_limit": extra["time_limit_min"], "then_eval": follow_up(evaluator, eval_ds),
+            "nodes": extra["nodes"] if extra["nodes"] != 1 else None, "memory_gb": extra["memory_gb"],
             "report_to": None if extra["report_to"] is None else (",".join(extra["report_to"]) or "none")})
         folder = Path(tempfile.mkdtemp(prefix="lab-config-"))
         path = folder / f"{pid}-{model_name or 'model'}-{ds_name or 'data'}.yaml".replace("/", "-")
@@ -274,7 +284,7 @@ def build(ui: UI) -> None:
         """The form filled from a run config: method, model, dataset, parameters, resources, follow-up."""
         from lab import run_config
 
-        keep = [gr.update()] * (11 + len(all_fields))
+        keep = [gr.update()] * (13 + len(all_fields))
         if not file:
             return ["", *keep, held]
         try:
@@ -298,13 +308,14 @@ def build(ui: UI) -> None:
                                                                else "auto"),
                 gr.update(value=cfg.max_attempts or 1), gr.update(value=cfg.time_limit),
                 gr.update(value=default_trackers if cfg.report_to is None else trackers.parse(cfg.report_to) or []),
+                gr.update(value=cfg.nodes or 1), gr.update(value=cfg.memory_gb),
                 gr.update(value=follow.plugin if follow else ""),
                 on_evaluator(follow.plugin, follow.dataset) if follow else gr.update(value=None), *updates,
                 {**(held or {}), cfg.plugin: filled}]
 
     load_config.upload(on_load_config, [load_config, values_of],
                        [message, plugin, model, dataset, priority, processes, devices, attempts, time_limit, report_to,
-                        then_eval, eval_dataset, *all_fields, values_of]).success(*ui["train_after"])
+                        nodes, memory, then_eval, eval_dataset, *all_fields, values_of]).success(*ui["train_after"])
 
     def on_evaluator(evaluator, current=None):
         accepts = found[evaluator].accepts if evaluator in found else ()

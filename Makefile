@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install chromium postgres llama-cpp demo bench clean
+.PHONY: run test install chromium postgres slurm llama-cpp demo bench clean
 
 install: $(VENV)/.installed
 
@@ -38,12 +38,18 @@ postgres:
 	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { echo "installing postgresql for the queue tests"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; }
 
+# Debian's Slurm (slurmctld, slurmd, the client commands) and munge for the Slurm tests (the tests start their own
+# throw-away single-node cluster)
+slurm:
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null || { echo "installing slurm-wlm and munge for the Slurm tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; }
+
 # llama.cpp's converter and library for GGUF export (built once per machine into LAB_LLAMA_CPP_DIR, about 3 minutes;
 # `make run` does not build it: the first GGUF export does)
 llama-cpp: install
 	$(BIN)/python -m lab.llamacpp build
 
-test: install chromium postgres llama-cpp
+test: install chromium postgres slurm llama-cpp
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)
 

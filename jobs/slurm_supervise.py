@@ -16,11 +16,11 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError
 
 from jobs import queue
-from jobs.supervise import Supervision, _experiment_name
+from jobs.supervise import Supervision, _experiment_name, outcome
 from lab import slurm
-from lab.diagnosis import KINDS, Failure
+from lab.diagnosis import KINDS, OOM_STEP, Failure
 from lab.settings import Settings
-from lab.workspace import log_tail, new_run_dir
+from lab.workspace import latest_checkpoint, log_tail, new_run_dir
 
 assert "cluster" in KINDS
 
@@ -72,7 +72,7 @@ class SlurmSupervision(Supervision):
             return "running"
         job = self.job = w.db(queue.get, s, job.id, patient=True)
         w.db(queue.slurm_seen, s, job.id, w.id, seen.label(), seen.nodes, False, patient=True)
-        status, failure, retryable = slurm.meaning(seen, job, log_tail(run_dir / "log.txt") or "", run_dir,
+        status, failure, retryable = meaning(seen, job, log_tail(run_dir / "log.txt") or "", run_dir,
                                                    slurm.memory_mb(job, s))
         code = -seen.signal if seen.signal else seen.exit_code
         return self.record(run_dir, status, failure, code, retryable=retryable)
@@ -142,3 +142,58 @@ class SlurmSupervision(Supervision):
             except (OperationalError, slurm.SlurmError) as exc:
                 w.say(f"job {job_id}: {exc}")
             w.stop.wait(s.slurm_poll_s)
+
+
+def _signal_name(sig: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def meaning(seen: slurm.Seen, job, log_tail: str, run_dir: Path, mem_mb: int | None = None
+            ) -> tuple[str, Failure | None, bool]:
+    """What an ended Slurm job means for the lab: (status, failure, retryable).
+
+    completed only on exit 0 with outputs present; the states the cluster ends a job with (out of memory, time
+    limit, node failure, preemption, a signal) are named as the reason. The caller requeues a retryable one while
+    attempts remain; it then resumes from its last checkpoint.
+    """
+    state, where = seen.state, f" on {seen.nodes}" if seen.nodes and seen.nodes not in ("None", "(null)") else ""
+    mem = mem_mb
+    if state == "CANCELLED":
+        if job.cancel_requested:
+            return "cancelled", Failure("killed", "cancelled by the user (scancel)", ""), False
+        by = f" by uid {seen.cancelled_by}" if seen.cancelled_by else ""
+        return "cancelled", Failure("killed", f"cancelled in Slurm{by} (scancel from outside the lab)", ""), False
+    killed_for_memory = (seen.signal == 9 or state == "FAILED") and any(m in log_tail for m in slurm.OOM_MARKS)
+    if state == "OUT_OF_MEMORY" or killed_for_memory:
+        limit = f" of {mem / 1024:g} GB" if mem else ""
+        return "failed", Failure("oom", f"Slurm stopped the job{where}: it used more than its memory limit{limit}",
+                                 "give it more memory (`--memory-gb`, the Train page's Resources, or "
+                                 f"LAB_SLURM_MEMORY_GB), or {OOM_STEP.split(', or give')[0]}"), False
+    if state in ("TIMEOUT", "DEADLINE"):
+        last = latest_checkpoint(run_dir / "checkpoints")
+        saved = f"; its last checkpoint is {last.name}" if last else " before it wrote a checkpoint"
+        return "failed", Failure("timeout", f"Slurm stopped the job{where} at its time limit ({state}){saved}",
+                                 "raise the time limit (`--time-limit MINUTES`, or LAB_SLURM_TIME_LIMIT_MIN) or "
+                                 "shorten the run (max_steps, epochs)"), False
+    if state == "NODE_FAIL":
+        return "failed", Failure("lost", f"the node{where.replace(' on', '')} failed under the job (NODE_FAIL)",
+                                 slurm.RETRY_STEP), True
+    if state in ("PREEMPTED", "BOOT_FAIL"):
+        what = "preempted by Slurm (a job of higher priority took its nodes)" if state == "PREEMPTED" \
+            else f"its node{where.replace(' on', '')} did not boot (BOOT_FAIL)"
+        return "failed", Failure("killed", what, slurm.RETRY_STEP), True
+    if seen.signal:
+        name = _signal_name(seen.signal)
+        return "failed", Failure("killed", f"Slurm reports the job{where} ended by {name}",
+                                 "see the end of the run's log.txt; with --max-attempts N it resumes from its last "
+                                 "checkpoint"), False
+    if state == "COMPLETED":
+        status, failure = outcome(seen.exit_code, None, run_dir)
+        return status, failure, False
+    status, failure = outcome(seen.exit_code or 1, None, run_dir)
+    return status, failure, False

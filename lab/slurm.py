@@ -17,7 +17,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.diagnosis import OOM_STEP, Failure
 from lab.errors import LabError
 from lab.settings import Settings
 
@@ -232,63 +231,6 @@ def cancel(slurm_id: str, *, kill: bool = False) -> None:
     if done.returncode != 0 and "already completing or completed" not in done.stderr.lower() \
             and "invalid job id" not in done.stderr.lower():
         raise SlurmError(f"scancel {slurm_id} failed: {done.stderr.strip()[-300:]}")
-
-
-def _signal_name(sig: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def meaning(seen: Seen, job, log_tail: str, run_dir: Path, mem_mb: int | None = None
-            ) -> tuple[str, Failure | None, bool]:
-    """What an ended Slurm job means for the lab: (status, failure, retryable).
-
-    completed only on exit 0 with outputs present; the states the cluster ends a job with (out of memory, time
-    limit, node failure, preemption, a signal) are named as the reason. The caller requeues a retryable one while
-    attempts remain; it then resumes from its last checkpoint.
-    """
-    from jobs.supervise import outcome
-    from lab.workspace import latest_checkpoint
-
-    state, where = seen.state, f" on {seen.nodes}" if seen.nodes and seen.nodes not in ("None", "(null)") else ""
-    mem = mem_mb
-    if state == "CANCELLED":
-        if job.cancel_requested:
-            return "cancelled", Failure("killed", "cancelled by the user (scancel)", ""), False
-        by = f" by uid {seen.cancelled_by}" if seen.cancelled_by else ""
-        return "cancelled", Failure("killed", f"cancelled in Slurm{by} (scancel from outside the lab)", ""), False
-    if state == "OUT_OF_MEMORY" or (seen.signal == 9 or state == "FAILED") and any(m in log_tail for m in OOM_MARKS):
-        limit = f" of {mem / 1024:g} GB" if mem else ""
-        return "failed", Failure("oom", f"Slurm stopped the job{where}: it used more than its memory limit{limit}",
-                                 "give it more memory (`--memory-gb`, the Train page's Resources, or "
-                                 f"LAB_SLURM_MEMORY_GB), or {OOM_STEP.split(', or give')[0]}"), False
-    if state in ("TIMEOUT", "DEADLINE"):
-        last = latest_checkpoint(run_dir / "checkpoints")
-        saved = f"; its last checkpoint is {last.name}" if last else " before it wrote a checkpoint"
-        return "failed", Failure("timeout", f"Slurm stopped the job{where} at its time limit ({state}){saved}",
-                                 "raise the time limit (`--time-limit MINUTES`, or LAB_SLURM_TIME_LIMIT_MIN) or "
-                                 "shorten the run (max_steps, epochs)"), False
-    if state == "NODE_FAIL":
-        return "failed", Failure("lost", f"the node{where.replace(' on', '')} failed under the job (NODE_FAIL)",
-                                 RETRY_STEP), True
-    if state in ("PREEMPTED", "BOOT_FAIL"):
-        what = "preempted by Slurm (a job of higher priority took its nodes)" if state == "PREEMPTED" \
-            else f"its node{where.replace(' on', '')} did not boot (BOOT_FAIL)"
-        return "failed", Failure("killed", what, RETRY_STEP), True
-    if seen.signal:
-        name = _signal_name(seen.signal)
-        return "failed", Failure("killed", f"Slurm reports the job{where} ended by {name}",
-                                 "see the end of the run's log.txt; with --max-attempts N it resumes from its last "
-                                 "checkpoint"), False
-    if state == "COMPLETED":
-        status, failure = outcome(seen.exit_code, None, run_dir)
-        return status, failure, False
-    status, failure = outcome(seen.exit_code or 1, None, run_dir)
-    return status, failure, False
 
 
 PROBE_TIMEOUT_S = 300.0

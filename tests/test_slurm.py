@@ -17,11 +17,12 @@ import pytest
 from conftest import wait_for_status, wait_until, write_jsonl
 
 from jobs import queue
+from jobs.slurm_supervise import meaning
 from jobs.worker import Worker, probe_cluster
 from lab import datasets, registry, runs, slurm
 from lab.errors import LabError
 from lab.pgserver import free_port
-from lab.slurm import Seen, meaning, sbatch_args
+from lab.slurm import Seen, sbatch_args
 from lab.tables import Job
 
 ROWS = [{"prompt": f"Say {w}", "completion": w} for w in ("red", "green", "blue", "amber")] * 4

@@ -1,5 +1,5 @@
-"""Test plugin: (takes memory if asked, then) sleeps without ever checking for cancellation; writes its pid to pid.txt in the run folder, and
-what it was given (CUDA_VISIBLE_DEVICES, start and end times) to resources.json."""
+"""Test plugin: (takes memory if asked, then) sleeps without ever checking for cancellation; writes its pid to
+pid.txt in the run folder, and what it was given (CUDA_VISIBLE_DEVICES, start and end times) to resources.json."""
 
 import json
 import os

@@ -278,7 +278,8 @@ def probe(settings: Settings, env: dict, timeout_s: float = PROBE_TIMEOUT_S) -> 
         return said.splitlines()[-1].removeprefix("[lab] ")
     if not said and done.returncode != 0 and not done.stdout.strip():
         raise SlurmError(f"sbatch refused the probe job: {(done.stderr or '').strip()[-400:]}",
-                         "check the partition, account and extra sbatch arguments")
+                         "check that Slurm answers here (`sinfo`), and the partition, account and extra sbatch "
+                         "arguments")
     if not said:
         raise SlurmError(f"the probe job wrote nothing to {out}: the nodes do not see the workspace "
                          f"{settings.workspace} (it must be on a file system they share, at the same path)",

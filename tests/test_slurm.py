@@ -93,6 +93,20 @@ def test_a_multi_node_job_waits_for_a_slurm_worker_and_needs_a_data_parallel_plu
     assert queue.claim_next(ws, "cluster:1", cluster=True).id == job_id
 
 
+def test_the_worker_refuses_an_unknown_executor_and_unsplittable_sbatch_args(ws):
+    from conftest import lab_cli
+
+    done = lab_cli("worker", "--executor", "bogus")
+    assert done.returncode != 0 and "--executor must be one of local, slurm, got 'bogus'" in done.stderr
+    assert "Traceback" not in done.stderr
+    os.environ["LAB_SLURM_SBATCH_ARGS"] = "--comment='unclosed"
+    try:
+        done = lab_cli("jobs", "list")
+    finally:
+        del os.environ["LAB_SLURM_SBATCH_ARGS"]
+    assert done.returncode != 0 and "LAB_SLURM_SBATCH_ARGS cannot be split" in done.stderr
+
+
 # --- against a real Slurm ----------------------------------------------------------------------------------------
 
 

@@ -36,6 +36,7 @@ class RunContext:
     resume_from: Path | None = None  # a retried job's last complete checkpoint (`train` resumes from it)
     stop_requested: threading.Event = field(default_factory=threading.Event)  # SIGTERM: checkpoint, then stop
     training: bool = False  # inside `train`: a stop waits for the step boundary and its checkpoint
+    padding: PaddingCounter | None = None  # inside `train`: the trainer's collator, counting padded tokens
     _last_cancel_check: float = 0.0
     _phase: str | None = None  # the last phase asked for, and the one thread that writes it (see set_phase)
     _phase_next: str | None = None
@@ -199,6 +200,7 @@ class RunContext:
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # the lab's callback prints one tidier line per log
+        trainer.data_collator = self.padding = PaddingCounter(trainer.data_collator)
         minutes = getattr(params, "save_minutes", 0) if resumable else 0
         trainer.add_callback(self.callback(save_every_s=minutes * 60 if minutes else None))
         self.training = resumable
@@ -263,6 +265,11 @@ class RunContext:
                 ctx.set_progress(state.global_step, state.max_steps or None)
 
             def _speed(self, logs: dict, state) -> None:
+                counter = getattr(ctx, "padding", None)
+                if counter is not None and "loss" in logs:
+                    share = counter.share()
+                    if share is not None:  # the part of the batches so far that was padding
+                        logs["padding_share"] = share
                 tokens = logs.get("num_tokens", logs.get("num_input_tokens_seen", state.num_input_tokens_seen))
                 if not tokens or "loss" not in logs:
                     return
@@ -365,3 +372,31 @@ def _fmt(v: float) -> str:
     if isinstance(v, int):
         return str(v)
     return f"{v:.4g}"
+
+
+class PaddingCounter:
+    """A trainer's data collator, wrapped: counts the token slots of every batch it makes (input_ids) and how many
+    are real (attention_mask; a padding-free batch has none, so all are), for the `padding_share` metric."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.slots = self.real = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        ids = batch.get("input_ids") if hasattr(batch, "get") else None
+        if ids is not None and hasattr(ids, "numel"):
+            mask = batch.get("attention_mask")
+            self.slots += ids.numel()
+            self.real += int(mask.sum()) if mask is not None and hasattr(mask, "sum") else ids.numel()
+        return batch
+
+    def share(self) -> float | None:
+        """The padding share of the batches made so far (the data loader makes one ahead of the step, so this is
+        over whole batches, not one logging interval); None before the first batch with input_ids."""
+        return None if self.slots <= 0 else 1 - self.real / self.slots
+
+    def __getattr__(self, name):  # everything else is the inner collator's (TRL reads its attributes)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)

@@ -52,8 +52,34 @@ def examples(fmt: str, rows: list[dict]) -> list[dict]:
     return [{"text": r["text"], "label": str(r["label"])} for r in rows]
 
 
-def run(ctx, params: Params) -> None:
+def label_logprobs(model, tokenizer, prompt: str, labels: list[str]) -> dict[str, float]:
+    """Each label's log-probability after the prompt. The prompt runs once; each label continues from its
+    key/value cache (cropped back after it), unless tokenizing prompt and label together changes the
+    prompt's own tokens: then that label runs whole."""
     import torch
+
+    start = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([start]), use_cache=True)
+    cache, last = out.cache, out.logits[0, -1].log_softmax(-1)
+    scores = {}
+    for label in labels:
+        ids = tokenizer(prompt + " " + label)["input_ids"]
+        with torch.no_grad():
+            if ids[:len(start)] == start and len(ids) > len(start):
+                tail = ids[len(start):]
+                logits = model(input_ids=torch.tensor([tail]), cache=cache, use_cache=True).logits[0]
+                logits = logits.log_softmax(-1)
+                cache.crop(-len(tail))
+                scores[label] = last[tail[0]].item() + sum(logits[i - 1, tail[i]].item()
+                                                           for i in range(1, len(tail)))
+            else:
+                logits = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+                scores[label] = sum(logits[i - 1, ids[i]].item() for i in range(len(start), len(ids)))
+    return scores
+
+
+def run(ctx, params: Params) -> None:
 
     model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log).eval()
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
@@ -66,13 +92,6 @@ def run(ctx, params: Params) -> None:
     header = f"Label each text as one of: {', '.join(labels)}.\n\n"
     rng = random.Random(params.seed)
 
-    def label_logprob(prompt: str, label: str) -> float:
-        start = tokenizer(prompt)["input_ids"]
-        ids = tokenizer(prompt + " " + label)["input_ids"]
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
-        return sum(logits[i - 1, ids[i]].item() for i in range(len(start), len(ids)))
-
     summary, scored = {}, []
     ks = [int(k) for k in params.shots.split(",")]
     for n, k in enumerate(ks):
@@ -81,7 +100,8 @@ def run(ctx, params: Params) -> None:
             shots = rng.sample(pool, min(k, len(pool)))
             prompt = header + "".join(f"Text: {s['text']}\nLabel: {s['label']}\n\n" for s in shots)
             prompt += f"Text: {row['text']}\nLabel:"
-            guess = max(labels, key=lambda label: label_logprob(prompt, label))
+            scores = label_logprobs(model, tokenizer, prompt, labels)
+            guess = max(labels, key=scores.__getitem__)
             correct += guess == str(row["label"])
             scored.append({"shots": k, "row": params.pool + i + 1, "label": str(row["label"]), "predicted": guess})
             ctx.set_progress(n * len(tests) + i + 1, len(ks) * len(tests))

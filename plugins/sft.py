@@ -47,6 +47,12 @@ class Params(TrainParams):
     max_length: int = Field(1024, ge=8, le=131072, description="Longest sequence in tokens; longer ones are cut.")
     completion_only: bool = Field(True, description="Learn only the replies; prompt tokens do not count.")
     packing: bool = Field(False, description="Pack several short examples into each sequence (faster).")
+    batching: Literal["padding_free", "by_length", "padded"] = Field(
+        "padding_free", **advanced(description="How a step's rows are laid out: padding_free (one flat sequence, "
+                                   "each row attending only to itself; no padded token is computed), by_length "
+                                   "(rows of similar length batched together, little padding), padded (random "
+                                   "batches padded to their longest row). The rows of each step are the same "
+                                   "for padding_free and padded."))
     eval_split: float = Field(0.0, ge=0, lt=0.5, description="Fraction of rows held out to measure eval loss.",
                               json_schema_extra={"widget": "slider"})
     seed: int = Field(42, description="Random seed for shuffling, the split and initialisation.")
@@ -116,6 +122,8 @@ def run(ctx, params: Params) -> None:
 
     # 3. configuration
     own = dict(packing=params.packing, completion_only_loss=params.completion_only if params.completion_only else None)
+    if params.batching == "by_length" and not params.packing:
+        own["train_sampling_strategy"] = "group_by_length"
     config = ctx.trainer_args(SFTConfig, params, bf16=bf16, evaluate=evaluation is not None,
                               **{**own, **params.extra_args})  # passed-through arguments win over the lab's choices
     already_adapter = isinstance(model, PeftModel)
@@ -127,6 +135,11 @@ def run(ctx, params: Params) -> None:
     # 4. trainer, 5. train
     trainer = SFTTrainer(model=model, args=config, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config)
+    if params.batching == "padding_free" and not params.packing:
+        # TRL's own collator flattens each batch into one sequence with position ids; TRL's compute_loss runs the
+        # model without a cache, so transformers' attention mask keeps the rows apart (tests/test_speed.py checks
+        # the loss equals the padded batch's). The dataset was truncated to max_length already.
+        trainer.data_collator.padding_free = True
     if not params.packing:  # TRL drops the rows that truncation left without a trained token
         ctx.keep_trainable(trainer, len(train), params.max_length, unit="rows", held_out=len(evaluation or []),
                            rule="truncation leaves them without a trained token (the prompt fills max_length)")

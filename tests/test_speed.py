@@ -1,0 +1,73 @@
+"""Speed without side effects: a padding-free batch trains exactly like the padded one (no row attends to another
+on this machine's attention), and every run says how much of its work was padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import write_jsonl
+
+from jobs.worker import Worker
+from lab import datasets, registry, runs
+
+ROWS = [{"prompt": "Say " + " ".join(["red"] * n), "completion": " ".join(["blue"] * (n % 5 + 1))}
+        for n in (1, 9, 3, 14, 2, 7, 11, 4)] * 8  # 64 rows: length grouping works on mega-batches of 4 batches
+
+
+def test_a_padding_free_batch_gives_the_padded_batchs_loss_and_gradients(tiny_model_dir):
+    """TRL's collator both ways, the model run as TRL's SFTTrainer runs it (no cache): the rows of a flattened
+    batch must not see each other, or the loss would differ."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rows = []
+    for n in (5, 17, 9, 12):  # the prompt's half of each row is not trained (-100)
+        ids = torch.randint(5, 200, (n,)).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    results = []
+    for padding_free in (False, True):
+        collate = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=padding_free)
+        batch = collate(rows)
+        assert ("attention_mask" in batch) != padding_free and ("position_ids" in batch) == padding_free
+        model.zero_grad()
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        results.append((loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    (padded_loss, padded_grad), (flat_loss, flat_grad) = results
+    assert flat_loss == pytest.approx(padded_loss, rel=1e-5)
+    assert torch.allclose(flat_grad, padded_grad, atol=1e-6)
+    # and with a cache (as generation runs it) the rows would see each other: the check above can fail
+    batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    with torch.no_grad():
+        leaky = model(**batch, use_cache=True).loss.item()
+    assert leaky != pytest.approx(padded_loss, rel=1e-3)
+
+
+@pytest.fixture
+def uneven(ws, tiny_model_dir, tmp_path):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "uneven", write_jsonl(tmp_path / "uneven.jsonl", ROWS))
+    return ws
+
+
+def _sft(s, batching: str) -> dict:
+    job_id = runs.submit(s, "sft", model="tiny", dataset="uneven",
+                         params={"max_steps": "4", "batch_size": "4", "precision": "fp32", "batching": batching,
+                                 "seed": "3"})
+    Worker(s, say=lambda m: None).serve(once=True)
+    job = runs.get_job(s, job_id)
+    assert job["status"] == "completed", job["log_tail"]
+    return runs.metrics(s, [job_id], ["loss", "padding_share", "num_tokens"])[job_id]
+
+
+def test_every_sft_run_logs_its_padding_share_and_padding_free_trains_the_same_rows(uneven):
+    padded, flat, grouped = (_sft(uneven, b) for b in ("padded", "padding_free", "by_length"))
+    assert all(0 < v < 1 for _, v, _ in padded["padding_share"]), padded["padding_share"]
+    assert [v for _, v, _ in flat["padding_share"]] == [0.0] * 4
+    assert max(v for _, v, _ in grouped["padding_share"]) < max(v for _, v, _ in padded["padding_share"])
+    # the same rows in each step, whatever their layout: the same tokens and the same losses
+    assert [v for _, v, _ in flat["num_tokens"]] == [v for _, v, _ in padded["num_tokens"]]
+    for (_, a, _), (_, b, _) in zip(flat["loss"], padded["loss"], strict=True):
+        assert a == pytest.approx(b, rel=2e-3)

@@ -37,7 +37,7 @@ def main() -> None:
 
     if SPAM.exists():
         with open(SPAM, newline="", encoding="utf-8", errors="replace") as f:
-            rows = [{"text": r[1], "label": r[0]} for r in list(csv.reader(f))[1:]]
+            rows = [{"text": r["text"], "label": r["label"]} for r in csv.DictReader(f)]
     else:
         rows = [{"text": f"message number {i} about {w}", "label": "spam" if i % 3 == 0 else "ham"}
                 for i, w in enumerate(["prizes", "lunch", "the bus", "a loan", "football"] * 20)]

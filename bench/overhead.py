@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from workspace import fresh_with_rows
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ALPACA = ROOT.parent / "shared" / "data" / "sft" / "alpaca_train.jsonl"
-DEMO = ROOT / "lab" / "demo" / "instructions.jsonl"
 CONFIG = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 2e-4, "batch_size": 4, "max_length": 256, "seed": 42}
 
 # The baseline: a plain TRL script with the same data conversion, LoRA and arguments as plugins/sft.py.
@@ -113,25 +112,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="lab-bench-")
-    os.environ.update({"LAB_WORKSPACE": tmp, "LAB_WANDB": "off"})
-    os.environ.pop("LAB_DATABASE_URL", None)
-    from lab import datasets, registry, settings
+    from lab import registry
 
-    s = settings.load()
-    data = ALPACA if ALPACA.exists() else DEMO
-    # the same first 200 rows on both sides
-    subset = Path(tmp) / "rows.jsonl"
-    with open(data) as f:
-        subset.write_text("".join(f.readlines()[:200]))
-    datasets.add(s, "rows", subset)
+    s, tmp, data = fresh_with_rows(200)
     info = registry.ensure_starter(s) if args.model == "starter" else registry.create_tiny(s, "tiny")
     registry.create_tiny(s, "rows-model", hidden=8, layers=1)  # a stand-in input for the callback timing
     print(f"model {info['name']} ({info['parameters'] / 1e6:.1f} M parameters), data {data.name}, "
           f"{args.steps} LoRA steps, batch {CONFIG['batch_size']}, max length {CONFIG['max_length']}")
     bare, lab = [], []
     for _ in range(args.repeats):
-        bare.append(run_bare(info["path"], subset, args.steps))
+        bare.append(run_bare(info["path"], tmp / "rows.jsonl", args.steps))
         lab.append(run_lab(s, info["name"], "rows", args.steps))
 
     def tps(results: list[dict]) -> float:

@@ -12,15 +12,10 @@ baseline is `batching=padded`; the ratio is the default's useful tokens/s over i
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ALPACA = ROOT.parent / "shared" / "data" / "sft" / "alpaca_train.jsonl"
-DEMO = ROOT / "lab" / "demo" / "instructions.jsonl"
+from workspace import fresh_with_rows
 
 
 def main() -> None:
@@ -28,18 +23,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="lab-bench-")
-    os.environ.update({"LAB_WORKSPACE": tmp, "LAB_WANDB": "off"})
-    os.environ.pop("LAB_DATABASE_URL", None)
     from jobs import queue
-    from lab import datasets, registry, runs, settings
+    from lab import registry, runs
 
-    s = settings.load()
-    data = ALPACA if ALPACA.exists() else DEMO
-    subset = Path(tmp) / "rows.jsonl"
-    with open(data) as f:
-        subset.write_text("".join(f.readlines()[:400]))
-    datasets.add(s, "rows", subset)
+    s, tmp, data = fresh_with_rows(400)
     model = registry.ensure_starter(s)
     print(f"model {model['name']}, data {data.name} (400 rows), LoRA r8, fp32, {args.steps} steps of batch "
           f"{args.batch}, max length 512")

@@ -10,33 +10,21 @@ Data: ../shared/data/sft/alpaca_train.jsonl when it is there, else the lab's dem
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ALPACA = ROOT.parent / "shared" / "data" / "sft" / "alpaca_train.jsonl"
-DEMO = ROOT / "lab" / "demo" / "instructions.jsonl"
+from workspace import fresh_with_rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="bf16 against fp32")
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    tmp = tempfile.mkdtemp(prefix="lab-bench-")
-    os.environ.update({"LAB_WORKSPACE": tmp, "LAB_WANDB": "off"})
-    os.environ.pop("LAB_DATABASE_URL", None)
     from jobs import queue
-    from lab import datasets, registry, runs, settings, speed
+    from lab import registry, runs, speed
 
-    s = settings.load()
-    data = ALPACA if ALPACA.exists() else DEMO
-    subset = Path(tmp) / "rows.jsonl"
-    with open(data) as f:
-        subset.write_text("".join(f.readlines()[:200]))
-    datasets.add(s, "rows", subset)
+    s, tmp, data = fresh_with_rows(200)
     model = registry.ensure_starter(s)
     print(f"model {model['name']}, data {data.name}, LoRA r8, {args.steps} steps of batch 4, max length 256; "
           f"bf16 matrix instructions here: {speed.bf16_supported()}")

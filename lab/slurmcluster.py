@@ -113,6 +113,10 @@ def throwaway_cluster(cpus: int = 8) -> Iterator[Path]:
         yield conf
     finally:
         subprocess.run(["scancel", "--full", "--signal=KILL", "--user=root"], capture_output=True, env=env)
+        deadline = time.monotonic() + 15  # let slurmd see its job steps end, so none lingers after it
+        while time.monotonic() < deadline and subprocess.run(
+                ["squeue", "--noheader", "--format=%i"], capture_output=True, text=True, env=env).stdout.strip():
+            time.sleep(0.2)
         for pidfile in ("slurmd.pid", "slurmctld.pid"):
             try:
                 os.kill(int((root / pidfile).read_text().strip()), 15)

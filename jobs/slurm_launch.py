@@ -54,13 +54,6 @@ def torchrun_task(job_id: int, processes: int) -> list[str]:
             "--module", "jobs.runner", str(job_id)]
 
 
-def _processes(job_id: int) -> int:
-    from jobs import queue
-    from lab.settings import load
-
-    return max(1, queue.get(load(), job_id).processes or 1)
-
-
 def _threads(processes: int) -> str:
     cpus = int(os.environ.get("SLURM_CPUS_PER_TASK") or os.cpu_count() or 1)
     return str(max(1, cpus // processes))
@@ -68,11 +61,14 @@ def _threads(processes: int) -> str:
 
 def batch(job_id: int) -> int:
     """The batch step: start the job's processes, copy their output with the secrets masked, return their code."""
+    from jobs import queue
+    from jobs.supervise import job_command
     from lab.settings import load, read_secrets
 
     settings = load()
     secrets = read_secrets(settings)
-    processes = _processes(job_id)
+    job = queue.get(settings, job_id)
+    processes = max(1, job.processes or 1)
     tasks = int(os.environ.get("SLURM_NTASKS") or 1)
     env = {**os.environ, **secrets, "OMP_NUM_THREADS": _threads(processes)}
     env.pop("LAB_WORKER_PID", None)  # the job outlives the worker that submitted it
@@ -81,13 +77,9 @@ def batch(job_id: int) -> int:
                    f"--cpus-per-task={os.environ.get('SLURM_CPUS_PER_TASK') or 1}",
                    sys.executable, "-m", "jobs.slurm_launch", "--task", str(job_id)]
         how = f"{tasks} tasks (srun), {processes} process(es) each"
-    elif processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                   "--module", "jobs.runner", str(job_id)]
-        how = f"{processes} processes (torchrun)"
-    else:
-        command = [sys.executable, "-m", "jobs.runner", str(job_id)]
-        how = "one process"
+    else:  # the runner, or torchrun for several processes on this node, as a local worker starts them
+        command = job_command(job, env)
+        how = f"{processes} processes (torchrun)" if processes > 1 else "one process"
     _say(f"Slurm job {os.environ.get('SLURM_JOB_ID')} on {os.environ.get('SLURM_JOB_NODELIST', socket.gethostname())}"
          f": {how}")
     # Slurm signals every process of the step itself; the launcher outlives the job's own handling of it
@@ -108,7 +100,10 @@ def batch(job_id: int) -> int:
 
 def task(job_id: int) -> int:
     """One task of the srun step: this node's torchrun agent (replaces this process)."""
-    command = torchrun_task(job_id, _processes(job_id))
+    from jobs import queue
+    from lab.settings import load
+
+    command = torchrun_task(job_id, max(1, queue.get(load(), job_id).processes or 1))
     os.execv(command[0], command)
     return 1  # not reached
 

@@ -8,7 +8,6 @@ them (jobs.queue.adopt_slurm) and records each outcome once.
 
 from __future__ import annotations
 
-import os
 import shlex
 import time
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError
 
 from jobs import queue
-from jobs.supervise import Supervision, _experiment_name, outcome
+from jobs.supervise import Supervision, _experiment_name, job_environment, outcome
 from lab import slurm
 from lab.diagnosis import KINDS, OOM_STEP, Failure
 from lab.settings import Settings
@@ -32,11 +31,7 @@ UNKNOWN_FOR_S = 120.0
 def environment(settings: Settings) -> dict:
     """What a Slurm job's processes see (sbatch --export=ALL): the lab's settings and offline hubs; never the
     secrets, which the launcher reads on the node from the workspace's secrets file."""
-    env = {**os.environ, **settings.env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-           "PYTHONSAFEPATH": "1"}
-    env.pop("LAB_WORKER_PID", None)
-    return env
+    return job_environment(settings)
 
 
 class SlurmSupervision(Supervision):

@@ -58,6 +58,16 @@ def copy_masked(fd: int, masks: list[bytes], write) -> None:
             break
 
 
+def job_environment(settings: Settings) -> dict:
+    """What every job process sees, locally or in Slurm: the lab's settings, offline hubs, unbuffered output (the
+    caller adds its own keys, and the secrets where they apply)."""
+    env = {**os.environ, **settings.env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+           "PYTHONSAFEPATH": "1"}  # the run folder (the cwd) is not on the job's import path
+    env.pop("LAB_WORKER_PID", None)
+    return env
+
+
 def job_command(job: Job, env: dict) -> list[str]:
     """The job process's argument list: the runner, or torchrun starting one runner per process."""
     if job.processes <= 1:
@@ -118,11 +128,7 @@ class Supervision:
         on = f" on devices {','.join(self.devices)}" if self.devices else ""
         w.say(f"job {job.id} ({job.plugin}){on} started; log: {log_path}")
         w.db(queue.worker_seen, s, w.id, "busy", job.id, patient=True)
-        env = {**os.environ, **s.env, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-               "LAB_WORKER_PID": str(os.getpid()),
-               "PYTHONSAFEPATH": "1",  # the run folder (the cwd) is not on the job's import path
-               **w.secrets}
+        env = {**job_environment(s), "LAB_WORKER_PID": str(os.getpid()), **w.secrets}
         if w.gpus:  # only what was given to this job; a CPU job sees none
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
         oom_before = oom_kills()

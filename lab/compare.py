@@ -9,7 +9,7 @@ from collections import defaultdict
 from sqlalchemy import func, select
 
 from lab import runs
-from lab.db import read_session
+from lab.db import plain_rows, read_session
 from lab.errors import LabError
 from lab.settings import Settings
 from lab.tables import Job, Metric, Model
@@ -100,13 +100,11 @@ def smooth(values, weight: float):
 
 
 def _columns(rows, n: int):
-    """The first n columns of result rows as float arrays (np.fromiter: rows are not plain tuples); a stored NaN
-    (NULL) becomes NaN again."""
+    """The first n columns of result rows (plain tuples) as float arrays; a stored NaN (NULL) becomes NaN again."""
     import numpy as np
 
-    nan = float("nan")
-    return [np.fromiter((nan if r[i] is None else r[i] for r in rows), dtype=float, count=len(rows))
-            for i in range(n)]
+    table = np.array(rows, dtype=float).reshape(len(rows), -1)  # None -> NaN
+    return [table[:, i] for i in range(n)]
 
 
 def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step", smoothing: float = 0.0,
@@ -119,21 +117,21 @@ def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step",
 
     if x not in ("step", "tokens", "time"):
         raise LabError(f"x must be step, tokens or time, got {x!r}")
-    # the time column only when it is drawn: turning stored times back into datetimes is the slow part
-    time_column = Metric.time if x == "time" else Metric.step
+    points = (select(Metric.job_id, Metric.step, Metric.value).where(Metric.key == key, Metric.job_id.in_(job_ids))
+              .order_by(Metric.job_id, Metric.step))
     with read_session(settings) as s:
-        # through the Core connection: the ORM's per-row processing would double the time of a large read
-        found = s.connection().execute(select(Metric.job_id, Metric.step, Metric.value, time_column)
-                                       .where(Metric.key == key, Metric.job_id.in_(job_ids))
-                                       .order_by(Metric.job_id, Metric.step)).all()
-        counted = s.connection().execute(select(Metric.job_id, Metric.step, Metric.value)
-                                         .where(Metric.key.in_(["num_tokens", "num_input_tokens_seen"]),
-                                                Metric.job_id.in_(job_ids))
-                                         .order_by(Metric.job_id, Metric.step)).all() if x == "tokens" else []
+        # plain tuples, read from the (key, job, step, value) index alone; the time column only when it is drawn
+        # (turning stored times back into datetimes is the slow part)
+        found = (s.connection().execute(points.add_columns(Metric.time)).all() if x == "time"
+                 else plain_rows(s, points))
+        counters = Metric.key.in_(["num_tokens", "num_input_tokens_seen"])
+        counted = plain_rows(s, select(Metric.job_id, Metric.step, Metric.value)
+                             .where(counters, Metric.job_id.in_(job_ids))
+                             .order_by(Metric.job_id, Metric.step)) if x == "tokens" else []
         names = dict(s.execute(select(Job.id, Job.plugin).where(Job.id.in_(job_ids))).all())
     parts = []
     if found:
-        jobs, steps, values = _columns(found, 3)
+        jobs, steps, values = _columns([r[:3] for r in found] if x == "time" else found, 3)
         jobs = jobs.astype(np.int64)
         starts = np.r_[0, np.flatnonzero(np.diff(jobs)) + 1, len(found)]
         tokens = {}  # job -> (steps, token counts), both in step order
@@ -157,9 +155,14 @@ def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step",
             ys = smooth(values[a:b], smoothing)
             ok = np.isfinite(ys) & ((ys > 0) if log_scale else True)
             xs, ys = downsample(xs[ok], ys[ok], buckets)
-            parts.append(pd.DataFrame({"job": job_id, "run": f"#{job_id} {names.get(job_id, '')}", "x": xs,
-                                       "value": ys}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["job", "run", "x", "value"])
+            parts.append((job_id, xs, ys))
+    if not parts:
+        return pd.DataFrame(columns=["job", "run", "x", "value"])
+    sizes = [len(xs) for _, xs, _ in parts]  # one table built at once: a table per run costs more than the curves
+    return pd.DataFrame({"job": np.repeat([j for j, _, _ in parts], sizes),
+                         "run": np.repeat([f"#{j} {names.get(j, '')}" for j, _, _ in parts], sizes),
+                         "x": np.concatenate([xs for _, xs, _ in parts]),
+                         "value": np.concatenate([ys for _, _, ys in parts])})
 
 
 def _evaluations_of(s, job_ids: list[int]) -> dict[int, dict[str, float]]:

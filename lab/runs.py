@@ -334,6 +334,46 @@ def clear_metrics(settings: Settings, job_id: int, after_step: int = -1) -> int:
         return s.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > after_step)).rowcount
 
 
+class Points:
+    """One run's logged points, {key: [[step, value], ...]} in step order, kept up to date by reading only what was
+    logged since the last read (the run view's tick on a run of 50,000 points reads a few rows, not all of them).
+    Points dropped since (a retry redoing steps) make the next read start again from nothing."""
+
+    def __init__(self, job_id: int):
+        import threading
+
+        self.job_id, self.by_key, self.last_id, self.count = job_id, {}, 0, 0
+        self._lock = threading.Lock()  # a page's tick and its other events may read at the same time
+
+    def update(self, settings: Settings) -> int:
+        """Read what is new; returns how many points that was (all of them after a fresh start)."""
+        with self._lock:
+            return self._update(settings)
+
+    def _update(self, settings: Settings) -> int:
+        from sqlalchemy import func
+
+        from lab.db import plain_rows
+
+        with read_session(settings) as s:
+            if self.last_id and s.scalar(select(func.count()).where(Metric.job_id == self.job_id,
+                                                                    Metric.id <= self.last_id)) != self.count:
+                self.by_key, self.last_id, self.count = {}, 0, 0  # some were dropped: read them all again
+            rows = plain_rows(s, select(Metric.id, Metric.key, Metric.step, Metric.value)
+                              .where(Metric.job_id == self.job_id, Metric.id > self.last_id).order_by(Metric.id))
+        unsorted = set()
+        for _, key, step, value in rows:
+            line = self.by_key.setdefault(key, [])
+            if line and line[-1][0] > step:
+                unsorted.add(key)
+            line.append([step, value])
+        for key in unsorted:  # logged out of step order (rare): put back in step order, keeping equal steps' order
+            self.by_key[key].sort(key=lambda p: p[0])
+        if rows:
+            self.last_id, self.count = rows[-1][0], self.count + len(rows)
+        return len(rows)
+
+
 def metrics(settings: Settings, job_ids: list[int], keys: list[str] | None = None) -> dict[int, dict[str, list]]:
     """{job_id: {key: [[step, value, unix_time], ...]}} in step order."""
     out: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))

@@ -135,8 +135,10 @@ class Metric(Base):
     value: Mapped[float | None] = mapped_column(Float, nullable=True)  # NULL: the run logged NaN
     time: Mapped[datetime] = mapped_column(default=utcnow)
 
-    # "all points of key K for jobs J1..Jn", in step order, straight from the index
-    __table_args__ = (Index("ix_metrics_key_job_step", "key", "job_id", "step"),)
+    # "all points of key K for jobs J1..Jn", in step order, from the index alone (it holds the value); "a run's
+    # points", and "its points since id N" (the run view's tick)
+    __table_args__ = (Index("ix_metrics_key_job_step_value", "key", "job_id", "step", "value"),
+                      Index("ix_metrics_job_id", "job_id", "id"))
 
 
 class Worker(Base):

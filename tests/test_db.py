@@ -22,7 +22,25 @@ def test_migrations_build_exactly_the_declared_schema(ws):
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
     indexes = {i["name"]: i["column_names"] for i in inspect(engine).get_indexes("metrics")}
-    assert indexes["ix_metrics_key_job_step"] == ["key", "job_id", "step"]
+    assert indexes["ix_metrics_key_job_step_value"] == ["key", "job_id", "step", "value"]
+    assert indexes["ix_metrics_job_id"] == ["job_id", "id"]
+
+
+def test_long_runs_are_read_from_the_indexes(ws):
+    """The compare page's curves come from the index alone, and a run's new points by the (job, id) index."""
+    from sqlalchemy import select
+
+    from lab.tables import Metric
+
+    engine = engine_for(ws)
+    curves = select(Metric.job_id, Metric.step, Metric.value).where(Metric.key == "loss", Metric.job_id.in_([1, 2]))
+    since = select(Metric.id, Metric.key, Metric.step, Metric.value).where(Metric.job_id == 1, Metric.id > 10)
+    with engine.connect() as conn:
+        for query, index in ((curves.order_by(Metric.job_id, Metric.step), "COVERING INDEX ix_metrics_key_job_step"),
+                             (since.order_by(Metric.id), "ix_metrics_job_id")):
+            sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
+            plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+            assert index in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(ws):

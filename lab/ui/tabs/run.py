@@ -40,7 +40,7 @@ def scores(points: dict[str, list]) -> list[list]:
     rows = []
     for key in sorted(points):
         if key.startswith(SCORE) and not key.endswith(("runtime", "per_second")) and points[key]:
-            step, value, _ = points[key][-1]
+            step, value = points[key][-1][:2]
             rows.append([key, "NaN" if value is None else float(f"{value:.6g}"), step])
     return rows
 
@@ -111,7 +111,7 @@ def nonfinite(points: dict[str, list]) -> list[str]:
     """The logged values that were NaN (stored as null) or infinite, first per metric: "loss NaN at step 3"."""
     found = []
     for key in sorted(points):
-        bad = [(step, value) for step, value, _ in points[key] if value is None or not math.isfinite(value)]
+        bad = [(p[0], p[1]) for p in points[key] if p[1] is None or not math.isfinite(p[1])]
         if bad:
             step, value = bad[0]
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
@@ -149,10 +149,11 @@ def plot(points: dict[str, list], keys: list[str], title: str = "value"):
 
     series = []
     for i, key in enumerate(keys):
-        found = [(step, value) for step, value, _ in points.get(key, []) if value is not None and math.isfinite(value)]
-        if not found:
+        line = np.array([p[:2] for p in points.get(key, [])], dtype=float).reshape(-1, 2)  # None -> NaN
+        line = line[np.isfinite(line[:, 1])]
+        if not len(line):
             continue
-        xs, ys = downsample(np.array([s for s, _ in found]), np.array([v for _, v in found]), CURVE_POINTS)
+        xs, ys = downsample(line[:, 0], line[:, 1], CURVE_POINTS)
         series.append(charts.Line(key, PALETTE[i % len(PALETTE)], xs.tolist(), ys.tolist()))
     return charts.lines(series, x_title="step", y_title=title, whole_x=True,
                         empty="no points logged yet" if keys else "pick metrics to plot")
@@ -207,43 +208,47 @@ def build(ui: UI) -> None:
         conf = gr.JSON()
     ui["run_job"] = job_id
 
-    shown = gr.State(None)  # what the page shows now, to send nothing when nothing changed
+    # per page: the run's points read so far (each tick reads only the points logged since) and the signature of
+    # what the page shows, to send nothing when nothing changed
+    held = gr.State(None)
 
-    def view(jid, chosen):
+    def view(jid, chosen, state):
         if not jid:
             return ("<i>Open a run from the Jobs tab, or type its id.</i>", "", None, None, "",
                     gr.update(choices=[], value=[]), [], None, gr.update(visible=False), gr.update(visible=False),
                     None)
-        return render(*read(runs.get_job(ui.settings, int(jid)), chosen))
+        return render(*read(runs.get_job(ui.settings, int(jid)), chosen, state))
 
-    def read(job, chosen):
-        """What the page draws from: the job, its points, the metrics to plot, its log."""
-        points = runs.metrics(ui.settings, [job["id"]]).get(job["id"], {})
-        available = sorted(points)
+    def read(job, chosen, state):
+        """What the page draws from: the job, its points (only the new ones read), the metrics to plot, its log."""
+        found = state["points"] if state and state["points"].job_id == job["id"] else runs.Points(job["id"])
+        found.update(ui.settings)
+        available = sorted(found.by_key)
         chosen = [k for k in (chosen or []) if k in available] or default_keys(available)
         log_text = log_tail(Path(job["run_dir"]) / "log.txt", LOG_LINES) if job["run_dir"] else ""
-        return job, points, chosen, log_text
+        return job, found, chosen, log_text
 
-    def render(job, points, chosen, log_text):
+    def render(job, found, chosen, log_text):
+        points = found.by_key
         available = sorted(points)
-        found = scores(points)
+        shown = scores(points)
         picture = confusion(job["run_dir"])
         return (header(job, log_text), failure(job, points), plot(points, chosen),
                 plot(points, ["learning_rate"], "learning rate"), log_text,
                 gr.update(choices=available, value=chosen), artifacts(job["run_dir"]), config(job["run_dir"], job),
-                gr.update(value=found, visible=bool(found)), gr.update(value=picture, visible=picture is not None),
-                _signature(job, points, chosen, log_text))
+                gr.update(value=shown, visible=bool(shown)), gr.update(value=picture, visible=picture is not None),
+                {"points": found, "signature": _signature(job, found, chosen, log_text)})
 
-    outputs = [head, failed, chart, lr, log, keys, files, conf, score_table, matrix, shown]
+    outputs = [head, failed, chart, lr, log, keys, files, conf, score_table, matrix, held]
     # the log opens at its newest lines (a text box scrolls itself only when it grows while shown)
     log.change(None, js="() => { const t = document.querySelector('#run-log textarea'); "
                         "if (t) { setTimeout(() => { t.scrollTop = t.scrollHeight; }, 50); } }")
     show = user_errors(view)
-    job_id.change(show, [job_id, keys], outputs)
-    refresh.click(show, [job_id, keys], outputs)
-    keys.input(show, [job_id, keys], outputs)
+    job_id.change(show, [job_id, keys, held], outputs)
+    refresh.click(show, [job_id, keys, held], outputs)
+    keys.input(show, [job_id, keys, held], outputs)
 
-    def tick(jid, chosen, last):
+    def tick(jid, chosen, state):
         unchanged = [gr.update()] * len(outputs)
         if not jid:
             return unchanged
@@ -251,16 +256,17 @@ def build(ui: UI) -> None:
             job = runs.get_job(ui.settings, int(jid))
         except LabError:
             return unchanged
+        last = state["signature"] if state else None
         if last is not None and last[0] == job["id"] and job["status"] in TERMINAL and last[1] == job["status"]:
             return unchanged  # a finished run shown as finished: nothing changes any more
-        state = read(job, chosen)
-        if _signature(*state) == last:  # nothing new to draw (no chart, file walk or picture); the time goes on
-            return [header(job, state[3]) if job["status"] == "running" else gr.update()] + unchanged[1:]
-        return render(*state)
+        found = read(job, chosen, state)
+        if _signature(*found) == last:  # nothing new to draw (no chart, file walk or picture); the time goes on
+            return [header(job, found[3]) if job["status"] == "running" else gr.update()] + unchanged[1:]
+        return render(*found)
 
-    ui["timer"].tick(tick, [job_id, keys, shown], outputs, show_progress="hidden")
+    ui["timer"].tick(tick, [job_id, keys, held], outputs, show_progress="hidden")
 
 
-def _signature(job: dict, points: dict, chosen: list[str], log_text: str) -> tuple:
-    return (job["id"], job["status"], job["step"], sum(len(v) for v in points.values()), tuple(chosen),
-            len(log_text), job["queue_position"])
+def _signature(job: dict, found: runs.Points, chosen: list[str], log_text: str) -> tuple:
+    return (job["id"], job["status"], job["step"], found.last_id, found.count, tuple(chosen), len(log_text),
+            job["queue_position"])

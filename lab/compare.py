@@ -4,7 +4,8 @@ leaderboard of final and best values and evaluation scores, and diff their confi
 from __future__ import annotations
 
 import re
-from collections import defaultdict
+import threading
+from collections import OrderedDict, defaultdict
 
 from sqlalchemy import func, select
 
@@ -12,7 +13,7 @@ from lab import runs
 from lab.db import plain_rows, read_session
 from lab.errors import LabError
 from lab.settings import Settings
-from lab.tables import Job, Metric, Model
+from lab.tables import TERMINAL_STATES, Job, Metric, Model
 
 PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#4b5563", "#65a30d",
            "#9333ea", "#ea580c", "#0d9488")
@@ -67,7 +68,22 @@ def keys(settings: Settings, job_ids: list[int]) -> list[str]:
     if not job_ids:
         return []
     with read_session(settings) as s:
-        return sorted(s.scalars(select(Metric.key).where(Metric.job_id.in_(job_ids)).distinct()))
+        return metric_names(s, job_ids)
+
+
+def metric_names(s, job_ids: list[int]) -> list[str]:
+    """The names of the metrics the runs logged, sorted, without reading their points: the workspace's metric
+    names are few and its points many, so each name is found with one step through the (key, ...) index (a loose
+    index scan, as a recursive query) and kept when one of the runs has a point under it."""
+    from sqlalchemy import exists
+    from sqlalchemy.orm import aliased
+
+    later = aliased(Metric)
+    names = select(func.min(Metric.key).label("key")).cte("names", recursive=True)
+    names = names.union_all(select(select(func.min(later.key)).where(later.key > names.c.key).scalar_subquery())
+                            .where(names.c.key.is_not(None)))
+    logged = exists().where(Metric.key == names.c.key, Metric.job_id.in_(job_ids))
+    return list(s.scalars(select(names.c.key).where(names.c.key.is_not(None), logged).order_by(names.c.key)))
 
 
 def downsample(xs, ys, buckets: int):
@@ -107,6 +123,51 @@ def _columns(rows, n: int):
     return [table[:, i] for i in range(n)]
 
 
+_SERIES: OrderedDict = OrderedDict()  # (job, metric, its finished state, database) -> (steps, values): finished runs
+_SERIES_POINTS = 4_000_000  # at most this many points kept (about 64 MB), the least recently drawn go first
+_series_lock = threading.Lock()
+
+
+def series(settings: Settings, job_ids: list[int], key: str) -> dict:
+    """{job: (steps, values)} of one metric, float arrays in step order (NaN where NaN was logged). A finished
+    run's points no longer change, so they are read once and kept in memory (until the run is started again): the
+    Compare page redraws with another x axis, smoothing or scale without reading them again."""
+    import numpy as np
+
+    with read_session(settings) as s:
+        stamps = {job_id: (status, finished_at, attempts, settings.database_url)
+                  for job_id, status, finished_at, attempts in s.execute(
+            select(Job.id, Job.status, Job.finished_at, Job.attempts).where(Job.id.in_(job_ids)))}
+        out, missing = {}, []
+        with _series_lock:
+            for job_id in job_ids:
+                cached = _SERIES.get((job_id, key, stamps.get(job_id)))
+                if cached is not None:
+                    _SERIES.move_to_end((job_id, key, stamps[job_id]))
+                    out[job_id] = cached
+                elif job_id in stamps:
+                    missing.append(job_id)
+        if not missing:
+            return out
+        # plain tuples, read from the (key, job, step, value) index alone
+        rows = plain_rows(s, select(Metric.job_id, Metric.step, Metric.value)
+                          .where(Metric.key == key, Metric.job_id.in_(missing)).order_by(Metric.job_id, Metric.step))
+    if rows:
+        jobs, steps, values = _columns(rows, 3)
+        starts = np.r_[0, np.flatnonzero(np.diff(jobs)) + 1, len(rows)]
+        read = {int(jobs[a]): (steps[a:b].copy(), values[a:b].copy()) for a, b in zip(starts[:-1], starts[1:],
+                                                                                          strict=True)}
+        out.update(read)
+        with _series_lock:
+            for job_id, found in read.items():
+                if stamps[job_id][0] in TERMINAL_STATES:
+                    _SERIES[(job_id, key, stamps[job_id])] = found
+            total = sum(len(v[0]) for v in _SERIES.values())
+            while _SERIES and total > _SERIES_POINTS:
+                total -= len(_SERIES.popitem(last=False)[1][0])
+    return out
+
+
 def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step", smoothing: float = 0.0,
            log_scale: bool = False, buckets: int = 250):
     """A table (pandas) of job, run, x, value: one metric for several runs, ready for a chart. x: step, tokens, or
@@ -117,45 +178,38 @@ def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step",
 
     if x not in ("step", "tokens", "time"):
         raise LabError(f"x must be step, tokens or time, got {x!r}")
-    points = (select(Metric.job_id, Metric.step, Metric.value).where(Metric.key == key, Metric.job_id.in_(job_ids))
-              .order_by(Metric.job_id, Metric.step))
+    found = series(settings, job_ids, key)
+    tokens = {}  # job -> (steps, token counts), both in step order
+    if x == "tokens":
+        tokens = series(settings, job_ids, "num_tokens")
+        others = [j for j in job_ids if j not in tokens]
+        tokens.update(series(settings, others, "num_input_tokens_seen") if others else {})
+    times = {}  # job -> seconds since its first point, in step order (read only when drawn: times are slow to read)
+    if x == "time":
+        with read_session(settings) as s:
+            for job_id, t in s.execute(select(Metric.job_id, Metric.time).where(
+                    Metric.key == key, Metric.job_id.in_(job_ids)).order_by(Metric.job_id, Metric.step)):
+                times.setdefault(job_id, []).append(t)
     with read_session(settings) as s:
-        # plain tuples, read from the (key, job, step, value) index alone; the time column only when it is drawn
-        # (turning stored times back into datetimes is the slow part)
-        found = (s.connection().execute(points.add_columns(Metric.time)).all() if x == "time"
-                 else plain_rows(s, points))
-        counters = Metric.key.in_(["num_tokens", "num_input_tokens_seen"])
-        counted = plain_rows(s, select(Metric.job_id, Metric.step, Metric.value)
-                             .where(counters, Metric.job_id.in_(job_ids))
-                             .order_by(Metric.job_id, Metric.step)) if x == "tokens" else []
         names = dict(s.execute(select(Job.id, Job.plugin).where(Job.id.in_(job_ids))).all())
     parts = []
-    if found:
-        jobs, steps, values = _columns([r[:3] for r in found] if x == "time" else found, 3)
-        jobs = jobs.astype(np.int64)
-        starts = np.r_[0, np.flatnonzero(np.diff(jobs)) + 1, len(found)]
-        tokens = {}  # job -> (steps, token counts), both in step order
-        if counted:
-            cj, cs, cv = _columns(counted, 3)
-            bounds = np.r_[0, np.flatnonzero(np.diff(cj)) + 1, len(cj)]
-            tokens = {int(cj[p]): (cs[p:q], cv[p:q]) for p, q in zip(bounds[:-1], bounds[1:], strict=True)}
-        for a, b in zip(starts[:-1], starts[1:], strict=True):
-            job_id = int(jobs[a])
-            if x == "step":
-                xs = steps[a:b]
-            elif x == "time":
-                t0 = found[a][3]
-                xs = np.array([(found[i][3] - t0).total_seconds() for i in range(a, b)])
-            else:
-                if job_id not in tokens:
-                    continue  # this run logged no token counts
-                at, count = tokens[job_id]
-                idx = np.clip(np.searchsorted(at, steps[a:b], side="right") - 1, 0, len(at) - 1)
-                xs = count[idx]  # the count at or before each point's step
-            ys = smooth(values[a:b], smoothing)
-            ok = np.isfinite(ys) & ((ys > 0) if log_scale else True)
-            xs, ys = downsample(xs[ok], ys[ok], buckets)
-            parts.append((job_id, xs, ys))
+    for job_id in sorted(found):
+        steps, values = found[job_id]
+        if x == "step":
+            xs = steps
+        elif x == "time":
+            t0 = times[job_id][0]
+            xs = np.array([(t - t0).total_seconds() for t in times[job_id]])
+        else:
+            if job_id not in tokens:
+                continue  # this run logged no token counts
+            at, count = tokens[job_id]
+            idx = np.clip(np.searchsorted(at, steps, side="right") - 1, 0, len(at) - 1)
+            xs = count[idx]  # the count at or before each point's step
+        ys = smooth(values, smoothing)
+        ok = np.isfinite(ys) & ((ys > 0) if log_scale else True)
+        xs, ys = downsample(xs[ok], ys[ok], buckets)
+        parts.append((job_id, xs, ys))
     if not parts:
         return pd.DataFrame(columns=["job", "run", "x", "value"])
     sizes = [len(xs) for _, xs, _ in parts]  # one table built at once: a table per run costs more than the curves
@@ -184,16 +238,20 @@ def _evaluations_of(s, job_ids: list[int]) -> dict[int, dict[str, float]]:
     return out
 
 
-def leaderboard(settings: Settings, job_ids: list[int]) -> tuple[list[str], list[dict], dict[str, int]]:
+def leaderboard(settings: Settings, job_ids: list[int], metric_keys: list[str] | None = None
+                ) -> tuple[list[str], list[dict], dict[str, int]]:
     """Columns, one row per run (final value of each metric, best value of the ones that move, and the scores
-    of evaluations of its output), and for each column the id of the run with the best value."""
+    of evaluations of its output), and for each column the id of the run with the best value. metric_keys: the
+    runs' metrics (keys()), when the caller has them already."""
     if not job_ids:
         return [], [], {}
+    metric_keys = keys(settings, job_ids) if metric_keys is None else metric_keys
     with read_session(settings) as s:
-        # one pass over the points for the extremes and the id of each last point, then those few rows
-        extremes = s.connection().execute(
-            select(Metric.job_id, Metric.key, func.min(Metric.value), func.max(Metric.value), func.count(),
-                   func.max(Metric.id)).where(Metric.job_id.in_(job_ids)).group_by(Metric.job_id, Metric.key)).all()
+        # the extremes and the id of the last point of each run, one metric at a time from the (key, job, step,
+        # value) index alone (grouping all points by run and metric at once sorts them all first); then those rows
+        extremes = [(job_id, key, *rest) for key in metric_keys for job_id, *rest in plain_rows(s, select(
+            Metric.job_id, func.min(Metric.value), func.max(Metric.value), func.count(), func.max(Metric.id))
+            .where(Metric.key == key, Metric.job_id.in_(job_ids)).group_by(Metric.job_id))]
         finals = s.connection().execute(select(Metric.job_id, Metric.key, Metric.value)
                                         .where(Metric.id.in_([e[5] for e in extremes]))).all()
         evaluations = _evaluations_of(s, job_ids)
@@ -253,7 +311,9 @@ def config_diff(settings: Settings, job_ids: list[int], only_differences: bool =
 
 
 def lineages(settings: Settings, job_ids: list[int]) -> list[tuple[str, str]]:
-    return [(label(j), j["lineage"]) for j in (runs.get_job(settings, i) for i in job_ids)]
+    jobs = {j["id"]: j for j in runs.jobs_by_id(settings, job_ids)}
+    chains = runs.lineages(settings, job_ids)
+    return [(label(jobs[i]), chains[i]) for i in job_ids if i in jobs]
 
 
 def best_run(settings: Settings, job_ids: list[int], column: str) -> int | None:

@@ -318,14 +318,30 @@ def get_job(settings: Settings, job_id: int) -> dict:
     return mask_all(out, secret_values(settings))  # a parameter may hold a secret the user pasted
 
 
-def _lineage(settings: Settings, job: dict, output_model: str | None) -> str:
-    """The chain of models this run stands in, e.g. 'tiny → sft #5 → dpo #8' (this run last)."""
+def _lineage(settings: Settings, job: dict, output_model: str | None, chain_of=None) -> str:
+    """The chain of models this run stands in, e.g. 'tiny → sft #5 → dpo #8' (this run last). chain_of: how a
+    model's chain is found (registry.lineage; a cached one for many runs)."""
+    chain_of = chain_of or (lambda name: registry.lineage(settings, name))
     if output_model:
-        return registry.lineage_text(registry.lineage(settings, output_model))
+        return registry.lineage_text(chain_of(output_model))
     uses = {k: job["params"][k] for k in registry.SIDE_INPUTS if job["params"].get(k)}
     here = [{"plugin": job["plugin"], "job_id": job["id"], "uses": uses}]
-    before = registry.lineage(settings, job["model"]) if job["model"] else []
+    before = chain_of(job["model"]) if job["model"] else []
     return registry.lineage_text(before + here)
+
+
+def lineages(settings: Settings, job_ids: list[int]) -> dict[int, str]:
+    """Each job's lineage (as get_job gives it), read together: a model's chain is followed once for all."""
+    from functools import cache
+
+    jobs = jobs_by_id(settings, job_ids)
+    outputs: dict[int, str] = {}
+    with read_session(settings) as s:
+        for job_id, name in s.execute(select(Model.job_id, Model.name).where(Model.job_id.in_(job_ids))
+                                      .order_by(Model.id.desc())):
+            outputs[job_id] = name  # the first output model wins, as in get_job
+    chain_of = cache(lambda name: registry.lineage(settings, name))
+    return {j["id"]: _lineage(settings, j, outputs.get(j["id"]), chain_of) for j in jobs}
 
 
 def clear_metrics(settings: Settings, job_id: int, after_step: int = -1) -> int:
@@ -335,9 +351,10 @@ def clear_metrics(settings: Settings, job_id: int, after_step: int = -1) -> int:
 
 
 class Points:
-    """One run's logged points, {key: [[step, value], ...]} in step order, kept up to date by reading only what was
-    logged since the last read (the run view's tick on a run of 50,000 points reads a few rows, not all of them).
-    Points dropped since (a retry redoing steps) make the next read start again from nothing."""
+    """One run's logged points, {key: array of (step, value) rows} in step order (NaN where NaN was logged), kept up
+    to date by reading only what was logged since the last read (the run view's tick on a run of 50,000 points
+    reads a few rows, not all of them). Points dropped since (a retry redoing steps) make the next read start again
+    from nothing. Arrays, not Python lists: a page that holds 50,000 points must not slow the garbage collector."""
 
     def __init__(self, job_id: int):
         import threading
@@ -351,24 +368,39 @@ class Points:
             return self._update(settings)
 
     def _update(self, settings: Settings) -> int:
+        import numpy as np
         from sqlalchemy import func
 
+        from lab.compare import metric_names
         from lab.db import plain_rows
 
+        def table(rows) -> np.ndarray:
+            return np.array(rows, dtype=float).reshape(-1, 2)  # NULL (a logged NaN) -> NaN
+
+        mine = Metric.job_id == self.job_id
         with read_session(settings) as s:
-            if self.last_id and s.scalar(select(func.count()).where(Metric.job_id == self.job_id,
-                                                                    Metric.id <= self.last_id)) != self.count:
+            if self.last_id and s.scalar(select(func.count()).where(mine, Metric.id <= self.last_id)) != self.count:
                 self.by_key, self.last_id, self.count = {}, 0, 0  # some were dropped: read them all again
+            if not self.last_id:  # all of them: each metric in step order from the (key, job, step, value) index
+                last = s.scalar(select(func.max(Metric.id)).where(mine))
+                if last is None:
+                    return 0
+                self.by_key = {key: table(plain_rows(s, select(Metric.step, Metric.value)
+                                                     .where(Metric.key == key, mine, Metric.id <= last)
+                                                     .order_by(Metric.step)))
+                               for key in metric_names(s, [self.job_id])}
+                self.last_id, self.count = last, sum(len(v) for v in self.by_key.values())
+                return self.count
             rows = plain_rows(s, select(Metric.id, Metric.key, Metric.step, Metric.value)
-                              .where(Metric.job_id == self.job_id, Metric.id > self.last_id).order_by(Metric.id))
-        unsorted = set()
+                              .where(mine, Metric.id > self.last_id).order_by(Metric.id))
+        new: dict[str, list] = {}
         for _, key, step, value in rows:
-            line = self.by_key.setdefault(key, [])
-            if line and line[-1][0] > step:
-                unsorted.add(key)
-            line.append([step, value])
-        for key in unsorted:  # logged out of step order (rare): put back in step order, keeping equal steps' order
-            self.by_key[key].sort(key=lambda p: p[0])
+            new.setdefault(key, []).append((step, value))
+        for key, found in new.items():
+            line = np.concatenate([self.by_key[key], table(found)]) if key in self.by_key else table(found)
+            if (np.diff(line[:, 0]) < 0).any():  # logged out of step order (rare): keep equal steps' order
+                line = line[np.argsort(line[:, 0], kind="stable")]
+            self.by_key[key] = line
         if rows:
             self.last_id, self.count = rows[-1][0], self.count + len(rows)
         return len(rows)

@@ -36,17 +36,21 @@ def test_diff_shows_only_the_settings_that_differ(ws):
     assert {r["setting"] for r in every} == {"plugin", "model", "dataset", "steps", "record"}
 
 
-def test_leaderboard_marks_the_best_value_of_each_column(ws):
-    a = _run(ws, {}, {"loss": [3.0, 2.0, 2.5], "accuracy": [0.5, 0.9]})
-    b = _run(ws, {}, {"loss": [3.0, 1.0, 1.5], "accuracy": [0.6, 0.7]})
-    columns, rows, best = compare.leaderboard(ws, [a, b])
+def test_leaderboard_marks_the_best_value_of_each_column(any_ws):
+    a = _run(any_ws, {}, {"loss": [3.0, 2.0, 2.5], "accuracy": [0.5, 0.9]})
+    b = _run(any_ws, {}, {"loss": [3.0, 1.0, 1.5], "accuracy": [0.6, 0.7]})
+    columns, rows, best = compare.leaderboard(any_ws, [a, b])
     by_id = {r["id"]: r for r in rows}
     assert by_id[a]["loss"] == 2.5 and by_id[a]["best loss"] == 2.0  # final, and the lowest seen
     assert by_id[a]["best accuracy"] == 0.9  # accuracy: higher is better
     assert best["loss"] == b and best["best loss"] == b and best["accuracy"] == a and best["best accuracy"] == a
     ranked = sorted(rows, key=lambda r: r["loss"])
     assert [r["id"] for r in ranked] == [b, a], "sorting the leaderboard by a column orders the runs right"
-    assert compare.best_run(ws, [a, b], "best accuracy") == a
+    assert compare.best_run(any_ws, [a, b], "best accuracy") == a
+    other = _run(any_ws, {}, {"zeta": [1.0], "aardvark": [2.0]})
+    assert compare.keys(any_ws, [a, b]) == ["accuracy", "loss"], "the runs' metrics only, sorted"
+    assert compare.keys(any_ws, [other, b]) == ["aardvark", "accuracy", "loss", "zeta"]
+    assert compare.keys(any_ws, [10_000]) == [] and compare.keys(any_ws, []) == []
 
 
 
@@ -61,10 +65,12 @@ def test_every_metric_has_a_direction_or_none(key, way):
     assert compare.direction(key) == way
 
 
-def test_diagnostics_are_never_marked_best_and_the_scores_come_first(ws):
-    a = _run(ws, {}, {"grad_norm": [1.0, 3.0], "entropy": [2.0, 1.0], "loss": [2.0, 1.0], "eval_accuracy": [0.5, 0.8]})
-    b = _run(ws, {}, {"grad_norm": [1.0, 2.0], "entropy": [2.0, 1.5], "loss": [2.0, 1.5], "eval_accuracy": [0.5, 0.6]})
-    columns, _, best = compare.leaderboard(ws, [a, b])
+def test_diagnostics_are_never_marked_best_and_the_scores_come_first(any_ws):
+    a = _run(any_ws, {}, {"grad_norm": [1.0, 3.0], "entropy": [2.0, 1.0], "loss": [2.0, 1.0],
+                          "eval_accuracy": [0.5, 0.8]})
+    b = _run(any_ws, {}, {"grad_norm": [1.0, 2.0], "entropy": [2.0, 1.5], "loss": [2.0, 1.5],
+                          "eval_accuracy": [0.5, 0.6]})
+    columns, _, best = compare.leaderboard(any_ws, [a, b])
     assert "grad_norm" not in best and "entropy" not in best and "best grad_norm" not in columns
     assert best["loss"] == a and best["eval_accuracy"] == a
     assert columns[2:5] == ["eval_accuracy", "loss", "best eval_accuracy"], columns
@@ -74,18 +80,18 @@ def test_diagnostics_are_never_marked_best_and_the_scores_come_first(ws):
         shown), "diagnostics only when asked"
     assert compare.shown_columns(columns, diagnostics=True) == columns
 
-def test_curves_downsample_keeping_extremes_and_align_on_tokens(ws):
+def test_curves_downsample_keeping_extremes_and_align_on_tokens(any_ws):
     values = [float(i % 50) for i in range(3000)]
     values[1234] = -100.0
-    a = _run(ws, {}, {"loss": values, "num_tokens": [100.0 * (i + 1) for i in range(3000)]})
-    drawn = compare.curves(ws, [a], "loss", buckets=100)
+    a = _run(any_ws, {}, {"loss": values, "num_tokens": [100.0 * (i + 1) for i in range(3000)]})
+    drawn = compare.curves(any_ws, [a], "loss", buckets=100)
     assert len(drawn) <= 200 and drawn["value"].min() == -100.0 and drawn["value"].max() == 49.0
     assert list(drawn["x"]) == sorted(drawn["x"]), "points stay in order"
-    by_tokens = compare.curves(ws, [a], "loss", x="tokens", buckets=100)
+    by_tokens = compare.curves(any_ws, [a], "loss", x="tokens", buckets=100)
     assert by_tokens["x"].max() == 300_000.0
-    by_time = compare.curves(ws, [a], "loss", x="time", buckets=100)
+    by_time = compare.curves(any_ws, [a], "loss", x="time", buckets=100)
     assert by_time["x"].max() == 2999.0
-    logged = compare.curves(ws, [a], "loss", log_scale=True, buckets=5000)
+    logged = compare.curves(any_ws, [a], "loss", log_scale=True, buckets=5000)
     assert len(logged) == 3000 - 61, "zeros and negatives have no logarithm"
     assert compare.smooth([1.0, 3.0], 0.5).tolist() == pytest.approx([1.0, 7 / 3])  # (0.5*1 + 3) / 1.5
 
@@ -129,3 +135,20 @@ def test_a_sweep_queues_its_grid_as_a_group_and_follow_up_evaluations_run(ws, ti
     assert follow[0]["model"] == runs.get_job(ws, train)["output_model"]
     _, rows, _ = compare.leaderboard(ws, [train])
     assert "eval-generate:rouge1" in rows[0]
+
+
+def test_a_finished_runs_curve_is_read_once_and_again_when_the_run_starts_again(ws):
+    from sqlalchemy import update
+
+    from lab.tables import Job
+
+    a = _run(ws, {}, {"loss": [3.0, 2.0]})
+    with session(ws) as db:
+        db.execute(update(Job).where(Job.id == a).values(status="completed", attempts=1, finished_at=utcnow()))
+    assert list(compare.curves(ws, [a], "loss")["value"]) == [3.0, 2.0]
+    assert (a, "loss") in {k[:2] for k in compare._SERIES}, "kept in memory"
+    assert list(compare.curves(ws, [a], "loss", smoothing=0.5)["value"]) == pytest.approx([3.0, 2 + 1 / 3])
+    with session(ws) as db:  # resumed: it runs again and logs more
+        db.execute(update(Job).where(Job.id == a).values(status="running", attempts=2, finished_at=None))
+        db.execute(insert(Metric), [{"job_id": a, "step": 3, "key": "loss", "value": 1.0, "time": utcnow()}])
+    assert list(compare.curves(ws, [a], "loss")["value"]) == [3.0, 2.0, 1.0]

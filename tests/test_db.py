@@ -37,7 +37,10 @@ def test_long_runs_are_read_from_the_indexes(ws):
     since = select(Metric.id, Metric.key, Metric.step, Metric.value).where(Metric.job_id == 1, Metric.id > 10)
     with engine.connect() as conn:
         for query, index in ((curves.order_by(Metric.job_id, Metric.step), "COVERING INDEX ix_metrics_key_job_step"),
-                             (since.order_by(Metric.id), "ix_metrics_job_id")):
+                             (since.order_by(Metric.id), "ix_metrics_job_id"),
+                             (select(Metric.step, Metric.value).where(Metric.key == "loss", Metric.job_id == 1,
+                                                                      Metric.id <= 10).order_by(Metric.step),
+                              "COVERING INDEX ix_metrics_key_job_step")):
             sql = str(query.compile(engine, compile_kwargs={"literal_binds": True}))
             plan = " ".join(str(row[-1]) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
             assert index in plan and "TEMP B-TREE" not in plan, plan

@@ -57,25 +57,36 @@ def test_the_log_is_shown_as_a_person_reads_it(tmp_path):
     assert log_tail(path) == "start\nLoading 100%\nred text\nend"
 
 
-def test_the_run_view_reads_only_the_points_logged_since_its_last_read(ws, tmp_path):
+def test_the_run_view_reads_only_the_points_logged_since_its_last_read(any_ws, tmp_path):
     from lab.sdk import RunContext
 
-    job_id = runs.submit(ws, "sleeping", params={"seconds": "1"})
-    ctx = RunContext(settings=ws, job_id=job_id, plugin="sleeping", experiment="default", run_dir=tmp_path)
+    job_id = runs.submit(any_ws, "sleeping", params={"seconds": "1"})
+    ctx = RunContext(settings=any_ws, job_id=job_id, plugin="sleeping", experiment="default", run_dir=tmp_path)
     for step in range(1, 4):
         ctx.log_metrics(step, {"loss": 4.0 - step, "learning_rate": 0.1})
     found = runs.Points(job_id)
-    assert found.update(ws) == 6 and found.by_key["loss"] == [[1, 3.0], [2, 2.0], [3, 1.0]]
-    assert found.update(ws) == 0, "nothing new: nothing read"
+
+    def shown(key):  # NaN as None, for comparing
+        return [(int(step), None if value != value else value) for step, value in found.by_key[key].tolist()]
+
+    assert found.update(any_ws) == 6 and shown("loss") == [(1, 3.0), (2, 2.0), (3, 1.0)]
+    assert found.update(any_ws) == 0, "nothing new: nothing read"
     ctx.log_metrics(4, {"loss": float("nan"), "eval/accuracy": 0.5})
-    assert found.update(ws) == 2, "only the new points are read"
-    assert found.by_key["loss"][-1] == [4, None] and found.by_key["eval/accuracy"] == [[4, 0.5]]
+    assert found.update(any_ws) == 2, "only the new points are read"
+    assert shown("loss")[-1] == (4, None) and shown("eval/accuracy") == [(4, 0.5)]
+    assert run_view.nonfinite(found.by_key) == ["loss NaN at step 4"]
+    assert run_view.scores(found.by_key) == [["eval/accuracy", 0.5, 4]]
     ctx.log_metrics(2, {"eval/accuracy": 0.25})  # logged out of step order
-    found.update(ws)
-    assert found.by_key["eval/accuracy"] == [[2, 0.25], [4, 0.5]]
+    found.update(any_ws)
+    assert shown("eval/accuracy") == [(2, 0.25), (4, 0.5)]
     # a retry redoes steps after its checkpoint: the dropped points go, the redone ones are not doubled
-    runs.clear_metrics(ws, job_id, after_step=2)
+    runs.clear_metrics(any_ws, job_id, after_step=2)
     ctx.log_metrics(3, {"loss": 0.9})
-    found.update(ws)
-    assert found.by_key["loss"] == [[1, 3.0], [2, 2.0], [3, 0.9]]
-    assert found.by_key == {k: [p[:2] for p in v] for k, v in runs.metrics(ws, [job_id])[job_id].items()}
+    found.update(any_ws)
+    assert shown("loss") == [(1, 3.0), (2, 2.0), (3, 0.9)]
+    assert {k: shown(k) for k in found.by_key} == {k: [tuple(p[:2]) for p in v]
+                                                   for k, v in runs.metrics(any_ws, [job_id])[job_id].items()}
+    again = runs.Points(job_id)
+    assert again.update(any_ws) == found.count
+    assert {k: again.by_key[k].tolist() for k in again.by_key} == {k: found.by_key[k].tolist() for k in found.by_key}
+    assert run_view.nonfinite(found.by_key) == [], "the NaN went with the dropped steps"

@@ -99,7 +99,7 @@ def build(ui: UI) -> None:
         ids = ids_of(values)
         keys = compare.keys(ui.settings, ids)
         metric = current_key if current_key in keys else ("loss" if "loss" in keys else (keys[0] if keys else None))
-        columns, rows, best = compare.leaderboard(ui.settings, ids)
+        columns, rows, best = compare.leaderboard(ui.settings, ids, keys)
         columns = compare.shown_columns(columns, bool(show_diagnostics))
         ranked = [c for c in columns if c in best]
         # rank by an evaluation score when there is one, else by the final loss

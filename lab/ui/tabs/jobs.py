@@ -77,10 +77,15 @@ def build(ui: UI) -> None:
     ui.c.update(jobs_experiment=experiment, jobs_status=status, jobs_table=jobs, jobs_workers=workers)
 
     filters = [experiment, status]
-    ui["timer"].tick(lambda e, s: (table(ui, e, s), workers_line(ui)), filters, [jobs, workers],
-                     show_progress="hidden")
-    experiment.change(lambda e, s: table(ui, e, s), filters, [jobs])
-    status.change(lambda e, s: table(ui, e, s), filters, [jobs])
+    def jobs_tick(e, s):
+        return table(ui, e, s), workers_line(ui)
+
+    def jobs_filter(e, s):
+        return table(ui, e, s)
+
+    ui["timer"].tick(jobs_tick, filters, [jobs, workers], show_progress="hidden")
+    experiment.change(jobs_filter, filters, [jobs])
+    status.change(jobs_filter, filters, [jobs])
 
     def on_select(evt: gr.SelectData, frame: pd.DataFrame):
         return int(frame.iloc[evt.index[0]]["id"])

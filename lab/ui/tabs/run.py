@@ -39,9 +39,10 @@ def scores(points: dict[str, list]) -> list[list]:
     """The evaluation scores a run logged (eval/..., final/..., eval_...): metric, last value, its step."""
     rows = []
     for key in sorted(points):
-        if key.startswith(SCORE) and not key.endswith(("runtime", "per_second")) and points[key]:
+        if key.startswith(SCORE) and not key.endswith(("runtime", "per_second")) and len(points[key]):
             step, value = points[key][-1][:2]
-            rows.append([key, "NaN" if value is None else float(f"{value:.6g}"), step])
+            nan = value is None or math.isnan(value)
+            rows.append([key, "NaN" if nan else float(f"{value:.6g}"), int(step)])
     return rows
 
 
@@ -109,13 +110,17 @@ def tracked(job: dict) -> str:
 
 def nonfinite(points: dict[str, list]) -> list[str]:
     """The logged values that were NaN (stored as null) or infinite, first per metric: "loss NaN at step 3"."""
+    import numpy as np
+
     found = []
     for key in sorted(points):
-        bad = [(p[0], p[1]) for p in points[key] if p[1] is None or not math.isfinite(p[1])]
-        if bad:
+        line = np.asarray([p[:2] for p in points[key]] if isinstance(points[key], list) else points[key],
+                          dtype=float).reshape(-1, 2)  # None (a stored NaN) -> NaN
+        bad = line[~np.isfinite(line[:, 1])]
+        if len(bad):
             step, value = bad[0]
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-            found.append(f"{key} {'NaN' if value is None else value} at step {step}{more}")
+            found.append(f"{key} {'NaN' if math.isnan(value) else value} at step {int(step)}{more}")
     return found
 
 
@@ -149,7 +154,9 @@ def plot(points: dict[str, list], keys: list[str], title: str = "value"):
 
     series = []
     for i, key in enumerate(keys):
-        line = np.array([p[:2] for p in points.get(key, [])], dtype=float).reshape(-1, 2)  # None -> NaN
+        found = points.get(key, [])
+        line = np.asarray([p[:2] for p in found] if isinstance(found, list) else found,
+                          dtype=float).reshape(-1, 2)  # None (a stored NaN) -> NaN
         line = line[np.isfinite(line[:, 1])]
         if not len(line):
             continue

@@ -114,6 +114,9 @@ def _answer_text(completion) -> str:
     return completion[-1]["content"] if isinstance(completion, list) else completion
 
 
+REWARD_BATCH = 8
+
+
 def reward_scorer(path: str):
     """A reward model (a `reward` run's output) as a function: it scores prompt + answer conversations,
     f(prompts, completions, **_) -> list of floats (the shape TRL's GRPO takes for a reward function)."""
@@ -127,11 +130,18 @@ def reward_scorer(path: str):
     def reward_model(prompts, completions, **_):
         texts = [tok.apply_chat_template(p + [{"role": "assistant", "content": _answer_text(c)}], tokenize=False)
                  for p, c in zip(prompts, completions, strict=True)]
-        out = []
-        for start in range(0, len(texts), 8):
-            batch = tok(texts[start:start + 8], padding=True, truncation=True, max_length=1024, return_tensors="pt")
+        # batches of texts of about the same length (scored shortest first, returned in the callers' order): a
+        # batch pads to its longest text, and on a CPU a padded position costs as much as a real one
+        lengths = [len(ids) for ids in tok(texts, truncation=True, max_length=1024)["input_ids"]]
+        order = sorted(range(len(texts)), key=lengths.__getitem__)
+        out = [0.0] * len(texts)
+        for start in range(0, len(order), REWARD_BATCH):
+            chosen = order[start:start + REWARD_BATCH]
+            batch = tok([texts[i] for i in chosen], padding=True, truncation=True, max_length=1024,
+                        return_tensors="pt")
             with torch.no_grad():
-                out += scorer(**batch).logits[:, 0].float().tolist()
+                for i, value in zip(chosen, scorer(**batch).logits[:, 0].float().tolist(), strict=True):
+                    out[i] = value
         return out
 
     return reward_model

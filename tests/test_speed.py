@@ -71,3 +71,24 @@ def test_every_sft_run_logs_its_padding_share_and_padding_free_trains_the_same_r
     assert [v for _, v, _ in flat["num_tokens"]] == [v for _, v, _ in padded["num_tokens"]]
     for (_, a, _), (_, b, _) in zip(flat["loss"], padded["loss"], strict=True):
         assert a == pytest.approx(b, rel=2e-3)
+
+
+def test_reward_scores_in_length_sorted_batches_are_each_texts_own_score_in_the_callers_order(tiny_model_dir,
+                                                                                              tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lab import evaluation
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    score = evaluation.reward_scorer(str(tmp_path / "rm"))
+    prompts = [[{"role": "user", "content": "Say " + " ".join(["red"] * n)}] for n in (9, 1, 14, 3, 1, 7, 2, 11, 5)]
+    answers = [" ".join(["blue"] * (n % 4 + 1)) for n in range(len(prompts))]
+    together = score(prompts, answers)
+    alone = [score([p], [a])[0] for p, a in zip(prompts, answers, strict=True)]
+    assert together == pytest.approx(alone, abs=1e-4), "padding changes no score, and each lands in its place"
+    assert len(set(round(v, 4) for v in alone)) > 1, "the texts score differently: the order is checked"

@@ -112,25 +112,3 @@ def choose_bf16(requested: str, model, tokenizer, log) -> bool:
         f"limit 2 %)")
     return ok
 
-
-def frozen_weights_to_bf16(model) -> int:
-    """Store the frozen weights of the model's linear layers in bf16 for a bf16 (autocast) run; returns how many.
-    Autocast multiplies in bf16 anyway, so the products are the same, but a weight kept in fp32 is cast again on
-    every forward pass. Trainable weights (LoRA's), embeddings, norms and a head tied to the embeddings stay fp32:
-    the residual stream, the optimizer and the saved adapter are untouched."""
-    import torch
-
-    tied = set()
-    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
-    if inputs is not None and outputs is not None and outputs.weight is inputs.weight:
-        tied.add(id(outputs.weight))
-    done = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if (isinstance(module, torch.nn.Linear) and weight is not None and not weight.requires_grad
-                and weight.dtype == torch.float32 and id(weight) not in tied):
-            module.weight.data = weight.data.to(torch.bfloat16)
-            if module.bias is not None and not module.bias.requires_grad:
-                module.bias.data = module.bias.data.to(torch.bfloat16)
-            done += 1
-    return done

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import statistics
-import tempfile
 import time
 from datetime import timedelta
+
+from workspace import fresh
 
 
 def main() -> None:
@@ -24,8 +24,7 @@ def main() -> None:
     parser.add_argument("--points", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    os.environ.update({"LAB_WORKSPACE": tempfile.mkdtemp(prefix="lab-bench-"), "LAB_WANDB": "off"})
-    os.environ.pop("LAB_DATABASE_URL", None)
+    fresh()
     from sqlalchemy import insert
 
     from jobs import queue

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from workspace import fresh
 
 ROOT = Path(__file__).resolve().parent.parent
 SPAM = ROOT.parent / "shared" / "data" / "classification" / "sms_spam_train.csv"
@@ -28,8 +28,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=20)
     parser.add_argument("--shots", type=int, default=4)
     args = parser.parse_args()
-    os.environ.update({"LAB_WORKSPACE": tempfile.mkdtemp(prefix="lab-bench-"), "LAB_WANDB": "off"})
-    os.environ.pop("LAB_DATABASE_URL", None)
+    fresh()
     import torch
 
     from lab import modeling, registry, settings

@@ -12,10 +12,10 @@ token under 1 s on these 2 cores.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import tempfile
 import time
+
+from workspace import fresh
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
            "Explain what a neural network is in one paragraph.", "Write a haiku about autumn.",
@@ -28,8 +28,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
-    os.environ.update({"LAB_WORKSPACE": tempfile.mkdtemp(prefix="lab-bench-"), "LAB_WANDB": "off"})
-    os.environ.pop("LAB_DATABASE_URL", None)
+    fresh()
     from lab import playground, registry, settings
 
     s = settings.load()

@@ -23,7 +23,6 @@ import functools
 import inspect
 import json
 import math
-import os
 import random
 import socket
 import statistics
@@ -33,6 +32,8 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+
+from workspace import fresh
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG_RUN_KEYS = ("loss", "learning_rate", "grad_norm", "num_tokens", "epoch")
@@ -132,9 +133,7 @@ def main() -> None:
     if args.serve:
         serve(int(args.serve[0]), args.serve[1])
         return
-    workspace = tempfile.mkdtemp(prefix="lab-bench-")
-    os.environ.update({"LAB_WORKSPACE": workspace, "LAB_WANDB": "off"})
-    os.environ.pop("LAB_DATABASE_URL", None)
+    workspace = fresh()
     sys.path.insert(0, str(ROOT))
     made = fill(runs_to_compare=50, points=2000, history=1000, long_points=50_000)
     print(f"workspace: 1,000 jobs; run {made['long_run']} with 50,000 points; 50 runs x 2,000 points to compare")

@@ -321,7 +321,11 @@ def test_text_from_users_and_files_never_runs_as_script(ws, lab_server, tiny_mod
     page.wait_for_timeout(2000)
 
     _tab(page, "Experiments")
-    _wait_for_text(page, "body", re.escape(XSS), 30)  # the tables fill when the page's first load has answered
+    for _ in range(60):  # the tables fill when the page's first load has answered (over 2 s on a busy machine)
+        if XSS in page.locator("body").inner_text():
+            break
+        page.wait_for_timeout(500)
+    assert XSS in page.locator("body").inner_text()
     _tab(page, "Datasets")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": XSS, "content": "hi"}]}) + "\n")

@@ -68,22 +68,7 @@ def keys(settings: Settings, job_ids: list[int]) -> list[str]:
     if not job_ids:
         return []
     with read_session(settings) as s:
-        return metric_names(s, job_ids)
-
-
-def metric_names(s, job_ids: list[int]) -> list[str]:
-    """The names of the metrics the runs logged, sorted, without reading their points: the workspace's metric
-    names are few and its points many, so each name is found with one step through the (key, ...) index (a loose
-    index scan, as a recursive query) and kept when one of the runs has a point under it."""
-    from sqlalchemy import exists
-    from sqlalchemy.orm import aliased
-
-    later = aliased(Metric)
-    names = select(func.min(Metric.key).label("key")).cte("names", recursive=True)
-    names = names.union_all(select(select(func.min(later.key)).where(later.key > names.c.key).scalar_subquery())
-                            .where(names.c.key.is_not(None)))
-    logged = exists().where(Metric.key == names.c.key, Metric.job_id.in_(job_ids))
-    return list(s.scalars(select(names.c.key).where(names.c.key.is_not(None), logged).order_by(names.c.key)))
+        return runs.metric_names(s, job_ids)
 
 
 def downsample(xs, ys, buckets: int):
@@ -312,7 +297,7 @@ def config_diff(settings: Settings, job_ids: list[int], only_differences: bool =
 
 def lineages(settings: Settings, job_ids: list[int]) -> list[tuple[str, str]]:
     jobs = {j["id"]: j for j in runs.jobs_by_id(settings, job_ids)}
-    chains = runs.lineages(settings, job_ids)
+    chains = runs.lineages(settings, list(jobs.values()))
     return [(label(jobs[i]), chains[i]) for i in job_ids if i in jobs]
 
 

@@ -10,11 +10,11 @@ import shlex
 from collections import defaultdict
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, func, select
 
 from jobs import queue
 from lab import datasets, experiments, formats, plugins, registry
-from lab.db import read_session, session
+from lab.db import plain_rows, read_session, session
 from lab.errors import LabError, ValidationError
 from lab.settings import Settings, mask_all, secret_values
 from lab.tables import Dataset, Experiment, Job, Metric, Model, utcnow
@@ -330,14 +330,14 @@ def _lineage(settings: Settings, job: dict, output_model: str | None, chain_of=N
     return registry.lineage_text(before + here)
 
 
-def lineages(settings: Settings, job_ids: list[int]) -> dict[int, str]:
-    """Each job's lineage (as get_job gives it), read together: a model's chain is followed once for all."""
+def lineages(settings: Settings, jobs: list[dict]) -> dict[int, str]:
+    """The lineage of each of `jobs` (as jobs_by_id gives them; the same text as get_job's), read together: a
+    model's chain is followed once for all."""
     from functools import cache
 
-    jobs = jobs_by_id(settings, job_ids)
     outputs: dict[int, str] = {}
     with read_session(settings) as s:
-        for job_id, name in s.execute(select(Model.job_id, Model.name).where(Model.job_id.in_(job_ids))
+        for job_id, name in s.execute(select(Model.job_id, Model.name).where(Model.job_id.in_([j["id"] for j in jobs]))
                                       .order_by(Model.id.desc())):
             outputs[job_id] = name  # the first output model wins, as in get_job
     chain_of = cache(lambda name: registry.lineage(settings, name))
@@ -348,6 +348,20 @@ def clear_metrics(settings: Settings, job_id: int, after_step: int = -1) -> int:
     """Drop a job's metric points after `after_step` (a retry redoes those steps); returns how many went."""
     with session(settings) as s:
         return s.execute(delete(Metric).where(Metric.job_id == job_id, Metric.step > after_step)).rowcount
+
+
+def metric_names(s, job_ids: list[int]) -> list[str]:
+    """The names of the metrics the runs logged, sorted, without reading their points: the workspace's metric
+    names are few and its points many, so each name is found with one step through the (key, ...) index (a loose
+    index scan, as a recursive query) and kept when one of the runs has a point under it."""
+    from sqlalchemy.orm import aliased
+
+    later = aliased(Metric)
+    names = select(func.min(Metric.key).label("key")).cte("names", recursive=True)
+    names = names.union_all(select(select(func.min(later.key)).where(later.key > names.c.key).scalar_subquery())
+                            .where(names.c.key.is_not(None)))
+    logged = exists().where(Metric.key == names.c.key, Metric.job_id.in_(job_ids))
+    return list(s.scalars(select(names.c.key).where(names.c.key.is_not(None), logged).order_by(names.c.key)))
 
 
 class Points:
@@ -369,10 +383,6 @@ class Points:
 
     def _update(self, settings: Settings) -> int:
         import numpy as np
-        from sqlalchemy import func
-
-        from lab.compare import metric_names
-        from lab.db import plain_rows
 
         def table(rows) -> np.ndarray:
             return np.array(rows, dtype=float).reshape(-1, 2)  # NULL (a logged NaN) -> NaN

@@ -111,4 +111,3 @@ def choose_bf16(requested: str, model, tokenizer, log) -> bool:
     log(f"[lab] precision {'bf16 mixed' if ok else 'fp32'} (auto: the probe differs by {100 * diff:.2f} % in bf16, "
         f"limit 2 %)")
     return ok
-

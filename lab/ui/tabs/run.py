@@ -108,14 +108,21 @@ def tracked(job: dict) -> str:
     return f'<div class="run-timing run-trackers">trackers:<ul>{items}</ul></div>'
 
 
+def _pairs(line):
+    """A metric's points as an array of (step, value) rows, NaN where NaN was logged: from runs.Points (already
+    one) or from runs.metrics ([step, value, time] lists, a NaN stored as None)."""
+    import numpy as np
+
+    return np.asarray([p[:2] for p in line] if isinstance(line, list) else line, dtype=float).reshape(-1, 2)
+
+
 def nonfinite(points: dict[str, list]) -> list[str]:
     """The logged values that were NaN (stored as null) or infinite, first per metric: "loss NaN at step 3"."""
     import numpy as np
 
     found = []
     for key in sorted(points):
-        line = np.asarray([p[:2] for p in points[key]] if isinstance(points[key], list) else points[key],
-                          dtype=float).reshape(-1, 2)  # None (a stored NaN) -> NaN
+        line = _pairs(points[key])
         bad = line[~np.isfinite(line[:, 1])]
         if len(bad):
             step, value = bad[0]
@@ -154,9 +161,7 @@ def plot(points: dict[str, list], keys: list[str], title: str = "value"):
 
     series = []
     for i, key in enumerate(keys):
-        found = points.get(key, [])
-        line = np.asarray([p[:2] for p in found] if isinstance(found, list) else found,
-                          dtype=float).reshape(-1, 2)  # None (a stored NaN) -> NaN
+        line = _pairs(points.get(key, []))
         line = line[np.isfinite(line[:, 1])]
         if not len(line):
             continue

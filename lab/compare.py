@@ -110,7 +110,17 @@ def _columns(rows, n: int):
 
 _SERIES: OrderedDict = OrderedDict()  # (job, metric, its finished state, database) -> (steps, values): finished runs
 _SERIES_POINTS = 4_000_000  # at most this many points kept (about 64 MB), the least recently drawn go first
+_SUMMARIES: OrderedDict = OrderedDict()  # (job, its finished state, database) -> the leaderboard's figures of a run
+_SUMMARY_RUNS = 20_000
 _series_lock = threading.Lock()
+
+
+def _stamps(s, settings: Settings, job_ids: list[int]) -> dict[int, tuple]:
+    """What a run's logged points depend on: a finished run's stay as they are until it starts again (a retry or a
+    resume changes its attempts, its status and its finish time)."""
+    return {job_id: (status, finished_at, attempts, settings.database_url)
+            for job_id, status, finished_at, attempts in s.execute(
+                select(Job.id, Job.status, Job.finished_at, Job.attempts).where(Job.id.in_(job_ids)))}
 
 
 def series(settings: Settings, job_ids: list[int], key: str) -> dict:
@@ -120,9 +130,7 @@ def series(settings: Settings, job_ids: list[int], key: str) -> dict:
     import numpy as np
 
     with read_session(settings) as s:
-        stamps = {job_id: (status, finished_at, attempts, settings.database_url)
-                  for job_id, status, finished_at, attempts in s.execute(
-            select(Job.id, Job.status, Job.finished_at, Job.attempts).where(Job.id.in_(job_ids)))}
+        stamps = _stamps(s, settings, job_ids)
         out, missing = {}, []
         with _series_lock:
             for job_id in job_ids:
@@ -223,31 +231,64 @@ def _evaluations_of(s, job_ids: list[int]) -> dict[int, dict[str, float]]:
     return out
 
 
-def leaderboard(settings: Settings, job_ids: list[int], metric_keys: list[str] | None = None
-                ) -> tuple[list[str], list[dict], dict[str, int]]:
+def _summaries(settings: Settings, job_ids: list[int]) -> tuple[dict[int, list[tuple]], dict[int, dict[str, float]]]:
+    """Each run's metrics as {job: [(key, min, max, count, last logged value)]}, and the scores of evaluations of
+    each run's output. A finished run's figures are read once and kept in memory (until it starts again); the
+    evaluations are read every time (a new one may finish at any moment)."""
+    with read_session(settings) as s:
+        stamps = _stamps(s, settings, job_ids)
+        out, missing = {}, []
+        with _series_lock:
+            for job_id in job_ids:
+                cached = _SUMMARIES.get((job_id, stamps.get(job_id)))
+                if cached is not None:
+                    _SUMMARIES.move_to_end((job_id, stamps[job_id]))
+                    out[job_id] = cached
+                elif job_id in stamps:
+                    missing.append(job_id)
+        if missing:
+            # the extremes and the id of the last point of each run, one metric at a time from the (key, job, step,
+            # value) index alone (grouping all points by run and metric at once sorts them all first); then those rows
+            extremes = [(job_id, key, *rest) for key in runs.metric_names(s, missing)
+                        for job_id, *rest in plain_rows(s, select(
+                            Metric.job_id, func.min(Metric.value), func.max(Metric.value), func.count(),
+                            func.max(Metric.id)).where(Metric.key == key, Metric.job_id.in_(missing))
+                            .group_by(Metric.job_id))]
+            finals = dict(s.connection().execute(select(Metric.id, Metric.value)
+                                                 .where(Metric.id.in_([e[5] for e in extremes]))).all())
+            read: dict[int, list[tuple]] = {job_id: [] for job_id in missing}
+            for job_id, key, lo, hi, n, last in extremes:
+                read[job_id].append((key, lo, hi, n, finals[last]))
+            out.update(read)
+            with _series_lock:
+                for job_id, found in read.items():
+                    if stamps[job_id][0] in TERMINAL_STATES:
+                        _SUMMARIES[(job_id, stamps[job_id])] = found
+                while len(_SUMMARIES) > _SUMMARY_RUNS:
+                    _SUMMARIES.popitem(last=False)
+        evaluations = _evaluations_of(s, job_ids)
+    return out, evaluations
+
+
+def leaderboard(settings: Settings, job_ids: list[int], metric_keys: list[str] | None = None,
+                jobs: list[dict] | None = None) -> tuple[list[str], list[dict], dict[str, int]]:
     """Columns, one row per run (final value of each metric, best value of the ones that move, and the scores
-    of evaluations of its output), and for each column the id of the run with the best value. metric_keys: the
-    runs' metrics (keys()), when the caller has them already."""
+    of evaluations of its output), and for each column the id of the run with the best value. metric_keys: only
+    these metrics; jobs: the runs as runs.jobs_by_id gives them, when the caller has read them already."""
     if not job_ids:
         return [], [], {}
-    metric_keys = keys(settings, job_ids) if metric_keys is None else metric_keys
-    with read_session(settings) as s:
-        # the extremes and the id of the last point of each run, one metric at a time from the (key, job, step,
-        # value) index alone (grouping all points by run and metric at once sorts them all first); then those rows
-        extremes = [(job_id, key, *rest) for key in metric_keys for job_id, *rest in plain_rows(s, select(
-            Metric.job_id, func.min(Metric.value), func.max(Metric.value), func.count(), func.max(Metric.id))
-            .where(Metric.key == key, Metric.job_id.in_(job_ids)).group_by(Metric.job_id))]
-        finals = s.connection().execute(select(Metric.job_id, Metric.key, Metric.value)
-                                        .where(Metric.id.in_([e[5] for e in extremes]))).all()
-        evaluations = _evaluations_of(s, job_ids)
-    jobs = {j["id"]: j for j in runs.jobs_by_id(settings, job_ids)}
+    summaries, evaluations = _summaries(settings, job_ids)
+    wanted = None if metric_keys is None else set(metric_keys)
+    figures = [(job_id, *figure) for job_id in job_ids for figure in summaries.get(job_id, ())
+               if wanted is None or figure[0] in wanted]
+    jobs = {j["id"]: j for j in (runs.jobs_by_id(settings, job_ids) if jobs is None else jobs)}
     rows = {j: {"run": label(jobs[j]), "status": jobs[j]["status"]} for j in job_ids}
     columns: dict[str, None] = {}
-    for job_id, key, value in finals:
+    for job_id, key, _, _, _, value in figures:
         if not HIDDEN.match(key):
             rows[job_id][key] = value
             columns[key] = None
-    for job_id, key, lo, hi, n, _ in extremes:
+    for job_id, key, lo, hi, n, _ in figures:
         way = direction(key)
         if HIDDEN.match(key) or COUNTERS.search(key) or n < 2 or lo == hi or way is None:
             continue
@@ -276,10 +317,11 @@ def shown_columns(columns: list[str], diagnostics: bool = False) -> list[str]:
     return [c for c in columns if diagnostics or c in ("run", "status") or direction(c) is not None]
 
 
-def config_diff(settings: Settings, job_ids: list[int], only_differences: bool = True) -> tuple[list[str], list[dict]]:
+def config_diff(settings: Settings, job_ids: list[int], only_differences: bool = True,
+                jobs: list[dict] | None = None) -> tuple[list[str], list[dict]]:
     """One row per setting (plugin, model, dataset and every parameter), one column per run; by default only the
-    settings whose values differ."""
-    found = {j["id"]: j for j in runs.jobs_by_id(settings, job_ids)}
+    settings whose values differ. jobs: the runs as runs.jobs_by_id gives them, when the caller has them."""
+    found = {j["id"]: j for j in (runs.jobs_by_id(settings, job_ids) if jobs is None else jobs)}
     jobs = [found[j] for j in job_ids if j in found]
     settings_of = [{"plugin": j["plugin"], "model": j["model"], "dataset": j["dataset"], **j["params"]} for j in jobs]
     names: dict[str, None] = {}
@@ -295,8 +337,9 @@ def config_diff(settings: Settings, job_ids: list[int], only_differences: bool =
     return columns, rows
 
 
-def lineages(settings: Settings, job_ids: list[int]) -> list[tuple[str, str]]:
-    jobs = {j["id"]: j for j in runs.jobs_by_id(settings, job_ids)}
+def lineages(settings: Settings, job_ids: list[int], jobs: list[dict] | None = None) -> list[tuple[str, str]]:
+    """(run, the chain of runs and models it came from) for each run; jobs as in config_diff."""
+    jobs = {j["id"]: j for j in (runs.jobs_by_id(settings, job_ids) if jobs is None else jobs)}
     chains = runs.lineages(settings, list(jobs.values()))
     return [(label(jobs[i]), chains[i]) for i in job_ids if i in jobs]
 

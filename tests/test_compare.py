@@ -152,3 +152,28 @@ def test_a_finished_runs_curve_is_read_once_and_again_when_the_run_starts_again(
         db.execute(update(Job).where(Job.id == a).values(status="running", attempts=2, finished_at=None))
         db.execute(insert(Metric), [{"job_id": a, "step": 3, "key": "loss", "value": 1.0, "time": utcnow()}])
     assert list(compare.curves(ws, [a], "loss")["value"]) == [3.0, 2.0, 1.0]
+
+
+def test_a_finished_runs_leaderboard_figures_are_read_once_and_again_when_it_starts_again(any_ws):
+    from sqlalchemy import update
+
+    from lab.tables import Job
+
+    a = _run(any_ws, {}, {"loss": [3.0, 2.0]})
+    b = _run(any_ws, {}, {"loss": [4.0, 1.0], "accuracy": [0.5, 0.7]})
+    with session(any_ws) as db:
+        db.execute(update(Job).where(Job.id.in_([a, b])).values(status="completed", attempts=1, finished_at=utcnow()))
+    _, rows, best = compare.leaderboard(any_ws, [a, b])
+    assert (rows[1]["loss"], rows[1]["best loss"], rows[1]["accuracy"], best["loss"]) == (1.0, 1.0, 0.7, b)
+    with session(any_ws) as db:  # a finished run's points do not change: had they, the figures kept would stay
+        db.execute(update(Metric).where(Metric.job_id == b, Metric.value == 1.0).values(value=9.0))
+    assert compare.leaderboard(any_ws, [a, b])[1][1]["loss"] == 1.0, "read from memory, not again"
+    assert compare.leaderboard(any_ws, [b], ["accuracy"])[0] == ["run", "status", "accuracy", "best accuracy"]
+    with session(any_ws) as db:  # resumed: it runs again and logs more
+        db.execute(update(Job).where(Job.id == b).values(status="running", attempts=2, finished_at=None))
+        db.execute(insert(Metric), [{"job_id": b, "step": 3, "key": "loss", "value": 2.5, "time": utcnow()}])
+    _, rows, best = compare.leaderboard(any_ws, [a, b])
+    assert (rows[1]["loss"], rows[1]["best loss"], best["loss"]) == (2.5, 2.5, a)  # 9.0 and 2.5 now: a's 2.0 wins
+    with session(any_ws) as db:  # a running run is read on every call
+        db.execute(insert(Metric), [{"job_id": b, "step": 4, "key": "loss", "value": 0.5, "time": utcnow()}])
+    assert compare.leaderboard(any_ws, [a, b])[1][1]["loss"] == 0.5

@@ -99,13 +99,15 @@ def build(ui: UI) -> None:
         ids = ids_of(values)
         keys = compare.keys(ui.settings, ids)
         metric = current_key if current_key in keys else ("loss" if "loss" in keys else (keys[0] if keys else None))
-        columns, rows, best = compare.leaderboard(ui.settings, ids, keys)
+        jobs = runs.jobs_by_id(ui.settings, ids)  # read once for the leaderboard, the diff and the lineage
+        columns, rows, best = compare.leaderboard(ui.settings, ids, keys, jobs=jobs)
         columns = compare.shown_columns(columns, bool(show_diagnostics))
         ranked = [c for c in columns if c in best]
         # rank by an evaluation score when there is one, else by the final loss
         default = next((c for c in ranked if c.startswith("eval")), "loss" if "loss" in ranked else None)
-        diff_cols, diff_rows = compare.config_diff(ui.settings, ids)
-        lines = "\n".join(f"- **{md(name)}**: {md(chain)}" for name, chain in compare.lineages(ui.settings, ids))
+        diff_cols, diff_rows = compare.config_diff(ui.settings, ids, jobs=jobs)
+        lines = "\n".join(f"- **{md(name)}**: {md(chain)}"
+                          for name, chain in compare.lineages(ui.settings, ids, jobs=jobs))
         return (gr.update(choices=keys, value=metric), _styled(columns, rows, best) if rows else None,
                 gr.update(choices=ranked, value=default or (ranked[0] if ranked else None)),
                 pd.DataFrame(diff_rows, columns=diff_cols) if ids else None,

@@ -24,6 +24,9 @@ def main() -> None:
     from jobs import queue
     from lab import registry, runs, speed
 
+    if not speed.bf16_supported():  # the lab refuses precision bf16 here; auto would choose fp32
+        sys.exit("this machine has no bf16 matrix instructions (AVX512-BF16 or AMX in /proc/cpuinfo), so there is "
+                 "no bf16 to compare: the lab runs fp32 here. Run the benchmark on a machine that has them.")
     s, tmp, data = fresh_with_rows(200)
     model = registry.ensure_starter(s)
     print(f"model {model['name']}, data {data.name}, LoRA r8, {args.steps} steps of batch 4, max length 256; "

@@ -92,3 +92,16 @@ def test_reward_scores_in_length_sorted_batches_are_each_texts_own_score_in_the_
     alone = [score([p], [a])[0] for p, a in zip(prompts, answers, strict=True)]
     assert together == pytest.approx(alone, abs=1e-4), "padding changes no score, and each lands in its place"
     assert len(set(round(v, 4) for v in alone)) > 1, "the texts score differently: the order is checked"
+
+
+def test_without_bf16_instructions_auto_takes_fp32_and_bf16_is_refused(monkeypatch):
+    from lab import speed
+    from lab.errors import LabError
+
+    monkeypatch.setattr(speed, "bf16_supported", lambda: False)
+    said = []
+    assert speed.choose_bf16("auto", None, None, said.append) is False  # no probe is run: there is nothing to test
+    assert said == ["[lab] precision fp32 (no bf16 matrix instructions here)"]
+    with pytest.raises(LabError, match="no bf16 matrix instructions"):
+        speed.choose_bf16("bf16", None, None, said.append)
+    assert speed.choose_bf16("fp32", None, None, said.append) is False

@@ -3,7 +3,9 @@ and as a bare TRL script, in one run, printing training tokens/s of both and the
 
     .venv/bin/python bench/overhead.py [--model starter|tiny] [--steps 10] [--repeats 1]
 
-Both sides train the same LoRA on the same rows, each in a fresh Python process; tokens/s is the number of tokens
+Both sides train the same LoRA on the same rows in the same batches (padded, TRL's default) and the same precision
+(bf16 where the machine has bf16 matrix instructions, else fp32: SFTConfig alone would take bf16 even on a CPU
+that multiplies bf16 several times slower), each in a fresh Python process; tokens/s is the number of tokens
 trained on divided by the Trainer's own train_runtime, so loading and process start are left out of both. The
 end-to-end wall time (from submit, or from starting the script, to the end) is printed as well. On a shared
 2-core machine repeats differ by 10 % or more, more than the lab's cost, so the lab's own work per logged step
@@ -48,7 +50,8 @@ model = AutoModelForCausalLM.from_pretrained(model_path)
 args = SFTConfig(output_dir=out, report_to=[], learning_rate=cfg["learning_rate"], max_steps=steps,
                  per_device_train_batch_size=cfg["batch_size"], max_length=cfg["max_length"], logging_steps=1,
                  seed=cfg["seed"], data_seed=cfg["seed"], save_strategy="no", disable_tqdm=True, use_cpu=True,
-                 completion_only_loss=True, lr_scheduler_type="linear", dataloader_num_workers=0)
+                 completion_only_loss=True, lr_scheduler_type="linear", dataloader_num_workers=0,
+                 bf16=cfg["bf16"])  # SFTConfig's own default is bf16 on any machine
 peft = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.05, target_modules="all-linear",
                   task_type="CAUSAL_LM")
 trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft)
@@ -61,9 +64,12 @@ print("RESULT", json.dumps({"tokens": tokens, "runtime": runtime}))
 
 
 def run_bare(model_path: str, data: Path, steps: int) -> dict:
+    from lab import speed
+
     t0 = time.time()
+    cfg = {**CONFIG, "bf16": speed.bf16_supported()}
     with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run([sys.executable, "-c", BARE, model_path, str(data), str(steps), out, json.dumps(CONFIG)],
+        done = subprocess.run([sys.executable, "-c", BARE, model_path, str(data), str(steps), out, json.dumps(cfg)],
                               capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"bare TRL run failed:\n{done.stderr[-3000:]}")
@@ -76,7 +82,11 @@ def run_lab(s, model: str, dataset: str, steps: int) -> dict:
     from lab import runs
 
     t0 = time.time()
-    params = {**{k: str(v) for k, v in CONFIG.items()}, "max_steps": str(steps)}
+    from lab import speed
+
+    # the same batches and precision as the bare script: padded rows (TRL's default), bf16 where the machine has it
+    params = {**{k: str(v) for k, v in CONFIG.items()}, "max_steps": str(steps), "batching": "padded",
+              "precision": "bf16" if speed.bf16_supported() else "fp32"}
     job_id = runs.submit(s, "sft", model=model, dataset=dataset, experiment="bench", params=params)
     proc = subprocess.run([sys.executable, "-m", "lab.cli", "worker", "--once"], capture_output=True, text=True,
                           check=False)

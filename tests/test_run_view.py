@@ -90,3 +90,19 @@ def test_the_run_view_reads_only_the_points_logged_since_its_last_read(any_ws, t
     assert again.update(any_ws) == found.count
     assert {k: again.by_key[k].tolist() for k in again.by_key} == {k: found.by_key[k].tolist() for k in found.by_key}
     assert run_view.nonfinite(found.by_key) == [], "the NaN went with the dropped steps"
+
+
+def test_the_artifacts_list_leaves_out_links_such_as_wandbs_core_log_in_the_cache(tmp_path):
+    run_dir, outside = tmp_path / "run", tmp_path / "cache" / "core-debug.log"
+    (run_dir / "wandb" / "offline-run-1" / "logs").mkdir(parents=True)
+    (run_dir / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    outside.parent.mkdir()
+    outside.write_text("not the run's")
+    (run_dir / "log.txt").write_text("log")
+    (run_dir / "checkpoints" / "checkpoint-2" / "model.safetensors").write_text("weights")
+    logs = run_dir / "wandb" / "offline-run-1" / "logs"
+    (logs / "debug.log").write_text("debug")
+    (logs / "debug-core.log").symlink_to(outside)  # what wandb writes: a link into ~/.cache
+    (run_dir / "wandb" / "debug.log").symlink_to(logs / "debug.log")
+    (run_dir / "wandb" / "latest-run").symlink_to(run_dir / "wandb" / "offline-run-1", target_is_directory=True)
+    assert run_view.artifacts(str(run_dir)) == [str(run_dir / "log.txt"), str(logs / "debug.log")]

@@ -176,7 +176,8 @@ SKIPPED = ("checkpoints", "base-merged", ".staging")  # resume state and scratch
 
 
 def artifacts(run_dir: str | None) -> list[str]:
-    """Every file the run wrote (its log, configuration, output, evaluation files, samples), but its checkpoints."""
+    """Every file the run wrote (its log, configuration, output, evaluation files, samples), but its checkpoints
+    and links: W&B's offline run links its core log to ~/.cache, outside anything the page may serve."""
     if not run_dir or not Path(run_dir).is_dir():
         return []
     root = Path(run_dir)
@@ -184,7 +185,8 @@ def artifacts(run_dir: str | None) -> list[str]:
     for folder, subfolders, names in os.walk(root):
         if folder == str(root):
             subfolders[:] = [d for d in subfolders if d not in SKIPPED]  # checkpoints are not walked at all
-        (first if folder == str(root) else inside).extend(Path(folder) / n for n in names)
+        (first if folder == str(root) else inside).extend(Path(folder) / n for n in names
+                                                          if not os.path.islink(os.path.join(folder, n)))
     return [str(f) for f in (sorted(first) + sorted(inside))[:ARTIFACTS_MAX]]
 
 

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from lab import datasets, experiments, plugins, registry, runs
 from lab.diagnosis import KINDS
-from lab.errors import LabError, from_os_error
+from lab.errors import LabError, from_known_error
 from lab.settings import Settings, load
 
 app = typer.Typer(help="A lab to pretrain, fine-tune, align and compare language models.", no_args_is_help=True,
@@ -839,7 +839,7 @@ def main() -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as exc:
-        known = from_os_error(exc)
+        known = from_known_error(exc)
         if known is not None and not os.environ.get("LAB_DEBUG"):
             err.print("[red]error:[/]", escape(known.message))
             err.print("hint:", escape(known.hint))

@@ -72,3 +72,18 @@ def from_os_error(exc: BaseException) -> LabError | None:
         return LabError(f"permission denied{at}: nothing was stored",
                         "give this user write access to the workspace, or use another (--workspace DIR)")
     return None
+
+
+def from_known_error(exc: BaseException) -> LabError | None:
+    """from_os_error's, and a number too large for the database (a job id or a priority typed as 10**20): one
+    sentence instead of the driver's; None for other errors."""
+    known = from_os_error(exc)
+    if known is not None:
+        return known
+    text = str(getattr(exc, "orig", None) or exc)
+    too_large = (isinstance(exc, OverflowError) and "SQLite INTEGER" in text) or (
+        type(exc).__name__ == "DataError" and "out of range" in text.lower())
+    if too_large:
+        return LabError("a number is too large for the database: nothing was changed",
+                        "check the number; `lab jobs list` shows the job ids")
+    return None

@@ -60,6 +60,8 @@ def test_wait_exits_non_zero_when_the_job_fails(ws):
         (["run", "instant", "--model", "m"], "plugin instant takes no model"),
         (["jobs", "show", "77"], "no job 77"),
         (["jobs", "cancel", "77"], "no job 77"),
+        (["jobs", "show", "100000000000000000000"], "a number is too large for the database"),
+        (["jobs", "cancel", "100000000000000000000"], "a number is too large for the database"),
         (["datasets", "add", "x", "/no/such.jsonl"], "no such file"),
         (["datasets", "show", "x"], "no dataset named 'x'"),
         (["models", "add", "m", "/no/such/folder"], "no such folder"),

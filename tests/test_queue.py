@@ -121,3 +121,17 @@ def test_several_processes_never_claim_the_same_job(any_ws, tmp_path):
     assert sorted(claimed) == sorted(ids), "every job claimed exactly once"
     per_worker = {queue.get(any_ws, i).worker for i in ids}
     assert len(per_worker) > 1, "the claims were spread over several processes"
+
+
+def test_a_job_id_too_large_for_the_database_is_one_clear_sentence(any_ws):
+    from lab import runs
+    from lab.errors import LabError, from_known_error
+
+    job_id = queue.enqueue(any_ws, experiment_id=experiments.get_or_create(any_ws, "e"), plugin="instant", params={})
+    for call in (lambda: runs.get_job(any_ws, 10**20), lambda: queue.cancel(any_ws, 10**20),
+                 lambda: queue.set_priority(any_ws, job_id, 10**20)):
+        with pytest.raises(Exception) as caught:
+            call()
+        known = caught.value if isinstance(caught.value, LabError) else from_known_error(caught.value)
+        assert known is not None, f"{type(caught.value).__name__}: {caught.value}"
+        assert "too large for the database" in known.message, known.message

@@ -12,7 +12,7 @@ import gradio as gr
 from sqlalchemy.exc import OperationalError
 
 from lab.db import retrying, unavailable_reason
-from lab.errors import LabError, from_os_error
+from lab.errors import LabError, from_known_error
 from lab.settings import Settings
 from lab.ui.html import text as html_text
 
@@ -54,7 +54,7 @@ def user_errors(fn, html: bool = True):
         except gr.Error:
             raise
         except Exception as exc:
-            known = from_os_error(exc)
+            known = from_known_error(exc)
             if known is not None:
                 raise gr.Error(html_text(str(known)) if html else str(known), print_exception=False) from None
             log.exception("unexpected error in %s", fn.__name__)

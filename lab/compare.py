@@ -306,8 +306,11 @@ def leaderboard(settings: Settings, job_ids: list[int], metric_keys: list[str] |
     for c in ordered:
         have = [(row[c], j) for j, row in rows.items() if isinstance(row.get(c), (int, float))]
         way = direction(c)
-        if way and len(have) >= 2 and len({v for v, _ in have}) > 1 and not COUNTERS.search(c):  # ties: nobody
-            best[c] = (min(have) if way == "lower" else max(have))[1]
+        if way and len(have) >= 2 and not COUNTERS.search(c):
+            top = min(v for v, _ in have) if way == "lower" else max(v for v, _ in have)
+            leaders = [j for v, j in have if v == top]
+            if len(leaders) == 1:  # a tie for the best value: nobody is marked (nor named the best run)
+                best[c] = leaders[0]
     return ["run", "status", *ordered], [dict(rows[j], id=j) for j in job_ids], best
 
 

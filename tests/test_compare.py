@@ -47,6 +47,9 @@ def test_leaderboard_marks_the_best_value_of_each_column(any_ws):
     ranked = sorted(rows, key=lambda r: r["loss"])
     assert [r["id"] for r in ranked] == [b, a], "sorting the leaderboard by a column orders the runs right"
     assert compare.best_run(any_ws, [a, b], "best accuracy") == a
+    c = _run(any_ws, {}, {"loss": [2.0, 1.5], "accuracy": [0.9, 0.4]})  # ties a for the best accuracy, 0.9
+    _, _, best = compare.leaderboard(any_ws, [a, b, c])
+    assert "best accuracy" not in best and best["best loss"] == b and best["accuracy"] == a
     other = _run(any_ws, {}, {"zeta": [1.0], "aardvark": [2.0]})
     assert compare.keys(any_ws, [a, b]) == ["accuracy", "loss"], "the runs' metrics only, sorted"
     assert compare.keys(any_ws, [other, b]) == ["aardvark", "accuracy", "loss", "zeta"]

@@ -79,6 +79,13 @@ def _utf16_without_bom(raw: bytes) -> str | None:
     return None
 
 
+# the first bytes of files people mistake for data
+NOT_TEXT = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+            (b"%PDF", "a PDF document"), (b"PK\x03\x04", "a zip archive (an Excel .xlsx file is one too)"),
+            (b"\x1f\x8b", "a gzip archive"), (b"PAR1", "a Parquet file"),
+            (b"SQLite format 3\x00", "an SQLite database"), (b"\x7fELF", "a program"))
+
+
 def decode(raw: bytes, name: str, encoding: str | None = None) -> tuple[str, list[str]]:
     """The text of a file, and a note when it was not plain UTF-8. UTF-8 (with or without a BOM), UTF-16 and
     UTF-32 are recognised; anything else must be named with `encoding`."""
@@ -100,6 +107,11 @@ def decode(raw: bytes, name: str, encoding: str | None = None) -> tuple[str, lis
         if encoding:
             raise LabError(f"{name} is not {encoding} text: byte 0x{raw[exc.start]:02x} on line {line} cannot be "
                            f"read as {encoding}", "check the encoding the file was saved in") from None
+        kind = next((kind for magic, kind in NOT_TEXT if raw.startswith(magic)), None)
+        if kind:
+            raise LabError(f"{name} is not a text file: it looks like {kind}",
+                           "export the data as JSONL, CSV, JSON, plain text or Parquet (a Parquet file needs the "
+                           ".parquet ending, a zipped dataset folder .zip)") from None
         raise LabError(f"{name} is not UTF-8 text: byte 0x{raw[exc.start]:02x} on line {line} is not UTF-8",
                        ENCODING_HINT) from None
     return text.removeprefix("\ufeff"), notes

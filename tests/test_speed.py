@@ -69,8 +69,11 @@ def test_every_sft_run_logs_its_padding_share_and_padding_free_trains_the_same_r
     assert max(v for _, v, _ in grouped["padding_share"]) < max(v for _, v, _ in padded["padding_share"])
     # the same rows in each step, whatever their layout: the same tokens and the same losses
     assert [v for _, v, _ in flat["num_tokens"]] == [v for _, v, _ in padded["num_tokens"]]
+    # before any update the loss is the same to float precision; after it, Adam turns the float-order differences of
+    # tiny gradients into visible ones (0.2 % by the 4th step on an AVX2 CPU, varying from run to run)
+    assert flat["loss"][0][1] == pytest.approx(padded["loss"][0][1], rel=1e-5)
     for (_, a, _), (_, b, _) in zip(flat["loss"], padded["loss"], strict=True):
-        assert a == pytest.approx(b, rel=2e-3)
+        assert a == pytest.approx(b, rel=1e-2), (flat["loss"], padded["loss"])
 
 
 def test_reward_scores_in_length_sorted_batches_are_each_texts_own_score_in_the_callers_order(tiny_model_dir,

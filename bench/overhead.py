@@ -79,11 +79,9 @@ def run_bare(model_path: str, data: Path, steps: int) -> dict:
 
 def run_lab(s, model: str, dataset: str, steps: int) -> dict:
     from jobs import queue
-    from lab import runs
+    from lab import runs, speed
 
     t0 = time.time()
-    from lab import speed
-
     # the same batches and precision as the bare script: padded rows (TRL's default), bf16 where the machine has it
     params = {**{k: str(v) for k, v in CONFIG.items()}, "max_steps": str(steps), "batching": "padded",
               "precision": "bf16" if speed.bf16_supported() else "fp32"}

@@ -108,11 +108,46 @@ def _columns(rows, n: int):
     return [table[:, i] for i in range(n)]
 
 
-_SERIES: OrderedDict = OrderedDict()  # (job, metric, its finished state, database) -> (steps, values): finished runs
-_SERIES_POINTS = 4_000_000  # at most this many points kept (about 64 MB), the least recently drawn go first
-_SUMMARIES: OrderedDict = OrderedDict()  # (job, its finished state, database) -> the leaderboard's figures of a run
-_SUMMARY_RUNS = 20_000
-_series_lock = threading.Lock()
+class _Kept:
+    """What finished runs logged, kept in memory by (job, what, its stamp): a finished run's points no longer
+    change, so they are read once (until it starts again, which changes its stamp). Beyond `limit`, counted by
+    `size`, the least recently used go first."""
+
+    def __init__(self, limit: int, size):
+        self.items: OrderedDict = OrderedDict()
+        self.limit, self.size, self.total = limit, size, 0
+        self.lock = threading.Lock()  # the page's events run in several threads
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def take(self, job_ids: list[int], stamps: dict[int, tuple], what) -> tuple[dict, list[int]]:
+        """{job: value} of the runs kept, and the runs (of those that exist) that must be read."""
+        out, missing = {}, []
+        with self.lock:
+            for job_id in job_ids:
+                key = (job_id, what, stamps.get(job_id))
+                if key in self.items:
+                    self.items.move_to_end(key)
+                    out[job_id] = self.items[key]
+                elif job_id in stamps:
+                    missing.append(job_id)
+        return out, missing
+
+    def keep(self, read: dict, stamps: dict[int, tuple], what) -> None:
+        """Keep what was just read of the runs that have finished."""
+        with self.lock:
+            for job_id, value in read.items():
+                key = (job_id, what, stamps[job_id])
+                if stamps[job_id][0] in TERMINAL_STATES and key not in self.items:
+                    self.items[key] = value
+                    self.total += self.size(value)
+            while self.items and self.total > self.limit:
+                self.total -= self.size(self.items.popitem(last=False)[1])
+
+
+_SERIES = _Kept(4_000_000, lambda found: len(found[0]))  # (steps, values) of a metric: 4 M points, about 64 MB
+_SUMMARIES = _Kept(20_000, lambda found: 1)  # the leaderboard's figures of a run
 
 
 def _stamps(s, settings: Settings, job_ids: list[int]) -> dict[int, tuple]:
@@ -131,15 +166,7 @@ def series(settings: Settings, job_ids: list[int], key: str) -> dict:
 
     with read_session(settings) as s:
         stamps = _stamps(s, settings, job_ids)
-        out, missing = {}, []
-        with _series_lock:
-            for job_id in job_ids:
-                cached = _SERIES.get((job_id, key, stamps.get(job_id)))
-                if cached is not None:
-                    _SERIES.move_to_end((job_id, key, stamps[job_id]))
-                    out[job_id] = cached
-                elif job_id in stamps:
-                    missing.append(job_id)
+        out, missing = _SERIES.take(job_ids, stamps, key)
         if not missing:
             return out
         # plain tuples, read from the (key, job, step, value) index alone
@@ -151,13 +178,7 @@ def series(settings: Settings, job_ids: list[int], key: str) -> dict:
         read = {int(jobs[a]): (steps[a:b].copy(), values[a:b].copy()) for a, b in zip(starts[:-1], starts[1:],
                                                                                           strict=True)}
         out.update(read)
-        with _series_lock:
-            for job_id, found in read.items():
-                if stamps[job_id][0] in TERMINAL_STATES:
-                    _SERIES[(job_id, key, stamps[job_id])] = found
-            total = sum(len(v[0]) for v in _SERIES.values())
-            while _SERIES and total > _SERIES_POINTS:
-                total -= len(_SERIES.popitem(last=False)[1][0])
+        _SERIES.keep(read, stamps, key)
     return out
 
 
@@ -231,21 +252,18 @@ def _evaluations_of(s, job_ids: list[int]) -> dict[int, dict[str, float]]:
     return out
 
 
+def _by_id(settings: Settings, job_ids: list[int], jobs: list[dict] | None) -> dict[int, dict]:
+    """{id: job} of job_ids as runs.jobs_by_id gives them; `jobs` instead when the caller has read them already."""
+    return {j["id"]: j for j in (runs.jobs_by_id(settings, job_ids) if jobs is None else jobs)}
+
+
 def _summaries(settings: Settings, job_ids: list[int]) -> tuple[dict[int, list[tuple]], dict[int, dict[str, float]]]:
     """Each run's metrics as {job: [(key, min, max, count, last logged value)]}, and the scores of evaluations of
     each run's output. A finished run's figures are read once and kept in memory (until it starts again); the
     evaluations are read every time (a new one may finish at any moment)."""
     with read_session(settings) as s:
         stamps = _stamps(s, settings, job_ids)
-        out, missing = {}, []
-        with _series_lock:
-            for job_id in job_ids:
-                cached = _SUMMARIES.get((job_id, stamps.get(job_id)))
-                if cached is not None:
-                    _SUMMARIES.move_to_end((job_id, stamps[job_id]))
-                    out[job_id] = cached
-                elif job_id in stamps:
-                    missing.append(job_id)
+        out, missing = _SUMMARIES.take(job_ids, stamps, "summary")
         if missing:
             # the extremes and the id of the last point of each run, one metric at a time from the (key, job, step,
             # value) index alone (grouping all points by run and metric at once sorts them all first); then those rows
@@ -260,12 +278,7 @@ def _summaries(settings: Settings, job_ids: list[int]) -> tuple[dict[int, list[t
             for job_id, key, lo, hi, n, last in extremes:
                 read[job_id].append((key, lo, hi, n, finals[last]))
             out.update(read)
-            with _series_lock:
-                for job_id, found in read.items():
-                    if stamps[job_id][0] in TERMINAL_STATES:
-                        _SUMMARIES[(job_id, stamps[job_id])] = found
-                while len(_SUMMARIES) > _SUMMARY_RUNS:
-                    _SUMMARIES.popitem(last=False)
+            _SUMMARIES.keep(read, stamps, "summary")
         evaluations = _evaluations_of(s, job_ids)
     return out, evaluations
 
@@ -281,7 +294,7 @@ def leaderboard(settings: Settings, job_ids: list[int], metric_keys: list[str] |
     wanted = None if metric_keys is None else set(metric_keys)
     figures = [(job_id, *figure) for job_id in job_ids for figure in summaries.get(job_id, ())
                if wanted is None or figure[0] in wanted]
-    jobs = {j["id"]: j for j in (runs.jobs_by_id(settings, job_ids) if jobs is None else jobs)}
+    jobs = _by_id(settings, job_ids, jobs)
     rows = {j: {"run": label(jobs[j]), "status": jobs[j]["status"]} for j in job_ids}
     columns: dict[str, None] = {}
     for job_id, key, _, _, _, value in figures:
@@ -324,7 +337,7 @@ def config_diff(settings: Settings, job_ids: list[int], only_differences: bool =
                 jobs: list[dict] | None = None) -> tuple[list[str], list[dict]]:
     """One row per setting (plugin, model, dataset and every parameter), one column per run; by default only the
     settings whose values differ. jobs: the runs as runs.jobs_by_id gives them, when the caller has them."""
-    found = {j["id"]: j for j in (runs.jobs_by_id(settings, job_ids) if jobs is None else jobs)}
+    found = _by_id(settings, job_ids, jobs)
     jobs = [found[j] for j in job_ids if j in found]
     settings_of = [{"plugin": j["plugin"], "model": j["model"], "dataset": j["dataset"], **j["params"]} for j in jobs]
     names: dict[str, None] = {}
@@ -342,7 +355,7 @@ def config_diff(settings: Settings, job_ids: list[int], only_differences: bool =
 
 def lineages(settings: Settings, job_ids: list[int], jobs: list[dict] | None = None) -> list[tuple[str, str]]:
     """(run, the chain of runs and models it came from) for each run; jobs as in config_diff."""
-    jobs = {j["id"]: j for j in (runs.jobs_by_id(settings, job_ids) if jobs is None else jobs)}
+    jobs = _by_id(settings, job_ids, jobs)
     chains = runs.lineages(settings, list(jobs.values()))
     return [(label(jobs[i]), chains[i]) for i in job_ids if i in jobs]
 

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_jsonl
+from conftest import ROOT, wait_until, write_jsonl
 
 from lab import datasets, registry, runs
 
@@ -321,11 +321,8 @@ def test_text_from_users_and_files_never_runs_as_script(ws, lab_server, tiny_mod
     page.wait_for_timeout(2000)
 
     _tab(page, "Experiments")
-    for _ in range(60):  # the tables fill when the page's first load has answered (over 2 s on a busy machine)
-        if XSS in page.locator("body").inner_text():
-            break
-        page.wait_for_timeout(500)
-    assert XSS in page.locator("body").inner_text()
+    # the tables fill when the page's first load has answered (over 2 s on a busy machine)
+    wait_until(lambda: XSS in page.locator("body").inner_text(), 30, "the experiment named by the payload, as text")
     _tab(page, "Datasets")
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": XSS, "content": "hi"}]}) + "\n")

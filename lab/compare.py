@@ -183,10 +183,11 @@ def series(settings: Settings, job_ids: list[int], key: str) -> dict:
 
 
 def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step", smoothing: float = 0.0,
-           log_scale: bool = False, buckets: int = 250):
+           log_scale: bool = False, buckets: int = 250, jobs: list[dict] | None = None):
     """A table (pandas) of job, run, x, value: one metric for several runs, ready for a chart. x: step, tokens, or
     time (seconds since the run's first point). Long curves are downsampled keeping every bucket's extremes.
-    log_scale: only the values a logarithmic axis can show (above 0)."""
+    log_scale: only the values a logarithmic axis can show (above 0). jobs: the runs as runs.jobs_by_id gives
+    them, when the caller has read them already (for the run labels)."""
     import numpy as np
     import pandas as pd
 
@@ -204,8 +205,7 @@ def curves(settings: Settings, job_ids: list[int], key: str, *, x: str = "step",
             for job_id, t in s.execute(select(Metric.job_id, Metric.time).where(
                     Metric.key == key, Metric.job_id.in_(job_ids)).order_by(Metric.job_id, Metric.step)):
                 times.setdefault(job_id, []).append(t)
-    with read_session(settings) as s:
-        names = dict(s.execute(select(Job.id, Job.plugin).where(Job.id.in_(job_ids))).all())
+    names = {i: j["plugin"] for i, j in _by_id(settings, job_ids, jobs).items()}
     parts = []
     for job_id in sorted(found):
         steps, values = found[job_id]
@@ -315,16 +315,24 @@ def leaderboard(settings: Settings, job_ids: list[int], metric_keys: list[str] |
     # scores first (evaluations, then the loss), then the rest that has a direction, then diagnostics
     ordered = sorted(columns, key=lambda c: (c != "loss" and not c.startswith(("eval", "final/")),
                                              direction(c) is None, c.startswith("best "), c))
-    best: dict[str, int] = {}
-    for c in ordered:
-        have = [(row[c], j) for j, row in rows.items() if isinstance(row.get(c), (int, float))]
+    out = [dict(rows[j], id=j) for j in job_ids]
+    # a tie for the best value: nobody is marked (nor named the best run); leaders() names the tied runs
+    best = {c: ids[0] for c, ids in leaders(ordered, out).items() if len(ids) == 1}
+    return ["run", "status", *ordered], out, best
+
+
+def leaders(columns: list[str], rows: list[dict]) -> dict[str, list[int]]:
+    """For each column that ranks runs (a better direction, not a counter, a number in two rows or more), the ids
+    of the runs with its best value: one, or several when they tie. rows: as leaderboard gives them."""
+    out: dict[str, list[int]] = {}
+    for c in columns:
+        have = [(row[c], row["id"]) for row in rows
+                if isinstance(row.get(c), (int, float)) and not isinstance(row.get(c), bool)]
         way = direction(c)
         if way and len(have) >= 2 and not COUNTERS.search(c):
             top = min(v for v, _ in have) if way == "lower" else max(v for v, _ in have)
-            leaders = [j for v, j in have if v == top]
-            if len(leaders) == 1:  # a tie for the best value: nobody is marked (nor named the best run)
-                best[c] = leaders[0]
-    return ["run", "status", *ordered], [dict(rows[j], id=j) for j in job_ids], best
+            out[c] = [j for v, j in have if v == top]
+    return out
 
 
 def shown_columns(columns: list[str], diagnostics: bool = False) -> list[str]:

@@ -13,6 +13,7 @@ from lab import compare, experiments, runs
 from lab.db import session
 from lab.errors import LabError
 from lab.tables import Metric, utcnow
+from lab.ui.tabs import compare as compare_tab
 
 
 def _run(s, params: dict, metrics: dict[str, list[float]], plugin: str = "instant") -> int:
@@ -48,8 +49,15 @@ def test_leaderboard_marks_the_best_value_of_each_column(any_ws):
     assert [r["id"] for r in ranked] == [b, a], "sorting the leaderboard by a column orders the runs right"
     assert compare.best_run(any_ws, [a, b], "best accuracy") == a
     c = _run(any_ws, {}, {"loss": [2.0, 1.5], "accuracy": [0.9, 0.4]})  # ties a for the best accuracy, 0.9
-    _, _, best = compare.leaderboard(any_ws, [a, b, c])
+    columns, rows, best = compare.leaderboard(any_ws, [a, b, c])
     assert "best accuracy" not in best and best["best loss"] == b and best["accuracy"] == a
+    top = compare.leaders(columns, rows)
+    assert top["best accuracy"] == [a, c] and top["accuracy"] == [a] and "run" not in top, "a tie names both runs"
+    tie = compare_tab.winner_line(columns, rows, "best accuracy")
+    assert tie.startswith("A tie by **best accuracy** (0.9)") and f"**\\#{a} " in tie and f"**\\#{c} " in tie, tie
+    assert "none is marked best" in tie and f"**\\#{b} " not in tie
+    assert compare_tab.winner_line(columns, rows, "accuracy").startswith(f"Best by **accuracy**: **\\#{a} "), "one"
+    assert compare_tab.winner_line(columns, rows, "status") == "", "a column that ranks nothing names nobody"
     other = _run(any_ws, {}, {"zeta": [1.0], "aardvark": [2.0]})
     assert compare.keys(any_ws, [a, b]) == ["accuracy", "loss"], "the runs' metrics only, sorted"
     assert compare.keys(any_ws, [other, b]) == ["aardvark", "accuracy", "loss", "zeta"]

@@ -33,6 +33,19 @@ def _styled(columns: list[str], rows: list[dict], best: dict[str, int]):
     return frame.style.apply(mark, axis=0).format(precision=4, na_rep="")
 
 
+def winner_line(columns: list[str], rows: list[dict], column: str) -> str:
+    """What "Best run by" says of a leaderboard column: the best run and its value, or the runs that tie for it."""
+    top = compare.leaders(columns, rows).get(column)
+    if not top:
+        return ""
+    named = {r["id"]: r for r in rows}
+    value = f"{named[top[0]][column]:.4g}"
+    if len(top) > 1:
+        runs_named = ", ".join(f"**{md(named[i]['run'])}**" for i in top)
+        return f"A tie by **{md(column)}** ({value}): {runs_named}; none is marked best"
+    return f"Best by **{md(column)}**: **{md(named[top[0]]['run'])}** ({value})"
+
+
 def build(ui: UI) -> None:
     with gr.Row():
         experiment = gr.Dropdown(label="Experiment", choices=[ALL], value=ALL, scale=1)
@@ -102,7 +115,7 @@ def build(ui: UI) -> None:
         jobs = runs.jobs_by_id(ui.settings, ids)  # read once for the leaderboard, the diff and the lineage
         columns, rows, best = compare.leaderboard(ui.settings, ids, keys, jobs=jobs)
         columns = compare.shown_columns(columns, bool(show_diagnostics))
-        ranked = [c for c in columns if c in best]
+        ranked = [c for c in columns if c in compare.leaders(columns, rows)]  # ties too: "Best run by" says so
         # rank by an evaluation score when there is one, else by the final loss
         default = next((c for c in ranked if c.startswith("eval")), "loss" if "loss" in ranked else None)
         diff_cols, diff_rows = compare.config_diff(ui.settings, ids, jobs=jobs)
@@ -121,8 +134,10 @@ def build(ui: UI) -> None:
         titles = {"step": "step", "tokens": "tokens seen", "time": "time (s since the run's first point)"}
         if not ids or not metric:
             return charts.lines([], x_title=titles[axis], y_title=metric or "", empty="pick runs and a metric")
-        data = compare.curves(ui.settings, ids, metric, x=axis, smoothing=float(weight or 0), log_scale=bool(log))
-        jobs = {j["id"]: j for j in runs.jobs_by_id(ui.settings, ids)}
+        found = runs.jobs_by_id(ui.settings, ids)  # read once for the curves' labels and the legend
+        data = compare.curves(ui.settings, ids, metric, x=axis, smoothing=float(weight or 0), log_scale=bool(log),
+                              jobs=found)
+        jobs = {j["id"]: j for j in found}
         series = [charts.Line(compare.label(jobs[i]), compare.colour(i), part["x"].tolist(), part["value"].tolist())
                   for i, part in data.groupby("job", sort=False) if i in jobs]
         missing = "no token counts logged by these runs" if axis == "tokens" else f"no {metric} logged"
@@ -136,11 +151,8 @@ def build(ui: UI) -> None:
         ids = ids_of(values)
         if not ids or not column:
             return ""
-        columns, rows, best = compare.leaderboard(ui.settings, ids)
-        if column not in best:
-            return ""
-        row = next(r for r in rows if r["id"] == best[column])
-        return f"Best by **{md(column)}**: **{md(row['run'])}** ({row[column]:.4g})"
+        columns, rows, _ = compare.leaderboard(ui.settings, ids)
+        return winner_line(columns, rows, column)
 
     rank_by.change(user_errors(on_rank), [chosen, rank_by], [winner])
 

@@ -93,6 +93,10 @@ class TrainParams(BaseModel):
     save_minutes: float = Field(10.0, **advanced(
         ge=0, le=10080, description="Checkpoint after this many minutes of training since the last checkpoint (and "
         "always when the job is stopped), so an interrupted or retried job resumes; 0: only every save_steps."))
+    profile_steps: int = Field(0, **advanced(
+        ge=0, le=10, description="Record this many training steps (after the first) with the torch profiler: the "
+        "run's profile.txt lists the ops that took the time, profile.json.gz is a trace for Perfetto, and the metric "
+        "profile/matmul_share is the part of the step time in matrix multiplications. 0: off."))
 
 
 def _example(doc: str) -> str:

@@ -203,6 +203,11 @@ class RunContext:
         trainer.data_collator = self.padding = PaddingCounter(trainer.data_collator)
         minutes = getattr(params, "save_minutes", 0) if resumable else 0
         trainer.add_callback(self.callback(save_every_s=minutes * 60 if minutes else None))
+        profiled = getattr(params, "profile_steps", 0)
+        if profiled:
+            from lab.speed import step_profiler
+
+            trainer.add_callback(step_profiler(self, profiled))
         self.training = resumable
         try:
             if resumable and self.resume_from is not None:

@@ -4,6 +4,7 @@ available, and the quality check that decides `precision: auto`."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -55,9 +56,95 @@ def peak_flops(cache_dir: Path, dtype_name: str) -> float:
         cache = {}
     if key not in cache:
         cache[key] = _measure_peak(dtype_name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cache, indent=2) + "\n")
+        _publish(path, json.dumps(cache, indent=2) + "\n")
     return cache[key]
+
+
+def _publish(path: Path, text: str) -> None:
+    """Write a file whole or not at all: into a temporary file beside it, then one rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+MATMUL_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"})
+
+
+def matmul_seconds(events, on_gpu: bool = False) -> float:
+    """Seconds the torch profiler's events spent in matrix multiplications, each counted once (an outer matmul
+    op's time includes any matmul op it calls): CPU time, or on a GPU the time of the kernels they launched."""
+    total = 0.0
+    for event in events:
+        if event.name not in MATMUL_OPS:
+            continue
+        parent = event.cpu_parent
+        while parent is not None and parent.name not in MATMUL_OPS:
+            parent = parent.cpu_parent
+        if parent is None:
+            total += (event.device_time_total if on_gpu else event.cpu_time_total) / 1e6
+    return total
+
+
+def step_profiler(ctx, steps: int):
+    """A TrainerCallback that records `steps` training steps with the torch profiler, starting with this process's
+    second step (the first warms up), and then writes into the run's folder profile.txt (the ops that took the
+    time) and profile.json.gz (a trace for Perfetto or chrome://tracing), and logs profile/step_s (wall seconds per
+    profiled step, logging and saving between them included) and profile/matmul_share (the part of that time in
+    matrix multiplications)."""
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self):
+            self._begun = 0  # optimizer steps begun by this process
+            self._profile = None
+            self._start = 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._begun += 1
+            if self._begun == 2 and ctx.is_main:
+                import torch
+
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self._profile = torch.profiler.profile(activities=activities)
+                self._profile.__enter__()
+                self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._profile is not None and self._begun >= 1 + steps:
+                self._finish(state)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self._profile is not None:  # training ended before the profiled steps did
+                self._finish(state)
+
+        def _finish(self, state) -> None:
+            import torch
+
+            profile, self._profile = self._profile, None
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - self._start
+            profile.__exit__(None, None, None)
+            done = self._begun - 1
+            on_gpu = torch.cuda.is_available()
+            share = matmul_seconds(profile.events(), on_gpu) / wall if wall > 0 else 0.0
+            table = profile.key_averages().table(
+                sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=30)
+            _publish(ctx.run_dir / "profile.txt",
+                     f"{done} training step(s) profiled (steps {state.global_step - done + 1}-{state.global_step}), "
+                     f"{wall:.3f} s of wall time: {wall / done:.3f} s per step, {100 * share:.1f} % of it in matrix "
+                     f"multiplications ({', '.join(sorted(MATMUL_OPS))}).\n\n{table}\n")
+            tmp = ctx.run_dir / f".profile.{os.getpid()}.tmp.json.gz"  # torch compresses a name ending in .gz
+            profile.export_chrome_trace(str(tmp))
+            os.replace(tmp, ctx.run_dir / "profile.json.gz")
+            ctx.log_metrics(state.global_step, {"profile/step_s": wall / done, "profile/matmul_share": share})
+            ctx.log(f"[lab] profiled {done} step(s): {wall / done:.3f} s per step, {100 * share:.1f} % in matrix "
+                    f"multiplications; the ops by time are in profile.txt, the trace in profile.json.gz")
+
+    return StepProfiler()
 
 
 PROBE = ("The lab trains language models on text. A model reads the words so far and predicts the next one; "

@@ -108,3 +108,50 @@ def test_without_bf16_instructions_auto_takes_fp32_and_bf16_is_refused(monkeypat
     with pytest.raises(LabError, match="no bf16 matrix instructions"):
         speed.choose_bf16("bf16", None, None, said.append)
     assert speed.choose_bf16("fp32", None, None, said.append) is False
+
+
+def test_a_run_asked_to_profile_records_its_steps_and_says_how_much_was_matrix_multiplication(uneven):
+    import gzip
+    import json
+    from pathlib import Path
+
+    job_id = runs.submit(uneven, "sft", model="tiny", dataset="uneven",
+                         params={"max_steps": "5", "batch_size": "4", "precision": "fp32", "profile_steps": "2"})
+    Worker(uneven, say=lambda m: None).serve(once=True)
+    job = runs.get_job(uneven, job_id)
+    assert job["status"] == "completed", job["log_tail"]
+    found = runs.metrics(uneven, [job_id], ["profile/step_s", "profile/matmul_share"])[job_id]
+    [(step, share, _)] = found["profile/matmul_share"]
+    assert step == 3, "steps 2 and 3 profiled: the first warms up"
+    assert 0 < share < 1 and 0 < found["profile/step_s"][0][1] < 60
+    run_dir = Path(job["run_dir"])
+    text = (run_dir / "profile.txt").read_text()
+    assert text.startswith("2 training step(s) profiled (steps 2-3)") and "aten::mm" in text, text[:500]
+    assert f"{100 * share:.1f} % of it in matrix multiplications" in text
+    with gzip.open(run_dir / "profile.json.gz", "rt") as trace:
+        assert "traceEvents" in json.load(trace)
+    assert not list(run_dir.glob(".*")), "published by one rename, nothing left behind"
+    assert "[lab] profiled 2 step(s)" in (run_dir / "log.txt").read_text()
+
+
+def test_matmul_time_counts_each_multiplication_once_even_inside_another():
+    from types import SimpleNamespace
+
+    from lab.speed import matmul_seconds
+
+    def event(name, us, parent=None):
+        return SimpleNamespace(name=name, cpu_time_total=us, device_time_total=us / 2, cpu_parent=parent)
+
+    step = event("ProfilerStep", 100)
+    linear = event("aten::linear", 30, step)
+    outer = event("aten::addmm", 25, linear)
+    inner = event("aten::mm", 20, event("aten::something", 21, outer))  # inside the addmm: already counted
+    alone = event("aten::bmm", 7, step)
+    events = [step, linear, outer, inner.cpu_parent, inner, alone, event("aten::add", 9, step)]
+    assert matmul_seconds(events) == pytest.approx(32e-6)
+    assert matmul_seconds(events, on_gpu=True) == pytest.approx(16e-6), "on a GPU: the kernels' time"
+    x = torch.randn(64, 64, requires_grad=True)
+    with torch.profiler.profile() as profile:  # and on real events: a part of the time, never more than all
+        (torch.nn.Linear(64, 64)(x) @ x).sum().backward()
+    real = profile.events()
+    assert 0 < matmul_seconds(real) <= sum(e.cpu_time_total for e in real if e.cpu_parent is None) / 1e6

@@ -3,11 +3,12 @@ and as a bare TRL script, in one run, printing training tokens/s of both and the
 
     .venv/bin/python bench/overhead.py [--model starter|tiny] [--steps 10] [--repeats 1]
 
-Both sides train the same LoRA on the same rows in the same batches (padded, TRL's default) and the same precision
-(bf16 where the machine has bf16 matrix instructions, else fp32: SFTConfig alone would take bf16 even on a CPU
-that multiplies bf16 several times slower), each in a fresh Python process; tokens/s is the number of tokens
-trained on divided by the Trainer's own train_runtime, so loading and process start are left out of both. The
-end-to-end wall time (from submit, or from starting the script, to the end) is printed as well. On a shared
+Both sides train the same LoRA (no dropout, the lab's default) on the same rows in the same batches (padded, TRL's
+default), without gradient checkpointing (what the lab chooses for this model; SFTConfig's default is on) and in
+the same precision (bf16 where the machine has bf16 matrix instructions, else fp32: SFTConfig alone would take bf16
+even on a CPU that multiplies bf16 several times slower), each in a fresh Python process; tokens/s is the number
+of tokens trained on divided by the Trainer's own train_runtime, so loading and process start are left out of both.
+The end-to-end wall time (from submit, or from starting the script, to the end) is printed as well. On a shared
 2-core machine repeats differ by 10 % or more, more than the lab's cost, so the lab's own work per logged step
 (metrics insert, progress update, cancel check) is also timed directly and given as a share of a training step.
 Data: ../shared/data/sft/alpaca_train.jsonl when it is there, else the lab's demo rows.
@@ -28,7 +29,8 @@ from workspace import fresh_with_rows
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-CONFIG = {"lora_r": 8, "lora_alpha": 16, "learning_rate": 2e-4, "batch_size": 4, "max_length": 256, "seed": 42}
+CONFIG = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 2e-4, "batch_size": 4,
+          "max_length": 256, "seed": 42}
 
 # The baseline: a plain TRL script with the same data conversion, LoRA and arguments as plugins/sft.py.
 BARE = r'''
@@ -51,9 +53,10 @@ args = SFTConfig(output_dir=out, report_to=[], learning_rate=cfg["learning_rate"
                  per_device_train_batch_size=cfg["batch_size"], max_length=cfg["max_length"], logging_steps=1,
                  seed=cfg["seed"], data_seed=cfg["seed"], save_strategy="no", disable_tqdm=True, use_cpu=True,
                  completion_only_loss=True, lr_scheduler_type="linear", dataloader_num_workers=0,
-                 bf16=cfg["bf16"])  # SFTConfig's own default is bf16 on any machine
-peft = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=0.05, target_modules="all-linear",
-                  task_type="CAUSAL_LM")
+                 bf16=cfg["bf16"],  # SFTConfig's own default is bf16 on any machine
+                 gradient_checkpointing=False)  # and gradient checkpointing on
+peft = LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                  target_modules="all-linear", task_type="CAUSAL_LM")
 trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok, peft_config=peft)
 trainer.train()
 logs = trainer.state.log_history
@@ -84,7 +87,7 @@ def run_lab(s, model: str, dataset: str, steps: int) -> dict:
     t0 = time.time()
     # the same batches and precision as the bare script: padded rows (TRL's default), bf16 where the machine has it
     params = {**{k: str(v) for k, v in CONFIG.items()}, "max_steps": str(steps), "batching": "padded",
-              "precision": "bf16" if speed.bf16_supported() else "fp32"}
+              "precision": "bf16" if speed.bf16_supported() else "fp32", "gradient_checkpointing": "off"}
     job_id = runs.submit(s, "sft", model=model, dataset=dataset, experiment="bench", params=params)
     proc = subprocess.run([sys.executable, "-m", "lab.cli", "worker", "--once"], capture_output=True, text=True,
                           check=False)

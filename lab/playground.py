@@ -13,19 +13,9 @@ from pathlib import Path
 from lab import datasets, registry
 from lab.errors import LabError
 from lab.settings import Settings
+from lab.speed import available_memory
 
 GB = 1024**3
-
-
-def available_memory() -> int | None:
-    """Bytes the kernel says can still be used (MemAvailable); None where that is unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class ModelCache:

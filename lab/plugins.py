@@ -27,7 +27,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, Field
@@ -93,6 +93,9 @@ class TrainParams(BaseModel):
     save_minutes: float = Field(10.0, **advanced(
         ge=0, le=10080, description="Checkpoint after this many minutes of training since the last checkpoint (and "
         "always when the job is stopped), so an interrupted or retried job resumes; 0: only every save_steps."))
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", **advanced(
+        description="Recompute activations in the backward pass instead of keeping them: less memory, about a third "
+        "more compute. auto: on only when they would take over a quarter of the free memory."))
     profile_steps: int = Field(0, **advanced(
         ge=0, le=10, description="Record this many training steps (after the first) with the torch profiler: the "
         "run's profile.txt lists the ops that took the time, profile.json.gz is a trace for Perfetto, and the metric "

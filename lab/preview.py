@@ -293,7 +293,7 @@ def _config(path: str) -> dict:
 
 def estimate(settings, model_name: str, dataset_name: str, params: dict) -> dict:
     """Rough training memory (GB) and tokens per optimizer step for a form's choices."""
-    from lab import datasets, registry
+    from lab import datasets, registry, speed
 
     model = registry.get(settings, model_name)
     base = registry.base_of(settings, model)
@@ -313,6 +313,6 @@ def estimate(settings, model_name: str, dataset_name: str, params: dict) -> dict
     else:
         trainable = n
     total = 4 * n + 12 * trainable  # fp32 weights; gradient and two Adam moments per trainable weight
-    total += batch * seq * (hidden * layers * 34 + vocab * 8)  # activations and logits, a rule of thumb
+    total += speed.activation_bytes(hidden, layers, vocab, batch, seq)  # without gradient checkpointing
     return {"memory_gb": round(total / 1e9, 3), "tokens_per_step": round(batch * accum * seq),
             "mean_row_tokens": round(mean, 1), "trainable_parameters": trainable, "parameters": n}

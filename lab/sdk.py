@@ -158,11 +158,12 @@ class RunContext:
             raise DataError(f"none of the {held_out} held-out {unit} can be evaluated at max_length={max_length}: "
                             f"{rule}", hint + ", or set eval_split=0")
 
-    def trainer_args(self, config_cls, params, *, bf16: bool = False, evaluate: bool = False, **own):
+    def trainer_args(self, config_cls, params, *, model=None, bf16: bool = False, evaluate: bool = False, **own):
         """The Trainer configuration every method shares, built from the plugin's parameters of the usual names
         (learning_rate, epochs, max_steps, batch_size, grad_accum, scheduler, warmup_steps, weight_decay, max_length,
-        logging_steps, eval_steps, save_steps, seed): the run's folders and name, the device, precision, logging,
-        checkpoints. `own` holds the method's own arguments and wins over the shared ones."""
+        logging_steps, eval_steps, save_steps, seed, gradient_checkpointing): the run's folders and name, the
+        device, precision, logging, checkpoints, and (given the model) whether to recompute activations. `own`
+        holds the method's own arguments and wins over the shared ones."""
         import dataclasses
 
         from lab import speed
@@ -189,6 +190,10 @@ class RunContext:
                 shared[theirs] = p[mine]
         if "batch_size" in p:
             shared["per_device_eval_batch_size"] = p["batch_size"]
+        if model is not None and "gradient_checkpointing" in names and "gradient_checkpointing" not in own:
+            shared["gradient_checkpointing"] = speed.choose_checkpointing(
+                p.get("gradient_checkpointing", "auto"), model, p.get("batch_size", 8), _sequence_tokens(p), self.log,
+                processes=self.world_size)
         if "ddp_find_unused_parameters" in names:
             shared["ddp_find_unused_parameters"] = False  # every trainable weight takes part in each step
         return config_cls(**{k: v for k, v in {**shared, **own}.items() if k in names or k in own})
@@ -377,6 +382,13 @@ def _fmt(v: float) -> str:
     if isinstance(v, int):
         return str(v)
     return f"{v:.4g}"
+
+
+def _sequence_tokens(p: dict) -> int:
+    """The longest sequence a trainer's parameters allow: max_length, a pretraining block, or a prompt and its
+    answer (GRPO, PPO); 1024 when they name none."""
+    prompt_and_answer = p.get("max_prompt_tokens", 0) + p.get("max_completion_length", p.get("response_length", 0))
+    return p.get("max_length") or p.get("block_size") or prompt_and_answer or 1024
 
 
 class PaddingCounter:

@@ -88,10 +88,10 @@ def matmul_seconds(events, on_gpu: bool = False) -> float:
 
 def step_profiler(ctx, steps: int):
     """A TrainerCallback that records `steps` training steps with the torch profiler, starting with this process's
-    second step (the first warms up), and then writes into the run's folder profile.txt (the ops that took the
-    time) and profile.json.gz (a trace for Perfetto or chrome://tracing), and logs profile/step_s (wall seconds per
-    profiled step, logging and saving between them included) and profile/matmul_share (the part of that time in
-    matrix multiplications)."""
+    second step (the first warms up). When training ends it writes into the run's folder profile.txt (the ops that
+    took the time) and profile.json.gz (a trace for Perfetto or chrome://tracing), and logs profile/step_s (wall
+    seconds per profiled step, logging and saving between them included) and profile/matmul_share (the part of
+    that time in matrix multiplications)."""
     from transformers import TrainerCallback
 
     class StepProfiler(TrainerCallback):
@@ -99,6 +99,7 @@ def step_profiler(ctx, steps: int):
             self._begun = 0  # optimizer steps begun by this process
             self._profile = None
             self._start = 0.0
+            self._stopped = None  # (profile, wall seconds, steps, last step) once the profiled steps are done
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._begun += 1
@@ -114,37 +115,96 @@ def step_profiler(ctx, steps: int):
 
         def on_step_end(self, args, state, control, **kwargs):
             if self._profile is not None and self._begun >= 1 + steps:
-                self._finish(state)
+                self._stop(state)
 
         def on_train_end(self, args, state, control, **kwargs):
             if self._profile is not None:  # training ended before the profiled steps did
-                self._finish(state)
+                self._stop(state)
+            if self._stopped is not None:  # written now, outside the steps' times and tokens/s
+                self._report(*self._stopped)
 
-        def _finish(self, state) -> None:
+        def _stop(self, state) -> None:
             import torch
 
-            profile, self._profile = self._profile, None
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             wall = time.perf_counter() - self._start
-            profile.__exit__(None, None, None)
-            done = self._begun - 1
+            self._profile.__exit__(None, None, None)
+            self._stopped = (self._profile, wall, self._begun - 1, state.global_step)
+            self._profile = None
+
+        def _report(self, profile, wall: float, done: int, last: int) -> None:
+            import torch
+
             on_gpu = torch.cuda.is_available()
             share = matmul_seconds(profile.events(), on_gpu) / wall if wall > 0 else 0.0
             table = profile.key_averages().table(
                 sort_by="self_cuda_time_total" if on_gpu else "self_cpu_time_total", row_limit=30)
             _publish(ctx.run_dir / "profile.txt",
-                     f"{done} training step(s) profiled (steps {state.global_step - done + 1}-{state.global_step}), "
-                     f"{wall:.3f} s of wall time: {wall / done:.3f} s per step, {100 * share:.1f} % of it in matrix "
-                     f"multiplications ({', '.join(sorted(MATMUL_OPS))}).\n\n{table}\n")
+                     f"{done} training step(s) profiled (steps {last - done + 1}-{last}), {wall:.3f} s of wall time: "
+                     f"{wall / done:.3f} s per step, {100 * share:.1f} % of it in matrix multiplications "
+                     f"({', '.join(sorted(MATMUL_OPS))}).\n\n{table}\n")
             tmp = ctx.run_dir / f".profile.{os.getpid()}.tmp.json.gz"  # torch compresses a name ending in .gz
             profile.export_chrome_trace(str(tmp))
             os.replace(tmp, ctx.run_dir / "profile.json.gz")
-            ctx.log_metrics(state.global_step, {"profile/step_s": wall / done, "profile/matmul_share": share})
+            ctx.log_metrics(last, {"profile/step_s": wall / done, "profile/matmul_share": share})
             ctx.log(f"[lab] profiled {done} step(s): {wall / done:.3f} s per step, {100 * share:.1f} % in matrix "
                     f"multiplications; the ops by time are in profile.txt, the trace in profile.json.gz")
 
     return StepProfiler()
+
+
+def available_memory() -> int | None:
+    """Bytes the kernel says can still be used (MemAvailable); None where that is unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def activation_bytes(hidden: int, layers: int, vocab: int, batch: int, tokens: float) -> float:
+    """Activations and logits one training step keeps for its backward pass without gradient checkpointing, for
+    `batch` sequences of `tokens` (a rule of thumb: 34 bytes per hidden unit and layer, 8 bytes per logit)."""
+    return batch * tokens * (hidden * layers * 34 + vocab * 8)
+
+
+CHECKPOINT_SHARE = 0.25  # auto checkpoints when the activations would take more than this part of the free memory
+
+
+def choose_checkpointing(requested: str, model, batch: int, tokens: int, log, processes: int = 1) -> bool:
+    """`gradient_checkpointing` of a trainer: on, off, or auto. Checkpointing recomputes each layer's activations
+    in the backward pass instead of keeping them: less memory for a third more compute (and a second pass through
+    LoRA's dropout). auto turns it on only when the activations would take over a quarter of the free memory (the
+    GPU's, or the machine's shared by its training processes)."""
+    if requested in ("on", "off"):
+        log(f"[lab] gradient checkpointing {requested} (asked for)")
+        return requested == "on"
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    need = activation_bytes(getattr(config, "hidden_size", 0) or 0, getattr(config, "num_hidden_layers", 0) or 0,
+                            getattr(config, "vocab_size", 0) or 0, batch, tokens)
+    if device() == "cuda":
+        import torch
+
+        free = torch.cuda.mem_get_info()[0]
+        if next(model.parameters()).device.type == "cpu":  # the trainer moves the weights there first
+            free -= sum(p.numel() * p.element_size() for p in model.parameters())
+    else:
+        free = available_memory()
+        if free is None:
+            log("[lab] gradient checkpointing on (auto: the free memory is unknown here)")
+            return True
+        free //= max(1, processes)
+    on = need > CHECKPOINT_SHARE * max(free, 0)
+    log(f"[lab] gradient checkpointing {'on' if on else 'off'} (auto: about {_size(need)} of activations for "
+        f"{batch} x {tokens} tokens, {_size(max(free, 0))} free{', over' if on else ', under'} a quarter of it)")
+    return on
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 PROBE = ("The lab trains language models on text. A model reads the words so far and predicts the next one; "

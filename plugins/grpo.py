@@ -165,7 +165,7 @@ def run(ctx, params: Params) -> None:
         rewards.insert(0, samples.wrap(scorer))
 
     # 3. configuration, 4. trainer, 5. train
-    args = ctx.trainer_args(GRPOConfig, params, bf16=bf16, num_generations=params.num_generations,
+    args = ctx.trainer_args(GRPOConfig, params, model=model, bf16=bf16, num_generations=params.num_generations,
                             max_completion_length=params.max_completion_length, temperature=params.temperature,
                             beta=params.beta)
     peft_config = None

@@ -74,8 +74,8 @@ def run(ctx, params: Params) -> None:
     model = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log)
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
     bf16 = ctx.use_bf16(params.precision, model, tokenizer)
-    args = ctx.trainer_args(KTOConfig, params, bf16=bf16, beta=params.beta, desirable_weight=params.desirable_weight,
-                            undesirable_weight=params.undesirable_weight)
+    args = ctx.trainer_args(KTOConfig, params, model=model, bf16=bf16, beta=params.beta,
+                            desirable_weight=params.desirable_weight, undesirable_weight=params.undesirable_weight)
     peft_config = None
     if params.use_lora:
         peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,

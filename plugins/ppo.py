@@ -134,7 +134,7 @@ def run(ctx, params: Params) -> None:
 
     # 3. configuration, 4. trainer
     args = ctx.trainer_args(
-        PPOConfig, params, bf16=bf16, total_episodes=params.total_episodes,
+        PPOConfig, params, model=policy, bf16=bf16, total_episodes=params.total_episodes,
         per_device_eval_batch_size=held_out,  # the sample batch is all held-out prompts (PPO drops a short batch)
         num_ppo_epochs=params.num_ppo_epochs, num_mini_batches=params.num_mini_batches,
         response_length=params.response_length, stop_token="eos", missing_eos_penalty=params.missing_eos_penalty,

@@ -182,7 +182,7 @@ def run(ctx, params: Params) -> None:
     # 3. configuration, 4. trainer, 5. train
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=params.objective == "masked",
                                                mlm_probability=params.mlm_probability)
-    args = ctx.trainer_args(TrainingArguments, params, bf16=bf16, evaluate=held_out is not None,
+    args = ctx.trainer_args(TrainingArguments, params, model=model, bf16=bf16, evaluate=held_out is not None,
                             include_num_input_tokens_seen="all")
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held_out, data_collator=collator)
     ctx.train(trainer, params)

@@ -3,6 +3,8 @@ on this machine's attention), and every run says how much of its work was paddin
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from conftest import write_jsonl
@@ -131,7 +133,10 @@ def test_a_run_asked_to_profile_records_its_steps_and_says_how_much_was_matrix_m
     with gzip.open(run_dir / "profile.json.gz", "rt") as trace:
         assert "traceEvents" in json.load(trace)
     assert not list(run_dir.glob(".*")), "published by one rename, nothing left behind"
-    assert "[lab] profiled 2 step(s)" in (run_dir / "log.txt").read_text()
+    log = (run_dir / "log.txt").read_text()
+    assert "[lab] profiled 2 step(s)" in log
+    assert re.search(r"\[lab\] gradient checkpointing off \(auto: about \d+ MB of activations for 4 x 1024 tokens, "
+                     r"[\d.]+ GB free, under a quarter of it\)", log), log
 
 
 def test_matmul_time_counts_each_multiplication_once_even_inside_another():
@@ -155,3 +160,37 @@ def test_matmul_time_counts_each_multiplication_once_even_inside_another():
         (torch.nn.Linear(64, 64)(x) @ x).sum().backward()
     real = profile.events()
     assert 0 < matmul_seconds(real) <= sum(e.cpu_time_total for e in real if e.cpu_parent is None) / 1e6
+
+
+def test_gradient_checkpointing_is_on_only_where_the_activations_need_the_memory(ws, tiny_model_dir, tmp_path,
+                                                                                  monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    from lab import speed
+    from lab.sdk import RunContext
+    from plugins import sft
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    c = model.config
+    need = speed.activation_bytes(c.hidden_size, c.num_hidden_layers, c.vocab_size, 4, 256)
+    ctx = RunContext(settings=ws, job_id=1, plugin="sft", experiment="default", run_dir=tmp_path)
+
+    def checkpointing(free, **chosen) -> bool:
+        monkeypatch.setattr(speed, "available_memory", lambda: free)
+        params = sft.Params(batch_size=4, max_length=256, **chosen)
+        return ctx.trainer_args(SFTConfig, params, model=model).gradient_checkpointing
+
+    assert checkpointing(8 * need) is False, "TRL's default is on; a quarter of the free memory is enough here"
+    assert "[lab] gradient checkpointing off (auto:" in capsys.readouterr().out
+    assert checkpointing(3 * need) is True, "over a quarter of the free memory"
+    assert checkpointing(3 * need, gradient_checkpointing="off") is False
+    assert checkpointing(100 * need, gradient_checkpointing="on") is True
+    assert "[lab] gradient checkpointing on (asked for)" in capsys.readouterr().out
+    assert checkpointing(None) is True, "free memory unknown: the safe side"
+    monkeypatch.setattr(speed, "available_memory", lambda: 8 * need)
+    assert speed.choose_checkpointing("auto", model, 4, 256, print, processes=4) is True, "four processes share it"
+    assert "[lab] gradient checkpointing on (auto: about " in capsys.readouterr().out
+    assert ctx.trainer_args(SFTConfig, sft.Params()).gradient_checkpointing is True, "no model given: TRL decides"
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        sft.Params(gradient_checkpointing="sometimes")

@@ -190,8 +190,11 @@ class RunContext:
                 shared[theirs] = p[mine]
         if "batch_size" in p:
             shared["per_device_eval_batch_size"] = p["batch_size"]
-        if model is not None and "gradient_checkpointing" in names and "gradient_checkpointing" not in own:
-            shared["gradient_checkpointing"] = speed.choose_checkpointing(
+        # transformers 5 renamed gradient_checkpointing (TRL's default: on) to activation_checkpointing, which wins
+        named = next((n for n in ("activation_checkpointing", "gradient_checkpointing") if n in names), None)
+        asked = {"activation_checkpointing", "gradient_checkpointing"} & set(own)  # passed through: theirs wins
+        if model is not None and named and not asked:
+            shared[named] = speed.choose_checkpointing(
                 p.get("gradient_checkpointing", "auto"), model, p.get("batch_size", 8), _sequence_tokens(p), self.log,
                 processes=self.world_size)
         if "ddp_find_unused_parameters" in names:

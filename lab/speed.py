@@ -106,6 +106,9 @@ def step_profiler(ctx, steps: int):
             if self._begun == 2 and ctx.is_main:
                 import torch
 
+                # Kineto's own lines (profiler_start, profiler_stop) stay out of the run's log
+                os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if torch.cuda.is_available():
                     activities.append(torch.profiler.ProfilerActivity.CUDA)

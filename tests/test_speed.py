@@ -4,6 +4,7 @@ on this machine's attention), and every run says how much of its work was paddin
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -134,7 +135,7 @@ def test_a_run_asked_to_profile_records_its_steps_and_says_how_much_was_matrix_m
         assert "traceEvents" in json.load(trace)
     assert not list(run_dir.glob(".*")), "published by one rename, nothing left behind"
     log = (run_dir / "log.txt").read_text()
-    assert "[lab] profiled 2 step(s)" in log
+    assert "[lab] profiled 2 step(s)" in log and "profiler_st" not in log, "no lines of the profiler's own"
     assert re.search(r"\[lab\] gradient checkpointing off \(auto: about \d+ MB of activations for 4 x 1024 tokens, "
                      r"[\d.]+ GB free, under a quarter of it\)", log), log
 
@@ -179,7 +180,9 @@ def test_gradient_checkpointing_is_on_only_where_the_activations_need_the_memory
     def checkpointing(free, **chosen) -> bool:
         monkeypatch.setattr(speed, "available_memory", lambda: free)
         params = sft.Params(batch_size=4, max_length=256, **chosen)
-        return ctx.trainer_args(SFTConfig, params, model=model).gradient_checkpointing
+        with warnings.catch_warnings():  # the lab sets transformers' new name: no deprecation warning in the log
+            warnings.simplefilter("error", FutureWarning)
+            return ctx.trainer_args(SFTConfig, params, model=model).gradient_checkpointing
 
     assert checkpointing(8 * need) is False, "TRL's default is on; a quarter of the free memory is enough here"
     assert "[lab] gradient checkpointing off (auto:" in capsys.readouterr().out
@@ -192,5 +195,7 @@ def test_gradient_checkpointing_is_on_only_where_the_activations_need_the_memory
     assert speed.choose_checkpointing("auto", model, 4, 256, print, processes=4) is True, "four processes share it"
     assert "[lab] gradient checkpointing on (auto: about " in capsys.readouterr().out
     assert ctx.trainer_args(SFTConfig, sft.Params()).gradient_checkpointing is True, "no model given: TRL decides"
+    for name in ("gradient_checkpointing", "activation_checkpointing"):  # an extra argument of the same meaning wins
+        assert ctx.trainer_args(SFTConfig, sft.Params(), model=model, **{name: True}).gradient_checkpointing is True
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         sft.Params(gradient_checkpointing="sometimes")

@@ -127,6 +127,11 @@ def run(ctx, params: Params) -> None:
         own["train_sampling_strategy"] = "group_by_length"
     config = ctx.trainer_args(SFTConfig, params, model=model, bf16=bf16, evaluate=evaluation is not None,
                               **{**own, **params.extra_args})  # passed-through arguments win over the lab's choices
+    if not config.gradient_checkpointing and "loss_type" not in params.extra_args and not config.use_liger_kernel:
+        # TRL's default loss (chunked_nll) recomputes the output layer in the backward pass to save memory; without
+        # checkpointing the memory is there, and one pass over the whole logits is about 8 % faster per step
+        config.loss_type = "nll"
+        ctx.log("[lab] loss over the whole logits at once (TRL's nll): no gradient checkpointing, so they fit")
     already_adapter = isinstance(model, PeftModel)
     peft_config = None
     if params.use_lora and not already_adapter:

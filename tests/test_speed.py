@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,7 +117,6 @@ def test_without_bf16_instructions_auto_takes_fp32_and_bf16_is_refused(monkeypat
 def test_a_run_asked_to_profile_records_its_steps_and_says_how_much_was_matrix_multiplication(uneven):
     import gzip
     import json
-    from pathlib import Path
 
     job_id = runs.submit(uneven, "sft", model="tiny", dataset="uneven",
                          params={"max_steps": "5", "batch_size": "4", "precision": "fp32", "profile_steps": "2"})
@@ -199,3 +199,18 @@ def test_gradient_checkpointing_is_on_only_where_the_activations_need_the_memory
         assert ctx.trainer_args(SFTConfig, sft.Params(), model=model, **{name: True}).gradient_checkpointing is True
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         sft.Params(gradient_checkpointing="sometimes")
+
+
+def test_without_checkpointing_sft_takes_the_loss_over_whole_logits_and_it_is_the_same_loss(uneven):
+    found = {}
+    for choice in ("on", "off"):
+        job_id = runs.submit(uneven, "sft", model="tiny", dataset="uneven",
+                             params={"max_steps": "2", "batch_size": "4", "precision": "fp32", "seed": "3",
+                                     "gradient_checkpointing": choice})
+        Worker(uneven, say=lambda m: None).serve(once=True)
+        job = runs.get_job(uneven, job_id)
+        assert job["status"] == "completed", job["log_tail"]
+        log = (Path(job["run_dir"]) / "log.txt").read_text()
+        found[choice] = ("TRL's nll" in log, runs.metrics(uneven, [job_id], ["loss"])[job_id]["loss"][0][1])
+    assert found["off"][0] and not found["on"][0], "chunked (TRL's default) only where memory is saved"
+    assert found["off"][1] == pytest.approx(found["on"][1], rel=1e-5), "the same loss either way"

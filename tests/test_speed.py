@@ -56,13 +56,18 @@ def uneven(ws, tiny_model_dir, tmp_path):
     return ws
 
 
-def _sft(s, batching: str) -> dict:
-    job_id = runs.submit(s, "sft", model="tiny", dataset="uneven",
-                         params={"max_steps": "4", "batch_size": "4", "precision": "fp32", "batching": batching,
-                                 "seed": "3"})
+def _sft_job(s, **params) -> dict:
+    """A completed SFT run of the tiny model on the uneven rows (fp32, batch 4, and `params`)."""
+    chosen = {"batch_size": 4, "precision": "fp32", **params}
+    job_id = runs.submit(s, "sft", model="tiny", dataset="uneven", params={k: str(v) for k, v in chosen.items()})
     Worker(s, say=lambda m: None).serve(once=True)
     job = runs.get_job(s, job_id)
     assert job["status"] == "completed", job["log_tail"]
+    return job
+
+
+def _sft(s, batching: str) -> dict:
+    job_id = _sft_job(s, max_steps=4, batching=batching, seed=3)["id"]
     return runs.metrics(s, [job_id], ["loss", "padding_share", "num_tokens"])[job_id]
 
 
@@ -118,12 +123,8 @@ def test_a_run_asked_to_profile_records_its_steps_and_says_how_much_was_matrix_m
     import gzip
     import json
 
-    job_id = runs.submit(uneven, "sft", model="tiny", dataset="uneven",
-                         params={"max_steps": "5", "batch_size": "4", "precision": "fp32", "profile_steps": "2"})
-    Worker(uneven, say=lambda m: None).serve(once=True)
-    job = runs.get_job(uneven, job_id)
-    assert job["status"] == "completed", job["log_tail"]
-    found = runs.metrics(uneven, [job_id], ["profile/step_s", "profile/matmul_share"])[job_id]
+    job = _sft_job(uneven, max_steps=5, profile_steps=2)
+    found = runs.metrics(uneven, [job["id"]], ["profile/step_s", "profile/matmul_share"])[job["id"]]
     [(step, share, _)] = found["profile/matmul_share"]
     assert step == 3, "steps 2 and 3 profiled: the first warms up"
     assert 0 < share < 1 and 0 < found["profile/step_s"][0][1] < 60
@@ -204,13 +205,8 @@ def test_gradient_checkpointing_is_on_only_where_the_activations_need_the_memory
 def test_without_checkpointing_sft_takes_the_loss_over_whole_logits_and_it_is_the_same_loss(uneven):
     found = {}
     for choice in ("on", "off"):
-        job_id = runs.submit(uneven, "sft", model="tiny", dataset="uneven",
-                             params={"max_steps": "2", "batch_size": "4", "precision": "fp32", "seed": "3",
-                                     "gradient_checkpointing": choice})
-        Worker(uneven, say=lambda m: None).serve(once=True)
-        job = runs.get_job(uneven, job_id)
-        assert job["status"] == "completed", job["log_tail"]
+        job = _sft_job(uneven, max_steps=2, seed=3, gradient_checkpointing=choice)
         log = (Path(job["run_dir"]) / "log.txt").read_text()
-        found[choice] = ("TRL's nll" in log, runs.metrics(uneven, [job_id], ["loss"])[job_id]["loss"][0][1])
+        found[choice] = ("TRL's nll" in log, runs.metrics(uneven, [job["id"]], ["loss"])[job["id"]]["loss"][0][1])
     assert found["off"][0] and not found["on"][0], "chunked (TRL's default) only where memory is saved"
     assert found["off"][1] == pytest.approx(found["on"][1], rel=1e-5), "the same loss either way"

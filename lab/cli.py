@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from lab import datasets, experiments, plugins, registry, runs
+from lab.dependencies import describe
 from lab.diagnosis import KINDS
 from lab.errors import LabError, from_known_error
 from lab.settings import Settings, load
@@ -847,7 +848,7 @@ def main() -> None:
         if os.environ.get("LAB_DEBUG"):
             traceback.print_exc()
         else:
-            err.print("[red]error:[/]", escape(f"unexpected {type(exc).__name__}: {exc}"),
+            err.print("[red]error:[/]", escape(describe(exc)),
                       "(set LAB_DEBUG=1 for the traceback)")
         sys.exit(1)
 

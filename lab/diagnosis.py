@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from lab.dependencies import DependencyChanged, describe
 from lab.errors import DataError, Diverged, LabError
 
 KINDS = {
@@ -84,6 +85,9 @@ def diagnose(exc: BaseException, folders: list[Path] = ()) -> Failure:
     for e in chain:
         if isinstance(e, DataError):
             return Failure("data", e.message, e.hint or "fix the dataset or the length limits and launch again")
+    for e in chain:
+        if isinstance(e, DependencyChanged):
+            return Failure("dependency", e.message, e.hint or TRACEBACK_STEP)
     if any(getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for e in chain) \
             or "No space left on device" in text \
             or (isinstance(exc, (OSError, RuntimeError)) and _disk_full(list(folders))):
@@ -104,7 +108,7 @@ def diagnose(exc: BaseException, folders: list[Path] = ()) -> Failure:
                            "check the installed versions (`make install` puts back the lab's pinned ones)")
     if isinstance(exc, LabError):
         return Failure("plugin_error", exc.message, exc.hint or TRACEBACK_STEP)
-    return Failure("plugin_error", text, TRACEBACK_STEP)
+    return Failure("plugin_error", describe(exc).removeprefix("unexpected ")[:600], TRACEBACK_STEP)
 
 
 def from_exit(code: int | None, stopped_for: str | None, *, oom_killed: bool = False) -> Failure | None:

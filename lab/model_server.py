@@ -1,12 +1,12 @@
-"""Serve one model of the lab at an OpenAI-compatible endpoint, with transformers' own server (`transformers serve`:
-/v1/chat/completions streamed or not, /v1/completions, /v1/responses) behind a small gate of the lab's.
+"""Serve one model of the lab at an OpenAI-compatible endpoint: transformers' own server (/v1/chat/completions
+streamed or not, /v1/completions, /v1/responses) in a child process (lab.model_backend), behind a gate of the lab's.
 
 Why transformers' server and not llama.cpp's: it serves the lab's models as they are (HF folders, adapters merged,
 the same weights and chat template the Playground uses), with no conversion and no build; llama.cpp's server is for
 the GGUF exports and is the user's to run (the README shows how).
 
-The gate (lab.model_server.Gate, plain ASGI around the server's app) keeps what transformers' server would
-otherwise allow any caller:
+The child answers only on a Unix socket in a private folder; the gate (Gate around Proxy, plain ASGI) listens on the
+user's port and keeps what transformers' server would otherwise allow any caller:
 - only the served model: its lab name is the only model id; any other name gets OpenAI's 404 `model_not_found`
   (transformers' server would load any hub id or server path it is given);
 - only the OpenAI routes (`/load_model`, `/reset` and the rest answer 404);
@@ -14,7 +14,7 @@ otherwise allow any caller:
   gets 401, as OpenAI answers;
 - the Host header must be one of the server's names (421) and a browser page from another origin is refused (403),
   as for the web lab (lab.guard).
-The model is served under its lab name: the server runs in a folder where that name is a link to the model, so no
+The model is served under its lab name: the child runs in a folder where that name holds the model's files, so no
 server path appears in any answer.
 """
 
@@ -116,23 +116,6 @@ class Gate:
                                                        f"`{self.model}`)", "invalid_request_error",
                                                   "model_not_found"))
         sent = False
-        pending: dict = {}
-        # transformers' server names the model `NAME@main` in its answers: they say the lab name, as /v1/models does
-        old, new = json.dumps(f"{self.model}@main").encode(), json.dumps(self.model).encode()
-
-        async def renamed(message):
-            if message["type"] == "http.response.start":
-                pending["start"] = message
-                return None
-            if message["type"] == "http.response.body":
-                message = {**message, "body": message.get("body", b"").replace(old, new)}
-                if "start" in pending:
-                    start = pending.pop("start")
-                    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-                    if not message.get("more_body"):
-                        headers.append((b"content-length", str(len(message["body"])).encode()))
-                    await send({**start, "headers": headers})
-            return await send(message)
 
         async def replay():
             nonlocal sent
@@ -141,7 +124,7 @@ class Gate:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return await self.app(scope, replay, renamed)
+        return await self.app(scope, replay, send)
 
 
 def servable(settings: Settings, name: str) -> dict:
@@ -168,6 +151,121 @@ def state_file(settings: Settings, name: str) -> Path:
     return settings.workspace / "serving" / f"{name}.json"
 
 
+HOP_BY_HOP = {b"host", b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
+              b"proxy-authorization", b"authorization", b"content-length"}
+
+
+class Proxy:
+    """ASGI app: each request goes to the model's process on its socket, and the answer comes back as it is made
+    (a stream chunk by chunk). A client that leaves stops its generation: the connection to the model's process is
+    closed, and transformers' server cancels a request whose client went away."""
+
+    def __init__(self, socket_path: Path, stopped: Callable[[], str | None]):
+        import httpx
+
+        self.client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(socket_path)),
+                                        base_url="http://model", timeout=httpx.Timeout(None, connect=10))
+        self.stopped = stopped
+
+    async def __call__(self, scope, receive, send):
+        import asyncio
+
+        import httpx
+
+        if scope["type"] != "http":
+            return None
+        chunks = []
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() not in HOP_BY_HOP]
+        request = self.client.build_request(scope["method"], scope["path"], headers=headers, content=b"".join(chunks),
+                                            params=scope.get("query_string", b"").decode("latin-1"))
+
+        async def forward():
+            try:
+                response = await self.client.send(request, stream=True)
+            except httpx.TransportError:
+                why = self.stopped() or "it does not answer"
+                status, body = _error(503, f"the model's server is not running: {why}", "server_error")
+                await send({"type": "http.response.start", "status": status,
+                            "headers": [(b"content-type", b"application/json")]})
+                return await send({"type": "http.response.body", "body": body})
+            try:
+                await send({"type": "http.response.start", "status": response.status_code,
+                            "headers": [(k, v) for k, v in response.headers.raw if k.lower() not in HOP_BY_HOP]})
+                async for chunk in response.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            finally:
+                await response.aclose()
+
+        answering = asyncio.ensure_future(forward())
+
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            answering.cancel()
+
+        watching = asyncio.ensure_future(watch())
+        try:
+            await answering
+        except asyncio.CancelledError:
+            if not answering.cancelled():
+                raise
+        finally:
+            watching.cancel()
+
+
+def _start_backend(name: str, folder: Path, tmp: Path, log: Path) -> tuple[subprocess.Popen, Path]:
+    """The model's process (lab.model_backend), to answer on a socket in `tmp`."""
+    socket_path = tmp / "model.sock"
+    here = tmp / "names"
+    here.mkdir()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lab.model_backend", str(socket_path), name, str(folder)],
+                                cwd=here, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return proc, socket_path
+
+
+def _wait_ready(backend: subprocess.Popen, socket_path: Path, name: str, log: Path, wait_s: float = 900) -> None:
+    deadline = time.monotonic() + wait_s
+    while not _answers(socket_path):
+        if backend.poll() is not None:
+            raise LabError(f"the model's server stopped while loading {name} (exit {backend.returncode}):\n"
+                           f"{_tail(log)}", f"the whole output is in {log}")
+        if time.monotonic() > deadline:
+            raise LabError(f"the model's server did not answer within {wait_s:.0f} s", f"its output is in {log}")
+        time.sleep(0.2)
+
+
+def _answers(socket_path: Path) -> bool:
+    import socket
+
+    if not socket_path.exists():
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            s.connect(str(socket_path))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: model\r\nConnection: close\r\n\r\n")
+            return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+def _tail(log: Path, lines: int = 15) -> str:
+    try:
+        return "".join(log.read_text(errors="replace").splitlines(keepends=True)[-lines:]).strip()
+    except OSError:
+        return ""
+
+
 def serve(settings: Settings, name: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           say: Callable[[str], None] = print) -> None:
     """Serve `name` until SIGINT or SIGTERM."""
@@ -183,57 +281,71 @@ def serve(settings: Settings, name: str, host: str = "127.0.0.1", port: int = 80
     if not is_serve_available():
         raise LabError("transformers' server needs fastapi, uvicorn and openai", "pip install 'transformers[serving]'")
     import uvicorn
-    from transformers.cli.serving.chat_completion import ChatCompletionHandler
-    from transformers.cli.serving.completion import CompletionHandler
-    from transformers.cli.serving.model_manager import ModelManager
-    from transformers.cli.serving.response import ResponseHandler
-    from transformers.cli.serving.server import build_server
-    from transformers.cli.serving.utils import GenerationState
 
+    logs = settings.workspace / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"serve-{name}.model.log"
+    log.write_text("")
+    # uvicorn stops on SIGTERM and then raises it again: with this handler that ends in the `finally` below
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="lab-serve-") as tmp_name:
         tmp = Path(tmp_name)
+        os.chmod(tmp, 0o700)  # the model's socket: for the gate only
         folder = _folder(settings, info, tmp, say)
-        here = tmp / "names"
-        here.mkdir()
-        (here / name).symlink_to(folder.resolve(), target_is_directory=True)
-        os.chdir(here)  # the model id is the lab name, resolved as a folder here: no server path in any answer
-        os.environ["HF_HUB_OFFLINE"] = "1"
         say(f"loading {name} ...")
-        manager = ModelManager(device="cpu" if not _cuda() else "auto", dtype="auto", trust_remote_code=False,
-                               attn_implementation=None, continuous_batching=False, quantization=None,
-                               model_timeout=-1, force_model=name)
-        # OpenAI's rule: a request samples unless its temperature is 0. transformers' server turns sampling off for
-        # temperature 0 but never on, so a model whose generation_config does not sample would ignore temperature
-        for loaded in manager.loaded_models.values():
-            loaded.model.generation_config.do_sample = True
-        state = GenerationState(continuous_batching=False, compile=False, cb_config=None)
-        app = build_server(manager, ChatCompletionHandler(model_manager=manager, generation_state=state),
-                           completion_handler=CompletionHandler(model_manager=manager, generation_state=state),
-                           response_handler=ResponseHandler(model_manager=manager, generation_state=state),
-                           transcription_handler=None, systemone_handler=None,  # routes the gate does not open
-                           generation_state=state)
-        gate = Gate(app, name, HostPolicy(host, port), api_key, int(time.time()))
-        url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+        backend, socket_path = _start_backend(name, folder, tmp, log)
         record = state_file(settings, name)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps({"name": name, "pid": os.getpid(), "url": url, "host": host, "port": port,
-                                      "api_key": bool(api_key), "started": time.time()}))
-        say(f"serving {name} at {url} (OpenAI-compatible: /models, /chat/completions, /completions); Ctrl-C stops")
-        if not is_loopback(host):
-            say(f"{host} is not loopback: requests need the header 'Authorization: Bearer <API key>'")
-        # uvicorn stops on SIGTERM and then raises it again: with this handler that ends in the `finally` below
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
-            uvicorn.run(gate, host=host, port=port, log_level="warning")
+            _wait_ready(backend, socket_path, name, log)
+            server = uvicorn.Server(uvicorn.Config(
+                Gate(Proxy(socket_path, lambda: _stopped(backend, log)), name, HostPolicy(host, port), api_key,
+                     int(time.time())), host=host, port=port, log_level="warning"))
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"name": name, "pid": os.getpid(), "url": url, "host": host, "port": port,
+                                          "api_key": bool(api_key), "started": time.time()}))
+            say(f"serving {name} at {url} (OpenAI-compatible: /models, /chat/completions, /completions); "
+                "Ctrl-C stops")
+            if not is_loopback(host):
+                say(f"{host} is not loopback: requests need the header 'Authorization: Bearer <API key>'")
+            _stop_with(backend, server)
+            server.run()
+            if backend.poll() is not None:
+                raise LabError(f"the model's server stopped: {_stopped(backend, log)}", f"its output is in {log}")
         finally:
             record.unlink(missing_ok=True)
-            manager.shutdown()
+            _end(backend)
 
 
-def _cuda() -> bool:
-    import torch
+def _stopped(backend: subprocess.Popen, log: Path) -> str | None:
+    """Why the model's process is gone (its exit code and last lines), or None while it runs."""
+    code = backend.poll()
+    if code is None:
+        return None
+    how = f"killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() else f"exit {code}"
+    return f"{how}: {_tail(log, 5)}"
 
-    return torch.cuda.is_available()
+
+def _stop_with(backend: subprocess.Popen, server) -> None:
+    """The gate stops when the model's process does (a crash, the out-of-memory killer): a server that answers
+    503 forever helps no one."""
+    import threading
+
+    def watch():
+        backend.wait()
+        server.should_exit = True
+
+    threading.Thread(target=watch, daemon=True, name="model-process").start()
+
+
+def _end(backend: subprocess.Popen) -> None:
+    if backend.poll() is None:
+        backend.terminate()
+        try:
+            backend.wait(15)
+        except subprocess.TimeoutExpired:
+            backend.kill()
+            backend.wait()
 
 
 # --- started and stopped from the Models page -------------------------------------------------------------------

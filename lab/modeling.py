@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import warnings
 
+from lab.dependencies import internal
 from lab.errors import LabError
 from lab.registry import CHATML_TEMPLATE
 
@@ -22,7 +23,7 @@ def trl():
         import trl as module
         import trl.data_utils  # noqa: F401
 
-        with warnings.catch_warnings():  # the lab knows ORPO is in TRL's experimental package
+        with warnings.catch_warnings(), internal("trl-orpo"):  # the lab knows ORPO is in TRL's experimental package
             warnings.simplefilter("ignore")
             import trl.experimental.orpo  # noqa: F401
         import trl.trainer.dpo_trainer  # noqa: F401  (DataCollatorForPreference)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lab import formats
 from lab.datasets import iter_rows
+from lab.dependencies import internal
 
 CHAT_FORMATS = ("chat", "alpaca", "prompt_completion")
 
@@ -52,7 +53,8 @@ def sft_prepare(tokenizer, examples: list[dict], *, completion_only: bool, max_l
         else args.completion_only_loss)
     disable_progress_bar()
     try:
-        return SFTTrainer._prepare_dataset(stand_in, data, tokenizer, args, False, None, "preview")
+        with internal("trl-preparation"):
+            return SFTTrainer._prepare_dataset(stand_in, data, tokenizer, args, False, None, "preview")
     finally:
         enable_progress_bar()
 
@@ -106,19 +108,20 @@ def preference_row(tokenizer_path: str, row: dict, max_length: int | None = None
 
     module = trl()
     DPOConfig, DPOTrainer = module.DPOConfig, module.DPOTrainer  # noqa: N806 (the classes, under their names)
-    DataCollatorForPreference = module.trainer.dpo_trainer.DataCollatorForPreference  # noqa: N806
     tok = _tokenizer(tokenizer_path)
     with tempfile.TemporaryDirectory() as tmp:
         args = DPOConfig(output_dir=tmp, use_cpu=True, report_to=[], max_length=None)
     disable_progress_bar()
     try:
-        prepared = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), Dataset.from_list(
-            [formats.to_preference_pair(row)]), tok, args, "preview")[0]
+        with internal("trl-preparation"):
+            DataCollatorForPreference = module.trainer.dpo_trainer.DataCollatorForPreference  # noqa: N806
+            prepared = DPOTrainer._prepare_dataset(SimpleNamespace(_tokenizer=tok), Dataset.from_list(
+                [formats.to_preference_pair(row)]), tok, args, "preview")[0]
+            example = {k: prepared[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+            full = DataCollatorForPreference(pad_token_id=tok.pad_token_id)([example])
+            seen = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_length)([example])
     finally:
         enable_progress_bar()
-    example = {k: prepared[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    full = DataCollatorForPreference(pad_token_id=tok.pad_token_id)([example])
-    seen = DataCollatorForPreference(pad_token_id=tok.pad_token_id, max_length=max_length)([example])
     out = {}
     for i, side in enumerate(("chosen", "rejected")):
         ids = full["input_ids"][i][:int(full["attention_mask"][i].sum())].tolist()
@@ -147,7 +150,8 @@ def _kept_by_preparation(method: str, tok, rows: list[dict], max_length: int) ->
     with tempfile.TemporaryDirectory() as tmp:
         args = config(output_dir=tmp, use_cpu=True, report_to=[], max_length=max_length)
     stand_in = SimpleNamespace(_tokenizer=tok, calculate_KL=False)  # what the preparation reads of the trainer
-    prepared = trainer._prepare_dataset(stand_in, _with_rows(rows), tok, args, "preview")
+    with internal("trl-preparation"):
+        prepared = trainer._prepare_dataset(stand_in, _with_rows(rows), tok, args, "preview")
     return set(prepared["lab_row"])  # kto unpairs: both examples of a pair share its prompt, and its row number
 
 
@@ -175,7 +179,9 @@ def _kept_by_orpo(tok, rows: list[dict], max_length: int) -> set[int]:
     kept = set()
     for i, row in enumerate(_with_rows(rows)):
         row = data_utils.maybe_apply_chat_template(data_utils.maybe_extract_prompt(row), tok)
-        if orpo_trains(ORPOTrainer.tokenize_row(stand_in, {k: row[k] for k in ("prompt", "chosen", "rejected")})):
+        with internal("trl-orpo"):
+            tokenized = ORPOTrainer.tokenize_row(stand_in, {k: row[k] for k in ("prompt", "chosen", "rejected")})
+        if orpo_trains(tokenized):
             kept.add(i)
     return kept
 

@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from lab import formats, modeling, preview
+from lab.dependencies import internal
 from lab.plugins import TrainParams, advanced
 
 ID = "orpo"
@@ -54,7 +55,9 @@ def examples(fmt: str, rows: list[dict]) -> list[dict]:
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
     from peft import LoraConfig
-    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    with internal("trl-orpo"):
+        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
     data = Dataset.from_list(examples(ctx.dataset["format"], ctx.rows()))
     ctx.log(f"[lab] {len(data)} training pairs; beta {params.beta}")

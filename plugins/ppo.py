@@ -21,6 +21,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lab import formats, modeling, registry
+from lab.dependencies import internal
 from lab.errors import DataError
 from lab.plugins import advanced
 
@@ -103,8 +104,12 @@ def run(ctx, params: Params) -> None:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, TrainerCallback
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-    from trl.experimental.ppo import ppo_trainer as ppo_module
+
+    with internal("trl-ppo"):
+        from trl.experimental.ppo import PPOConfig, PPOTrainer
+        from trl.experimental.ppo import ppo_trainer as ppo_module
+
+        truncate = ppo_module.truncate_response
 
     # 1. prompts, tokenized with the chat template, left-padded for generation
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log, padding_side="left")
@@ -144,8 +149,6 @@ def run(ctx, params: Params) -> None:
     tokens_per_episode = sum(len(p["input_ids"]) for p in prompts) / len(prompts) + params.response_length
 
     lengths: list[float] = []  # answer lengths since the last log, caught where PPO cuts answers at the stop token
-    truncate = ppo_module.truncate_response
-
     def truncate_and_measure(stop_token_id, pad_token_id, responses):
         cut = truncate(stop_token_id, pad_token_id, responses)
         lengths.extend((cut != pad_token_id).sum(dim=1).float().tolist())
@@ -163,11 +166,13 @@ def run(ctx, params: Params) -> None:
                     logs["response_length"] = sum(lengths) / len(lengths)
                     lengths.clear()
 
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
-                         reward_model=reward, value_model=value, train_dataset=train,
-                         eval_dataset=samples if params.sample_generations else None, callbacks=[EpisodeTokens()])
-    ppo_module.print_rich_table = SampleLog(ctx.run_dir / "samples.jsonl", lambda: trainer.state)
-    ppo_module.truncate_response = truncate_and_measure
+    with internal("trl-ppo"):
+        trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=reference,
+                             reward_model=reward, value_model=value, train_dataset=train,
+                             eval_dataset=samples if params.sample_generations else None,
+                             callbacks=[EpisodeTokens()])
+        ppo_module.print_rich_table = SampleLog(ctx.run_dir / "samples.jsonl", lambda: trainer.state)
+        ppo_module.truncate_response = truncate_and_measure
 
     # 5. train, 6. save the policy (not the value model) as a full model
     ctx.train(trainer, params, resumable=False)

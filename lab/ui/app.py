@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from lab import compare, experiments, registry
+from lab.dependencies import internal
 from lab.settings import Settings
 from lab.ui import api
 from lab.ui.common import UI
@@ -170,7 +171,6 @@ def launch(settings: Settings, host: str, port: int, auth: tuple[str, str] | Non
     The server runs in a thread: `server.close()` stops it."""
     import uvicorn
     from fastapi import FastAPI
-    from gradio.http_server import Server
     from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
 
@@ -189,8 +189,11 @@ def launch(settings: Settings, host: str, port: int, auth: tuple[str, str] | Non
                               server_name=host, server_port=port)
     # Gradio checks that input files were uploaded (not server paths) only once its Blocks count as launched,
     # which mounting alone does not set
-    demo.has_launched = True
-    server = Server(uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning"))
+    with internal("gradio-server"):
+        from gradio.http_server import Server
+
+        demo.has_launched = True
+        server = Server(uvicorn.Config(app, host=host.strip("[]"), port=port, log_level="warning"))
     server.run_in_thread()
     shown = f"[{host}]" if ":" in host and not host.startswith("[") else host
     return server, f"http://{shown}:{port}/"

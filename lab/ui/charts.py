@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lab.dependencies import internal
+
 MARKERS_UP_TO = 40  # points in a line drawn with a marker on each
 SYMBOLS = ("circle", "square", "diamond", "triangle-up", "x", "star", "cross", "triangle-down")
 DASHES = ("solid", "dash", "dot", "dashdot")  # lines that lie on each other still show apart
@@ -25,7 +27,9 @@ def lines(series: list[Line], *, x_title: str, y_title: str, log_y: bool = False
     Plotly JSON for gr.Plot: a Plotly Figure object would check and copy every point of a 50-run chart first, which
     took most of the time of drawing it."""
     import plotly.io as pio
-    from gradio.components.plot import PlotData
+
+    with internal("gradio-plot-data"):
+        from gradio.components.plot import PlotData
 
     traces = []
     for i, s in enumerate(series):

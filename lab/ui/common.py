@@ -12,6 +12,7 @@ import gradio as gr
 from sqlalchemy.exc import OperationalError
 
 from lab.db import retrying, unavailable_reason
+from lab.dependencies import describe
 from lab.errors import LabError, from_known_error
 from lab.settings import Settings
 from lab.ui.html import text as html_text
@@ -58,7 +59,7 @@ def user_errors(fn, html: bool = True):
             if known is not None:
                 raise gr.Error(html_text(str(known)) if html else str(known), print_exception=False) from None
             log.exception("unexpected error in %s", fn.__name__)
-            message = f"unexpected {type(exc).__name__}: {exc}"
+            message = describe(exc)
             raise gr.Error(html_text(message) if html else message, print_exception=False) from None
 
     return wrapper

@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from lab import datasets, formats, mapping, preview, registry, sources
+from lab.dependencies import internal
 from lab.errors import LabError
 from lab.ui.common import UI, user_errors
 from lab.ui.html import error_box, md, ok_box, problems_box
@@ -58,7 +59,8 @@ def page_frame(ui: UI, name: str, page: int) -> tuple[pd.DataFrame, str]:
 def uploaded(file) -> Path:
     """The path of a file that arrived through an upload to this server. Anything else (a plain path, a dict
     naming a server file) is refused: reading the server's own files is a command-line matter."""
-    from gradio.utils import get_upload_folder
+    with internal("gradio-upload-folder"):
+        from gradio.utils import get_upload_folder
 
     if not file:
         raise LabError("choose a file to upload")

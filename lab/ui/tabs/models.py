@@ -10,6 +10,7 @@ import gradio as gr
 import pandas as pd
 
 from lab import gguf_export, model_server, registry
+from lab.dependencies import describe
 from lab.errors import LabError
 from lab.ui.common import UI, user_errors
 from lab.ui.html import md, ok_box, problems_box
@@ -219,7 +220,7 @@ def build(ui: UI) -> None:
                 result["error"] = exc
             except Exception as exc:  # kept in the server log; the page says what happened
                 log.exception("GGUF export of %s failed", name)
-                result["error"] = LabError(f"unexpected {type(exc).__name__}: {exc}")
+                result["error"] = LabError(describe(exc))
             finally:
                 said.put(None)
 

@@ -1,9 +1,14 @@
-"""Shared fixtures: a fresh workspace per test (real SQLite file), fake plugins, a tiny model built once."""
+"""Shared fixtures: a fresh workspace per test (real SQLite file), fake plugins, a tiny model built once; and the
+two tiers: `make test` runs everything, `make test-fast` (LAB_TEST_TIER=fast) leaves out what starts job
+processes, servers, clusters or a browser. A test that starts job processes asks for the `jobs_worker` fixture,
+one that starts a server for `lab_server` (or another server fixture): that marks it (`jobs`, `server`) at
+collection. In the fast tier, a test that starts one anyway fails at once and says which fixture it needs."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -19,6 +24,88 @@ TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 FAKE_PLUGINS = ("fake_plugins.instant,fake_plugins.failing,fake_plugins.sleeping,fake_plugins.silent,"
                 "fake_plugins.leaky,fake_plugins.modelmaker")
+
+
+FAST = os.environ.get("LAB_TEST_TIER") == "fast"
+MARKED_BY_FIXTURE = {"jobs_worker": "jobs", "lab_server": "server", "serves": "server", "postgres_server": "server",
+                     "page": "browser"}
+# what a command line that starts a job, a worker, a server, a cluster or a browser looks like
+STARTS = re.compile(r"jobs\.runner|jobs\.worker|lab\.model_backend|torchrun|\bsbatch\b|\bsrun\b|slurmctld|slurmd\b|"
+                    r"munged|initdb|pg_ctl|chrom")
+STARTS_IN_CLI = {"--wait", "serve", "worker", "demo"}  # `lab ...` arguments that run jobs or a server
+STARTED_IN_FAST_TIER: list[str] = []  # what the running test tried to start; the waits below fail at once on it
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test by the fixtures it uses (directly or through other fixtures): `make test-fast` deselects
+    the marks that need processes."""
+    for item in items:
+        for fixture, mark in MARKED_BY_FIXTURE.items():
+            if fixture in item.fixturenames:
+                item.add_marker(mark)
+
+
+@pytest.fixture(autouse=FAST)
+def _fast_tier_starts_no_process(request, monkeypatch):
+    """In the fast tier, starting a job process, a worker, a server or a browser fails the test with the fixture
+    it should ask for (which moves it to the full suite); also where the code that tried catches the error."""
+    if not FAST:
+        yield
+        return
+    real = subprocess.Popen.__init__
+    started = STARTED_IN_FAST_TIER
+    started.clear()
+
+    def guarded(self, args, *a, **kw):
+        argv = [str(x) for x in args] if isinstance(args, (list, tuple)) else str(args).split()
+        line = " ".join(argv)
+        cli = "lab.cli" in line or (argv and Path(argv[0]).name == "lab")
+        if STARTS.search(line) or (cli and STARTS_IN_CLI & set(argv)):
+            started.append(line[:200])
+            raise pytest.fail.Exception(
+                f"{request.node.nodeid} starts `{line[:200]}` in the fast tier: ask for the `jobs_worker` fixture "
+                "(job processes, a worker) or a server fixture (lab_server, serves), which marks it for the full "
+                "suite only")
+        return real(self, args, *a, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded)
+    yield
+    call = getattr(request.node, "rep_call", None)
+    if started and (call is None or call.passed):  # the code that tried caught the error: fail the test here
+        pytest.fail(f"the fast tier starts no `{started[0]}`")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on the test (the fast tier's guard reads whether the call passed)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def jobs_worker(ws):
+    """What a test that runs jobs asks for. It marks the test `jobs` (left out of `make test-fast`), and gives a
+    quiet worker: `jobs_worker()` or `jobs_worker(settings, slots=2)`, then `.serve(until_empty=True)`."""
+    from jobs.worker import Worker
+
+    def worker(s=None, **kw):
+        kw.setdefault("say", lambda m: None)
+        return Worker(s or ws, **kw)
+
+    return worker
+
+
+@pytest.fixture
+def serves():
+    """What a test that starts a server process itself (`lab serve`, `lab models serve`) asks for: it marks the
+    test `server`. `serves(proc)` hands a process over to be killed at the end if the test left it running."""
+    procs: list[subprocess.Popen] = []
+    yield procs.append
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture
@@ -59,10 +146,19 @@ def lab_cli(*args: str, check: bool = False, timeout: float = 300) -> subprocess
     return done
 
 
+def _not_started_in_fast_tier() -> None:
+    """A wait for a job or a server that the fast tier did not let start ends at once."""
+    if STARTED_IN_FAST_TIER:
+        pytest.fail(f"the fast tier starts no `{STARTED_IN_FAST_TIER[0]}`: ask for the `jobs_worker` fixture (job "
+                    "processes, a worker) or a server fixture (lab_server, serves), which marks the test for the "
+                    "full suite")
+
+
 def wait_until(predicate, timeout: float = 60, what: str = "the condition"):
     """Poll `predicate` until it returns something true (returned), or fail naming `what`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        _not_started_in_fast_tier()
         found = predicate()
         if found:
             return found
@@ -94,6 +190,7 @@ def wait_for_status(s, job_id: int, statuses=TERMINAL_STATES, timeout: float = 1
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        _not_started_in_fast_tier()
         status = queue.get(s, job_id).status
         if status in statuses:
             return status

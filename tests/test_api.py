@@ -101,7 +101,7 @@ def test_a_server_restart_mid_job_loses_nothing(ws, lab_server):
     assert "started again (attempt 1 of 1)" in (Path(job["run_dir"]) / "log.txt").read_text()
 
 
-def test_binding_beyond_loopback_needs_a_password(ws):
+def test_binding_beyond_loopback_needs_a_password(ws, serves):
     from conftest import lab_cli
 
     done = lab_cli("serve", "--host", "0.0.0.0", "--port", "1")
@@ -109,7 +109,7 @@ def test_binding_beyond_loopback_needs_a_password(ws):
     assert "set a password" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_password_protects_the_page_and_the_api(ws):
+def test_a_password_protects_the_page_and_the_api(ws, serves):
     import urllib.error
     import urllib.request
 

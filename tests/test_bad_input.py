@@ -238,7 +238,7 @@ def test_the_corpus_is_big_enough():
     (["worker", "--gpus", "0,0"], "distinct device numbers"),
     (["run", "sleeping", "--processes", "2"], "runs in one process"),
 ])
-def test_the_cli_says_why_in_one_line_without_a_traceback(lab, args, message):
+def test_the_cli_says_why_in_one_line_without_a_traceback(lab, args, message, jobs_worker):
     before = snapshot(lab)
     done = lab_cli(*args)
     assert done.returncode == 2, done.stdout + done.stderr

@@ -14,7 +14,7 @@ def _listed_jobs(s) -> list:
     return runs.list_jobs(s)
 
 
-def test_whole_flow_from_the_command_line(ws, tmp_path, tiny_model_dir):
+def test_whole_flow_from_the_command_line(ws, tmp_path, tiny_model_dir, jobs_worker):
     lab_cli("models", "add", "tiny", str(tiny_model_dir), check=True)
     rows = [{"prompt": "2+2=", "completion": "4"}, {"prompt": "3+3=", "completion": "6"}]
     added = lab_cli("datasets", "add", "sums", str(write_jsonl(tmp_path / "sums.jsonl", rows)), check=True)
@@ -39,7 +39,7 @@ def test_whole_flow_from_the_command_line(ws, tmp_path, tiny_model_dir):
     assert "sft" in {p["id"] for p in json.loads(lab_cli("plugins", "list", "--json", check=True).stdout)["plugins"]}
 
 
-def test_wait_exits_non_zero_when_the_job_fails(ws):
+def test_wait_exits_non_zero_when_the_job_fails(ws, jobs_worker):
     done = lab_cli("run", "failing", "--wait")
     assert done.returncode == 1
     assert "failed (plugin_error): RuntimeError: boom from the plugin" in done.stderr
@@ -98,7 +98,7 @@ def test_bad_rows_are_reported_by_the_cli_and_nothing_is_registered(ws, tmp_path
     assert json.loads(lab_cli("datasets", "list", "--json").stdout) == []
 
 
-def test_worker_once_with_an_empty_queue_returns(ws):
+def test_worker_once_with_an_empty_queue_returns(ws, jobs_worker):
     done = lab_cli("worker", "--once", check=True)
     assert "stopped after 0 job(s)" in done.stdout
 
@@ -120,7 +120,7 @@ def test_workspace_option_wins_over_the_environment(ws, tmp_path):
     assert _listed_jobs(ws) == []
 
 
-def test_a_run_is_repeated_from_its_job_json(ws):
+def test_a_run_is_repeated_from_its_job_json(ws, jobs_worker):
     first = int(lab_cli("run", "instant", "--experiment", "again", "--set", "steps=2", "--wait", check=True)
                 .stdout.split()[0])
     record = f"{runs.get_job(ws, first)['run_dir']}/job.json"

@@ -8,7 +8,6 @@ import pytest
 from sqlalchemy import insert
 
 from jobs import queue
-from jobs.worker import Worker
 from lab import compare, experiments, runs
 from lab.db import session
 from lab.errors import LabError
@@ -113,7 +112,7 @@ def test_select_the_last_n_runs_of_an_experiment(ws):
     assert [j["id"] for j in compare.select_runs(ws, experiment="sel", last=2)] == ids[::-1][:2]
 
 
-def test_a_sweep_queues_its_grid_as_a_group_and_follow_up_evaluations_run(ws, tiny_model_dir, tmp_path):
+def test_a_sweep_queues_its_grid_as_a_group_and_follow_up_evaluations_run(ws, tiny_model_dir, tmp_path, jobs_worker):
     group, ids = runs.sweep(ws, "instant", model=None, dataset=None, experiment="sw", base={"record": ""},
                             axes=["steps=1,2,3"])
     jobs = runs.list_jobs(ws, group=group)
@@ -140,7 +139,7 @@ def test_a_sweep_queues_its_grid_as_a_group_and_follow_up_evaluations_run(ws, ti
         runs.submit(ws, "sft", model="tiny", dataset="qa", then_eval={"plugin": "sft", "dataset": "qa"})
     train = runs.submit(ws, "sft", model="tiny", dataset="qa", params={"max_steps": 2, "precision": "fp32"},
                         then_eval={"plugin": "eval-generate", "dataset": "qa", "params": {"max_new_tokens": 2}})
-    Worker(ws, say=lambda m: None).serve(until_empty=True)  # the sweep, the training, then its evaluation
+    jobs_worker().serve(until_empty=True)  # the sweep, the training, then its evaluation
     follow = [j for j in runs.list_jobs(ws) if j["plugin"] == "eval-generate"]
     assert len(follow) == 1 and follow[0]["status"] == "completed"
     assert follow[0]["model"] == runs.get_job(ws, train)["output_model"]

@@ -34,7 +34,7 @@ def run_to_end(s, plugin, **kw) -> dict:
     ("data", "data", "every row lost its reply to max_length=8", "raise max_length"),
     ("error", "plugin_error", "RuntimeError: boom from the plugin", "traceback"),
 ])
-def test_each_failure_of_the_job_process_gets_its_kind_reason_and_next_step(ws, how, kind, reason, step):
+def test_each_failure_of_the_job_process_gets_its_kind_reason_and_next_step(ws, how, kind, reason, step, jobs_worker):
     job = run_to_end(ws, "failing", params={"how": how})
     assert job["status"] == "failed"
     assert job["failure"] == kind and reason in job["error"] and step in job["next_step"], job
@@ -54,7 +54,7 @@ def test_a_signal_from_outside_is_named_and_a_lost_lease_too():
                                         "fix the dataset or the length limits and launch again")
 
 
-def test_the_cli_and_the_api_show_the_failure_first(ws):
+def test_the_cli_and_the_api_show_the_failure_first(ws, jobs_worker):
     job = run_to_end(ws, "failing", params={"how": "missing_module"})
     shown = lab_cli("jobs", "show", str(job["id"])).stdout
     lines = [line.strip() for line in shown.splitlines()]
@@ -64,7 +64,8 @@ def test_the_cli_and_the_api_show_the_failure_first(ws):
     assert listed["failure"] == "dependency" and "pip install" in listed["next_step"]
 
 
-def test_a_diverging_learning_rate_fails_the_run_as_diverged_and_registers_nothing(ws, tiny_model_dir, tmp_path):
+def test_a_diverging_learning_rate_fails_the_run_as_diverged_and_registers_nothing(ws, tiny_model_dir, tmp_path,
+                                                                                   jobs_worker):
     registry.add_folder(ws, "tiny", tiny_model_dir)
     datasets.add(ws, "facts", write_jsonl(tmp_path / "facts.jsonl", FACTS))
     blow_up = {"optim": "sgd", "learning_rate": 1e30, "max_grad_norm": 0, "lr_scheduler_type": "constant"}
@@ -82,7 +83,7 @@ def test_a_diverging_learning_rate_fails_the_run_as_diverged_and_registers_nothi
     assert max(step for key in points for step, _, _ in points[key]) == at, "no step after it was trained"
 
 
-def test_weights_that_are_not_finite_are_never_registered(ws, tiny_model_dir, tmp_path):
+def test_weights_that_are_not_finite_are_never_registered(ws, tiny_model_dir, tmp_path, jobs_worker):
     bad = nan_model(tiny_model_dir, tmp_path / "bad")
     with pytest.raises(Diverged, match="5 NaN or infinite values"):
         check_finite(bad)
@@ -93,7 +94,7 @@ def test_weights_that_are_not_finite_are_never_registered(ws, tiny_model_dir, tm
     assert job["output_model"] is None and registry.list_all(ws) == []
 
 
-def test_a_nan_metric_is_stored_and_read_back_as_null_and_an_infinity_as_itself(ws):
+def test_a_nan_metric_is_stored_and_read_back_as_null_and_an_infinity_as_itself(ws, jobs_worker):
     from lab.sdk import RunContext
 
     job = run_to_end(ws, "failing", params={"how": "error"})
@@ -131,7 +132,7 @@ def nan_model(source: Path, folder: Path) -> Path:
     return folder
 
 
-def test_nan_before_the_first_update_does_not_blame_the_learning_rate(ws, tiny_model_dir, tmp_path):
+def test_nan_before_the_first_update_does_not_blame_the_learning_rate(ws, tiny_model_dir, tmp_path, jobs_worker):
     registry.add_folder(ws, "broken", nan_model(tiny_model_dir, tmp_path / "broken"))
     datasets.add(ws, "facts", write_jsonl(tmp_path / "facts.jsonl", FACTS))
     job = run_to_end(ws, "sft", model="broken", dataset="facts", params={"max_steps": "5", "precision": "fp32"})
@@ -160,7 +161,7 @@ def long_pairs(where: str, n: int = 20) -> list[dict]:
     ("kto", "prompt", "the prompt alone fills max_length"),  # KTO would learn from no answer token at all
 ])
 def test_pairs_that_max_length_leaves_nothing_to_learn_fail_as_data_naming_max_length(
-        ws, tiny_model_dir, tmp_path, monkeypatch, plugin, where, rule):
+        ws, tiny_model_dir, tmp_path, monkeypatch, plugin, where, rule, jobs_worker):
     """At run time: the check before queueing reads the first rows of a large dataset only (here 4 of 20), so
     the job itself must find that nothing is left."""
     from lab import preview
@@ -177,7 +178,8 @@ def test_pairs_that_max_length_leaves_nothing_to_learn_fail_as_data_naming_max_l
 
 
 @pytest.mark.parametrize("plugin", ["orpo", "kto", "dpo"])
-def test_some_pairs_lost_to_max_length_are_named_and_the_rest_trains_finite(ws, tiny_model_dir, tmp_path, plugin):
+def test_some_pairs_lost_to_max_length_are_named_and_the_rest_trains_finite(ws, tiny_model_dir, tmp_path, plugin,
+                                                                            jobs_worker):
     registry.add_folder(ws, "tiny", tiny_model_dir)
     where = "half-chosen" if plugin == "orpo" else "half-prompt"
     datasets.add(ws, "long", write_jsonl(tmp_path / "long.jsonl", long_pairs(where)))

@@ -14,7 +14,7 @@ from lab.errors import LabError
 from lab.pgserver import free_port
 
 
-def test_an_endpoint_is_checked_kept_streamed_and_ranked(ws, tiny_model_dir):
+def test_an_endpoint_is_checked_kept_streamed_and_ranked(ws, tiny_model_dir, serves):
     registry.add_folder(ws, "tiny", str(tiny_model_dir))
     proc, base = _start(ws, "tiny", "--api-key", "k3y-for-tests")
     try:

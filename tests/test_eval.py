@@ -38,7 +38,7 @@ def test_text_scores_of_a_constant_answer():
     assert summary["rouge1"] == pytest.approx(0.9) and 0 < summary["chrf"] <= 100
 
 
-def test_a_memorising_model_answers_its_training_prompts_exactly(lab):
+def test_a_memorising_model_answers_its_training_prompts_exactly(lab, jobs_worker):
     # whole conversations learned (not only the replies), so the perplexity of the conversations falls too
     sft = run_job(lab, "sft", "tiny", "facts-train", use_lora=False, learning_rate=1e-2, max_steps=40,
                   batch_size=4, completion_only=False, precision="fp32")
@@ -55,7 +55,7 @@ def test_a_memorising_model_answers_its_training_prompts_exactly(lab):
     assert after["perplexity"] < before["perplexity"] / 2
 
 
-def test_reward_model_scores_preference_pairs_and_answers(lab):
+def test_reward_model_scores_preference_pairs_and_answers(lab, jobs_worker):
     reward = run_job(lab, "reward", "tiny", "pairs", use_lora=False, learning_rate=1e-3, max_steps=25, eval_split=0,
                      precision="fp32")
     accuracy = results(run_job(lab, "eval-preference", reward["output_model"], "pairs"))
@@ -66,7 +66,7 @@ def test_reward_model_scores_preference_pairs_and_answers(lab):
     assert versus["mean_reward"] == pytest.approx(versus["other_mean_reward"])
 
 
-def test_classifier_and_few_shot_scores(lab):
+def test_classifier_and_few_shot_scores(lab, jobs_worker):
     classifier = run_job(lab, "classify", "tiny", "spam", use_lora=False, learning_rate=3e-3, max_steps=25,
                          eval_split=0, precision="fp32")
     scored = results(run_job(lab, "eval-classify", classifier["output_model"], "spam"))
@@ -78,7 +78,7 @@ def test_classifier_and_few_shot_scores(lab):
         runs.submit(lab, "eval-classify", model="tiny", dataset="spam")
 
 
-def test_export_merges_the_adapter_and_writes_a_model_card(lab):
+def test_export_merges_the_adapter_and_writes_a_model_card(lab, jobs_worker):
     import tarfile
 
     from transformers import AutoModelForCausalLM

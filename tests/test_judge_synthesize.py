@@ -48,7 +48,7 @@ def test_the_summary_counts_ties_half_and_gives_an_interval():
     assert 0 <= found["win_rate_low"] < 0.625 < found["win_rate_high"] <= 1
 
 
-def test_a_model_judged_against_itself_wins_half_with_its_position_bias_shown(lab):
+def test_a_model_judged_against_itself_wins_half_with_its_position_bias_shown(lab, jobs_worker):
     job = run_job(lab, "eval-judge", "tiny", "questions", judge="tiny", against="tiny-b", max_new_tokens=6)
     found = results(job)
     # the same weights answer the same way: whatever the judge says, it can only be position bias, so every pair is
@@ -63,7 +63,7 @@ def test_a_model_judged_against_itself_wins_half_with_its_position_bias_shown(la
     assert compare.direction("eval/win_rate") == "higher", "the leaderboard marks the best win rate"
 
 
-def test_eval_judge_reads_a_candidates_dataset_and_refuses_one_without_both_models(lab):
+def test_eval_judge_reads_a_candidates_dataset_and_refuses_one_without_both_models(lab, jobs_worker):
     gen = run_job(lab, "generate", "tiny", "questions", num_samples=2, max_new_tokens=5, limit=4)
     name = gen["output_dataset"]
     job = run_job(lab, "eval-judge", "tiny", name, judge="tiny", against="tiny")  # its two samples, one another
@@ -102,7 +102,7 @@ def test_the_filters_drop_near_duplicates_and_count_every_reason():
                       "removed_too_long": 1, "kept": 1}
 
 
-def test_self_instruct_from_five_seeds_makes_valid_rows_and_no_near_duplicates(lab):
+def test_self_instruct_from_five_seeds_makes_valid_rows_and_no_near_duplicates(lab, jobs_worker):
     job = run_job(lab, "synthesize", "tiny", None, seed_tasks=SEEDS, num_instructions=6, min_words=1,
                   temperature=1.5, answer_temperature=1.0, max_task_tokens=12, max_new_tokens=8, max_rounds=10)
     name = job["output_dataset"]
@@ -125,7 +125,7 @@ def test_self_instruct_from_five_seeds_makes_valid_rows_and_no_near_duplicates(l
     assert runs.metrics(lab, [job["id"]], ["synth/kept"])[job["id"]]["synth/kept"][0][1] == counts["kept"]
 
 
-def test_answers_mode_answers_every_prompt_as_chat_rows(lab):
+def test_answers_mode_answers_every_prompt_as_chat_rows(lab, jobs_worker):
     job = run_job(lab, "synthesize", "tiny", "questions", mode="answers", output_format="chat",
                   answer_temperature=1.0, max_new_tokens=6)
     rows = datasets.preview(lab, job["output_dataset"], 20)
@@ -146,11 +146,10 @@ def test_synthesize_refuses_what_cannot_work_and_queues_nothing(lab, dataset, pa
     assert runs.list_jobs(lab) == []
 
 
-def test_a_stopped_synthesize_job_goes_on_from_its_last_round(lab):
+def test_a_stopped_synthesize_job_goes_on_from_its_last_round(lab, jobs_worker):
     from conftest import stop_worker_mid_job
 
     from jobs import queue
-    from jobs.worker import Worker
 
     params = {"seed_tasks": SEEDS, "num_instructions": 30, "min_words": 1, "max_rounds": 500, "batch_size": 1,
               "temperature": 1.5, "answer_temperature": 1.0, "max_task_tokens": 24, "max_new_tokens": 4}
@@ -159,7 +158,7 @@ def test_a_stopped_synthesize_job_goes_on_from_its_last_round(lab):
     assert queue.get(lab, job_id).status == "queued"
     state = json.loads((Path(runs.get_job(lab, job_id)["run_dir"]) / "checkpoints" / "synthesize.json").read_text())
     assert len(state["kept"]) >= 3 and state["round"] >= 3
-    Worker(lab, say=lambda m: None).serve(once=True)
+    jobs_worker(lab).serve(once=True)
     job = runs.get_job(lab, job_id)
     assert job["status"] == "completed", job["log_tail"]
     assert f"going on from round {state['round']}" in (Path(job["run_dir"]) / "log.txt").read_text()

@@ -58,7 +58,7 @@ def _demo(s, tmp_path) -> str:
     return "demo"
 
 
-def test_a_hub_id_from_the_local_cache_is_registered_with_its_revision_and_trains(ws, cache, tmp_path):
+def test_a_hub_id_from_the_local_cache_is_registered_with_its_revision_and_trains(ws, cache, tmp_path, jobs_worker):
     info = registry.add_folder(ws, "smol", "acme/tiny-chat")
     assert (info["source"], info["hub_id"], info["revision"]) == ("hub", "acme/tiny-chat", COMMIT)
     assert Path(info["path"]) == cache / "models--acme--tiny-chat" / "snapshots" / COMMIT
@@ -127,7 +127,7 @@ def _adapter(base: Path, folder: Path, names: str) -> Path:
     return folder
 
 
-def test_an_adapter_trained_elsewhere_trains_evaluates_and_exports(ws, cache, tmp_path, tiny_model_dir):
+def test_an_adapter_trained_elsewhere_trains_evaluates_and_exports(ws, cache, tmp_path, tiny_model_dir, jobs_worker):
     adapter = _adapter(tiny_model_dir, tmp_path / "my-lora", "acme/tiny-chat")
     (cache / "models--acme--tiny-chat" / "snapshots" / COMMIT / "README.md").write_text(
         "---\nlicense: apache-2.0\n---\n# tiny chat\n")  # the base declares its license in its card
@@ -172,7 +172,8 @@ def test_pytorch_model_bin_weights_are_counted(ws, tmp_path, tiny_model_dir):
     assert info["parameters"] == sum(t.numel() for t in state.values()) > 0
 
 
-def test_an_adapter_exported_as_an_adapter_names_a_base_that_loads_elsewhere(ws, cache, tmp_path, tiny_model_dir):
+def test_an_adapter_exported_as_an_adapter_names_a_base_that_loads_elsewhere(ws, cache, tmp_path, tiny_model_dir,
+                                                                             jobs_worker):
     from conftest import lab_cli
 
     registry.add_folder(ws, "mine", _adapter(tiny_model_dir, tmp_path / "my-lora", "acme/tiny-chat"))

@@ -115,7 +115,7 @@ def lab(ws, tiny_model_dir, tmp_path):
     return ws
 
 
-def test_perplexity_is_the_exponent_of_the_mean_token_loss(lab, tiny_model_dir):
+def test_perplexity_is_the_exponent_of_the_mean_token_loss(lab, tiny_model_dir, jobs_worker):
     found = results(run_job(lab, "eval-perplexity", "tiny", "facts"))
     model = modeling.causal_lm(registry.info(lab, "tiny"), log=lambda m: None).eval()
     tok = modeling.tokenizer(str(tiny_model_dir), log=lambda m: None)
@@ -132,7 +132,7 @@ def test_perplexity_is_the_exponent_of_the_mean_token_loss(lab, tiny_model_dir):
     assert found["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-3)
 
 
-def test_zero_shot_accuracy_is_the_share_of_labels_the_model_finds_likeliest(lab, tiny_model_dir):
+def test_zero_shot_accuracy_is_the_share_of_labels_the_model_finds_likeliest(lab, tiny_model_dir, jobs_worker):
     job = run_job(lab, "eval-fewshot", "tiny", "spam", shots="0", limit=12, pool=5)
     found = results(job)
     model = modeling.causal_lm(registry.info(lab, "tiny"), log=lambda m: None).eval()
@@ -159,7 +159,7 @@ def rows_all(s) -> list[dict]:
     return datasets.preview(s, "spam", 1000)
 
 
-def test_preference_accuracy_and_margin_come_from_the_reward_model_s_own_scores(lab):
+def test_preference_accuracy_and_margin_come_from_the_reward_model_s_own_scores(lab, jobs_worker):
     from transformers import AutoModelForSequenceClassification
 
     reward = run_job(lab, "reward", "tiny", "pairs", use_lora=False, learning_rate=1e-3, max_steps=10, eval_split=0,

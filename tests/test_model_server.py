@@ -55,7 +55,7 @@ def _get(url: str, headers: dict | None = None, data: bytes | None = None) -> tu
         return e.code, json.loads(e.read())
 
 
-def test_the_openai_client_lists_chats_streams_and_gets_404_for_another_model(ws, tiny_model_dir, tmp_path):
+def test_the_openai_client_lists_chats_streams_and_gets_404_for_another_model(ws, tiny_model_dir, tmp_path, serves):
     import openai
 
     registry.add_folder(ws, "tiny", str(tiny_model_dir))
@@ -103,7 +103,7 @@ def test_the_openai_client_lists_chats_streams_and_gets_404_for_another_model(ws
     assert not (ws.workspace / "serving" / "tiny.json").exists()  # the record goes with the server
 
 
-def test_an_api_key_is_needed_off_loopback_and_checked(ws, tiny_model_dir):
+def test_an_api_key_is_needed_off_loopback_and_checked(ws, tiny_model_dir, serves):
     import openai
 
     registry.add_folder(ws, "tiny", str(tiny_model_dir))
@@ -123,7 +123,7 @@ def test_an_api_key_is_needed_off_loopback_and_checked(ws, tiny_model_dir):
     assert "Authorization: Bearer" in out
 
 
-def test_an_adapter_is_served_merged_and_a_classifier_is_refused(ws, tiny_model_dir, tmp_path):
+def test_an_adapter_is_served_merged_and_a_classifier_is_refused(ws, tiny_model_dir, tmp_path, serves):
     import openai
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM

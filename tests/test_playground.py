@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from jobs.worker import Worker
 from lab import datasets, playground, registry, runs
 from lab.errors import LabError
 
@@ -18,7 +17,7 @@ def lab(ws, tiny_model_dir):
     return ws
 
 
-def test_a_ranking_adds_exactly_one_pair_and_a_reward_job_trains_on_it(lab):
+def test_a_ranking_adds_exactly_one_pair_and_a_reward_job_trains_on_it(lab, jobs_worker):
     answers = {"tiny": "Paris is the capital.", "other": "I do not know."}
     done = playground.record_ranking(lab, "ranked", "What is the capital of France?", answers, "tiny")
     assert (done["added"], done["pairs"]) == (1, 1)
@@ -39,7 +38,7 @@ def test_a_ranking_adds_exactly_one_pair_and_a_reward_job_trains_on_it(lab):
 
     job_id = runs.submit(lab, "reward", model="tiny", dataset="ranked",
                          params={"max_steps": "2", "eval_split": "0", "precision": "fp32"})
-    Worker(lab, say=lambda m: None).serve(once=True)
+    jobs_worker(lab).serve(once=True)
     assert runs.get_job(lab, job_id)["status"] == "completed"
 
 
@@ -70,12 +69,12 @@ def test_the_model_cache_keeps_to_its_budget_and_refuses_what_cannot_write(lab, 
     assert "".join(p for p, _ in pieces) == "The capital of France" and all(isinstance(i, int) for _, i in pieces)
 
 
-def test_the_playground_loads_a_run_s_adapter_on_its_base(lab, tmp_path):
+def test_the_playground_loads_a_run_s_adapter_on_its_base(lab, tmp_path, jobs_worker):
     from conftest import write_jsonl
 
     datasets.add(lab, "qa", write_jsonl(tmp_path / "qa.jsonl", [{"prompt": "hi", "completion": "hello"}] * 4))
     job_id = runs.submit(lab, "sft", model="tiny", dataset="qa", params={"max_steps": "1", "precision": "fp32"})
-    Worker(lab, say=lambda m: None).serve(once=True)
+    jobs_worker(lab).serve(once=True)
     adapter = runs.get_job(lab, job_id)["output_model"]
     assert registry.info(lab, adapter)["kind"] == "adapter"
     model, tokenizer = playground.ModelCache(budget_bytes=10 * 1024**3).get(lab, adapter)

@@ -12,7 +12,6 @@ from conftest import lab_cli, stop_worker_mid_job, write_jsonl
 from test_stages import run_job
 
 from jobs import queue
-from jobs.worker import Worker
 from lab import datasets, ranking, registry, runs
 from lab.errors import LabError
 
@@ -46,7 +45,7 @@ def shown_numbers(s, name: str, annotator: str, texts: list[str]) -> str:
     return ",".join(str(where[t]) for t in texts)
 
 
-def test_generate_samples_k_answers_per_prompt_with_their_settings(lab):
+def test_generate_samples_k_answers_per_prompt_with_their_settings(lab, jobs_worker):
     job = run_job(lab, "generate", "tiny", "questions", num_samples=3, max_new_tokens=6, temperature=1.0, seed=7,
                   batch_size=4)
     name = job["output_dataset"]
@@ -71,7 +70,7 @@ def test_generate_samples_k_answers_per_prompt_with_their_settings(lab):
     assert texts(datasets.preview(lab, again["output_dataset"], 10)) == texts(rows), "the same seed, the same answers"
 
 
-def test_generate_from_several_models_gives_k_answers_from_each(lab):
+def test_generate_from_several_models_gives_k_answers_from_each(lab, jobs_worker):
     job = run_job(lab, "generate", "tiny", "questions", num_samples=2, also_models="tiny-b", max_new_tokens=4,
                   limit=3)
     rows = datasets.preview(lab, job["output_dataset"], 10)
@@ -94,7 +93,7 @@ def test_generate_refuses_bad_settings_and_queues_nothing(lab, params, message):
     assert runs.list_jobs(lab) == []
 
 
-def test_a_stopped_generate_job_keeps_its_finished_batches(lab):
+def test_a_stopped_generate_job_keeps_its_finished_batches(lab, jobs_worker):
     job_id = runs.submit(lab, "generate", model="tiny", dataset="questions",
                          params={"num_samples": "2", "max_new_tokens": "64", "batch_size": "1",
                                  "temperature": "1.0"})
@@ -103,7 +102,7 @@ def test_a_stopped_generate_job_keeps_its_finished_batches(lab):
     kept = Path(runs.get_job(lab, job_id)["run_dir"]) / "checkpoints" / "answers.jsonl"
     before = [json.loads(line) for line in kept.read_text().splitlines() if line.strip()]
     assert len(before) >= 3
-    Worker(lab, say=lambda m: None).serve(once=True)
+    jobs_worker(lab).serve(once=True)
     job = runs.get_job(lab, job_id)
     assert job["status"] == "completed", job["log_tail"]
     log = (Path(job["run_dir"]) / "log.txt").read_text()
@@ -248,7 +247,7 @@ def test_the_command_line_ranks_like_the_api(cands):
     assert status["annotators"] == {"cli": {"done": 1, "skipped": 0}} and status["agreement"] == []
 
 
-def test_a_reward_model_trains_on_ranked_pairs_and_scores_the_candidates(lab):
+def test_a_reward_model_trains_on_ranked_pairs_and_scores_the_candidates(lab, jobs_worker):
     job = run_job(lab, "generate", "tiny", "questions", num_samples=3, max_new_tokens=5, temperature=1.5)
     name = job["output_dataset"]
     while (item := ranking.next_item(lab, name, "ann")) is not None:

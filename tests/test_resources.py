@@ -10,7 +10,6 @@ import pytest
 from conftest import write_jsonl
 
 from jobs import queue
-from jobs.worker import Worker
 from lab import datasets, registry, runs
 from lab.errors import LabError
 
@@ -23,10 +22,10 @@ def _overlap(a: dict, b: dict) -> bool:
     return a["start"] < b["end"] and b["start"] < a["end"]
 
 
-def test_a_worker_runs_jobs_side_by_side_on_the_devices_it_owns(ws):
+def test_a_worker_runs_jobs_side_by_side_on_the_devices_it_owns(ws, jobs_worker):
     ids = [runs.submit(ws, "sleeping", params={"seconds": "1.5"}, devices=1) for _ in range(3)]
     cpu = runs.submit(ws, "sleeping", params={"seconds": "0.2"}, devices=0)
-    assert Worker(ws, say=lambda m: None, gpus=["0", "1"]).serve(until_empty=True) == 4
+    assert jobs_worker(ws, gpus=["0", "1"]).serve(until_empty=True) == 4
     assert [queue.get(ws, i).status for i in [*ids, cpu]] == ["completed"] * 4
     first, second, third = (_given(ws, i) for i in ids)
     assert {first["devices"], second["devices"]} == {"0", "1"}, "one device each, not the same one"
@@ -36,19 +35,19 @@ def test_a_worker_runs_jobs_side_by_side_on_the_devices_it_owns(ws):
     assert _given(ws, cpu)["devices"] == "", "a CPU job sees no accelerator"
 
 
-def test_a_job_waits_until_a_worker_has_room_and_smaller_jobs_go_past_it(ws):
+def test_a_job_waits_until_a_worker_has_room_and_smaller_jobs_go_past_it(ws, jobs_worker):
     big = runs.submit(ws, "sleeping", params={"seconds": "0.2"}, devices=2, priority=5)
     small = runs.submit(ws, "sleeping", params={"seconds": "0.2"})  # devices unset: one per process on a GPU worker
-    Worker(ws, say=lambda m: None, gpus=["3"]).serve(until_empty=True)
+    jobs_worker(ws, gpus=["3"]).serve(until_empty=True)
     assert queue.get(ws, big).status == "queued", "two devices do not fit a one-device worker"
     assert queue.get(ws, small).status == "completed" and _given(ws, small)["devices"] == "3"
-    Worker(ws, say=lambda m: None, gpus=["0", "1"]).serve(until_empty=True)
+    jobs_worker(ws, gpus=["0", "1"]).serve(until_empty=True)
     assert queue.get(ws, big).status == "completed" and _given(ws, big)["devices"] == "0,1"
 
 
-def test_cpu_slots_run_cpu_jobs_side_by_side(ws):
+def test_cpu_slots_run_cpu_jobs_side_by_side(ws, jobs_worker):
     ids = [runs.submit(ws, "sleeping", params={"seconds": "1.5"}) for _ in range(2)]
-    Worker(ws, say=lambda m: None, slots=2).serve(until_empty=True)
+    jobs_worker(ws, slots=2).serve(until_empty=True)
     a, b = (_given(ws, i) for i in ids)
     assert _overlap(a, b)
     assert a["devices"] is None, "a worker that owns no accelerators leaves the environment alone"
@@ -74,13 +73,13 @@ def test_devices_and_processes_must_agree(ws, tiny_model_dir, tmp_path):
     assert runs.list_jobs(ws) == []
 
 
-def test_a_two_process_sft_runs_data_parallel_and_saves_one_output(ws, tiny_model_dir, tmp_path):
+def test_a_two_process_sft_runs_data_parallel_and_saves_one_output(ws, tiny_model_dir, tmp_path, jobs_worker):
     registry.add_folder(ws, "tiny", tiny_model_dir)
     rows = [{"prompt": f"Say {w}", "completion": w} for w in ("red", "green", "blue", "amber")] * 4
     datasets.add(ws, "colours", write_jsonl(tmp_path / "colours.jsonl", rows))
     job_id = runs.submit(ws, "sft", model="tiny", dataset="colours", processes=2,
                          params={"max_steps": "4", "batch_size": "2", "precision": "fp32", "logging_steps": "1"})
-    Worker(ws, say=lambda m: None).serve(once=True)
+    jobs_worker().serve(once=True)
     job = runs.get_job(ws, job_id)
     log = (Path(job["run_dir"]) / "log.txt").read_text()
     assert job["status"] == "completed", log[-3000:]

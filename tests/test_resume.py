@@ -12,7 +12,6 @@ from conftest import wait_until, write_jsonl
 from test_stages import CORPUS, QUESTIONS, preference_rows, spam_rows
 
 from jobs import queue
-from jobs.worker import Worker
 from lab import datasets, registry, runs
 from lab.errors import LabError
 
@@ -45,12 +44,12 @@ def lab(ws, tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize(("plugin", "processes"), [(p, 1) for p in METHODS] + [("sft", 2)])  # 2: under torchrun
-def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plugin, processes):
+def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plugin, processes, jobs_worker):
     dataset, params = METHODS[plugin]
     params = {**params, "precision": "fp32", "save_minutes": 0, "logging_steps": 1}
     job_id = runs.submit(lab, plugin, model="tiny", dataset=dataset, processes=processes,
                          params={k: str(v) for k, v in params.items()})  # one attempt: a stop does not use it up
-    worker = Worker(lab, say=lambda m: None)
+    worker = jobs_worker(lab)
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:
@@ -69,7 +68,7 @@ def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plug
     assert (run_dir / "checkpoints" / f"checkpoint-{saved}" / "trainer_state.json").is_file()
     assert saved < params["max_steps"], "stopped before the end"
 
-    Worker(lab, say=lambda m: None).serve(once=True)
+    jobs_worker(lab).serve(once=True)
     job = runs.get_job(lab, job_id)
     assert job["status"] == "completed", f"{job['error']}\n{job['log_tail']}"
     assert job["attempts"] == 1, "the start its stopped worker ended does not count as an attempt"
@@ -82,10 +81,10 @@ def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plug
     assert registry.info(lab, job["output_model"])["job_id"] == job_id
 
 
-def test_checkpoints_come_by_time_without_save_steps_and_only_the_newest_are_kept(lab):
+def test_checkpoints_come_by_time_without_save_steps_and_only_the_newest_are_kept(lab, jobs_worker):
     job_id = runs.submit(lab, "sft", model="tiny", dataset="facts",
                          params={"max_steps": "30", "batch_size": "2", "precision": "fp32", "save_minutes": "0.0005"})
-    Worker(lab, say=lambda m: None).serve(once=True)
+    jobs_worker(lab).serve(once=True)
     job = runs.get_job(lab, job_id)
     assert job["status"] == "completed", job["error"]
     kept = sorted(p.name for p in (Path(job["run_dir"]) / "checkpoints").glob("checkpoint-*"))
@@ -98,11 +97,11 @@ def test_ppo_cannot_resume_so_it_takes_no_retries(lab):
     assert runs.list_jobs(lab) == []
 
 
-def test_a_job_past_its_time_limit_writes_a_checkpoint_and_fails_as_timeout(lab):
+def test_a_job_past_its_time_limit_writes_a_checkpoint_and_fails_as_timeout(lab, jobs_worker):
     job_id = runs.submit(lab, "sft", model="tiny", dataset="facts", time_limit_min=0.3,
                          params={"max_steps": "100000", "batch_size": "2", "precision": "fp32"})
     assert runs.get_job(lab, job_id)["time_limit_min"] == pytest.approx(0.3)
-    Worker(lab, say=lambda m: None).serve(once=True)
+    jobs_worker(lab).serve(once=True)
     job = runs.get_job(lab, job_id)
     assert job["status"] == "failed" and job["failure"] == "timeout", job
     assert "time limit of 0.3 minutes" in job["error"] and "raise the time limit" in job["next_step"]

@@ -8,15 +8,14 @@ import threading
 from conftest import wait_until
 
 from jobs import queue
-from jobs.worker import Worker
 from lab import runs
 from lab.ui.tabs import run as run_view
 from lab.workspace import log_tail
 
 
-def test_a_running_job_says_what_it_is_doing(ws):
+def test_a_running_job_says_what_it_is_doing(ws, jobs_worker):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "30"})
-    worker = Worker(ws, say=lambda m: None)
+    worker = jobs_worker()
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:

@@ -48,14 +48,14 @@ def test_extra_plugins_are_module_names_never_file_paths(ws, monkeypatch, value)
         settings.load()
 
 
-def test_secrets_reach_the_job_but_not_its_log_record_or_database(ws, tmp_path, monkeypatch):
+def test_secrets_reach_the_job_but_not_its_log_record_or_database(ws, tmp_path, monkeypatch, jobs_worker):
     secrets = tmp_path / "secrets.env"
     secrets.write_text(f"# keys for the jobs\nWANDB_API_KEY={SECRET}\nexport HF_TOKEN='hf_abcdefgh'\n")
     secrets.chmod(0o600)
     monkeypatch.setenv("LAB_SECRETS_FILE", str(secrets))
     s = settings.load()
     job_id = runs.submit(s, "leaky")
-    Worker(s, say=lambda m: None).serve(once=True)
+    jobs_worker(s).serve(once=True)
     job = runs.get_job(s, job_id)
     run_dir = Path(job["run_dir"])
     assert job["status"] == "completed"
@@ -69,7 +69,7 @@ def test_secrets_reach_the_job_but_not_its_log_record_or_database(ws, tmp_path, 
             assert SECRET not in repr(session.execute(table.select()).all())
 
 
-def test_a_secrets_file_others_can_read_is_refused(ws, tmp_path, monkeypatch):
+def test_a_secrets_file_others_can_read_is_refused(ws, tmp_path, monkeypatch, jobs_worker):
     secrets = tmp_path / "secrets.env"
     secrets.write_text(f"WANDB_API_KEY={SECRET}\n")
     secrets.chmod(0o644)
@@ -83,7 +83,7 @@ def test_a_secrets_file_others_can_read_is_refused(ws, tmp_path, monkeypatch):
         Worker(settings.load(), say=lambda m: None)
 
 
-def test_a_job_cannot_import_code_from_its_run_folder(ws, tmp_path):
+def test_a_job_cannot_import_code_from_its_run_folder(ws, tmp_path, jobs_worker):
     """The job process runs in its run folder, which is kept off its import path (PYTHONSAFEPATH): a file there
     named like a library (here pydantic.py) is not imported in the library's place."""
     job_id = runs.submit(ws, "instant")
@@ -92,7 +92,7 @@ def test_a_job_cannot_import_code_from_its_run_folder(ws, tmp_path):
     (folder / "pydantic.py").write_text("raise SystemExit('imported from the run folder')\n")
     with db.session(ws) as session:  # the folder a retried job runs in again
         session.execute(update(Job).where(Job.id == job_id).values(run_dir=str(folder)))
-    Worker(ws, say=lambda m: None).serve(once=True)
+    jobs_worker().serve(once=True)
     assert queue.get(ws, job_id).status == "completed", (folder / "log.txt").read_text()
 
 
@@ -132,7 +132,7 @@ def test_a_secret_split_across_two_reads_is_still_masked(ws, tmp_path, monkeypat
     assert log.read_text() == "key [secret] done\nnext line\n"
 
 
-def test_every_secret_is_masked_wherever_text_leaves_a_job(ws, tmp_path, monkeypatch):
+def test_every_secret_is_masked_wherever_text_leaves_a_job(ws, tmp_path, monkeypatch, jobs_worker):
     """Short secrets too, in the log, the error stored in the database, job.json, and the API's answers."""
     short = "k3y!x"
     secrets = tmp_path / "secrets.env"
@@ -141,7 +141,7 @@ def test_every_secret_is_masked_wherever_text_leaves_a_job(ws, tmp_path, monkeyp
     monkeypatch.setenv("LAB_SECRETS_FILE", str(secrets))
     s = settings.load()
     job_id = runs.submit(s, "leaky", params={"note": f"token {SECRET} and {short}", "fail": True})
-    Worker(s, say=lambda m: None).serve(once=True)
+    jobs_worker(s).serve(once=True)
     job = runs.get_job(s, job_id)
     assert job["status"] == "failed"
     assert "the hub refused token [secret]" in job["error"]

@@ -33,7 +33,7 @@ def _run(s, params: dict) -> dict:
     return job
 
 
-def test_full_fine_tune_memorises_a_tiny_set(tiny):
+def test_full_fine_tune_memorises_a_tiny_set(tiny, jobs_worker):
     job = _run(tiny, {"use_lora": "false", "max_steps": "40", "learning_rate": "3e-3", "batch_size": "4"})
     loss = [v for _, v, _ in runs.metrics(tiny, [job["id"]], ["loss"])[job["id"]]["loss"]]
     assert len(loss) == 40, "one loss point per step (logging_steps=1)"
@@ -45,7 +45,7 @@ def test_full_fine_tune_memorises_a_tiny_set(tiny):
     assert registry.info(tiny, job["output_model"])["kind"] == "full"
 
 
-def test_lora_adapter_loads_with_peft_and_is_registered_with_its_base(tiny):
+def test_lora_adapter_loads_with_peft_and_is_registered_with_its_base(tiny, jobs_worker):
     job = _run(tiny, {"max_steps": "12", "learning_rate": "1e-2", "lora_r": "4", "eval_split": "0.25",
                       "eval_steps": "6", "merge": "true"})
     out = Path(job["run_dir"]) / "output"
@@ -70,13 +70,13 @@ def test_lora_adapter_loads_with_peft_and_is_registered_with_its_base(tiny):
 
     # the adapter is itself a starting point: training goes on from it, on the same base model
     job2 = runs.submit(tiny, "sft", model=job["output_model"], dataset="facts", params={"max_steps": "2"})
-    Worker(tiny, say=lambda m: None).serve(once=True)
+    jobs_worker(tiny).serve(once=True)
     second = runs.get_job(tiny, job2)
     assert second["status"] == "completed", second["log_tail"]
     assert registry.info(tiny, second["output_model"])["base_model"] == "tiny"
 
 
-def test_chat_rows_learn_only_the_last_reply(tiny, tmp_path):
+def test_chat_rows_learn_only_the_last_reply(tiny, tmp_path, jobs_worker):
     from transformers import AutoTokenizer
 
     from lab.formats import to_prompt_completion
@@ -94,5 +94,5 @@ def test_chat_rows_learn_only_the_last_reply(tiny, tmp_path):
 
     datasets.add(tiny, "chat", write_jsonl(tmp_path / "chat.jsonl", [row] * 4))
     job_id = runs.submit(tiny, "sft", model="tiny", dataset="chat", params={"max_steps": "2", "packing": "true"})
-    Worker(tiny, say=lambda m: None).serve(once=True)
+    jobs_worker(tiny).serve(once=True)
     assert runs.get_job(tiny, job_id)["status"] == "completed"

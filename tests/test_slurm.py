@@ -93,7 +93,7 @@ def test_a_multi_node_job_waits_for_a_slurm_worker_and_needs_a_data_parallel_plu
     assert queue.claim_next(ws, "cluster:1", cluster=True).id == job_id
 
 
-def test_the_worker_refuses_an_unknown_executor_and_unsplittable_sbatch_args(ws):
+def test_the_worker_refuses_an_unknown_executor_and_unsplittable_sbatch_args(ws, jobs_worker):
     from conftest import lab_cli
 
     done = lab_cli("worker", "--executor", "bogus")

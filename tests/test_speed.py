@@ -71,7 +71,7 @@ def _sft(s, batching: str) -> dict:
     return runs.metrics(s, [job_id], ["loss", "padding_share", "num_tokens"])[job_id]
 
 
-def test_every_sft_run_logs_its_padding_share_and_padding_free_trains_the_same_rows(uneven):
+def test_every_sft_run_logs_its_padding_share_and_padding_free_trains_the_same_rows(uneven, jobs_worker):
     padded, flat, grouped = (_sft(uneven, b) for b in ("padded", "padding_free", "by_length"))
     assert all(0 < v < 1 for _, v, _ in padded["padding_share"]), padded["padding_share"]
     assert [v for _, v, _ in flat["padding_share"]] == [0.0] * 4
@@ -119,7 +119,7 @@ def test_without_bf16_instructions_auto_takes_fp32_and_bf16_is_refused(monkeypat
     assert speed.choose_bf16("fp32", None, None, said.append) is False
 
 
-def test_a_run_asked_to_profile_records_its_steps_and_says_how_much_was_matrix_multiplication(uneven):
+def test_a_run_asked_to_profile_records_its_steps_and_says_how_much_was_matrix_multiplication(uneven, jobs_worker):
     import gzip
     import json
 
@@ -202,7 +202,7 @@ def test_gradient_checkpointing_is_on_only_where_the_activations_need_the_memory
         sft.Params(gradient_checkpointing="sometimes")
 
 
-def test_without_checkpointing_sft_takes_the_loss_over_whole_logits_and_it_is_the_same_loss(uneven):
+def test_without_checkpointing_sft_takes_the_loss_over_whole_logits_and_it_is_the_same_loss(uneven, jobs_worker):
     found = {}
     for choice in ("on", "off"):
         job = _sft_job(uneven, max_steps=2, seed=3, gradient_checkpointing=choice)

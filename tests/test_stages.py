@@ -59,7 +59,7 @@ def series(s, job: dict, key: str) -> list[float]:
     return [v for _, v, _ in runs.metrics(s, [job["id"]], [key])[job["id"]][key]]
 
 
-def test_classification_beats_the_majority_class(lab):
+def test_classification_beats_the_majority_class(lab, jobs_worker):
     job = run_job(lab, "classify", "tiny", "spam", use_lora=False, learning_rate=3e-3, max_steps=30,
                   eval_steps=30, precision="fp32")
     accuracy, = series(lab, job, "final/accuracy")
@@ -76,7 +76,7 @@ def test_classification_beats_the_majority_class(lab):
     assert config["id2label"] == {"0": "ham", "1": "spam"}
 
 
-def test_reward_model_ranks_held_out_pairs_well_above_chance(lab):
+def test_reward_model_ranks_held_out_pairs_well_above_chance(lab, jobs_worker):
     job = run_job(lab, "reward", "tiny", "pairs", use_lora=False, learning_rate=1e-3, max_steps=30, eval_steps=30,
                   precision="fp32")
     assert series(lab, job, "eval_accuracy")[-1] >= 0.9, "chance is 0.5"
@@ -84,7 +84,7 @@ def test_reward_model_ranks_held_out_pairs_well_above_chance(lab):
     assert registry.info(lab, job["output_model"])["kind"] == "reward"
 
 
-def test_dpo_raises_the_chosen_minus_rejected_margin(lab):
+def test_dpo_raises_the_chosen_minus_rejected_margin(lab, jobs_worker):
     job = run_job(lab, "dpo", "tiny", "pairs", learning_rate=5e-3, max_steps=15, precision="fp32")
     margins = series(lab, job, "rewards/margins")
     assert margins[0] == pytest.approx(0, abs=1e-6) and margins[-1] > 0.5
@@ -114,7 +114,7 @@ CORPUS = ("To be, or not to be, that is the question: whether 'tis nobler in the
           "of outrageous fortune, or to take arms against a sea of troubles and by opposing end them.\n\n")
 
 
-def test_pretraining_from_scratch_lowers_the_loss_and_can_go_on(lab, tmp_path):
+def test_pretraining_from_scratch_lowers_the_loss_and_can_go_on(lab, tmp_path, jobs_worker):
     (tmp_path / "corpus.txt").write_text(CORPUS * 60)
     datasets.add(lab, "corpus", tmp_path / "corpus.txt")
     job = run_job(lab, "pretrain", None, "corpus", size="tiny", vocab_size=400, block_size=64, max_steps=40,
@@ -140,7 +140,7 @@ def test_pretraining_from_scratch_lowers_the_loss_and_can_go_on(lab, tmp_path):
         runs.submit(lab, "dpo", model=masked["output_model"], dataset="pairs")
 
 
-def test_chain_sft_then_reward_then_ppo_records_its_lineage(lab, tmp_path):
+def test_chain_sft_then_reward_then_ppo_records_its_lineage(lab, tmp_path, jobs_worker):
     facts = [{"instruction": q, "input": "", "output": g} for q, g in zip(QUESTIONS, GOOD * 2, strict=True)]
     datasets.add(lab, "facts", write_jsonl(tmp_path / "facts.jsonl", facts * 3))
     sft = run_job(lab, "sft", "tiny", "facts", max_steps=3, precision="fp32")
@@ -178,7 +178,7 @@ def test_ppo_and_grpo_refuse_a_missing_or_wrong_reward_model(lab):
     assert runs.list_jobs(lab) == []
 
 
-def test_grpo_with_rule_rewards_keeps_samples(lab, tmp_path):
+def test_grpo_with_rule_rewards_keeps_samples(lab, tmp_path, jobs_worker):
     rows = [{"prompt": q, "completion": "yes"} for q in QUESTIONS] * 2
     datasets.add(lab, "qa", write_jsonl(tmp_path / "qa.jsonl", rows))
     job = run_job(lab, "grpo", "tiny", "qa", length_target=4, format_regex=r"\w", exact_match=True, max_steps=3,
@@ -198,7 +198,7 @@ def test_grpo_with_rule_rewards_keeps_samples(lab, tmp_path):
     ("orpo", {"rewards/margins", "log_odds_ratio", "nll_loss", "tokens_per_s"}),
     ("kto", {"rewards/chosen", "rewards/rejected", "kl", "tokens_per_s"}),
 ])
-def test_orpo_and_kto_tune_on_preference_pairs(lab, plugin, keys):
+def test_orpo_and_kto_tune_on_preference_pairs(lab, plugin, keys, jobs_worker):
     job = run_job(lab, plugin, "tiny", "pairs", max_steps=8, learning_rate=5e-3, precision="fp32")
     assert keys <= set(runs.metrics(lab, [job["id"]])[job["id"]])
     loss = series(lab, job, "loss")

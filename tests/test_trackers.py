@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 from conftest import lab_cli, write_jsonl
 
-from jobs.worker import Worker
 from lab import datasets, registry, run_config, runs, settings
 from lab.errors import LabError
 
@@ -25,7 +24,7 @@ def _losses(s, job_id: int) -> dict[int, float]:
 
 
 def test_one_run_reports_to_every_tracker_and_each_reader_finds_the_loss(ws, tiny_model_dir, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, jobs_worker):
     monkeypatch.setenv("LAB_WANDB", "offline")
     s = settings.load()
     registry.add_folder(s, "tiny", tiny_model_dir)
@@ -33,7 +32,7 @@ def test_one_run_reports_to_every_tracker_and_each_reader_finds_the_loss(ws, tin
     job_id = int(lab_cli("run", "sft", "-m", "tiny", "-d", "facts", "-e", "tracked", "--set", "max_steps=3",
                          "--set", "batch_size=2", "--set", "eval_split=0",
                          "--report-to", "wandb,tensorboard,trackio,mlflow", check=True).stdout.strip())
-    Worker(s, say=lambda m: None).serve(once=True)
+    jobs_worker(s).serve(once=True)
     job = runs.get_job(s, job_id)
     assert job["status"] == "completed", job["log_tail"]
     assert job["report_to"] == "wandb,tensorboard,trackio,mlflow"
@@ -89,7 +88,7 @@ def test_one_run_reports_to_every_tracker_and_each_reader_finds_the_loss(ws, tin
         assert command in shown
 
 
-def test_the_default_none_and_bad_names(ws, tiny_model_dir, tmp_path, monkeypatch):
+def test_the_default_none_and_bad_names(ws, tiny_model_dir, tmp_path, monkeypatch, jobs_worker):
     registry.add_folder(ws, "tiny", tiny_model_dir)
     datasets.add(ws, "facts", write_jsonl(tmp_path / "facts.jsonl", FACTS))
     monkeypatch.setenv("LAB_REPORT_TO", "tensorboard")
@@ -98,8 +97,8 @@ def test_the_default_none_and_bad_names(ws, tiny_model_dir, tmp_path, monkeypatc
     assert runs.get_job(s, job_id)["report_to"] == "tensorboard"  # the setting's default, kept with the job
     none = runs.submit(s, "sft", model="tiny", dataset="facts", params={"max_steps": 1, "eval_split": 0},
                        report_to="none")
-    Worker(s, say=lambda m: None).serve(once=True)
-    Worker(s, say=lambda m: None).serve(once=True)
+    jobs_worker(s).serve(once=True)
+    jobs_worker(s).serve(once=True)
     assert (Path(runs.get_job(s, job_id)["run_dir"]) / "tensorboard").is_dir()
     bare = Path(runs.get_job(s, none)["run_dir"])
     assert runs.get_job(s, none)["status"] == "completed"

@@ -67,7 +67,7 @@ def _file(server: LabServer, path) -> tuple[int, bytes]:
     return status, body
 
 
-def test_no_workspace_file_is_served_but_run_artifacts_are(armed):
+def test_no_workspace_file_is_served_but_run_artifacts_are(armed, serves):
     ws = armed.workspace
     server = LabServer(ws, workers=0).start()
     try:
@@ -86,7 +86,7 @@ def test_no_workspace_file_is_served_but_run_artifacts_are(armed):
         server.stop()
 
 
-def test_logged_in_clients_get_no_workspace_file_either(armed):
+def test_logged_in_clients_get_no_workspace_file_either(armed, serves):
     server = LabServer(armed.workspace, workers=0, extra=("--password", "pw-for-test")).start()
     try:
         status, headers, _ = _request(server, "POST", "/login",
@@ -104,7 +104,7 @@ def test_logged_in_clients_get_no_workspace_file_either(armed):
 
 @pytest.mark.parametrize("payload", ["{server}", {"path": "{server}"},
                                      {"path": "{server}", "meta": {"_type": "gradio.FileData"}}])
-def test_upload_dataset_takes_only_uploaded_files(ws, tmp_path, payload):
+def test_upload_dataset_takes_only_uploaded_files(ws, tmp_path, payload, serves):
     """A plain path, or a file-looking object that names a server file, is refused and nothing is stored."""
     private = write_jsonl(tmp_path / "private.jsonl", [{"text": "the server's own file"}])
     private.chmod(0o600)
@@ -120,7 +120,7 @@ def test_upload_dataset_takes_only_uploaded_files(ws, tmp_path, payload):
         server.stop()
 
 
-def test_foreign_hosts_and_origins_are_refused(ws):
+def test_foreign_hosts_and_origins_are_refused(ws, serves):
     server = LabServer(ws.workspace, workers=0).start()
     try:
         status, _, _ = _request(server, "GET", "/", {"Host": "attacker.example"})
@@ -148,7 +148,7 @@ def test_foreign_hosts_and_origins_are_refused(ws):
         server.stop()
 
 
-def test_allowed_hosts_lets_a_proxy_name_in(ws):
+def test_allowed_hosts_lets_a_proxy_name_in(ws, serves):
     server = LabServer(ws.workspace, workers=0, extra=("--allowed-hosts", "lab.internal")).start()
     try:
         status, _, _ = _request(server, "GET", "/", {"Host": "lab.internal"})
@@ -192,7 +192,7 @@ def test_login_throttle_doubles_per_client():
     assert throttle.delay("a") == 0, "old failures are forgotten"
 
 
-def test_password_guessing_slows_down(ws):
+def test_password_guessing_slows_down(ws, serves):
     server = LabServer(ws.workspace, workers=0, extra=("--password", "right-one")).start()
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     try:

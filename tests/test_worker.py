@@ -46,9 +46,9 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_completed_job_has_metrics_log_and_job_json(ws):
+def test_completed_job_has_metrics_log_and_job_json(ws, jobs_worker):
     job_id = runs.submit(ws, "instant", params={"steps": "4"})
-    Worker(ws, say=lambda m: None).serve(once=True)
+    jobs_worker().serve(once=True)
     job = runs.get_job(ws, job_id)
     assert job["status"] == "completed" and job["exit_code"] == 0 and job["error"] is None
     assert (job["step"], job["total_steps"]) == (4, 4)
@@ -62,24 +62,24 @@ def test_completed_job_has_metrics_log_and_job_json(ws):
     assert '"plugin": "instant"' in record and '"steps": 4' in record and '"versions"' in record
 
 
-def test_plugin_exception_fails_the_job_with_its_reason(ws):
+def test_plugin_exception_fails_the_job_with_its_reason(ws, jobs_worker):
     job_id = runs.submit(ws, "failing")
-    Worker(ws, say=lambda m: None).serve(once=True)
+    jobs_worker().serve(once=True)
     job = runs.get_job(ws, job_id)
     assert job["status"] == "failed" and job["exit_code"] == 1
     assert "RuntimeError: boom from the plugin" in job["error"]
     assert "about to fail" in job["log_tail"] and "Traceback" in job["log_tail"]
 
 
-def test_job_without_outputs_is_never_completed(ws):
+def test_job_without_outputs_is_never_completed(ws, jobs_worker):
     job_id = runs.submit(ws, "silent")
-    Worker(ws, say=lambda m: None).serve(once=True)
+    jobs_worker().serve(once=True)
     job = runs.get_job(ws, job_id)
     assert job["status"] == "failed"
     assert "wrote nothing" in job["error"]
 
 
-def test_job_process_killed_with_sigkill_is_failed_and_says_so(ws):
+def test_job_process_killed_with_sigkill_is_failed_and_says_so(ws, jobs_worker):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "60"})
     worker, thread = _serve_in_thread(ws)
     try:
@@ -98,7 +98,7 @@ def test_job_process_killed_with_sigkill_is_failed_and_says_so(ws):
     assert run_dir.name == f"{job_id}-sleeping"
 
 
-def test_cancelling_a_running_job_stops_its_whole_tree_within_5_seconds(ws):
+def test_cancelling_a_running_job_stops_its_whole_tree_within_5_seconds(ws, jobs_worker):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "120", "child": "true"})
     worker, thread = _serve_in_thread(ws)
     try:
@@ -117,7 +117,7 @@ def test_cancelling_a_running_job_stops_its_whole_tree_within_5_seconds(ws):
     assert runs.get_job(ws, job_id)["error"] == "cancelled by the user"
 
 
-def test_stopping_the_worker_puts_its_running_job_back_in_the_queue(ws):
+def test_stopping_the_worker_puts_its_running_job_back_in_the_queue(ws, jobs_worker):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "120"})
     worker, thread = _serve_in_thread(ws)
     wait_for_status(ws, job_id, ("running",))
@@ -132,14 +132,14 @@ def test_stopping_the_worker_puts_its_running_job_back_in_the_queue(ws):
     # the next worker runs it again, in the same folder, to the end
     with session(ws) as s:
         s.execute(update(Job).where(Job.id == job_id).values(params={"seconds": 0.2}))
-    Worker(ws, say=lambda m: None).serve(once=True)
+    jobs_worker().serve(once=True)
     job = runs.get_job(ws, job_id)
     # the stopped start is not the job's fault: it does not count against its attempts
     assert (job["status"], job["attempts"], job["run_dir"]) == ("completed", 1, str(run_dir))
     assert job["error"] is None
 
 
-def test_worker_process_sigterm_interrupts_its_job_cleanly(ws):
+def test_worker_process_sigterm_interrupts_its_job_cleanly(ws, jobs_worker):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "120"})
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.PIPE, text=True)
     wait_for_status(ws, job_id, ("running",))
@@ -152,7 +152,7 @@ def test_worker_process_sigterm_interrupts_its_job_cleanly(ws):
     assert not _alive(pid)
 
 
-def test_job_process_stops_itself_when_its_worker_dies(ws):
+def test_job_process_stops_itself_when_its_worker_dies(ws, jobs_worker):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "120"})
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.DEVNULL)
     wait_for_status(ws, job_id, ("running",))
@@ -165,7 +165,7 @@ def test_job_process_stops_itself_when_its_worker_dies(ws):
     assert not _alive(pid), "no training process outlives its worker"
 
 
-def test_three_worker_processes_run_every_job_exactly_once(ws, tmp_path):
+def test_three_worker_processes_run_every_job_exactly_once(ws, tmp_path, jobs_worker):
     record = tmp_path / "ran.txt"
     ids = [runs.submit(ws, "instant", params={"record": str(record), "steps": "0"}) for _ in range(24)]
     procs = [subprocess.Popen([sys.executable, "-m", "lab.cli", "worker", "--until-empty"], stdout=subprocess.PIPE,
@@ -180,14 +180,14 @@ def test_three_worker_processes_run_every_job_exactly_once(ws, tmp_path):
     assert len({j["worker"] for j in jobs}) > 1
 
 
-def test_a_new_run_never_reuses_another_runs_folder(ws):
+def test_a_new_run_never_reuses_another_runs_folder(ws, jobs_worker):
     # a folder left by an earlier database with the same job id
     stale = ws.workspace / "experiments/default/runs/1-instant"
     stale.mkdir(parents=True)
     (stale / "log.txt").write_text("an older run\n")
     job_id = runs.submit(ws, "instant")
     assert job_id == 1
-    Worker(ws, say=lambda m: None).serve(once=True)
+    jobs_worker().serve(once=True)
     job = runs.get_job(ws, job_id)
     assert job["status"] == "completed"
     assert Path(job["run_dir"]).name == "1-instant.2"

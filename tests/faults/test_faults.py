@@ -37,7 +37,7 @@ def _serve_in_thread(s) -> tuple[Worker, threading.Thread]:
     return worker, thread
 
 
-def test_a_killed_job_is_retried_from_its_last_checkpoint(tiny):
+def test_a_killed_job_is_retried_from_its_last_checkpoint(tiny, jobs_worker):
     params = {"use_lora": "false", "max_steps": "60", "save_steps": "10", "learning_rate": "1e-3",
               "batch_size": "2", "precision": "fp32"}
     job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts", params=params, max_attempts=2)
@@ -61,7 +61,7 @@ def test_a_killed_job_is_retried_from_its_last_checkpoint(tiny):
     assert steps == list(range(1, 61)), "every step once: the killed attempt's later points were dropped"
 
 
-def test_a_killed_job_without_attempts_left_fails_naming_the_signal(ws):
+def test_a_killed_job_without_attempts_left_fails_naming_the_signal(ws, jobs_worker):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "60"})
     worker, thread = _serve_in_thread(ws)
     try:
@@ -78,7 +78,7 @@ def test_a_killed_job_without_attempts_left_fails_naming_the_signal(ws):
 
 
 @pytest.mark.parametrize("attempts", [1, 2])
-def test_a_killed_worker_loses_its_job_to_the_lease(any_ws, monkeypatch, attempts):
+def test_a_killed_worker_loses_its_job_to_the_lease(any_ws, monkeypatch, attempts, jobs_worker):
     monkeypatch.setenv("LAB_LEASE_S", "1.5")
     s = load()
     job_id = runs.submit(s, "sleeping", params={"seconds": "120"}, max_attempts=attempts)
@@ -104,7 +104,7 @@ def _group_alive(pgid: int) -> bool:
                and Path(f"/proc/{p}/stat").read_text().split()[2] != "Z" for p in os.listdir("/proc") if p.isdigit())
 
 
-def test_a_killed_worker_takes_its_multi_process_job_with_it(tiny):
+def test_a_killed_worker_takes_its_multi_process_job_with_it(tiny, jobs_worker):
     """Under torchrun the worker is the ranks' grandparent: they watch its pid (LAB_WORKER_PID) and stop the whole
     group; a rank that prints to the log pipe the dead worker held also dies of it. Either way nothing survives."""
     job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts", processes=2,
@@ -119,7 +119,7 @@ def test_a_killed_worker_takes_its_multi_process_job_with_it(tiny):
     _wait_for(lambda: not _group_alive(pgid), 20, "torchrun and both ranks to stop")
 
 
-def test_a_killed_server_leaves_nothing_running_and_its_job_finishes_after_restart(ws):
+def test_a_killed_server_leaves_nothing_running_and_its_job_finishes_after_restart(ws, serves):
     job_id = runs.submit(ws, "sleeping", params={"seconds": "8"}, max_attempts=2)
     server = LabServer(ws.workspace).start()
     try:
@@ -135,7 +135,7 @@ def test_a_killed_server_leaves_nothing_running_and_its_job_finishes_after_resta
         server.stop()
 
 
-def test_a_full_disk_during_a_checkpoint_fails_readably_and_keeps_earlier_checkpoints(tiny, tmp_path):
+def test_a_full_disk_during_a_checkpoint_fails_readably_and_keeps_earlier_checkpoints(tiny, tmp_path, jobs_worker):
     job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts",
                          params={"use_lora": "false", "max_steps": "40", "save_steps": "2", "precision": "fp32"})
     run_dir = tmp_path / "run"
@@ -152,7 +152,7 @@ def test_a_full_disk_during_a_checkpoint_fails_readably_and_keeps_earlier_checkp
 
         with session(tiny) as db:  # the job's run folder, with its checkpoints on the small disk
             db.execute(update(Job).where(Job.id == job_id).values(run_dir=str(run_dir)))
-        Worker(tiny, say=lambda m: None).serve(once=True)
+        jobs_worker(tiny).serve(once=True)
         job = runs.get_job(tiny, job_id)
         assert job["status"] == "failed"
         assert "the disk is full" in job["error"] and job["failure"] == "disk_full" and "free" in job["next_step"]
@@ -176,7 +176,7 @@ LOCKER_SQLITE = textwrap.dedent("""
 """)
 
 
-def test_a_long_writer_makes_workers_wait_not_crash(any_ws):
+def test_a_long_writer_makes_workers_wait_not_crash(any_ws, jobs_worker):
     exp = experiments.get_or_create(any_ws, "default")
     if any_ws.database_url.startswith("sqlite"):
         path = any_ws.database_url.removeprefix("sqlite:///")
@@ -193,13 +193,13 @@ def test_a_long_writer_makes_workers_wait_not_crash(any_ws):
     assert locker.stdout.readline().strip() == "locked"
     t0 = time.monotonic()
     job_id = queue.enqueue(any_ws, experiment_id=exp, plugin="instant", params={"steps": 1})
-    Worker(any_ws, say=lambda m: None).serve(once=True)
+    jobs_worker(any_ws).serve(once=True)
     locker.wait(30)
     assert time.monotonic() - t0 > 1.5, "the writes waited for the lock"
     assert runs.get_job(any_ws, job_id)["status"] == "completed"
 
 
-def test_a_lock_held_past_the_busy_timeout_makes_the_worker_back_off_and_go_on(ws, monkeypatch):
+def test_a_lock_held_past_the_busy_timeout_makes_the_worker_back_off_and_go_on(ws, monkeypatch, jobs_worker):
     """SQLite gives up on a lock after its busy timeout ("database is locked"): the worker says so, waits with
     back-off and retries instead of crashing; the job then runs."""
     from lab import db
@@ -218,7 +218,7 @@ def test_a_lock_held_past_the_busy_timeout_makes_the_worker_back_off_and_go_on(w
     assert runs.get_job(ws, job_id)["status"] == "completed"
 
 
-def test_the_ui_answers_while_a_writer_holds_the_database(ws):
+def test_the_ui_answers_while_a_writer_holds_the_database(ws, serves):
     """Reads never wait for a writer (WAL); a submission waits for the lock and then goes through."""
     from gradio_client import Client
 
@@ -289,7 +289,7 @@ def test_ui_handlers_retry_a_busy_database_then_say_why(monkeypatch):
 
 @pytest.mark.parametrize("attempts", [1, 2])
 def test_a_worker_killed_before_recording_the_outcome_registers_nothing_twice(ws, tiny_model_dir, tmp_path,
-                                                                               monkeypatch, attempts):
+                                                                               monkeypatch, attempts, jobs_worker):
     """The job has ended and its output is written, but the worker dies before recording the outcome (it waits
     for a held database lock). The output is registered once, with the outcome, by whoever records it."""
     monkeypatch.setenv("LAB_LEASE_S", "1.5")
@@ -320,7 +320,7 @@ def test_a_worker_killed_before_recording_the_outcome_registers_nothing_twice(ws
         assert runs.get_job(s, job_id)["status"] == "failed"
         return
     assert runs.get_job(s, job_id)["status"] == "queued"
-    Worker(s, say=lambda m: None).serve(once=True)
+    jobs_worker(s).serve(once=True)
     job = runs.get_job(s, job_id)
     assert job["status"] == "completed"
     models = registry.list_all(s)
@@ -359,7 +359,7 @@ def test_a_full_or_read_only_workspace_is_named_by_the_command(ws, tmp_path, kin
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
-def test_a_stopped_lab_serve_checkpoints_its_training_job_which_resumes_after_restart(tiny):
+def test_a_stopped_lab_serve_checkpoints_its_training_job_which_resumes_after_restart(tiny, serves):
     """Ctrl-C (SIGINT) on `lab serve`: its worker stops the job, which writes a checkpoint at its step boundary and
     goes back to the queue; started again, the lab resumes it from that checkpoint."""
     job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts", max_attempts=1,
@@ -407,7 +407,7 @@ def _memory_cgroup(limit: int) -> Path | None:
     return None
 
 
-def test_a_job_the_kernel_kills_for_memory_fails_as_oom(ws):
+def test_a_job_the_kernel_kills_for_memory_fails_as_oom(ws, jobs_worker):
     """A worker in a memory-limited cgroup (as in a container with a memory limit): its job grows past the limit,
     the kernel's OOM killer kills it, and the job fails as `oom` with the next step, not as a mysterious SIGKILL."""
     group = _memory_cgroup(1536 * 2**20)

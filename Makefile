@@ -66,10 +66,11 @@ test: install chromium postgres slurm llama-cpp
 	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)
 
 # The fast tier while working: no job processes, servers, clusters or browser (the README says how long it takes)
-FAST_MARKS := not jobs and not server and not browser and not slow and not postgres and not slurm and not llamacpp
+FAST_MARKS := not jobs and not server and not browser and not interrupts and not slow and not postgres and not slurm \
+	and not llamacpp
 test-fast: install
 	$(BIN)/ruff check .
-	LAB_TEST_TIER=fast $(BIN)/python -m pytest -q -m "$(FAST_MARKS)" --durations=15 $(PYTEST_ARGS)
+	LAB_TEST_TIER=fast $(BIN)/python -m pytest -q -n 2 -m "$(FAST_MARKS)" --durations=15 $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python bench/queue_latency.py

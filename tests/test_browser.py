@@ -154,8 +154,8 @@ def test_upload_launch_watch_reload(ws, lab_server, tiny_model_dir, tmp_path, pa
     page.reload()
     page.wait_for_timeout(1500)
     _tab(page, "Jobs")
-    assert re.search(rf"\b{job_id}\b.*sft.*tiny.*facts.*(running|completed)",
-                     page.locator("#jobs-table").inner_text().replace("\n", " ").replace("\t", " "))
+    # the table may be in the middle of a refresh (the page shows "processing"): wait for its rows
+    _wait_for_text(page, "#jobs-table", rf"(?s)\b{job_id}\b.*sft.*tiny.*facts.*(running|completed)", 30)
     page.goto(f"{lab_server.url}?job={job_id}")
     _wait_for_text(page, "#run-head", "completed", 120)
     page.wait_for_timeout(2500)

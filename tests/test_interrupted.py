@@ -17,6 +17,8 @@ from conftest import lab_cli, write_jsonl
 
 from lab import datasets, registry
 
+pytestmark = pytest.mark.interrupts  # each kills a command mid-work and runs it again: the full suite only
+
 
 def _ctrl_c_as_in_a_terminal() -> None:
     """In the child, before it runs Python: SIGINT back to its default, so that Python turns it into

@@ -63,7 +63,7 @@ llama-cpp: install
 
 test: install chromium postgres slurm llama-cpp
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest --durations=30 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=40 $(PYTEST_ARGS)
 
 # The fast tier while working: no job processes, servers, clusters or browser (the README says how long it takes)
 FAST_MARKS := not jobs and not server and not browser and not interrupts and not slow and not postgres and not slurm \

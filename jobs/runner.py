@@ -24,10 +24,11 @@ from pathlib import Path
 
 from jobs import queue
 from lab import datasets as datasets_mod
-from lab import plugins, runs, trackers
+from lab import jobspec, plugins, runs, trackers
 from lab.db import read_session
 from lab.diagnosis import diagnose
 from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, Diverged, JobCancelled, JobInterrupted, LabError
+from lab.jobspec import JobSpec
 from lab.sdk import RunContext
 from lab.settings import Settings, load, mask, secret_values
 from lab.tables import Dataset, Experiment, Model, utcnow
@@ -117,6 +118,7 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
                 f"training reads its other {ctx.dataset['train_rows']})")
     ctx.output_dir.mkdir(parents=True, exist_ok=True)
     ctx.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    spec = JobSpec.of(job.spec) if job.spec else runs.spec_of(settings, job.id)
     record = {
         "job_id": job.id, "plugin": plugin.id, "plugin_origin": plugin.origin, "experiment": experiment.name,
         "params": params.model_dump(mode="json"), "seed": getattr(params, "seed", None), "priority": job.priority,
@@ -126,11 +128,7 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         "nodes": job.nodes, "slurm_job_id": job.slurm_job_id,
         "created_at": job.created_at.isoformat(),
         "started_at": (job.started_at or utcnow()).isoformat(), "versions": _versions(), "git_commit": _git_commit(),
-        "command": runs.command_line(plugin.id, params.model_dump(mode="json", exclude_defaults=True),
-                                model and model.name, dataset and dataset.name, experiment.name,
-                                processes=job.processes, devices=job.devices, max_attempts=job.max_attempts,
-                                time_limit_min=job.time_limit_s and job.time_limit_s / 60,
-                                report_to=job.report_to, nodes=job.nodes or 1, memory_gb=job.memory_gb),
+        "spec": spec.model_dump(mode="json"), "command": jobspec.command_line(spec),
         "report_to": ctx.report_to,
     }
     if ctx.is_main:  # one writer under torchrun

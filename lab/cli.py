@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import sys
 import threading
 import time
 import traceback
+import typing
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lab import datasets, experiments, plugins, registry, runs
+from lab import datasets, plugins, registry, runs
 from lab.dependencies import describe
 from lab.diagnosis import KINDS
 from lab.errors import LabError, from_known_error
@@ -338,8 +341,11 @@ def plugins_show(plugin_id: str, workspace: WorkspaceOpt = None, as_json: JsonOp
 
 
 def _from_job_json(path: Path) -> dict:
+    """The spec a run's job.json records (or, for an older one, the fields it has)."""
     try:
         record = json.loads(path.read_text())
+        if "spec" in record:
+            return dict(record["spec"])
         return {"plugin": record["plugin"], "model": (record.get("model") or {}).get("name"),
                 "dataset": (record.get("dataset") or {}).get("name"), "experiment": record["experiment"],
                 "params": record["params"]}
@@ -347,124 +353,136 @@ def _from_job_json(path: Path) -> dict:
         raise LabError(f"{path} is not a readable job.json: {exc}") from None
 
 
+# --- the job's options, generated from lab.jobspec.JobSpec: `lab run` and `lab sweep` share them ---------------
+
+_SPEC_TYPES = {"params": list[str] | None, "tags": list[str] | None}
+_FOLLOW_UP = {"eval_dataset": (str | None, "--eval-dataset", "Its dataset."),
+              "eval_sets": (list[str] | None, "--eval-set", "Its parameters, key=value; repeatable.")}
+
+
+def _spec_parameters() -> list[inspect.Parameter]:
+    """One typer option per JobSpec field (the plugin is the command's argument), with its flags, help and
+    default from the field."""
+    from lab import jobspec
+
+    out = []
+    for name in jobspec.FIELDS:
+        if name == "plugin":
+            continue
+        meta, fallback = jobspec.meta(name), jobspec.default(name)
+        kind = _SPEC_TYPES.get(name) or (str | None if name in ("then_eval", "report_to") or meta["widget"] in
+                                         ("text", "dropdown") and name != "devices" else
+                                         float | None if jobspec.JobSpec.model_fields[name].annotation in
+                                         (float, float | None) else int | None)
+        shown = escape(f" [default: {fallback}]") if fallback not in (None, [], {}) else ""
+        option = typer.Option(*meta["flags"], help=meta["help"] + shown, show_default=False)
+        out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation=Annotated[kind, option]))
+        if name == "then_eval":
+            out += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                      annotation=Annotated[kind, typer.Option(flag, help=text)])
+                    for k, (kind, flag, text) in _FOLLOW_UP.items()]
+    return out
+
+
+def _spec_options(fn):
+    """Give a command the job's options (generated from JobSpec, after its own); it receives them as **options."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values()
+           if p.kind != inspect.Parameter.VAR_KEYWORD]
+    generated = _spec_parameters()
+    names = {p.name for p in generated}
+
+    @functools.wraps(fn)
+    def command(**kwargs):
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        return fn(**kwargs, **options)
+
+    params = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own] + generated
+    command.__signature__ = inspect.Signature(params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    del command.__wrapped__  # typer reads the signature above, not the function's own
+    return command
+
+
+def _options_layer(options: dict) -> dict:
+    """The spec fields the command line gave (None: not given)."""
+    layer = {k: v for k, v in options.items() if k not in ("params", "then_eval", "tags", *_FOLLOW_UP)}
+    layer["params"] = plugins.parse_sets(options.get("params") or [])
+    layer["tags"] = options.get("tags") or None
+    layer["then_eval"] = _then_eval(options.get("then_eval"), options.get("eval_dataset"), options.get("eval_sets"))
+    return layer
+
+
+def _then_eval(plugin: str | None, dataset: str | None, sets: list[str] | None) -> dict | None:
+    if not plugin:
+        if dataset or sets:
+            raise LabError("--eval-dataset and --eval-set go with --then-eval PLUGIN")
+        return None
+    return {"plugin": plugin, "dataset": dataset, "params": plugins.parse_sets(sets or [])}
+
+
+def _spec(options: dict, *layers: dict, which: str):
+    """The job's spec: the layers (a job.json, a config file, the plugin argument), then the command line's
+    options over them."""
+    from lab import jobspec
+
+    if not any((layer or {}).get("plugin") for layer in layers):
+        raise LabError(f"which plugin? {which}")
+    return jobspec.merge(*layers, _options_layer(options))
+
+
 @app.command("run")
+@_spec_options
 def run_cmd(
     plugin: Annotated[str | None, typer.Argument(help="Plugin id (see `lab plugins list`).")] = None,
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Registered model or run output.")] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Registered dataset.")] = None,
-    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="[default: default]")] = None,
-    sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Parameter as key=value; repeatable.")] = None,
-    priority: Annotated[int | None, typer.Option(help="Higher runs first. [default: 0]")] = None,
-    max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1, max=20, help="Starts allowed: a killed "
-                                                     "or lost job is retried from its last checkpoint. [default: 1]")]
-    = None,
-    time_limit: Annotated[float | None, typer.Option("--time-limit", help="Minutes one attempt may run; past them "
-                                                     "the job writes a checkpoint and fails as timeout.")] = None,
-    processes: Annotated[int | None, typer.Option("--processes", min=1, max=64, help="Run data-parallel in this many "
-                                                  "processes (torchrun); sft, pretrain, classify. [default: 1]")]
-    = None,
-    devices: Annotated[int | None, typer.Option("--devices", min=0, max=64, help="Accelerators the job needs "
-                                                "[default: one per process on a worker with GPUs, else none].")]
-    = None,
-    nodes: Annotated[int | None, typer.Option("--nodes", min=1, max=1024, help="Spread a data-parallel job over "
-                                              "this many nodes (a Slurm worker runs it). [default: 1]")] = None,
-    memory_gb: Annotated[float | None, typer.Option("--memory-gb", help="Memory per node of a Slurm job, in GB "
-                                                    "[default: LAB_SLURM_MEMORY_GB].")] = None,
-    report_to: Annotated[str | None, typer.Option("--report-to", help="Trackers beside the lab's own metrics: "
-                                                  "wandb, tensorboard, trackio, mlflow (comma-separated) or none "
-                                                  "[default: LAB_REPORT_TO].")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A run config file (YAML or JSON: plugin, model, "
                                                 "dataset, params, ...); other options override it.")] = None,
     from_job_json: Annotated[Path | None, typer.Option("--from-job-json", help="Repeat the run a job.json describes; "
                                                        "other options override it.")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Follow the job to its end; exit non-zero unless it completed.")]
     = False,
-    then_eval: Annotated[str | None, typer.Option("--then-eval", help="An eval plugin to run on the output.")] = None,
-    eval_dataset: Annotated[str | None, typer.Option("--eval-dataset", help="Its dataset.")] = None,
-    eval_sets: Annotated[list[str] | None, typer.Option("--eval-set", help="Its parameters, key=value.")] = None,
     workspace: WorkspaceOpt = None,
+    **options,
 ):
     """Queue a job and print its id."""
     from lab import run_config
-    from lab.run_config import pick
 
     s = _settings(workspace)
     if config and from_job_json:
         raise LabError("give --config or --from-job-json, not both")
     cfg = run_config.load(config) if config else run_config.RunConfig()
-    base = _from_job_json(from_job_json) if from_job_json else {"params": {}}
-    plugin = plugin or cfg.plugin or base.get("plugin")
-    if not plugin:
-        raise LabError("which plugin? `lab run PLUGIN ...`, `lab run --config FILE` or `lab run --from-job-json PATH`")
-    follow = _then_eval(then_eval, eval_dataset, eval_sets, cfg)
-    job_id = runs.submit(s, plugin, model=model or cfg.model or base.get("model"),
-                         dataset=dataset or cfg.dataset or base.get("dataset"),
-                         experiment=experiment or cfg.experiment or base.get("experiment") or experiments.DEFAULT,
-                         params={**base["params"], **cfg.params, **plugins.parse_sets(sets or [])},
-                         priority=pick(priority, cfg.priority, 0), then_eval=follow,
-                         max_attempts=pick(max_attempts, cfg.max_attempts, 1),
-                         processes=pick(processes, cfg.processes, 1), devices=pick(devices, cfg.devices),
-                         time_limit_min=pick(time_limit, cfg.time_limit),
-                         report_to=pick(report_to, cfg.report_to), nodes=pick(nodes, cfg.nodes, 1),
-                         memory_gb=pick(memory_gb, cfg.memory_gb))
+    if cfg.grid:
+        raise LabError(f"{config.name} has a `grid`: queue it with `lab sweep --config {config}`")
+    base = _from_job_json(from_job_json) if from_job_json else {}
+    spec = _spec(options, base, cfg.spec, {"plugin": plugin}, which="`lab run PLUGIN ...`, `lab run --config FILE` "
+                 "or `lab run --from-job-json PATH`")
+    job_id = runs.submit(s, spec)
     print(job_id)
     if wait:
         raise typer.Exit(_wait(s, job_id))
 
 
-def _then_eval(plugin: str | None, dataset: str | None, sets: list[str] | None, cfg=None) -> dict | None:
-    """The follow-up evaluation the options name, else the config file's (cfg), else none."""
-    if not plugin:
-        if dataset or sets:
-            raise LabError("--eval-dataset and --eval-set go with --then-eval PLUGIN")
-        return cfg.then_eval.model_dump() if cfg is not None and cfg.then_eval else None
-    return {"plugin": plugin, "dataset": dataset, "params": plugins.parse_sets(sets or [])}
-
-
 @app.command("sweep")
+@_spec_options
 def sweep_cmd(
     plugin: Annotated[str | None, typer.Argument(help="Plugin id [default: the config file's].")] = None,
     grid: Annotated[list[str] | None, typer.Option("--grid", "-g", help="key=v1,v2,...; repeat for more axes.")]
     = None,
-    model: Annotated[str | None, typer.Option("--model", "-m")] = None,
-    dataset: Annotated[str | None, typer.Option("--dataset", "-d")] = None,
-    experiment: Annotated[str | None, typer.Option("--experiment", "-e", help="[default: default]")] = None,
-    sets: Annotated[list[str] | None, typer.Option("--set", "-s", help="Parameters shared by every run.")] = None,
-    group: Annotated[str | None, typer.Option(help="Name of the group [default: PLUGIN-sweep-TIME].")] = None,
-    priority: Annotated[int | None, typer.Option(help="[default: 0]")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="A run config file; its `grid` key is the sweep's "
                                                 "grid, and --grid adds or replaces axes.")] = None,
-    then_eval: Annotated[str | None, typer.Option("--then-eval", help="An eval plugin to run on each output.")]
-    = None,
-    eval_dataset: Annotated[str | None, typer.Option("--eval-dataset")] = None,
-    eval_sets: Annotated[list[str] | None, typer.Option("--eval-set")] = None,
-    time_limit: Annotated[float | None, typer.Option("--time-limit", help="Minutes each run's attempt may run.")]
-    = None,
-    report_to: Annotated[str | None, typer.Option("--report-to", help="Trackers for every run (see `lab run`).")]
-    = None,
     workspace: WorkspaceOpt = None,
+    **options,
 ):
     """Queue every combination of a grid of parameters as one group (compare them on the Compare page)."""
     from lab import run_config
-    from lab.run_config import pick
 
     s = _settings(workspace)
     cfg = run_config.load(config) if config else run_config.RunConfig()
-    plugin = plugin or cfg.plugin
-    if not plugin:
-        raise LabError("which plugin? `lab sweep PLUGIN --grid ...` or `lab sweep --config FILE`")
-    axes = {k: f"{k}={','.join(str(v) for v in values)}" for k, values in (cfg.grid or {}).items()}
-    axes.update({item.partition("=")[0].strip(): item for item in grid or []})
-    if not axes:
-        raise LabError("a sweep needs a grid: --grid key=v1,v2 (or `grid:` in the config file)")
-    follow = _then_eval(then_eval, eval_dataset, eval_sets, cfg)
-    name, ids = runs.sweep(s, plugin, model=model or cfg.model, dataset=dataset or cfg.dataset,
-                           experiment=experiment or cfg.experiment or experiments.DEFAULT,
-                           base={**cfg.params, **plugins.parse_sets(sets or [])}, axes=list(axes.values()),
-                           group=group or cfg.group, priority=pick(priority, cfg.priority, 0), then_eval=follow,
-                           time_limit_min=pick(time_limit, cfg.time_limit), max_attempts=cfg.max_attempts or 1,
-                           processes=cfg.processes or 1, devices=cfg.devices,
-                           report_to=pick(report_to, cfg.report_to))
+    spec = _spec(options, cfg.spec, {"plugin": plugin}, which="`lab sweep PLUGIN --grid ...` or "
+                 "`lab sweep --config FILE`")
+    axes = {**(cfg.grid or {}), **runs.parse_grid(grid or [])}
+    name, ids = runs.sweep(s, spec, axes)
     out.print(f"queued {len(ids)} jobs as group {name}: {', '.join(map(str, ids))}", markup=False)
 
 

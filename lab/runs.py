@@ -5,8 +5,7 @@ The CLI and the UI both call these; neither touches the queue tables directly.
 
 from __future__ import annotations
 
-import json
-import shlex
+import math
 from collections import defaultdict
 from datetime import UTC, datetime
 
@@ -16,9 +15,9 @@ from jobs import queue
 from lab import datasets, experiments, formats, plugins, registry
 from lab.db import plain_rows, read_session, session
 from lab.errors import LabError, ValidationError
+from lab.jobspec import FollowUp, JobSpec
 from lab.settings import Settings, mask_all, secret_values
 from lab.tables import Dataset, Experiment, Job, Metric, Model, utcnow
-from lab.workspace import check_name
 
 
 def prepare(settings: Settings, plugin_id: str, *, model: str | None = None, dataset: str | None = None,
@@ -54,119 +53,93 @@ def prepare(settings: Settings, plugin_id: str, *, model: str | None = None, dat
             "dataset_id": dataset_id, "kind": plugin.kind}
 
 
-def _follow_up(settings: Settings, then_eval: dict | None) -> dict | None:
+def _follow_up(settings: Settings, then_eval: FollowUp | None) -> dict | None:
     """A checked follow-up evaluation: {plugin, dataset, params}, run on the training run's output."""
     if not then_eval:
         return None
-    plugin = then_eval.get("plugin")
-    if plugins.get(settings, plugin or "").kind != "eval":
-        raise LabError(f"the evaluation to run afterwards must be an eval plugin; {plugin} is not")
-    job = prepare(settings, plugin, dataset=then_eval.get("dataset"), params=then_eval.get("params"),
+    if plugins.get(settings, then_eval.plugin or "").kind != "eval":
+        raise LabError(f"the evaluation to run afterwards must be an eval plugin; {then_eval.plugin} is not")
+    job = prepare(settings, then_eval.plugin, dataset=then_eval.dataset, params=then_eval.params,
                   model_optional=True)
-    return {"plugin": job["plugin"], "dataset": then_eval.get("dataset"), "params": job["params"]}
+    return {"plugin": job["plugin"], "dataset": then_eval.dataset, "params": job["params"]}
 
 
-def submit(settings: Settings, plugin_id: str, *, model: str | None = None, dataset: str | None = None,
-           experiment: str = experiments.DEFAULT, params: dict | None = None, priority: int = 0,
-           then_eval: dict | None = None, group: str | None = None, tags: list[str] | None = None,
-           max_attempts: int = 1, devices: int | None = None, processes: int = 1,
-           time_limit_min: float | None = None, report_to: str | list[str] | None = None, nodes: int = 1,
-           memory_gb: float | None = None) -> int:
-    """Validate everything, then queue the job and return its id (nothing is queued on error).
-    then_eval: an evaluation {plugin, dataset, params} queued on the output once the job completes.
-    max_attempts: how often the job may start; a killed or lost job is retried from its last checkpoint.
-    devices: accelerators the job needs (None: one per process where the worker owns any, else none);
-    processes: > 1 runs the plugin data-parallel under torchrun (plugins that support it);
-    time_limit_min: minutes one attempt may run (None: no limit); past it the job writes a checkpoint and fails
-    as `timeout`; report_to: trackers ('wandb,tensorboard', a list, or 'none'; None: LAB_REPORT_TO);
-    nodes: > 1 spreads a data-parallel job over that many nodes (a Slurm worker runs it); memory_gb: the memory
-    per node a Slurm job asks for (None: LAB_SLURM_MEMORY_GB or the cluster's default)."""
-    return submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
-                       params_list=[params or {}], priority=priority, then_eval=then_eval, group=group,
-                       tags=tags, max_attempts=max_attempts, devices=devices, processes=processes,
-                       time_limit_min=time_limit_min, report_to=report_to, nodes=nodes, memory_gb=memory_gb)[0]
+def _spec(spec: JobSpec | dict | str, fields: dict) -> JobSpec:
+    """submit(settings, spec) or, for scripts and tests, submit(settings, "sft", model=..., params=...)."""
+    if isinstance(spec, str):
+        return JobSpec.of({"plugin": spec, **fields})
+    spec = JobSpec.of(spec)
+    return JobSpec.of({**spec.model_dump(), **fields}) if fields else spec
 
 
-def submit_many(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
-                params_list: list[dict], priority: int = 0, then_eval: dict | None = None, group: str | None = None,
-                tags: list[str] | None = None, max_attempts: int = 1, devices: int | None = None,
-                processes: int = 1, time_limit_min: float | None = None,
-                report_to: str | list[str] | None = None, nodes: int = 1,
-                memory_gb: float | None = None) -> list[int]:
-    """Queue one job per parameter set, all or none (a sweep)."""
+def submit(settings: Settings, spec: JobSpec | dict | str, **fields) -> int:
+    """Validate everything, then queue the job and return its id (nothing is queued on error). The spec's fields are
+    documented on lab.jobspec.JobSpec; keyword arguments set or override them."""
+    return submit_many(settings, _spec(spec, fields), [{}])[0]
+
+
+def submit_many(settings: Settings, spec: JobSpec | dict, variants: list[dict]) -> list[int]:
+    """Queue one job per parameter set (each laid over the spec's params), all or none (a sweep)."""
     from lab import trackers
 
-    chosen = trackers.parse(report_to)
+    spec = JobSpec.of(spec)
+    chosen = trackers.parse(spec.report_to)
     chosen = trackers.parse(settings.report_to, "LAB_REPORT_TO") if chosen is None else chosen
-    _check_whole(priority, "priority")
-    _check_time_limit(time_limit_min)
-    _check_whole(max_attempts, "max attempts", 1, 20)
-    if group is not None:
-        check_name(group, "group")
-    for tag in tags or []:
-        check_name(tag, "tag")
-    _check_resources(devices, processes)
-    _check_whole(nodes, "nodes", 1, 1024)
-    _check_memory(memory_gb)
-    plugin = plugins.get(settings, plugin_id)
-    if nodes > 1 and not plugin.distributed:
-        raise LabError(f"plugin {plugin_id} runs in one process: it cannot spread over nodes={nodes}",
+    plugin = plugins.get(settings, spec.plugin)
+    if spec.nodes > 1 and not plugin.distributed:
+        raise LabError(f"plugin {plugin.id} runs in one process: it cannot spread over nodes={spec.nodes}",
                        "leave nodes at 1; sft, pretrain and classify run data-parallel over nodes")
-    if processes > 1 and not plugin.distributed:
-        raise LabError(f"plugin {plugin_id} runs in one process: it cannot use processes={processes}",
+    if spec.processes > 1 and not plugin.distributed:
+        raise LabError(f"plugin {plugin.id} runs in one process: it cannot use processes={spec.processes}",
                        "leave processes at 1; sft, pretrain and classify run data-parallel")
-    if max_attempts > 1 and not plugin.resumable:
-        raise LabError(f"plugin {plugin_id} cannot resume from a checkpoint (its trainer has no resume), so a retry "
-                       f"would start over: max attempts must be 1, not {max_attempts}",
+    if spec.max_attempts > 1 and not plugin.resumable:
+        raise LabError(f"plugin {plugin.id} cannot resume from a checkpoint (its trainer has no resume), so a retry "
+                       f"would start over: max attempts must be 1, not {spec.max_attempts}",
                        "leave max attempts at 1 and launch the job again if it is interrupted")
-    jobs = [prepare(settings, plugin_id, model=model, dataset=dataset, params=p) for p in params_list]
-    follow = _follow_up(settings, then_eval)
+    specs = [spec.model_copy(update={"params": {**spec.params, **v}}) for v in variants]
+    jobs = [prepare(settings, s.plugin, model=s.model, dataset=s.dataset, params=s.params) for s in specs]
+    # what the spec keeps of the parameters: the ones given, as the plugin reads them ("2" from a command line is 2)
+    specs = [s.model_copy(update={"params": {k: j["params"].get(k, v) for k, v in s.params.items()}})
+             for j, s in zip(jobs, specs, strict=True)]
+    follow = _follow_up(settings, spec.then_eval)
     if follow and jobs[0]["kind"] != "train":
         raise LabError("only a training run can have an evaluation queued after it")
-    experiment_id = experiments.get_or_create(settings, experiment)
+    if follow:
+        given = spec.then_eval.params
+        then_eval = spec.then_eval.model_copy(update={"params": {k: follow["params"].get(k, v)
+                                                                 for k, v in given.items()}})
+        specs = [s.model_copy(update={"then_eval": then_eval}) for s in specs]
+    experiment_id = experiments.get_or_create(settings, spec.experiment)
     return queue.enqueue_many(settings, [
         {"experiment_id": experiment_id, "plugin": j["plugin"], "params": j["params"], "model_id": j["model_id"],
-         "dataset_id": j["dataset_id"], "priority": priority, "group_name": group, "tags": list(tags or []),
-         "follow_up": follow, "max_attempts": max_attempts, "devices": devices, "processes": processes,
-         "time_limit_s": None if time_limit_min is None else float(time_limit_min) * 60,
-         "report_to": trackers.stored(chosen), "nodes": nodes, "memory_gb": memory_gb}
-        for j in jobs])
+         "dataset_id": j["dataset_id"], "priority": s.priority, "group_name": s.group, "tags": list(s.tags),
+         "follow_up": follow, "max_attempts": s.max_attempts, "devices": s.devices, "processes": s.processes,
+         "time_limit_s": None if s.time_limit_min is None else s.time_limit_min * 60,
+         "report_to": trackers.stored(chosen), "nodes": s.nodes, "memory_gb": s.memory_gb,
+         "spec": s.model_dump(mode="json")}
+        for j, s in zip(jobs, specs, strict=True)])
 
 
-def _check_whole(value, what: str, low: int | None = None, high: int | None = None) -> None:
-    """A whole number (not a bool), within [low, high] when they are given."""
-    whole = isinstance(value, int) and not isinstance(value, bool)
-    if not whole or (low is not None and not low <= value <= high):
-        within = f" from {low} to {high}" if low is not None else ""
-        raise LabError(f"{what} must be a whole number{within}, got {value!r}")
-
-
-MAX_MEMORY_GB = 1 << 16
-
-
-def _check_memory(gb) -> None:
-    good = isinstance(gb, (int, float)) and not isinstance(gb, bool) and gb == gb and 0 < gb <= MAX_MEMORY_GB
-    if gb is not None and not good:
-        raise LabError(f"memory must be a number of GB above 0 and at most {MAX_MEMORY_GB}, got {gb!r}")
-
-
-MAX_TIME_LIMIT_MIN = 60 * 24 * 30  # 30 days
-
-
-def _check_time_limit(minutes) -> None:
-    good = isinstance(minutes, (int, float)) and not isinstance(minutes, bool) and 0 < minutes <= MAX_TIME_LIMIT_MIN
-    if minutes is not None and not (good and minutes == minutes):
-        raise LabError(f"the time limit must be a number of minutes above 0 and at most {MAX_TIME_LIMIT_MIN:,} "
-                       f"(30 days), got {minutes!r}", "leave it empty for no limit")
-
-
-def _check_resources(devices, processes) -> None:
-    _check_whole(processes, "processes", 1, 64)
-    if devices is not None:
-        _check_whole(devices, "devices", 0, 64)
-    if devices and processes > 1 and devices != processes:
-        raise LabError(f"a data-parallel job runs one process per device: devices={devices} but "
-                       f"processes={processes}", "give the same number for both, or devices=0 to run on CPU")
+def spec_of(settings: Settings, job_id: int) -> JobSpec:
+    """The spec a job was queued with (what Clone puts back in the Train form); for a job queued before specs were
+    stored, read back from its columns."""
+    with read_session(settings) as s:
+        job = s.get(Job, job_id)
+        if job is None:
+            raise LabError(f"no job {job_id}", "see `lab jobs list`")
+        if job.spec:
+            return JobSpec.of(job.spec)
+        names = _names(s)
+        follow = job.follow_up
+        return JobSpec.of({
+            "plugin": job.plugin, "model": names["model"].get(job.model_id),
+            "dataset": names["dataset"].get(job.dataset_id), "experiment": names["experiment"][job.experiment_id],
+            "params": job.params, "priority": job.priority, "max_attempts": job.max_attempts,
+            "time_limit_min": None if job.time_limit_s is None else job.time_limit_s / 60,
+            "processes": job.processes, "devices": job.devices, "report_to": job.report_to, "nodes": job.nodes,
+            "memory_gb": job.memory_gb, "group": job.group_name, "tags": job.tags or [],
+            "then_eval": follow and {"plugin": follow["plugin"], "dataset": follow.get("dataset"),
+                                     "params": follow.get("params") or {}}})
 
 
 def _wrong_format(plugin, ds) -> tuple[str, str]:
@@ -180,46 +153,6 @@ def _wrong_format(plugin, ds) -> tuple[str, str]:
     if target:
         return message, f"convert it: lab datasets convert {ds.name} {ds.name}-{target} --to {target}"
     return message, f"see `lab plugins show {plugin.id}`"
-
-
-def command_line(plugin: str, params: dict, model: str | None, dataset: str | None, experiment: str,
-                 priority: int = 0, processes: int = 1, devices: int | None = None, max_attempts: int = 1,
-                 time_limit_min: float | None = None, then_eval: dict | None = None,
-                 report_to: str | list[str] | None = None, nodes: int = 1, memory_gb: float | None = None) -> str:
-    """The `lab run` command that queues the same job (pass only the parameters that differ from defaults), with
-    its follow-up evaluation."""
-    parts = ["lab", "run", plugin]
-    if model:
-        parts += ["--model", model]
-    if dataset:
-        parts += ["--dataset", dataset]
-    parts += ["--experiment", experiment]
-    for key, value in params.items():
-        parts += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-    if priority:
-        parts += ["--priority", str(priority)]
-    if processes != 1:
-        parts += ["--processes", str(processes)]
-    if devices is not None:
-        parts += ["--devices", str(devices)]
-    if nodes != 1:
-        parts += ["--nodes", str(nodes)]
-    if memory_gb is not None:
-        parts += ["--memory-gb", f"{memory_gb:g}"]
-    if max_attempts != 1:
-        parts += ["--max-attempts", str(max_attempts)]
-    if time_limit_min is not None:
-        parts += ["--time-limit", f"{time_limit_min:g}"]
-    if report_to is not None:
-        chosen = report_to if isinstance(report_to, str) else ",".join(report_to)
-        parts += ["--report-to", chosen or "none"]
-    if then_eval:
-        parts += ["--then-eval", then_eval["plugin"]]
-        if then_eval.get("dataset"):
-            parts += ["--eval-dataset", then_eval["dataset"]]
-        for key, value in (then_eval.get("params") or {}).items():
-            parts += ["--eval-set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-    return shlex.join(parts)
 
 
 def _iso(t: datetime | None) -> str | None:
@@ -429,41 +362,49 @@ def metrics(settings: Settings, job_ids: list[int], keys: list[str] | None = Non
     return {j: dict(v) for j, v in out.items()}
 
 
-def grid(items: list[str]) -> list[dict[str, str]]:
-    """`key=v1,v2` strings as the list of every combination, e.g. lr=1e-4,2e-4 and r=8,16 give four."""
-    axes: list[tuple[str, list[str]]] = []
+MAX_SWEEP = 256
+
+
+def parse_grid(items: list[str]) -> dict[str, list[str]]:
+    """`key=v1,v2` strings (--grid, the Train page's lines) as parameter -> values."""
+    axes: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
         options = [v.strip() for v in values.split(",") if v.strip()]
         if not sep or not key.strip() or not options:
             raise LabError(f"--grid expects key=value1,value2,..., got {item!r}")
-        if key.strip() in dict(axes):
+        if key.strip() in axes:
             raise LabError(f"--grid {key.strip()} is given twice")
-        axes.append((key.strip(), options))
-    combos: list[dict[str, str]] = [{}]
-    for key, options in axes:
+        axes[key.strip()] = options
+    return axes
+
+
+def combinations(grid: dict[str, list]) -> list[dict]:
+    """Every combination of the grid's values, e.g. lr=[1e-4, 2e-4] and r=[8, 16] give four."""
+    size = math.prod(len(v) for v in grid.values())
+    if size > MAX_SWEEP:
+        raise LabError(f"the grid has {size} configurations; {MAX_SWEEP} at most")
+    combos: list[dict] = [{}]
+    for key, options in grid.items():
         combos = [{**c, key: v} for c in combos for v in options]
-    if len(combos) > 256:
-        raise LabError(f"the grid has {len(combos)} configurations; 256 at most")
     return combos
 
 
-def sweep(settings: Settings, plugin_id: str, *, model: str | None, dataset: str | None, experiment: str,
-          base: dict, axes: list[str], group: str | None = None, priority: int = 0,
-          then_eval: dict | None = None, **resources) -> tuple[str, list[int]]:
-    """Queue every combination of the grid as one group; returns the group name and the job ids.
-    resources: max_attempts, devices, processes, time_limit_min, as for submit()."""
+def sweep(settings: Settings, spec: JobSpec | dict, grid: dict[str, list]) -> tuple[str, list[int]]:
+    """Queue every combination of the grid over the spec as one group (the spec's group, else a fresh name);
+    returns the group name and the job ids."""
+    spec = JobSpec.of(spec)
+    if not grid:
+        raise LabError("a sweep needs a grid: --grid key=v1,v2 (or `grid:` in the config file)")
     with read_session(settings) as s:
         taken = set(s.scalars(select(Job.group_name).where(Job.group_name.is_not(None)).distinct()))
+    group = spec.group
     if group in taken:
         raise LabError(f"the group {group!r} already exists", "pick another --group")
     if group is None:  # a fresh name: the plugin, the time, and a number if that is taken already
-        stem = group = f"{plugin_id}-sweep-{utcnow():%Y%m%d-%H%M%S}"
+        stem = group = f"{spec.plugin}-sweep-{utcnow():%Y%m%d-%H%M%S}"
         n = 2
         while group in taken:
             group, n = f"{stem}-{n}", n + 1
-    combos = grid(axes)
-    ids = submit_many(settings, plugin_id, model=model, dataset=dataset, experiment=experiment,
-                      params_list=[{**base, **c} for c in combos], priority=priority, then_eval=then_eval,
-                      group=group, **resources)
+    ids = submit_many(settings, spec.model_copy(update={"group": group}), combinations(grid))
     return group, ids

@@ -118,6 +118,7 @@ class Job(Base):
     group_name: Mapped[str | None] = mapped_column(String(64), nullable=True)  # a sweep's jobs
     tags: Mapped[list] = mapped_column(JSON, default=list, server_default=text("'[]'"))
     follow_up: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # an evaluation to queue on success
+    spec: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # lab.jobspec.JobSpec as given (None: older jobs)
 
     __table_args__ = (Index("ix_jobs_group_name", "group_name"),)
 

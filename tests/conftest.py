@@ -43,6 +43,8 @@ def pytest_collection_modifyitems(config, items):
         for fixture, mark in MARKED_BY_FIXTURE.items():
             if fixture in item.fixturenames:
                 item.add_marker(mark)
+        if item.get_closest_marker("slurm"):  # one throwaway cluster: its tests stay on one xdist worker
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(autouse=FAST)

@@ -12,8 +12,8 @@ from gradio_client import Client, handle_file
 
 from lab import datasets, registry, runs
 
-API = {"submit_job", "list_jobs", "get_job", "cancel_job", "job_metrics", "list_models", "list_datasets",
-       "upload_dataset", "rank_next", "rank_submit", "rank_status"}
+API = {"submit_job", "submit_sweep", "list_jobs", "get_job", "cancel_job", "job_metrics", "list_models",
+       "list_datasets", "upload_dataset", "rank_next", "rank_submit", "rank_status"}
 
 
 def _poll(client: Client, job_id: int, timeout: float = 120) -> dict:
@@ -47,26 +47,36 @@ def test_a_client_uploads_trains_and_reads_metrics(ws, lab_server, tiny_model_di
     assert (info["format"], info["rows"], info["notes"]) == ("classification", 2, [])
     assert datasets.preview(ws, "spam", 1)[0] == {"text": "café at 5", "label": "ham"}
 
-    job = client.predict("sft", "tiny", "yes", "api", json.dumps({"max_steps": 3}), 0, api_name="/submit_job")
+    job = client.predict(json.dumps({"plugin": "sft", "model": "tiny", "dataset": "yes", "experiment": "api",
+                                     "params": {"max_steps": 3}}), api_name="/submit_job")
     assert job["status"] == "queued" and job["experiment"] == "api"
     done = _poll(client, job["id"])
     assert done["status"] == "completed", done["log_tail"]
     metrics = client.predict(job["id"], "loss,learning_rate", api_name="/job_metrics")
     assert len(metrics["loss"]) == 3 and set(metrics) == {"loss", "learning_rate"}
     assert [j["id"] for j in client.predict("api", "", api_name="/list_jobs")] == [job["id"]]
-    tracked = client.predict("instant", "", "", "api", "{}", 0, report_to="tensorboard,mlflow", api_name="/submit_job")
+    tracked = client.predict(json.dumps({"plugin": "instant", "experiment": "api", "report_to": "tensorboard,mlflow"}),
+                             api_name="/submit_job")
     assert runs.get_job(ws, tracked["id"])["report_to"] == "tensorboard,mlflow"
+    swept = client.predict(json.dumps({"plugin": "instant", "experiment": "api", "group": "api-sweep"}),
+                           json.dumps({"steps": [1, 2]}), api_name="/submit_sweep")
+    assert swept["group"] == "api-sweep" and len(swept["ids"]) == 2
+    assert sorted(runs.spec_of(ws, i).params["steps"] for i in swept["ids"]) == [1, 2]
     assert done["output_model"] in {m["name"] for m in client.predict(api_name="/list_models")}
 
 
 def test_api_errors_are_messages_and_change_nothing(ws, lab_server, tmp_path):
     client = Client(lab_server.start().url, verbose=False)
     with pytest.raises(Exception, match="unknown plugin 'nope'"):
-        client.predict("nope", "", "", "default", "{}", 0, api_name="/submit_job")
-    with pytest.raises(Exception, match="params must be a JSON object"):
-        client.predict("instant", "", "", "default", "[1", 0, api_name="/submit_job")
+        client.predict('{"plugin": "nope"}', api_name="/submit_job")
+    with pytest.raises(Exception, match="spec must be a JSON object"):
+        client.predict('{"plugin": "instant", "params": [1', api_name="/submit_job")
     with pytest.raises(Exception, match="unknown tracker 'comet'"):
-        client.predict("instant", "", "", "default", "{}", 0, report_to="comet", api_name="/submit_job")
+        client.predict('{"plugin": "instant", "report_to": "comet"}', api_name="/submit_job")
+    with pytest.raises(Exception, match="unknown key `learning_rate` in spec"):
+        client.predict('{"plugin": "instant", "learning_rate": 1}', api_name="/submit_job")
+    with pytest.raises(Exception, match="grid must map each parameter to a non-empty list"):
+        client.predict('{"plugin": "instant"}', '{"steps": 3}', api_name="/submit_sweep")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": ""}\n')
     with pytest.raises(Exception, match="line 1: `text` is empty"):
@@ -78,7 +88,7 @@ def test_api_errors_are_messages_and_change_nothing(ws, lab_server, tmp_path):
 
 def test_cancel_through_the_api(ws, lab_server):
     client = Client(lab_server.start().url, verbose=False)
-    job = client.predict("sleeping", "", "", "default", json.dumps({"seconds": 60}), 0, api_name="/submit_job")
+    job = client.predict(json.dumps({"plugin": "sleeping", "params": {"seconds": 60}}), api_name="/submit_job")
     wait_for_status(ws, job["id"], ("running",))
     assert client.predict(job["id"], api_name="/cancel_job") == "cancelling"
     assert _poll(client, job["id"], timeout=30)["status"] == "cancelled"

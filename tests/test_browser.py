@@ -174,8 +174,7 @@ def test_upload_launch_watch_reload(ws, lab_server, tiny_model_dir, tmp_path, pa
 
 
 def test_compare_page_overlays_two_runs_and_shows_their_difference(ws, lab_server, page):
-    group, ids = runs.sweep(ws, "instant", model=None, dataset=None, experiment="default", base={"tokens": "100"},
-                            axes=["steps=3,5"])
+    group, ids = runs.sweep(ws, {"plugin": "instant", "params": {"tokens": "100"}}, {"steps": [3, 5]})
     from jobs.worker import Worker
 
     Worker(ws, say=lambda m: None).serve(until_empty=True)

@@ -135,13 +135,14 @@ def test_the_train_page_s_command_line_queues_the_same_job_and_its_evaluation(ws
     import shlex
 
     from jobs import queue
-    from lab import datasets, registry
+    from lab import datasets, jobspec, registry
+    from lab.jobspec import JobSpec
 
     registry.add_folder(ws, "tiny", tiny_model_dir)
     datasets.add(ws, "facts", write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a", "completion": "b"}] * 4))
     follow = {"plugin": "eval-perplexity", "dataset": "facts", "params": {"limit": 3}}
-    line = runs.command_line("sft", {"max_steps": 2}, "tiny", "facts", "cmd", priority=3, max_attempts=2,
-                             then_eval=follow)
+    line = jobspec.command_line(JobSpec(plugin="sft", params={"max_steps": 2}, model="tiny", dataset="facts",
+                                        experiment="cmd", priority=3, max_attempts=2, then_eval=follow))
     assert "--then-eval eval-perplexity --eval-dataset facts --eval-set limit=3" in line
     args = shlex.split(line)
     assert args[:2] == ["lab", "run"]
@@ -180,7 +181,8 @@ def test_a_run_config_file_queues_its_job_and_the_command_line_overrides_it(ws, 
 
     # mistakes are named, and nothing is queued
     for text, message in [("plugin: sft\nmodle: tiny\n", "unknown key `modle` in bad.yaml"),
-                          ("plugin: sft\npriority: high\n", "`priority` in bad.yaml: Input should be a valid integer"),
+                          ("plugin: sft\npriority: high\n",
+                           "`priority` in bad.yaml: priority must be a whole number, got 'high'"),
                           ("plugin: [sft\n", "bad.yaml is not valid YAML"),
                           ("- sft\n", "bad.yaml must hold a mapping of keys"),
                           ("plugin: sft\nthen_eval: {plugin: eval-perplexity, sets: {}}\n",

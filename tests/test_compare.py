@@ -113,18 +113,20 @@ def test_select_the_last_n_runs_of_an_experiment(ws):
 
 
 def test_a_sweep_queues_its_grid_as_a_group_and_follow_up_evaluations_run(ws, tiny_model_dir, tmp_path, jobs_worker):
-    group, ids = runs.sweep(ws, "instant", model=None, dataset=None, experiment="sw", base={"record": ""},
-                            axes=["steps=1,2,3"])
+    group, ids = runs.sweep(ws, {"plugin": "instant", "experiment": "sw", "params": {"record": ""}},
+                            runs.parse_grid(["steps=1,2,3"]))
     jobs = runs.list_jobs(ws, group=group)
     assert sorted(j["id"] for j in jobs) == ids and sorted(j["params"]["steps"] for j in runs.jobs_by_id(ws, ids)) \
         == [1, 2, 3]
     with pytest.raises(LabError, match="already exists"):
-        runs.sweep(ws, "instant", model=None, dataset=None, experiment="sw", base={}, axes=["steps=1"], group=group)
+        runs.sweep(ws, {"plugin": "instant", "experiment": "sw", "group": group}, {"steps": [1]})
     with pytest.raises(LabError, match="--grid expects"):
-        runs.sweep(ws, "instant", model=None, dataset=None, experiment="sw", base={}, axes=["steps"])
+        runs.parse_grid(["steps"])
+    with pytest.raises(LabError, match="the grid has 300 configurations; 256 at most"):
+        runs.sweep(ws, {"plugin": "instant"}, {"steps": list(range(20)), "tokens": list(range(15))})
     before = len(runs.list_jobs(ws))
     with pytest.raises(LabError):  # one bad value refuses the whole grid
-        runs.sweep(ws, "instant", model=None, dataset=None, experiment="sw", base={}, axes=["steps=1,-1"])
+        runs.sweep(ws, {"plugin": "instant", "experiment": "sw"}, {"steps": [1, -1]})
     assert len(runs.list_jobs(ws)) == before
 
     # a training run with an evaluation to follow: the evaluation runs on its output, and its score is in the

@@ -19,7 +19,7 @@ from conftest import wait_for_status, wait_until, write_jsonl
 from jobs import queue
 from jobs.slurm_supervise import meaning
 from jobs.worker import Worker, probe_cluster
-from lab import datasets, registry, runs, slurm
+from lab import datasets, jobspec, registry, runs, slurm
 from lab.errors import LabError
 from lab.pgserver import free_port
 from lab.slurm import Seen, sbatch_args
@@ -88,7 +88,7 @@ def test_a_multi_node_job_waits_for_a_slurm_worker_and_needs_a_data_parallel_plu
     with pytest.raises(LabError, match="memory must be a number of GB"):
         runs.submit(ws, "sleeping", memory_gb=-1)
     job_id = runs.submit(ws, "sft", model="tiny", dataset="colours", nodes=2, params=SFT)
-    assert "--nodes 2" in runs.command_line("sft", {}, "tiny", "colours", "default", nodes=2)
+    assert "--nodes 2" in jobspec.command_line(runs.spec_of(ws, job_id))
     assert queue.claim_next(ws, "local:1") is None, "a local worker does not take a multi-node job"
     assert queue.claim_next(ws, "cluster:1", cluster=True).id == job_id
 

@@ -114,7 +114,7 @@ def test_the_default_none_and_bad_names(ws, tiny_model_dir, tmp_path, monkeypatc
         settings.load()
     # a run config carries it, as a string or a list; a bad name there is named with the file
     (tmp_path / "run.yaml").write_text("plugin: sft\nreport_to: [tensorboard, mlflow]\n")
-    assert run_config.load(tmp_path / "run.yaml").report_to == "tensorboard,mlflow"
+    assert run_config.load(tmp_path / "run.yaml").spec["report_to"] == "tensorboard,mlflow"
     (tmp_path / "bad.yaml").write_text("plugin: sft\nreport_to: comet\n")
     with pytest.raises(LabError, match="`report_to` in bad.yaml: unknown tracker 'comet'"):
         run_config.load(tmp_path / "bad.yaml")

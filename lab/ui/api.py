@@ -3,8 +3,8 @@
     from gradio_client import Client, handle_file
     lab = Client("http://127.0.0.1:7860/")
     lab.predict("notes", handle_file("notes.jsonl"), "auto", api_name="/upload_dataset")
-    job = lab.predict("sft", "smollm2-135m-instruct", "notes", "default", '{"max_steps": 20}', 0,
-                      api_name="/submit_job")
+    job = lab.predict('{"plugin": "sft", "model": "smollm2-135m-instruct", "dataset": "notes", '
+                      '"params": {"max_steps": 20}}', api_name="/submit_job")
     lab.predict(job["id"], api_name="/get_job")["status"]
     item = lab.predict("candidates-12", "ann", api_name="/rank_next")   # the next answers to rank, shuffled
     lab.predict("candidates-12", item["item"], "ann", "order", "2,1,3", "prefs", "all", api_name="/rank_submit")
@@ -20,17 +20,34 @@ from gradio import FileData
 from jobs import queue
 from lab import datasets, registry, runs
 from lab.errors import LabError
+from lab.jobspec import JobSpec
 from lab.ui.common import UI, user_errors
 from lab.ui.tabs import datasets as datasets_tab
 
-NAMES = ("submit_job", "list_jobs", "get_job", "cancel_job", "job_metrics", "list_models", "list_datasets",
-         "upload_dataset", "rank_next", "rank_submit", "rank_status")
+NAMES = ("submit_job", "submit_sweep", "list_jobs", "get_job", "cancel_job", "job_metrics", "list_models",
+         "list_datasets", "upload_dataset", "rank_next", "rank_submit", "rank_status")
 
 
 def _public(info: dict) -> dict:
     """A model or dataset as the API gives it: its folder under `folder`, since gradio_client would take a dict
     with a `path` for a file to download."""
     return {("folder" if k == "path" else k): v for k, v in info.items()}
+
+
+def _json_object(text, what: str) -> dict:
+    if isinstance(text, dict):
+        return text
+    try:
+        value = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise LabError(f"{what} must be a JSON object: {exc.msg}") from None
+    if not isinstance(value, dict):
+        raise LabError(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _spec(text) -> JobSpec:
+    return JobSpec.of(_json_object(text, "spec"), "spec")
 
 
 def api_errors(fn):
@@ -41,26 +58,22 @@ def register(ui: UI) -> None:
     s = ui.settings
 
     @api_errors
-    def submit_job(plugin: str, model: str, dataset: str, experiment: str, params: str, priority: int,
-                   processes: int = 1, devices: int | None = None, max_attempts: int = 1,
-                   time_limit_min: float | None = None, report_to: str = "") -> dict:
-        """Queue a job. `params` is a JSON object of parameter values; processes > 1 runs it data-parallel;
-        devices: accelerators it needs (None: one per process on a worker with GPUs); time_limit_min: minutes
-        one attempt may run (None: no limit); report_to: trackers, e.g. 'tensorboard,mlflow' or 'none' (empty:
-        LAB_REPORT_TO); returns the new job."""
-        try:
-            values = json.loads(params or "{}")
-        except json.JSONDecodeError as exc:
-            raise LabError(f"params must be a JSON object: {exc.msg}") from None
-        if not isinstance(values, dict):
-            raise LabError("params must be a JSON object")
-        job_id = runs.submit(s, plugin, model=model or None, dataset=dataset or None,
-                             experiment=experiment or "default", params=values, priority=int(priority or 0),
-                             processes=int(processes or 1), devices=None if devices in (None, "") else int(devices),
-                             max_attempts=int(max_attempts or 1),
-                             time_limit_min=None if time_limit_min in (None, "") else float(time_limit_min),
-                             report_to=report_to or None)
+    def submit_job(spec: str) -> dict:
+        """Queue a job. `spec` is a JSON object with the fields of a run config (lab.jobspec.JobSpec: plugin,
+        model, dataset, experiment, params, priority, max_attempts, time_limit_min, processes, devices, report_to,
+        nodes, memory_gb, then_eval, group, tags); returns the new job."""
+        job_id = runs.submit(s, _spec(spec))
         return runs.get_job(s, job_id)
+
+    @api_errors
+    def submit_sweep(spec: str, grid: str) -> dict:
+        """Queue a sweep: `spec` as for submit_job, `grid` a JSON object of parameter -> list of values; every
+        combination is queued as one group. Returns {group, ids}."""
+        axes = _json_object(grid, "grid")
+        if any(not isinstance(v, list) or not v for v in axes.values()):
+            raise LabError("grid must map each parameter to a non-empty list of values")
+        group, ids = runs.sweep(s, _spec(spec), axes)
+        return {"group": group, "ids": ids}
 
     @api_errors
     def list_jobs(experiment: str, status: str) -> list:
@@ -132,7 +145,7 @@ def register(ui: UI) -> None:
 
         return {**ranking.progress(s, candidates), "agreement": ranking.agreement(s, candidates)}
 
-    for fn in (submit_job, list_jobs, get_job, cancel_job, job_metrics, list_models, list_datasets,
+    for fn in (submit_job, submit_sweep, list_jobs, get_job, cancel_job, job_metrics, list_models, list_datasets,
                upload_dataset, rank_next, rank_submit, rank_status):
         assert fn.__name__ in NAMES
         gr.api(fn, api_name=fn.__name__)

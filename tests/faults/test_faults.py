@@ -226,14 +226,14 @@ def test_the_ui_answers_while_a_writer_holds_the_database(ws, serves):
     try:
         client = Client(server.url, verbose=False)
         path = ws.database_url.removeprefix("sqlite:///")
-        locker = subprocess.Popen([sys.executable, "-c", LOCKER_SQLITE, path, "4"], stdout=subprocess.PIPE,
+        locker = subprocess.Popen([sys.executable, "-c", LOCKER_SQLITE, path, "8"], stdout=subprocess.PIPE,
                                   text=True)
         assert locker.stdout.readline().strip() == "locked"
         t0 = time.monotonic()
         assert client.predict("", "", api_name="/list_jobs") == []
-        assert time.monotonic() - t0 < 2, "a read does not wait for the writer"
-        job = client.predict("instant", "", "", "locked", "{}", 0, api_name="/submit_job")
-        assert time.monotonic() - t0 > 2, "the submission waited for the lock"
+        assert time.monotonic() - t0 < 5, "a read does not wait for the writer (who holds the lock for 8 s)"
+        job = client.predict('{"plugin": "instant", "experiment": "locked"}', api_name="/submit_job")
+        assert time.monotonic() - t0 > 6, "the submission waited for the lock"
         assert job["status"] == "queued" and locker.wait(30) == 0
     finally:
         server.stop()

@@ -11,7 +11,6 @@ from lab.errors import LabError
 from lab.tables import JOB_STATES
 from lab.ui.common import UI, duration, user_errors
 from lab.ui.html import md
-from lab.ui.tabs import train as train_tab
 
 COLUMNS = ["id", "experiment", "plugin", "model", "dataset", "status", "failure", "progress", "ETA", "queue",
            "created", "duration"]
@@ -113,11 +112,12 @@ def build(ui: UI) -> None:
     down.click(lambda j, e, s: on_priority(j, -1, e, s), [job_id, *filters], [message, jobs])
     open_.click(user_errors(lambda j: (need(j), gr.update(selected="run"))), [job_id], [ui["run_job"], ui["tabs"]])
 
-    @user_errors
-    def on_clone(job):
-        data = runs.get_job(ui.settings, need(job))
-        return [*train_tab.clone(ui, data), gr.update(selected="train")]
+    fill, fill_outputs, held = ui["train_fill"]
 
-    clone.click(on_clone, [job_id], [ui["train_plugin"], ui["train_model"], ui["train_dataset"],
-                                     ui["train_priority"], *ui["train_fields"], ui["tabs"]]).success(
-        *ui["train_after"])
+    @user_errors
+    def on_clone(job, held_values):
+        """The job's whole spec back in the Train form (method, model, dataset, parameters, resources, follow-up)."""
+        spec = runs.spec_of(ui.settings, need(job))
+        return {**fill(spec, held_values), ui["tabs"]: gr.update(selected="train")}
+
+    clone.click(on_clone, [job_id, held], [*fill_outputs, ui["tabs"]]).success(*ui["train_after"])

@@ -1,13 +1,16 @@
 """Train: pick a plugin, its model and dataset, fill the form generated from its Params, see the equivalent
-command line and a rough cost, launch into the queue and land on the run."""
+command line and a rough cost, launch into the queue and land on the run. Where the page becomes a job:
+`spec_from_form` (the form's named values as a lab.jobspec.JobSpec); the fields beyond method, model, dataset and
+parameters are widgets generated from the spec's options (`spec_widget`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
-from lab import datasets, plugins, preview, registry, runs, trackers
+from lab import datasets, jobspec, plugins, preview, registry, runs, trackers
 from lab.errors import LabError
 from lab.ui import forms
 from lab.ui.common import UI
@@ -15,23 +18,133 @@ from lab.ui.html import error_box, md, ok_box, problems_box
 from lab.ui.tabs import datasets as datasets_tab
 from lab.ui.tabs import models as models_tab
 
+# --- the job's spec fields as widgets (generated from lab.jobspec: a field added there appears here) -----------
+
+
+def spec_widget(name: str, default_trackers: list[str]) -> gr.components.Component:
+    """The widget of a JobSpec field, from its option: label, help, widget kind, choices, default."""
+    meta = jobspec.meta(name)
+    value = to_widget(name, jobspec.default(name), default_trackers)
+    common = {"label": meta["label"], "info": meta["help"], "elem_id": f"train-{name.replace('_', '-')}",
+              "scale": 1}
+    if meta["widget"] == "checkboxes":
+        return gr.CheckboxGroup(meta["choices"], value=value, **common)
+    if meta["widget"] == "dropdown":
+        return gr.Dropdown(choices=[str(c) for c in meta["choices"]], value=value, **common)
+    if meta["widget"] == "text":
+        return gr.Textbox(value=value, **common)
+    whole = value_type(name) is int
+    return gr.Number(value=value, precision=0 if whole else None, **common)
+
+
+def value_type(name: str) -> type:
+    """int, float, str or list: the type a field holds (None aside)."""
+    kind = jobspec.JobSpec.model_fields[name].annotation
+    for t in (int, float, str, list):
+        if kind is t or t in getattr(kind, "__args__", ()) or getattr(kind, "__origin__", None) is t:
+            return t
+    return object
+
+
+def to_widget(name: str, value, default_trackers: list[str]):
+    """A field's value as its widget shows it."""
+    if name == "devices":
+        return "auto" if value is None else str(value)
+    if name == "report_to":
+        return list(default_trackers) if value is None else trackers.parse(value) or []
+    if name == "tags":
+        return ", ".join(value or [])
+    if value_type(name) is str:
+        return value or ""
+    return value
+
+
+def from_widget(name: str, raw, default_trackers: list[str]):
+    """A widget's value as the field's (None: left at its default). Wrong values are left for JobSpec to name."""
+    if name == "report_to":
+        chosen = list(raw or [])
+        return None if chosen == list(default_trackers) else (",".join(chosen) or "none")
+    if name == "devices":  # the dropdown's "auto" or a count
+        return int(raw) if isinstance(raw, str) and raw.isdigit() else None if raw in (None, "", "auto") else raw
+    if name in ("time_limit_min", "memory_gb"):
+        return raw or None  # empty or 0: none
+    if raw is None or raw == "":
+        return None
+    if isinstance(raw, float) and raw.is_integer() and value_type(name) is int:
+        return int(raw)
+    return raw
+
+
+def section_fields(section: str) -> list[str]:
+    return [n for n in jobspec.FIELDS if jobspec.meta(n)["section"] == section]
+
+
+GENERATED = ("priority", *section_fields(jobspec.RESOURCES), *section_fields(jobspec.CLUSTER),
+             *section_fields(jobspec.GROUPING))  # the spec fields the page lays out from their options
+NAMED = ("plugin", "model", "dataset", "experiment", "held", "then_eval", "eval_dataset", *GENERATED)
+
+
+def spec_from_form(v: dict, found: dict[str, plugins.Plugin], forms_of: dict[str, forms.Form],
+                   default_trackers: list[str]) -> jobspec.JobSpec:
+    """The Train page's named values (plugin, model, dataset, experiment, held: each plugin's form values,
+    then_eval, eval_dataset, and the generated fields) as the job's spec, with the parameters that differ from the
+    plugin's defaults. Raises LabError on a wrong value."""
+    pid = v.get("plugin")
+    if pid not in forms_of:
+        raise LabError(f"unknown plugin {pid!r}" if pid else "pick a method")
+    form = forms_of[pid]
+    params = form.values(list((v.get("held") or {}).get(pid) or form.fill({})))
+    follow = ({"plugin": v["then_eval"], "dataset": v.get("eval_dataset") or None, "params": {}}
+              if v.get("then_eval") else None)
+    data = {"plugin": pid, "model": v.get("model") or None, "dataset": v.get("dataset") or None,
+            "experiment": v.get("experiment") or jobspec.DEFAULT_EXPERIMENT, "params": params, "then_eval": follow,
+            **{n: from_widget(n, v.get(n), default_trackers) for n in GENERATED}}
+    data["params"] = plugins.validate_params(found[pid], params).model_dump(mode="json", exclude_defaults=True)
+    return jobspec.JobSpec.of({k: x for k, x in data.items() if x is not None}, "the form")
+
+
+def missing(found: dict, spec: jobspec.JobSpec) -> None:
+    """The page's words for an empty pick (the queue's own message speaks of command-line options)."""
+    p = found.get(spec.plugin)
+    if p is not None and p.needs_model is True and not spec.model:
+        raise LabError("pick a base model", "a registered model or an earlier run's output")
+    if p is not None and p.needs_dataset and not p.dataset_optional and not spec.dataset:
+        raise LabError("pick a dataset", f"only datasets this method reads are listed ({', '.join(p.accepts)}); "
+                       "import one on the Datasets page")
+
+
+def filled(spec: jobspec.JobSpec, forms_of: dict[str, forms.Form], default_trackers: list[str],
+           held: dict | None) -> dict[str, Any]:
+    """Named values that put `spec` in the form (Clone, a loaded config): the chosen plugin's form gets its
+    parameters, the other plugins' forms are left as they are."""
+    if spec.plugin not in forms_of:
+        raise LabError(f"plugin {spec.plugin!r} is not installed here")
+    values = forms_of[spec.plugin].fill(dict(spec.params))
+    follow = spec.then_eval
+    return {"plugin": spec.plugin, "model": spec.model, "dataset": spec.dataset,
+            "then_eval": follow.plugin if follow else "", "eval_dataset": follow.dataset if follow else None,
+            **{n: to_widget(n, getattr(spec, n), default_trackers) for n in GENERATED},
+            "held": {**(held or {}), spec.plugin: values}, "form": values}
+
 
 def build(ui: UI) -> None:
     found, broken = plugins.discover(ui.settings)
     ids = list(found)
     first = "sft" if "sft" in found else (ids[0] if ids else None)  # the method most people start with
+    default_trackers = trackers.parse(ui.settings.report_to) or []
+    w: dict[str, gr.components.Component] = {"experiment": ui["experiment"]}  # the spec's widgets, by field name
     with gr.Row():
-        plugin = gr.Dropdown(label="Method (plugin)", choices=[(f"{p.id}: {p.description}", p.id)
-                                                                for p in found.values()], value=first, scale=3)
-        priority = gr.Number(label="Priority", value=0, precision=0, info="higher runs first", scale=1)
+        w["plugin"] = gr.Dropdown(label=jobspec.meta("plugin")["label"], choices=[
+            (f"{p.id}: {p.description}", p.id) for p in found.values()], value=first, scale=3)
+        w["priority"] = spec_widget("priority", default_trackers)
     description = gr.Markdown(value=_describe(found[first]) if first else "No plugins are installed.")
     with gr.Row():
-        model = gr.Dropdown(label="Base model: a registered model or an earlier run's output", choices=[],
-                            value=None, scale=1, elem_id="train-model", allow_custom_value=True)
+        w["model"] = gr.Dropdown(label="Base model: a registered model or an earlier run's output", choices=[],
+                                 value=None, scale=1, elem_id="train-model", allow_custom_value=True)
         # their choices change with the method (and from other pages): an event may carry the old value with the
         # new choices, which must not be an error toast; what is launched is checked by the queue
-        dataset = gr.Dropdown(label="Dataset (only formats this method accepts)", choices=[], value=None, scale=1,
-                              elem_id="train-dataset", allow_custom_value=True)
+        w["dataset"] = gr.Dropdown(label="Dataset (only formats this method accepts)", choices=[], value=None,
+                                   scale=1, elem_id="train-dataset", allow_custom_value=True)
     form_of: dict[str, forms.Form] = {}
     groups = []
     for pid, p in found.items():
@@ -41,7 +154,7 @@ def build(ui: UI) -> None:
     all_fields = [c for f in form_of.values() for c in f.components]
     # each form's current values, per session: a form's own changes update its entry (sending that form alone),
     # and the estimate, Launch and the sweep read the chosen plugin's entry: no event sends every form's fields
-    values_of = gr.State({fid: form.fill({}) for fid, form in form_of.items()})
+    w["held"] = gr.State({fid: form.fill({}) for fid, form in form_of.items()})
     with gr.Row(equal_height=True):
         with gr.Column(scale=3):
             command = gr.Code(label="The same job from the command line", language="shell", interactive=False,
@@ -49,38 +162,22 @@ def build(ui: UI) -> None:
         with gr.Column(scale=2):
             estimate = gr.Markdown(elem_id="train-estimate")
     evaluators = [p for p in found.values() if p.kind == "eval"]
-    with gr.Accordion("Evaluate after training, and sweeps", open=False):
+    with gr.Accordion("Evaluate after training, sweeps and groups", open=False):
         with gr.Row():
-            then_eval = gr.Dropdown(label="Evaluation to queue on the output when the run completes",
-                                    choices=[("none", "")] + [(f"{p.id}: {p.description}", p.id) for p in evaluators],
-                                    value="", scale=2)
-            eval_dataset = gr.Dropdown(label="Its dataset", choices=[], value=None, scale=1)
+            w["then_eval"] = gr.Dropdown(label=jobspec.meta("then_eval")["label"], choices=[("none", "")] + [
+                (f"{p.id}: {p.description}", p.id) for p in evaluators], value="", scale=2)
+            w["eval_dataset"] = gr.Dropdown(label="Its dataset", choices=[], value=None, scale=1)
         with gr.Row():
-            grid = gr.Textbox(label="Sweep grid: one `parameter=value1,value2` per line; every combination is queued",
-                              lines=3, placeholder="learning_rate=1e-4,2e-4\nlora_r=8,16", scale=3)
-            group = gr.Textbox(label="Group name (optional)", scale=1)
+            for name in section_fields(jobspec.GROUPING):
+                w[name] = spec_widget(name, default_trackers)
+        with gr.Row():
+            grid = gr.Textbox(label="Sweep grid: one `parameter=value1,value2` per line; every combination is queued "
+                              "as one group", lines=3, placeholder="learning_rate=1e-4,2e-4\nlora_r=8,16", scale=3)
             sweep = gr.Button("Launch sweep", scale=1, elem_id="launch-sweep")
-    with gr.Accordion("Resources and retries", open=False), gr.Row():
-        processes = gr.Number(label="Processes", value=1, precision=0, minimum=1, maximum=64, scale=1,
-                              info="more than 1: data-parallel under torchrun (sft, pretrain, classify)")
-        devices = gr.Dropdown(label="Accelerators", choices=[("auto", "auto")] + [(str(n), str(n))
-                                                                                 for n in range(9)],
-                              value="auto", scale=1,
-                              info="auto: one per process on a worker with GPUs (`lab worker --gpus`), else CPU")
-        attempts = gr.Number(label="Attempts", value=1, precision=0, minimum=1, maximum=20, scale=1,
-                             info="a killed or lost job is retried from its last checkpoint")
-        time_limit = gr.Number(label="Time limit (minutes)", value=None, minimum=0, scale=1,
-                               info="0: none; past it the job writes a checkpoint and stops (`timeout`)")
-        default_trackers = trackers.parse(ui.settings.report_to) or []
-        report_to = gr.CheckboxGroup(list(trackers.TRACKERS), value=default_trackers, label="Report to", scale=2,
-                                     elem_id="train-report-to",
-                                     info="experiment trackers beside the lab's own charts; files in the run folder")
-    with gr.Accordion("Cluster (Slurm)", open=False), gr.Row():
-        nodes = gr.Number(label="Nodes", value=1, precision=0, minimum=1, maximum=1024, scale=1,
-                          info="more than 1: data-parallel over that many nodes; a Slurm worker runs it "
-                               "(`lab worker --executor slurm`)")
-        memory = gr.Number(label="Memory per node (GB)", value=None, minimum=0, scale=1,
-                           info="a Slurm job's --mem; empty: LAB_SLURM_MEMORY_GB or the cluster's default")
+    for section in (jobspec.RESOURCES, jobspec.CLUSTER):
+        with gr.Accordion(section, open=False), gr.Row():
+            for name in section_fields(section):
+                w[name] = spec_widget(name, default_trackers)
     with gr.Accordion("Run config file (YAML)", open=False), gr.Row():
         save_config = gr.Button("Save this form as a run config", scale=1, elem_id="train-save-config")
         config_out = gr.File(label="Run config (`lab run --config FILE`)", interactive=False, scale=2,
@@ -91,21 +188,24 @@ def build(ui: UI) -> None:
     message = gr.HTML(elem_id="train-message")
     if broken:
         gr.Markdown("Plugins that failed to load: " + "; ".join(md(b) for b in broken))
-    ui.c.update(train_plugin=plugin, train_model=model, train_dataset=dataset, train_priority=priority)
-    ui["train_fields"], ui["train_forms"] = all_fields, form_of
+    assert set(w) == set(NAMED), set(w) ^ set(NAMED)
+    ui.c.update(train_plugin=w["plugin"], train_model=w["model"], train_dataset=w["dataset"])
+    ui["train_forms"] = form_of
     ui["train_pickers"] = [p for form in form_of.values() for p in form.model_pickers]
+    inputs = set(w.values())
 
-    def split(pid: str, held: dict) -> dict:
-        """The chosen plugin's parameter values, as its form holds them."""
-        if pid not in form_of:
-            raise LabError(f"unknown plugin {pid!r}")
-        return form_of[pid].values(list((held or {}).get(pid) or form_of[pid].fill({})))
+    def named(data: dict) -> dict:
+        """The handler's dict of component -> value, by field name."""
+        return {name: data[c] for name, c in w.items() if c in data}
+
+    def spec_of_form(data: dict) -> jobspec.JobSpec:
+        return spec_from_form(named(data), found, form_of, default_trackers)
 
     for fid, form in form_of.items():
         def capture(held, *vals, fid=fid):
             return {**(held or {}), fid: list(vals)}
 
-        gr.on([c.change for c in form.components], capture, [values_of, *form.components], [values_of],
+        gr.on([c.change for c in form.components], capture, [w["held"], *form.components], [w["held"]],
               show_progress="hidden", concurrency_id="train-form", queue=True)
 
     def on_plugin(pid, ds_name, model_name):
@@ -121,208 +221,158 @@ def build(ui: UI) -> None:
 
     # on the user's choice; a page that sets the method itself runs this after its own update (`ui["train_after"]`)
     # rather than on `change`, which could read the model and dataset before that update reached them
-    plugin.input(on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
-    ui["train_after"] = (on_plugin, [plugin, dataset, model], [*groups, description, dataset, model])
+    after = (on_plugin, [w["plugin"], w["dataset"], w["model"]], [*groups, description, w["dataset"], w["model"]])
+    w["plugin"].input(*after)
+    ui["train_after"] = after
 
-    def on_preview(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory, evaluator, eval_ds,
-                   pid, model_name, ds_name, prio, experiment, values):
+    def on_preview(data: dict):
         """The command line and the estimate for the form as it is. It leaves the launch message alone: a late
         estimate must not wipe out the answer to a launch made after it."""
-        if not pid:
+        if not named(data).get("plugin"):
             return "", ""
         try:
-            params = split(pid, values)
-            resolved = plugins.validate_params(found[pid], params)
+            spec = spec_of_form(data)
         except LabError as exc:
             return "", error_box(str(exc))
-        changed = resolved.model_dump(mode="json", exclude_defaults=True)
-        try:
-            extra = resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory)
-        except (TypeError, ValueError):
-            extra = {}
-        cmd = runs.command_line(pid, changed, model_name, ds_name, experiment or "default", int(prio or 0),
-                                then_eval=follow_up(evaluator, eval_ds), **extra)
-        plan = getattr(found[pid].module, "plan", None) if pid in found else None
-        if plan is not None and (ds_name or found[pid].dataset_optional):  # a job that trains nothing says what it
-            try:  # will do instead
-                return cmd, plan(resolved, datasets.info(ui.settings, ds_name) if ds_name else None)
-            except Exception as exc:  # a courtesy, like the estimate
-                return cmd, f"No estimate: {md(exc)}"
-        if not (model_name and ds_name):
-            return cmd, "Pick a model and a dataset to see the estimate."
-        try:
-            est = preview.estimate(ui.settings, model_name, ds_name, resolved.model_dump())
-        except Exception as exc:  # an estimate is a courtesy: never block the form
-            return cmd, f"No estimate: {md(exc)}"
-        gb = est["memory_gb"]
-        memory = f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
-        rows = "pairs (chosen and rejected)" if pid in preview.PAIR_METHODS else "rows"
-        text = (f"**Rough estimate**: about **{memory}** of memory, "
-                f"**{est['tokens_per_step']:,} tokens per step** ({rows} average {est['mean_row_tokens']:.0f} "
-                f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters.")
-        return cmd, text + truncation_warning(pid, model_name, ds_name, resolved.model_dump())
+        return jobspec.command_line(spec), estimate_text(ui, found, spec)
 
-    def truncation_warning(pid, model_name, ds_name, params) -> str:
-        """Rows (sft) or pairs (dpo, kto, reward, orpo) that max_length leaves nothing to learn from, counted by
-        the trainer's own preparation."""
-        if pid not in ("sft", *preview.PAIR_METHODS) or "max_length" not in params:
-            return ""
-        try:
-            found = preview.truncation(ui.settings, model_name, ds_name, params, method=pid)
-        except Exception as exc:  # a courtesy, like the estimate
-            return f"\n\nNo truncation check: {md(exc)}"
-        if not found or not found["lost"]:
-            return ""
-        unit = found["unit"]
-        of = (f"{found['checked']:,} {unit} checked (the first of {found['rows']:,})"
-              if found["checked"] < found["rows"] else f"{found['rows']:,} {unit}")
-        if found["lost"] == found["checked"]:
-            return (f"\n\n**Every one of the {unit} loses all its trained tokens to max_length="
-                    f"{found['max_length']}** ({of}): nothing would be learned. Raise max_length.")
-        rows = ", ".join(str(i + 1) for i in found["first_lost"])
-        return (f"\n\n**Warning: {found['lost']:,} of {of} lose all their trained tokens to "
-                f"max_length={found['max_length']}** and are dropped from training (rows {rows}"
-                f"{', ...' if found['lost'] > len(found['first_lost']) else ''}). Raise max_length to keep them.")
-
-    preview_inputs = [plugin, model, dataset, priority, ui["experiment"], values_of]
-    resource_inputs = [processes, devices, attempts, time_limit, report_to, nodes, memory]
-    command_inputs = [*resource_inputs, then_eval, eval_dataset, *preview_inputs]
-    gr.on([c.change for c in command_inputs], on_preview, command_inputs,
-          [command, estimate], trigger_mode="always_last", show_progress="hidden")
-    ui["train_preview"] = (on_preview, command_inputs, [command, estimate])
-
-    def resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory) -> dict:
-        chosen = list(tracked or [])
-        return {"processes": int(n_processes or 1), "max_attempts": int(n_attempts or 1),
-                "time_limit_min": float(n_minutes) if n_minutes else None,  # empty or 0: no limit
-                "devices": None if n_devices in (None, "", "auto") else int(n_devices),
-                # the settings' default is left unsaid (the command stays short); any other choice is the job's
-                "report_to": None if chosen == default_trackers else chosen,
-                "nodes": int(n_nodes or 1), "memory_gb": float(n_memory) if n_memory else None}
+    gr.on([c.change for c in w.values()], on_preview, inputs, [command, estimate], trigger_mode="always_last",
+          show_progress="hidden")
+    ui["train_preview"] = (on_preview, inputs, [command, estimate])
 
     def refused(exc: LabError) -> str:
         return problems_box(exc, "Nothing was queued.")
 
-    def follow_up(evaluator, eval_ds):
-        return {"plugin": evaluator, "dataset": eval_ds or None, "params": {}} if evaluator else None
-
-    def missing(pid, model_name, ds_name) -> None:
-        """The page's words for an empty pick (the queue's own message speaks of command-line options)."""
-        p = found.get(pid)
-        if p is not None and p.needs_model is True and not model_name:
-            raise LabError("pick a base model", "a registered model or an earlier run's output")
-        if p is not None and p.needs_dataset and not p.dataset_optional and not ds_name:
-            raise LabError("pick a dataset", f"only datasets this method reads are listed ({', '.join(p.accepts)}); "
-                           "import one on the Datasets page")
-
-    def on_launch(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory, evaluator, eval_ds, pid,
-                  model_name, ds_name, prio, experiment, values):
+    def on_launch(data: dict):
         try:
-            missing(pid, model_name, ds_name)
-            params = split(pid, values)
-            job_id = runs.submit(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
-                                 experiment=experiment or "default", params=params, priority=int(prio or 0),
-                                 then_eval=follow_up(evaluator, eval_ds),
-                                 **resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes,
-                                             n_memory))
+            spec = spec_of_form(data)
+            missing(found, spec)
+            job_id = runs.submit(ui.settings, spec)
         except LabError as exc:
             return refused(exc), gr.update(), gr.update()
         return "", gr.update(selected="run"), job_id
 
-    launch.click(on_launch, [*resource_inputs, then_eval, eval_dataset, *preview_inputs],
-                 [message, ui["tabs"], ui["run_job"]], concurrency_id="train-form")
+    launch.click(on_launch, inputs, [message, ui["tabs"], ui["run_job"]], concurrency_id="train-form")
 
-    def on_sweep(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory, axes, name, evaluator,
-                 eval_ds, pid, model_name, ds_name, prio, experiment, values):
+    def on_sweep(data: dict):
         try:
-            missing(pid, model_name, ds_name)
-            base = split(pid, values)
-            group_name, ids = runs.sweep(ui.settings, pid, model=model_name or None, dataset=ds_name or None,
-                                         experiment=experiment or "default", base=base,
-                                         axes=[line for line in (axes or "").splitlines() if line.strip()],
-                                         group=(name or "").strip() or None, priority=int(prio or 0),
-                                         then_eval=follow_up(evaluator, eval_ds),
-                                         **resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes,
-                                             n_memory))
+            spec = spec_of_form(data)
+            missing(found, spec)
+            axes = runs.parse_grid([line for line in (data[grid] or "").splitlines() if line.strip()])
+            group_name, ids = runs.sweep(ui.settings, spec, axes)
         except LabError as exc:
             return refused(exc), gr.update(), gr.update(), gr.update()
-        options = [(f"#{i} {pid} {model_name or ''}".strip(), str(i)) for i in ids]
+        options = [(f"#{i} {spec.plugin} {spec.model or ''}".strip(), str(i)) for i in ids]
         return ("", gr.update(selected="compare"), gr.update(choices=["all", group_name], value=group_name),
                 gr.update(choices=options, value=[v for _, v in options]))
 
-    sweep.click(on_sweep, [*resource_inputs, grid, group, then_eval, eval_dataset, *preview_inputs],
-                [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]], concurrency_id="train-form")
+    sweep.click(on_sweep, {*inputs, grid}, [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]],
+                concurrency_id="train-form")
 
-    def on_save_config(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory, evaluator, eval_ds,
-                       pid, model_name, ds_name, prio, experiment, values):
+    def on_save_config(data: dict):
         import tempfile
 
-        from lab import run_config
-
         try:
-            params = plugins.validate_params(found[pid], split(pid, values)).model_dump(mode="json",
-                                                                                       exclude_defaults=True)
-        except (LabError, KeyError) as exc:
-            return refused(LabError(str(exc))), None
-        extra = resources(n_processes, n_devices, n_attempts, n_minutes, tracked, n_nodes, n_memory)
-        text = run_config.dump({
-            "plugin": pid, "model": model_name or None, "dataset": ds_name or None,
-            "experiment": experiment or None, "params": params, "priority": int(prio or 0) or None,
-            "processes": extra["processes"] if extra["processes"] != 1 else None, "devices": extra["devices"],
-            "max_attempts": extra["max_attempts"] if extra["max_attempts"] != 1 else None,
-            "time_limit": extra["time_limit_min"], "then_eval": follow_up(evaluator, eval_ds),
-            "nodes": extra["nodes"] if extra["nodes"] != 1 else None, "memory_gb": extra["memory_gb"],
-            "report_to": None if extra["report_to"] is None else (",".join(extra["report_to"]) or "none")})
+            spec = spec_of_form(data)
+            axes = runs.parse_grid([line for line in (data[grid] or "").splitlines() if line.strip()])
+        except LabError as exc:
+            return refused(exc), None
         folder = Path(tempfile.mkdtemp(prefix="lab-config-"))
-        path = folder / f"{pid}-{model_name or 'model'}-{ds_name or 'data'}.yaml".replace("/", "-")
-        path.write_text(text)
-        return "", str(path)
+        name = f"{spec.plugin}-{spec.model or 'model'}-{spec.dataset or 'data'}.yaml".replace("/", "-")
+        (folder / name).write_text(jobspec.to_config(spec, axes or None))
+        return "", str(folder / name)
 
-    save_config.click(on_save_config, command_inputs, [message, config_out])
+    save_config.click(on_save_config, {*inputs, grid}, [message, config_out])
+
+    fill_outputs = [w[n] for n in NAMED if n != "experiment"] + all_fields
+
+    def fill(spec: jobspec.JobSpec, held: dict | None) -> dict:
+        """Component updates that put `spec` in the form (Clone on the Jobs page, a loaded config)."""
+        values = filled(spec, form_of, default_trackers, held)
+        out = {w[n]: gr.update(value=values[n]) for n in NAMED if n not in ("experiment", "eval_dataset")}
+        out[w["eval_dataset"]] = on_evaluator(values["then_eval"], values["eval_dataset"])
+        out.update(zip(form_of[spec.plugin].components, (gr.update(value=v) for v in values["form"]), strict=True))
+        return out
+
+    ui["train_fill"] = (fill, fill_outputs, w["held"])
 
     def on_load_config(file, held):
         """The form filled from a run config: method, model, dataset, parameters, resources, follow-up."""
         from lab import run_config
 
-        keep = [gr.update()] * (13 + len(all_fields))
         if not file:
-            return ["", *keep, held]
+            return {message: ""}
         try:
             path = datasets_tab.uploaded(file)
             cfg = run_config.load(path)
-            if cfg.plugin not in found:
-                raise LabError(f"{path.name} names the plugin {cfg.plugin!r}, which this lab does not have"
-                               if cfg.plugin else f"{path.name} names no plugin")
-            plugins.validate_params(found[cfg.plugin], dict(cfg.params))
+            pid = cfg.spec.get("plugin")
+            if pid not in found:
+                raise LabError(f"{path.name} names the plugin {pid!r}, which this lab does not have"
+                               if pid else f"{path.name} names no plugin")
+            spec = jobspec.JobSpec.of(cfg.spec, path.name)
+            plugins.validate_params(found[pid], dict(spec.params))
         except LabError as exc:
-            return [problems_box(exc, "The form was not changed."), *keep, held]
-        filled = form_of[cfg.plugin].fill(dict(cfg.params))
-        updates = []
-        for fid, form in form_of.items():
-            updates += ([gr.update(value=v) for v in filled] if fid == cfg.plugin
-                        else [gr.update()] * len(form.components))
-        follow = cfg.then_eval
-        return [ok_box(f"Loaded {path.name}: check the form, then Launch."), gr.update(value=cfg.plugin),
-                gr.update(value=cfg.model), gr.update(value=cfg.dataset), gr.update(value=cfg.priority or 0),
-                gr.update(value=cfg.processes or 1), gr.update(value=str(cfg.devices) if cfg.devices is not None
-                                                               else "auto"),
-                gr.update(value=cfg.max_attempts or 1), gr.update(value=cfg.time_limit),
-                gr.update(value=default_trackers if cfg.report_to is None else trackers.parse(cfg.report_to) or []),
-                gr.update(value=cfg.nodes or 1), gr.update(value=cfg.memory_gb),
-                gr.update(value=follow.plugin if follow else ""),
-                on_evaluator(follow.plugin, follow.dataset) if follow else gr.update(value=None), *updates,
-                {**(held or {}), cfg.plugin: filled}]
+            return {message: problems_box(exc, "The form was not changed.")}
+        lines = [f"{k}={','.join(map(str, v))}" for k, v in (cfg.grid or {}).items()]
+        return {message: ok_box(f"Loaded {path.name}: check the form, then Launch."), **fill(spec, held),
+                **({grid: "\n".join(lines)} if lines else {})}
 
-    load_config.upload(on_load_config, [load_config, values_of],
-                       [message, plugin, model, dataset, priority, processes, devices, attempts, time_limit, report_to,
-                        nodes, memory, then_eval, eval_dataset, *all_fields, values_of]).success(*ui["train_after"])
+    load_config.upload(on_load_config, [load_config, w["held"]], [message, *fill_outputs, grid]).success(*after)
 
     def on_evaluator(evaluator, current=None):
         accepts = found[evaluator].accepts if evaluator in found else ()
         fitting = datasets_tab.names(ui, accepts) if evaluator else []
         return gr.update(choices=fitting, value=current if current in fitting else None)
 
-    then_eval.change(on_evaluator, [then_eval, eval_dataset], [eval_dataset])
+    w["then_eval"].change(on_evaluator, [w["then_eval"], w["eval_dataset"]], [w["eval_dataset"]])
+
+
+def estimate_text(ui: UI, found: dict, spec: jobspec.JobSpec) -> str:
+    """The rough cost of a spec (or what a job that trains nothing will do instead), as Markdown."""
+    pid, model_name, ds_name = spec.plugin, spec.model, spec.dataset
+    resolved = plugins.validate_params(found[pid], spec.params)
+    plan = getattr(found[pid].module, "plan", None)
+    if plan is not None and (ds_name or found[pid].dataset_optional):  # a job that trains nothing says what it
+        try:  # will do instead
+            return plan(resolved, datasets.info(ui.settings, ds_name) if ds_name else None)
+        except Exception as exc:  # a courtesy, like the estimate
+            return f"No estimate: {md(exc)}"
+    if not (model_name and ds_name):
+        return "Pick a model and a dataset to see the estimate."
+    try:
+        est = preview.estimate(ui.settings, model_name, ds_name, resolved.model_dump())
+    except Exception as exc:  # an estimate is a courtesy: never block the form
+        return f"No estimate: {md(exc)}"
+    gb = est["memory_gb"]
+    memory = f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
+    rows = "pairs (chosen and rejected)" if pid in preview.PAIR_METHODS else "rows"
+    text = (f"**Rough estimate**: about **{memory}** of memory, "
+            f"**{est['tokens_per_step']:,} tokens per step** ({rows} average {est['mean_row_tokens']:.0f} "
+            f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters.")
+    return text + truncation_warning(ui, pid, model_name, ds_name, resolved.model_dump())
+
+
+def truncation_warning(ui: UI, pid, model_name, ds_name, params) -> str:
+    """Rows (sft) or pairs (dpo, kto, reward, orpo) that max_length leaves nothing to learn from, counted by the
+    trainer's own preparation."""
+    if pid not in ("sft", *preview.PAIR_METHODS) or "max_length" not in params:
+        return ""
+    try:
+        found = preview.truncation(ui.settings, model_name, ds_name, params, method=pid)
+    except Exception as exc:  # a courtesy, like the estimate
+        return f"\n\nNo truncation check: {md(exc)}"
+    if not found or not found["lost"]:
+        return ""
+    unit = found["unit"]
+    of = (f"{found['checked']:,} {unit} checked (the first of {found['rows']:,})"
+          if found["checked"] < found["rows"] else f"{found['rows']:,} {unit}")
+    if found["lost"] == found["checked"]:
+        return (f"\n\n**Every one of the {unit} loses all its trained tokens to max_length="
+                f"{found['max_length']}** ({of}): nothing would be learned. Raise max_length.")
+    rows = ", ".join(str(i + 1) for i in found["first_lost"])
+    return (f"\n\n**Warning: {found['lost']:,} of {of} lose all their trained tokens to "
+            f"max_length={found['max_length']}** and are dropped from training (rows {rows}"
+            f"{', ...' if found['lost'] > len(found['first_lost']) else ''}). Raise max_length to keep them.")
 
 
 def _model_label(p: plugins.Plugin) -> str:
@@ -362,14 +412,3 @@ def refresh_choices(ui: UI, pid: str | None):
     only = {"value": models[0][1]} if len(models) == 1 else {}
     return (gr.update(choices=models, **only),
             gr.update(choices=fitting, **({"value": fitting[0]} if len(fitting) == 1 else {})))
-
-
-def clone(ui: UI, job: dict) -> list:
-    """Values for [plugin, model, dataset, priority, *every form field] that reproduce `job` in the form."""
-    form_of: dict[str, forms.Form] = ui["train_forms"]
-    if job["plugin"] not in form_of:
-        raise LabError(f"plugin {job['plugin']} is not installed here")
-    values = []
-    for fid, form in form_of.items():
-        values += form.fill(job["params"]) if fid == job["plugin"] else [gr.update()] * len(form.components)
-    return [job["plugin"], job["model"], job["dataset"], job["priority"], *values]

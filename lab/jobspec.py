@@ -346,6 +346,7 @@ def to_config(spec: JobSpec, grid: dict[str, list] | None = None) -> str:
 
     data = spec.changed()
     data["plugin"] = spec.plugin
+    data["experiment"] = spec.experiment  # said always, as on the command line: where the run lands
     ordered = {k: data[k] for k in FIELDS if k in data}
     if grid:
         ordered["grid"] = {k: list(v) for k, v in grid.items()}

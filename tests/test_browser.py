@@ -489,6 +489,33 @@ def test_the_train_form_saves_and_loads_a_run_config(ws, lab_server, tiny_model_
     _no_error_toast(page)
 
 
+def test_clone_puts_a_job_s_whole_spec_back_in_the_train_form(ws, lab_server, tiny_model_dir, tmp_path, page):
+    from lab import jobspec
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    datasets.add(ws, "facts", write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a", "completion": "b"}] * 4))
+    first = runs.submit(ws, {
+        "plugin": "sft", "model": "tiny", "dataset": "facts", "experiment": "cloned", "params": {"max_steps": 3},
+        "priority": 5, "max_attempts": 2, "time_limit_min": 7.5, "report_to": "tensorboard", "nodes": 2,
+        "memory_gb": 12, "then_eval": {"plugin": "eval-perplexity", "dataset": "facts", "params": {"limit": 2}},
+        "group": "g1", "tags": ["first", "second"]})
+    spec = runs.spec_of(ws, first)
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    _tab(page, "Jobs")
+    _wait_for_text(page, "#jobs-table", rf"\b{first}\b", 30)
+    page.locator("#selected-job input").fill(str(first))
+    page.get_by_role("button", name="Clone into Train").click()
+    _wait_for_text(page, "#train-command", "--priority 5", 30)
+    _wait_for_text(page, "#train-command", "--eval-dataset facts", 30)
+    assert jobspec.command_line(spec) in _text(page, "#train-command")
+    page.locator("#launch").click()
+    _wait_for_text(page, "#run-head", "sft", 60)
+    again = max(j["id"] for j in runs.list_jobs(ws))
+    assert again != first and runs.spec_of(ws, again) == spec, "Launch queues the cloned spec as it was"
+    _no_error_toast(page)
+
+
 @pytest.mark.llamacpp
 def test_a_model_is_exported_as_gguf_and_served_from_the_models_page(ws, lab_server, tmp_path, page):
     import openai

@@ -52,11 +52,9 @@ def _through_the_form(ws, data: dict) -> JobSpec:
     values = {"plugin": data["plugin"], "model": data["model"], "dataset": data["dataset"],
               "experiment": data["experiment"], "held": {data["plugin"]: form.fill(data["params"])},
               "then_eval": data["then_eval"]["plugin"], "eval_dataset": data["then_eval"]["dataset"],
+              "eval_params": "\n".join(f"{k}={v}" for k, v in data["then_eval"]["params"].items()),
               **{n: train.to_widget(n, data[n], default_trackers) for n in train.GENERATED}}
-    spec = train.spec_from_form(values, found, {data["plugin"]: form}, default_trackers)
-    # the form has no field for an evaluation's parameters: the spec takes them from the sample here
-    follow = spec.then_eval.model_copy(update={"params": data["then_eval"]["params"]})
-    return spec.model_copy(update={"then_eval": follow})
+    return train.spec_from_form(values, found, {data["plugin"]: form}, default_trackers)
 
 
 def _api_handler(ws):

@@ -17,15 +17,16 @@ from lab.errors import LabError
 
 FACTS = [{"prompt": "What is the capital of France?", "completion": "Paris"}] * 8
 
-# per method: its dataset, and parameters that make each step short
+# per method: its dataset, and parameters that make each step short; enough steps that the stop (asked for at step
+# 3, seen within a heartbeat) comes well before the end (about 10 steps a second here, unloaded)
 METHODS = {
-    "sft": ("facts", {"max_steps": 400, "batch_size": 2}),
-    "pretrain": ("corpus", {"max_steps": 400, "block_size": 16, "batch_size": 2}),
-    "classify": ("spam", {"max_steps": 400, "batch_size": 2}),
-    "reward": ("pairs", {"max_steps": 400, "batch_size": 2}),
-    "dpo": ("pairs", {"max_steps": 300, "batch_size": 2}),
-    "kto": ("pairs", {"max_steps": 300, "batch_size": 2}),
-    "orpo": ("pairs", {"max_steps": 300, "batch_size": 2}),
+    "sft": ("facts", {"max_steps": 100, "batch_size": 2}),
+    "pretrain": ("corpus", {"max_steps": 100, "block_size": 16, "batch_size": 2}),
+    "classify": ("spam", {"max_steps": 100, "batch_size": 2}),
+    "reward": ("pairs", {"max_steps": 100, "batch_size": 2}),
+    "dpo": ("pairs", {"max_steps": 80, "batch_size": 2}),
+    "kto": ("pairs", {"max_steps": 80, "batch_size": 2}),
+    "orpo": ("pairs", {"max_steps": 80, "batch_size": 2}),
     "grpo": ("qa", {"max_steps": 60, "batch_size": 2, "num_generations": 2, "max_completion_length": 4,
                     "length_target": 4}),
 }

@@ -5,12 +5,13 @@ parameters are widgets generated from the spec's options (`spec_widget`)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from lab import datasets, jobspec, plugins, preview, registry, runs, trackers
+from lab import datasets, experiments, jobspec, plugins, preview, registry, runs, trackers
 from lab.errors import LabError
 from lab.ui import forms
 from lab.ui.common import UI
@@ -81,7 +82,7 @@ def section_fields(section: str) -> list[str]:
 
 GENERATED = ("priority", *section_fields(jobspec.RESOURCES), *section_fields(jobspec.CLUSTER),
              *section_fields(jobspec.GROUPING))  # the spec fields the page lays out from their options
-NAMED = ("plugin", "model", "dataset", "experiment", "held", "then_eval", "eval_dataset", *GENERATED)
+NAMED = ("plugin", "model", "dataset", "experiment", "held", "then_eval", "eval_dataset", "eval_params", *GENERATED)
 
 
 def spec_from_form(v: dict, found: dict[str, plugins.Plugin], forms_of: dict[str, forms.Form],
@@ -94,8 +95,9 @@ def spec_from_form(v: dict, found: dict[str, plugins.Plugin], forms_of: dict[str
         raise LabError(f"unknown plugin {pid!r}" if pid else "pick a method")
     form = forms_of[pid]
     params = form.values(list((v.get("held") or {}).get(pid) or form.fill({})))
-    follow = ({"plugin": v["then_eval"], "dataset": v.get("eval_dataset") or None, "params": {}}
-              if v.get("then_eval") else None)
+    lines = [line.strip() for line in (v.get("eval_params") or "").splitlines() if line.strip()]
+    follow = ({"plugin": v["then_eval"], "dataset": v.get("eval_dataset") or None,
+               "params": plugins.parse_sets(lines)} if v.get("then_eval") else None)
     data = {"plugin": pid, "model": v.get("model") or None, "dataset": v.get("dataset") or None,
             "experiment": v.get("experiment") or jobspec.DEFAULT_EXPERIMENT, "params": params, "then_eval": follow,
             **{n: from_widget(n, v.get(n), default_trackers) for n in GENERATED}}
@@ -123,6 +125,8 @@ def filled(spec: jobspec.JobSpec, forms_of: dict[str, forms.Form], default_track
     follow = spec.then_eval
     return {"plugin": spec.plugin, "model": spec.model, "dataset": spec.dataset,
             "then_eval": follow.plugin if follow else "", "eval_dataset": follow.dataset if follow else None,
+            "eval_params": "\n".join(f"{k}={x if isinstance(x, str) else json.dumps(x)}"
+                                     for k, x in (follow.params if follow else {}).items()),
             **{n: to_widget(n, getattr(spec, n), default_trackers) for n in GENERATED},
             "held": {**(held or {}), spec.plugin: values}, "form": values}
 
@@ -167,6 +171,8 @@ def build(ui: UI) -> None:
             w["then_eval"] = gr.Dropdown(label=jobspec.meta("then_eval")["label"], choices=[("none", "")] + [
                 (f"{p.id}: {p.description}", p.id) for p in evaluators], value="", scale=2)
             w["eval_dataset"] = gr.Dropdown(label="Its dataset", choices=[], value=None, scale=1)
+            w["eval_params"] = gr.Textbox(label="Its parameters: one `key=value` per line", lines=2, scale=1,
+                                          placeholder="limit=200", elem_id="train-eval-params")
         with gr.Row():
             for name in section_fields(jobspec.GROUPING):
                 w[name] = spec_widget(name, default_trackers)
@@ -284,7 +290,7 @@ def build(ui: UI) -> None:
 
     save_config.click(on_save_config, {*inputs, grid}, [message, config_out])
 
-    fill_outputs = [w[n] for n in NAMED if n != "experiment"] + all_fields
+    fill_outputs = [w[n] for n in NAMED] + all_fields
 
     def fill(spec: jobspec.JobSpec, held: dict | None) -> dict:
         """Component updates that put `spec` in the form (Clone on the Jobs page, a loaded config)."""
@@ -292,7 +298,13 @@ def build(ui: UI) -> None:
         out = {w[n]: gr.update(value=values[n]) for n in NAMED if n not in ("experiment", "eval_dataset")}
         out[w["eval_dataset"]] = on_evaluator(values["then_eval"], values["eval_dataset"])
         out.update(zip(form_of[spec.plugin].components, (gr.update(value=v) for v in values["form"]), strict=True))
+        active = active_experiments()
+        if spec.experiment in active:  # the run lands where the job did; else in the current experiment
+            out[w["experiment"]] = gr.update(choices=active, value=spec.experiment)
         return out
+
+    def active_experiments() -> list[str]:
+        return [e["name"] for e in experiments.list_all(ui.settings) if not e["archived"]]
 
     ui["train_fill"] = (fill, fill_outputs, w["held"])
 
@@ -314,7 +326,10 @@ def build(ui: UI) -> None:
         except LabError as exc:
             return {message: problems_box(exc, "The form was not changed.")}
         lines = [f"{k}={','.join(map(str, v))}" for k, v in (cfg.grid or {}).items()]
-        return {message: ok_box(f"Loaded {path.name}: check the form, then Launch."), **fill(spec, held),
+        elsewhere = ("" if spec.experiment in active_experiments() else
+                     f" Its experiment {spec.experiment} is not an active one here: the run goes into the current "
+                     "experiment.")
+        return {message: ok_box(f"Loaded {path.name}: check the form, then Launch.{elsewhere}"), **fill(spec, held),
                 **({grid: "\n".join(lines)} if lines else {})}
 
     load_config.upload(on_load_config, [load_config, w["held"]], [message, *fill_outputs, grid]).success(*after)
@@ -324,7 +339,8 @@ def build(ui: UI) -> None:
         fitting = datasets_tab.names(ui, accepts) if evaluator else []
         return gr.update(choices=fitting, value=current if current in fitting else None)
 
-    w["then_eval"].change(on_evaluator, [w["then_eval"], w["eval_dataset"]], [w["eval_dataset"]])
+    # on the user's choice only: a fill (Clone, a loaded config) sets the dataset with the evaluator itself
+    w["then_eval"].input(on_evaluator, [w["then_eval"], w["eval_dataset"]], [w["eval_dataset"]])
 
 
 def estimate_text(ui: UI, found: dict, spec: jobspec.JobSpec) -> str:

@@ -64,7 +64,8 @@ def test_the_modules_the_readme_names_exist():
     for path in set(re.findall(r"`((?:lab|jobs|plugins|bench)/[\w/]+\.py)`", DOCS)):
         assert (ROOT / path).is_file(), path
     for module, function in re.findall(r"`((?:lab|jobs)/[\w/]+\.py)`, `(\w+)`", README):
-        assert re.search(rf"^def {function}\b", (ROOT / module).read_text(), re.M), f"{module} has no {function}"
+        found = re.search(rf"^(def|class) {function}\b", (ROOT / module).read_text(), re.M)
+        assert found, f"{module} has no {function}"
 
 
 def test_the_readmes_plugin_runs_as_the_readme_says(ws, jobs_worker, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import math
 import shlex
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from lab.errors import LabError
 
@@ -49,6 +49,15 @@ def _whole(value, what: str, low: int | None = None, high: int | None = None):
         within = f" from {low} to {high}" if low is not None else ""
         raise LabError(f"{what} must be a whole number{within}, got {value!r}")
     return value
+
+
+# the checks of the fields that need more than their type: what each is called in a message, and its range
+WHOLE = {"priority": ("priority", None, None), "max_attempts": ("max attempts", 1, 20),
+         "processes": ("processes", 1, 64), "devices": ("devices", 0, 64), "nodes": ("nodes", 1, 1024)}
+POSITIVE = {"time_limit_min": (MAX_TIME_LIMIT_MIN, f"the time limit must be a number of minutes above 0 and at most "
+                               f"{MAX_TIME_LIMIT_MIN:,} (30 days)", "leave it empty for no limit"),
+            "memory_gb": (MAX_MEMORY_GB, f"memory must be a number of GB above 0 and at most {MAX_MEMORY_GB}", None)}
+NAMES = {"experiment": "experiment", "group": "group", "tags": "tag"}
 
 
 def _number(value) -> bool:
@@ -135,56 +144,35 @@ class JobSpec(BaseModel):
     def _empty_is_none(cls, value):
         return value or None
 
-    @field_validator("experiment", mode="before")
+    @field_validator(*WHOLE, mode="before")
     @classmethod
-    def _experiment(cls, value):
+    def _whole_number(cls, value, info: ValidationInfo):
+        what, low, high = WHOLE[info.field_name]
+        return None if info.field_name == "devices" and value in (None, "", "auto") else _whole(value, what, low, high)
+
+    @field_validator(*POSITIVE, mode="before")
+    @classmethod
+    def _positive(cls, value, info: ValidationInfo):
+        """Empty means none; otherwise a number above 0 and at most the field's limit."""
+        if value is None or value == "":
+            return None
+        high, message, hint = POSITIVE[info.field_name]
+        if not (_number(value) and 0 < value <= high):
+            raise LabError(f"{message}, got {value!r}", hint)
+        return float(value)
+
+    @field_validator(*NAMES, mode="before")
+    @classmethod
+    def _name(cls, value, info: ValidationInfo):
+        """Names safe in a folder and a URL; the experiment's empty is the default, tags may be comma-separated."""
         from lab.workspace import check_name
 
-        return check_name(value, "experiment") if value else DEFAULT_EXPERIMENT
-
-    @field_validator("priority", mode="before")
-    @classmethod
-    def _priority(cls, value):
-        return _whole(value, "priority")
-
-    @field_validator("max_attempts", mode="before")
-    @classmethod
-    def _attempts(cls, value):
-        return _whole(value, "max attempts", 1, 20)
-
-    @field_validator("processes", mode="before")
-    @classmethod
-    def _processes(cls, value):
-        return _whole(value, "processes", 1, 64)
-
-    @field_validator("devices", mode="before")
-    @classmethod
-    def _devices(cls, value):
-        return None if value in (None, "", "auto") else _whole(value, "devices", 0, 64)
-
-    @field_validator("nodes", mode="before")
-    @classmethod
-    def _nodes(cls, value):
-        return _whole(value, "nodes", 1, 1024)
-
-    @field_validator("time_limit_min", mode="before")
-    @classmethod
-    def _time_limit(cls, value):
-        if value is None or value == "":
-            return None
-        if not (_number(value) and 0 < value <= MAX_TIME_LIMIT_MIN):
-            raise LabError(f"the time limit must be a number of minutes above 0 and at most {MAX_TIME_LIMIT_MIN:,} "
-                           f"(30 days), got {value!r}", "leave it empty for no limit")
-        return float(value)
-
-    @field_validator("memory_gb", mode="before")
-    @classmethod
-    def _memory(cls, value):
-        if value is None or value == "":
-            return None
-        if not (_number(value) and 0 < value <= MAX_MEMORY_GB):
-            raise LabError(f"memory must be a number of GB above 0 and at most {MAX_MEMORY_GB}, got {value!r}")
-        return float(value)
+        what = NAMES[info.field_name]
+        if info.field_name == "tags":
+            if isinstance(value, str):
+                value = [t.strip() for t in value.split(",") if t.strip()]
+            return [check_name(t, what) for t in value or []]
+        return check_name(value, what) if value else (DEFAULT_EXPERIMENT if what == "experiment" else None)
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -196,22 +184,6 @@ class JobSpec(BaseModel):
             return None
         chosen = trackers.parse(value)
         return ",".join(chosen) if chosen else "none"
-
-    @field_validator("group", mode="before")
-    @classmethod
-    def _group(cls, value):
-        from lab.workspace import check_name
-
-        return check_name(value, "group") if value else None
-
-    @field_validator("tags", mode="before")
-    @classmethod
-    def _tags(cls, value):
-        from lab.workspace import check_name
-
-        if isinstance(value, str):
-            value = [t.strip() for t in value.split(",") if t.strip()]
-        return [check_name(t, "tag") for t in value or []]
 
     @field_validator("then_eval", mode="before")
     @classmethod

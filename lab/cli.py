@@ -355,7 +355,8 @@ def _from_job_json(path: Path) -> dict:
 
 # --- the job's options, generated from lab.jobspec.JobSpec: `lab run` and `lab sweep` share them ---------------
 
-_SPEC_TYPES = {"params": list[str] | None, "tags": list[str] | None}
+# the command-line type of a field's option, by the type the field holds (then_eval's option names its plugin)
+_OPTION_TYPES = {int: int | None, float: float | None, str: str | None, list: list[str] | None, object: str | None}
 _FOLLOW_UP = {"eval_dataset": (str | None, "--eval-dataset", "Its dataset."),
               "eval_sets": (list[str] | None, "--eval-set", "Its parameters, key=value; repeatable.")}
 
@@ -370,10 +371,7 @@ def _spec_parameters() -> list[inspect.Parameter]:
         if name == "plugin":
             continue
         meta, fallback = jobspec.meta(name), jobspec.default(name)
-        kind = _SPEC_TYPES.get(name) or (str | None if name in ("then_eval", "report_to") or meta["widget"] in
-                                         ("text", "dropdown") and name != "devices" else
-                                         float | None if jobspec.JobSpec.model_fields[name].annotation in
-                                         (float, float | None) else int | None)
+        kind = list[str] | None if name == "params" else _OPTION_TYPES[jobspec.value_type(name)]
         shown = escape(f" [default: {fallback}]") if fallback not in (None, [], {}) else ""
         option = typer.Option(*meta["flags"], help=meta["help"] + shown, show_default=False)
         out.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,

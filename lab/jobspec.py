@@ -223,6 +223,18 @@ def meta(name: str) -> dict:
     return JobSpec.model_fields[name].json_schema_extra
 
 
+def value_type(name: str) -> type:
+    """int, float, str or list: the type a field holds (None aside); object for params and then_eval."""
+    kind = JobSpec.model_fields[name].annotation
+    origin = getattr(kind, "__origin__", None)
+    if origin in (list, dict):
+        return list if origin is list else object
+    for t in (int, float, str):
+        if kind is t or t in getattr(kind, "__args__", ()) or getattr(kind, "__origin__", None) is t:
+            return t
+    return object
+
+
 def default(name: str) -> Any:
     return JobSpec.model_fields[name].get_default(call_default_factory=True)
 

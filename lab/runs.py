@@ -99,15 +99,13 @@ def submit_many(settings: Settings, spec: JobSpec | dict, variants: list[dict]) 
     specs = [spec.model_copy(update={"params": {**spec.params, **v}}) for v in variants]
     jobs = [prepare(settings, s.plugin, model=s.model, dataset=s.dataset, params=s.params) for s in specs]
     # what the spec keeps of the parameters: the ones given, as the plugin reads them ("2" from a command line is 2)
-    specs = [s.model_copy(update={"params": {k: j["params"].get(k, v) for k, v in s.params.items()}})
+    specs = [s.model_copy(update={"params": _as_read(s.params, j["params"])})
              for j, s in zip(jobs, specs, strict=True)]
     follow = _follow_up(settings, spec.then_eval)
     if follow and jobs[0]["kind"] != "train":
         raise LabError("only a training run can have an evaluation queued after it")
     if follow:
-        given = spec.then_eval.params
-        then_eval = spec.then_eval.model_copy(update={"params": {k: follow["params"].get(k, v)
-                                                                 for k, v in given.items()}})
+        then_eval = spec.then_eval.model_copy(update={"params": _as_read(spec.then_eval.params, follow["params"])})
         specs = [s.model_copy(update={"then_eval": then_eval}) for s in specs]
     experiment_id = experiments.get_or_create(settings, spec.experiment)
     return queue.enqueue_many(settings, [
@@ -118,6 +116,11 @@ def submit_many(settings: Settings, spec: JobSpec | dict, variants: list[dict]) 
          "report_to": trackers.stored(chosen), "nodes": s.nodes, "memory_gb": s.memory_gb,
          "spec": s.model_dump(mode="json")}
         for j, s in zip(jobs, specs, strict=True)])
+
+
+def _as_read(given: dict, resolved: dict) -> dict:
+    """The parameters given, with the values the plugin read them as ("2" from a command line is 2)."""
+    return {k: resolved.get(k, v) for k, v in given.items()}
 
 
 def spec_of(settings: Settings, job_id: int) -> JobSpec:

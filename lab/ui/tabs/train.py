@@ -34,17 +34,8 @@ def spec_widget(name: str, default_trackers: list[str]) -> gr.components.Compone
         return gr.Dropdown(choices=[str(c) for c in meta["choices"]], value=value, **common)
     if meta["widget"] == "text":
         return gr.Textbox(value=value, **common)
-    whole = value_type(name) is int
+    whole = jobspec.value_type(name) is int
     return gr.Number(value=value, precision=0 if whole else None, **common)
-
-
-def value_type(name: str) -> type:
-    """int, float, str or list: the type a field holds (None aside)."""
-    kind = jobspec.JobSpec.model_fields[name].annotation
-    for t in (int, float, str, list):
-        if kind is t or t in getattr(kind, "__args__", ()) or getattr(kind, "__origin__", None) is t:
-            return t
-    return object
 
 
 def to_widget(name: str, value, default_trackers: list[str]):
@@ -55,7 +46,7 @@ def to_widget(name: str, value, default_trackers: list[str]):
         return list(default_trackers) if value is None else trackers.parse(value) or []
     if name == "tags":
         return ", ".join(value or [])
-    if value_type(name) is str:
+    if jobspec.value_type(name) is str:
         return value or ""
     return value
 
@@ -71,7 +62,7 @@ def from_widget(name: str, raw, default_trackers: list[str]):
         return raw or None  # empty or 0: none
     if raw is None or raw == "":
         return None
-    if isinstance(raw, float) and raw.is_integer() and value_type(name) is int:
+    if isinstance(raw, float) and raw.is_integer() and jobspec.value_type(name) is int:
         return int(raw)
     return raw
 

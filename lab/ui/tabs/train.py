@@ -148,7 +148,8 @@ def build(ui: UI) -> None:
         groups.append(group)
     all_fields = [c for f in form_of.values() for c in f.components]
     # each form's current values, per session: a form's own changes update its entry (sending that form alone),
-    # and the estimate, Launch and the sweep read the chosen plugin's entry: no event sends every form's fields
+    # and the estimate reads the chosen plugin's entry; Launch, the sweep and saving a config are sent the fields
+    # themselves, as a click can reach the server before the change that typed its last value
     w["held"] = gr.State({fid: form.fill({}) for fid, form in form_of.items()})
     with gr.Row(equal_height=True):
         with gr.Column(scale=3):
@@ -192,8 +193,12 @@ def build(ui: UI) -> None:
     inputs = set(w.values())
 
     def named(data: dict) -> dict:
-        """The handler's dict of component -> value, by field name."""
-        return {name: data[c] for name, c in w.items() if c in data}
+        """The handler's dict of component -> value, by field name. Where the handler was sent the forms' fields
+        themselves (Launch, sweep, save), they win over `held`, whose update may still wait behind another event."""
+        v = {name: data[c] for name, c in w.items() if c in data}
+        if all_fields[0] in data:
+            v["held"] = {fid: [data[c] for c in form.components] for fid, form in form_of.items()}
+        return v
 
     def spec_of_form(data: dict) -> jobspec.JobSpec:
         return spec_from_form(named(data), found, form_of, default_trackers)
@@ -249,7 +254,7 @@ def build(ui: UI) -> None:
             return refused(exc), gr.update(), gr.update()
         return "", gr.update(selected="run"), job_id
 
-    launch.click(on_launch, inputs, [message, ui["tabs"], ui["run_job"]], concurrency_id="train-form")
+    launch.click(on_launch, {*inputs, *all_fields}, [message, ui["tabs"], ui["run_job"]], concurrency_id="train-form")
 
     def on_sweep(data: dict):
         try:
@@ -263,7 +268,7 @@ def build(ui: UI) -> None:
         return ("", gr.update(selected="compare"), gr.update(choices=["all", group_name], value=group_name),
                 gr.update(choices=options, value=[v for _, v in options]))
 
-    sweep.click(on_sweep, {*inputs, grid}, [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]],
+    sweep.click(on_sweep, {*inputs, *all_fields, grid}, [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]],
                 concurrency_id="train-form")
 
     def on_save_config(data: dict):
@@ -279,7 +284,7 @@ def build(ui: UI) -> None:
         (folder / name).write_text(jobspec.to_config(spec, axes or None))
         return "", str(folder / name)
 
-    save_config.click(on_save_config, {*inputs, grid}, [message, config_out])
+    save_config.click(on_save_config, {*inputs, *all_fields, grid}, [message, config_out])
 
     fill_outputs = [w[n] for n in NAMED] + all_fields
 

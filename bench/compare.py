@@ -27,8 +27,7 @@ def main() -> None:
     fresh()
     from sqlalchemy import insert
 
-    from jobs import queue
-    from lab import compare, experiments, settings
+    from lab import compare, experiments, jobstore, settings
     from lab.db import session
     from lab.tables import Metric, utcnow
 
@@ -37,7 +36,7 @@ def main() -> None:
     r = random.Random(0)
     ids = []
     for _ in range(args.runs):
-        ids.append(queue.enqueue(s, experiment_id=exp, plugin="sft", params={
+        ids.append(jobstore.enqueue(s, experiment_id=exp, plugin="sft", params={
             "learning_rate": r.choice([1e-4, 2e-4, 5e-4]), "lora_r": r.choice([8, 16]), "seed": 42}))
     start = utcnow()
     for job_id in ids:

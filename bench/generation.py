@@ -55,8 +55,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="lab-bench-")
     os.environ.update({"LAB_WORKSPACE": tmp, "LAB_WANDB": "off", "LAB_REPORT_TO": "none"})
     os.environ.pop("LAB_DATABASE_URL", None)
-    from jobs import queue
-    from lab import datasets, formats, registry, runs, settings
+    from lab import datasets, formats, jobstore, registry, runs, settings
 
     s = settings.load()
     data = ALPACA if ALPACA.exists() else DEMO
@@ -73,7 +72,7 @@ def main() -> None:
     job_id = runs.submit(s, "generate", model=model["name"], dataset="prompts", experiment="bench",
                          params={k: str(v) for k, v in params.items()})
     subprocess.run([sys.executable, "-m", "lab.cli", "worker", "--once"], capture_output=True, check=False)
-    job = queue.get(s, job_id)
+    job = jobstore.get(s, job_id)
     if job.status != "completed":
         sys.exit(f"the generate job failed: {job.error}")
     found = runs.metrics(s, [job_id], ["generate/answers_per_s", "generate/tokens_per_s", "generate/answers"])[job_id]

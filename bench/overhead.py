@@ -81,8 +81,7 @@ def run_bare(model_path: str, data: Path, steps: int) -> dict:
 
 
 def run_lab(s, model: str, dataset: str, steps: int) -> dict:
-    from jobs import queue
-    from lab import runs, speed
+    from lab import jobstore, runs, speed
 
     t0 = time.time()
     # the same batches and precision as the bare script: padded rows (TRL's default), bf16 where the machine has it
@@ -91,7 +90,7 @@ def run_lab(s, model: str, dataset: str, steps: int) -> dict:
     job_id = runs.submit(s, "sft", model=model, dataset=dataset, experiment="bench", params=params)
     proc = subprocess.run([sys.executable, "-m", "lab.cli", "worker", "--once"], capture_output=True, text=True,
                           check=False)
-    job = queue.get(s, job_id)
+    job = jobstore.get(s, job_id)
     if job.status != "completed":
         sys.exit(f"lab run failed: {job.error}\n{job.log_tail}\n{proc.stdout}")
     points = runs.metrics(s, [job_id], ["num_tokens", "train_runtime"])[job_id]

@@ -23,8 +23,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
-    from jobs import queue
-    from lab import registry, runs
+    from lab import jobstore, registry, runs
 
     s, tmp, data = fresh_with_rows(400)
     model = registry.ensure_starter(s)
@@ -36,7 +35,7 @@ def main() -> None:
                   "precision": "fp32", "batching": batching}
         job_id = runs.submit(s, "sft", model=model["name"], dataset="rows", experiment="bench", params=params)
         subprocess.run([sys.executable, "-m", "lab.cli", "worker", "--once"], capture_output=True, check=False)
-        job = queue.get(s, job_id)
+        job = jobstore.get(s, job_id)
         if job.status != "completed":
             sys.exit(f"{batching} run failed: {job.error}")
         points = runs.metrics(s, [job_id], ["num_tokens", "train_runtime", "padding_share", "loss"])[job_id]

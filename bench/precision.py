@@ -22,8 +22,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="bf16 against fp32")
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    from jobs import queue
-    from lab import registry, runs, speed
+    from lab import jobstore, registry, runs, speed
 
     if not speed.bf16_supported():  # the lab refuses precision bf16 here; auto would choose fp32
         sys.exit("this machine has no bf16 matrix instructions (AVX512-BF16 or AMX in /proc/cpuinfo), so there is "
@@ -38,7 +37,7 @@ def main() -> None:
                   "profile_steps": 2}
         job_id = runs.submit(s, "sft", model=model["name"], dataset="rows", experiment="bench", params=params)
         subprocess.run([sys.executable, "-m", "lab.cli", "worker", "--once"], capture_output=True, check=False)
-        job = queue.get(s, job_id)
+        job = jobstore.get(s, job_id)
         if job.status != "completed":
             sys.exit(f"{precision} run failed: {job.error}")
         points = runs.metrics(s, [job_id], ["num_tokens", "train_runtime", "loss", "mfu", "profile/matmul_share",

@@ -37,8 +37,7 @@ def main() -> None:
                        "PYTHONPATH": str(HERE)})
     os.environ.pop("LAB_DATABASE_URL", None)
 
-    from jobs import queue
-    from lab import runs, settings
+    from lab import jobstore, runs, settings
 
     s = settings.load()
     worker = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.DEVNULL)
@@ -49,12 +48,12 @@ def main() -> None:
             time.sleep(random.uniform(0.2, 0.6))  # a random phase of the idle poll
             t0 = time.time()
             job_id = runs.submit(s, "noop")
-            while queue.get(s, job_id).pid is None:
+            while jobstore.get(s, job_id).pid is None:
                 time.sleep(0.002)
             started.append(time.time() - t0)
-            while queue.get(s, job_id).status == "running":
+            while jobstore.get(s, job_id).status == "running":
                 time.sleep(0.01)
-            job = queue.get(s, job_id)
+            job = jobstore.get(s, job_id)
             assert job.status == "completed", job.error
             claimed.append((job.started_at - job.created_at).total_seconds())
     finally:

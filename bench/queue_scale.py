@@ -24,8 +24,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from jobs import queue  # noqa: E402
-from lab import db, experiments, settings  # noqa: E402
+from lab import (  # noqa: E402
+    db,
+    experiments,
+    jobstore,  # noqa: E402
+    settings,
+)
 from lab.pgserver import create_database, throwaway_server  # noqa: E402
 
 DEPTHS = (10, 1_000, 10_000)
@@ -47,7 +51,7 @@ def fresh(url: str | None):
 def fill(s, n: int) -> None:
     exp = experiments.get_or_create(s, "bench")
     for start in range(0, n, 5_000):
-        queue.enqueue_many(s, [{"experiment_id": exp, "plugin": "noop", "params": {}, "model_id": None,
+        jobstore.enqueue_many(s, [{"experiment_id": exp, "plugin": "noop", "params": {}, "model_id": None,
                                 "dataset_id": None, "priority": 0} for _ in range(min(5_000, n - start))])
 
 
@@ -56,7 +60,7 @@ def claim_latency(s, depth: int, claims: int) -> list[float]:
     times = []
     for _ in range(claims):
         t0 = time.perf_counter()
-        job = queue.claim_next(s, f"bench:{os.getpid()}")
+        job = jobstore.claim_next(s, f"bench:{os.getpid()}")
         times.append(time.perf_counter() - t0)
         assert job is not None
     return times
@@ -69,8 +73,8 @@ def _worker(url: str | None, workspace: str, n: int, out) -> None:
     s = settings.load()
     me = f"bench:{os.getpid()}:{n}"
     done = []
-    while (job := queue.claim_next(s, me)) is not None:
-        queue.finish(s, job.id, me, "completed", exit_code=0)
+    while (job := jobstore.claim_next(s, me)) is not None:
+        jobstore.finish(s, job.id, me, "completed", exit_code=0)
         done.append(job.id)
     out.put(done)
 

@@ -27,14 +27,13 @@ SFT = {"max_steps": "2", "batch_size": "2", "precision": "fp32", "logging_steps"
 
 def first_step_s(s, worker_env: dict, repeats: int) -> list[float]:
     """Start one worker with `worker_env`, then time submit -> first loss point, `repeats` times."""
-    from jobs import queue
-    from lab import runs
+    from lab import jobstore, runs
 
     worker = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], env=worker_env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     times = []
     try:
-        from jobs.queue import live_workers
+        from lab.jobstore import live_workers
 
         deadline = time.monotonic() + 120
         while not live_workers(s):  # up (and, for Slurm, its probe job done)
@@ -46,13 +45,13 @@ def first_step_s(s, worker_env: dict, repeats: int) -> list[float]:
             t0 = time.monotonic()
             job_id = runs.submit(s, "sft", model="tiny", dataset="colours", params=SFT)
             while not runs.metrics(s, [job_id], ["loss"]).get(job_id):
-                if queue.get(s, job_id).status in ("failed", "cancelled"):
-                    raise SystemExit(f"job {job_id} {queue.get(s, job_id).status}: {queue.get(s, job_id).error}")
+                if jobstore.get(s, job_id).status in ("failed", "cancelled"):
+                    raise SystemExit(f"job {job_id} {jobstore.get(s, job_id).status}: {jobstore.get(s, job_id).error}")
                 time.sleep(0.02)
             times.append(time.monotonic() - t0)
-            while queue.get(s, job_id).status not in ("completed", "failed", "cancelled"):
+            while jobstore.get(s, job_id).status not in ("completed", "failed", "cancelled"):
                 time.sleep(0.1)
-            assert queue.get(s, job_id).status == "completed", queue.get(s, job_id).error
+            assert jobstore.get(s, job_id).status == "completed", jobstore.get(s, job_id).error
     finally:
         worker.terminate()
         worker.wait(60)

@@ -41,8 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="the lab's training step against its earlier settings")
     parser.add_argument("--steps", type=int, default=8)
     args = parser.parse_args()
-    from jobs import queue
-    from lab import registry, runs
+    from lab import jobstore, registry, runs
 
     s, tmp, data = fresh_with_rows(200)
     model = registry.ensure_starter(s)
@@ -54,7 +53,7 @@ def main() -> None:
                   **chosen}
         job_id = runs.submit(s, "sft", model=model["name"], dataset="rows", experiment="bench", params=params)
         subprocess.run([sys.executable, "-m", "lab.cli", "worker", "--once"], capture_output=True, check=False)
-        job = queue.get(s, job_id)
+        job = jobstore.get(s, job_id)
         if job.status != "completed":
             sys.exit(f"{name} run failed: {job.error}")
         points = runs.metrics(s, [job_id], ["num_tokens", "train_runtime", "loss", "profile/matmul_share",

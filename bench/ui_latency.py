@@ -82,21 +82,20 @@ def fill(runs_to_compare: int, points: int, history: int, long_points: int) -> d
     running job with `long_points` points over LONG_RUN_KEYS."""
     from sqlalchemy import insert, update
 
-    from jobs import queue
-    from lab import experiments, settings
+    from lab import experiments, jobstore, settings
     from lab.db import session
     from lab.tables import Job, Metric, utcnow
 
     s = settings.load()
     exp = experiments.get_or_create(s, "bench")
     r = random.Random(0)
-    old = queue.enqueue_many(s, [{"experiment_id": exp, "plugin": r.choice(["sft", "dpo", "eval-perplexity"]),
+    old = jobstore.enqueue_many(s, [{"experiment_id": exp, "plugin": r.choice(["sft", "dpo", "eval-perplexity"]),
                                   "params": {"learning_rate": 1e-4}, "model_id": None, "dataset_id": None,
                                   "priority": 0} for _ in range(history - runs_to_compare - 1)])
-    compared = queue.enqueue_many(s, [{"experiment_id": exp, "plugin": "sft", "params": {
+    compared = jobstore.enqueue_many(s, [{"experiment_id": exp, "plugin": "sft", "params": {
         "learning_rate": r.choice([1e-4, 2e-4, 5e-4]), "lora_r": r.choice([8, 16]), "seed": 42}, "model_id": None,
         "dataset_id": None, "priority": 0} for _ in range(runs_to_compare)])
-    long_run = queue.enqueue(s, experiment_id=exp, plugin="sft", params={"max_steps": long_points})
+    long_run = jobstore.enqueue(s, experiment_id=exp, plugin="sft", params={"max_steps": long_points})
     start = utcnow() - timedelta(days=1)
     with session(s) as db:
         db.execute(update(Job).where(Job.id.in_(old + compared)).values(

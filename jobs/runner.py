@@ -22,9 +22,8 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
-from jobs import queue
 from lab import datasets as datasets_mod
-from lab import jobspec, plugins, runs, trackers
+from lab import jobspec, jobstore, plugins, runs, trackers
 from lab.db import read_session
 from lab.diagnosis import diagnose
 from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, Diverged, JobCancelled, JobInterrupted, LabError
@@ -63,7 +62,7 @@ def _watch_parent(parent: int) -> None:
     worker = int(os.environ.get("LAB_WORKER_PID") or 0)
     while True:
         time.sleep(1.0)
-        if (worker and not queue.process_alive(worker)) or (not worker and os.getppid() != parent):
+        if (worker and not jobstore.process_alive(worker)) or (not worker and os.getppid() != parent):
             # no message: the log pipe went away with the worker, and writing to it would raise here
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
@@ -86,7 +85,7 @@ def _dataset_info(settings: Settings, dataset: Dataset, plugin: plugins.Plugin) 
 
 
 def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.Plugin, object]:
-    job = queue.get(settings, job_id)
+    job = jobstore.get(settings, job_id)
     plugin = plugins.get(settings, job.plugin)
     params = plugins.validate_params(plugin, job.params)
     with read_session(settings) as s:
@@ -217,10 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED_EXIT
     except BaseException as exc:  # the plugin's own failure: keep the traceback in the log, the diagnosis on the job
         traceback.print_exc()
-        run_dir = Path(queue.get(settings, job_id).run_dir or ".")
+        run_dir = Path(jobstore.get(settings, job_id).run_dir or ".")
         failure = diagnose(exc, [run_dir, run_dir / "checkpoints", settings.workspace])
         print(f"[lab] failed ({failure.kind}): {failure.reason}\n[lab] next step: {failure.next_step}", flush=True)
-        queue.record_error(settings, job_id, failure)
+        jobstore.record_error(settings, job_id, failure)
         return 1
     finally:
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:

@@ -61,13 +61,13 @@ def _threads(processes: int) -> str:
 
 def batch(job_id: int) -> int:
     """The batch step: start the job's processes, copy their output with the secrets masked, return their code."""
-    from jobs import queue
     from jobs.supervise import job_command
+    from lab import jobstore
     from lab.settings import load, read_secrets
 
     settings = load()
     secrets = read_secrets(settings)
-    job = queue.get(settings, job_id)
+    job = jobstore.get(settings, job_id)
     processes = max(1, job.processes or 1)
     tasks = int(os.environ.get("SLURM_NTASKS") or 1)
     env = {**os.environ, **secrets, "OMP_NUM_THREADS": _threads(processes)}
@@ -100,10 +100,10 @@ def batch(job_id: int) -> int:
 
 def task(job_id: int) -> int:
     """One task of the srun step: this node's torchrun agent (replaces this process)."""
-    from jobs import queue
+    from lab import jobstore
     from lab.settings import load
 
-    command = torchrun_task(job_id, max(1, queue.get(load(), job_id).processes or 1))
+    command = torchrun_task(job_id, max(1, jobstore.get(load(), job_id).processes or 1))
     os.execv(command[0], command)
     return 1  # not reached
 

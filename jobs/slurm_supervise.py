@@ -3,7 +3,7 @@ follow it with squeue, keep its row true (queued in Slurm, running with its Slur
 scancel, and record the outcome from Slurm's accounting.
 
 A worker that stops leaves its Slurm jobs running: the next Slurm worker, on any machine, takes over following
-them (jobs.queue.adopt_slurm) and records each outcome once.
+them (lab.jobstore.adopt_slurm) and records each outcome once.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 
-from jobs import queue
-from jobs.supervise import Supervision, _experiment_name, job_environment, outcome
-from lab import slurm
-from lab.diagnosis import KINDS, OOM_STEP, Failure
+from jobs.supervise import Supervision, _experiment_name, job_environment
+from lab import jobstore, slurm
+from lab.diagnosis import KINDS, Failure
+from lab.outcome import Ending
 from lab.settings import Settings
-from lab.workspace import latest_checkpoint, log_tail, new_run_dir
+from lab.workspace import log_tail, new_run_dir
 
 assert "cluster" in KINDS
 
@@ -55,22 +55,18 @@ class SlurmSupervision(Supervision):
                 else:
                     w.say(f"job {job.id}: found it in Slurm as job {slurm_id}, following it")
             except slurm.SlurmError as exc:
-                return self.record(run_dir, "failed", Failure("cluster", f"Slurm did not take the job: {exc.message}",
-                                                              exc.hint or "check `sinfo` and the worker's options"),
-                                   None)
-            w.db(queue.slurm_submitted, s, job.id, w.id, slurm_id, str(run_dir), patient=True)
+                return self.record(run_dir, Ending(refused=Failure(
+                    "cluster", f"Slurm did not take the job: {exc.message}",
+                    exc.hint or "check `sinfo` and the worker's options")))
+            w.db(jobstore.slurm_submitted, s, job.id, w.id, slurm_id, str(run_dir), patient=True)
         else:
             w.say(f"job {job.id}: following Slurm job {slurm_id} (taken over from another worker)")
-        w.db(queue.worker_seen, s, w.id, "busy", job.id, patient=True)
+        w.db(jobstore.worker_seen, s, w.id, "busy", job.id, patient=True)
         seen = self._follow(slurm_id)
         if seen is None:  # the worker stops, or another worker follows the job now
             return "running"
-        job = self.job = w.db(queue.get, s, job.id, patient=True)
-        w.db(queue.slurm_seen, s, job.id, w.id, seen.label(), seen.nodes, False, patient=True)
-        status, failure, retryable = meaning(seen, job, log_tail(run_dir / "log.txt") or "", run_dir,
-                                                   slurm.memory_mb(job, s))
-        code = -seen.signal if seen.signal else seen.exit_code
-        return self.record(run_dir, status, failure, code, retryable=retryable)
+        w.db(jobstore.slurm_seen, s, job.id, w.id, seen.label(), seen.nodes, False, patient=True)
+        return self.record(run_dir, ending(seen, log_tail(run_dir / "log.txt") or "", slurm.memory_mb(job, s)))
 
     def _submit(self, run_dir: Path) -> str:
         s, job = self.settings, self.job
@@ -114,7 +110,7 @@ class SlurmSupervision(Supervision):
                     label = (seen.label(), seen.nodes)
                     if label != shown:
                         try:
-                            if not queue.slurm_seen(s, job_id, w.id, seen.label(), seen.nodes,
+                            if not jobstore.slurm_seen(s, job_id, w.id, seen.label(), seen.nodes,
                                                     seen.state == "PENDING"):
                                 return None  # no longer ours
                             shown = label
@@ -123,11 +119,11 @@ class SlurmSupervision(Supervision):
             try:
                 if now - last_beat >= s.heartbeat_s:
                     last_beat = now
-                    queue.worker_seen(s, w.id, "busy", job_id)
-                    if not queue.heartbeat(s, job_id, w.id):
+                    jobstore.worker_seen(s, w.id, "busy", job_id)
+                    if not jobstore.heartbeat(s, job_id, w.id):
                         w.say(f"job {job_id}: another worker follows Slurm job {slurm_id} now")
                         return None
-                if cancel_sent is None and queue.cancel_requested(s, job_id):
+                if cancel_sent is None and jobstore.cancel_requested(s, job_id):
                     slurm.cancel(slurm_id)
                     cancel_sent = now
                     w.say(f"job {job_id}: cancel requested, scancel {slurm_id}")
@@ -139,56 +135,7 @@ class SlurmSupervision(Supervision):
             w.stop.wait(s.slurm_poll_s)
 
 
-def _signal_name(sig: int) -> str:
-    import signal
-
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def meaning(seen: slurm.Seen, job, log_tail: str, run_dir: Path, mem_mb: int | None = None
-            ) -> tuple[str, Failure | None, bool]:
-    """What an ended Slurm job means for the lab: (status, failure, retryable).
-
-    completed only on exit 0 with outputs present; the states the cluster ends a job with (out of memory, time
-    limit, node failure, preemption, a signal) are named as the reason. The caller requeues a retryable one while
-    attempts remain; it then resumes from its last checkpoint.
-    """
-    state, where = seen.state, f" on {seen.nodes}" if seen.nodes and seen.nodes not in ("None", "(null)") else ""
-    mem = mem_mb
-    if state == "CANCELLED":
-        if job.cancel_requested:
-            return "cancelled", Failure("killed", "cancelled by the user (scancel)", ""), False
-        by = f" by uid {seen.cancelled_by}" if seen.cancelled_by else ""
-        return "cancelled", Failure("killed", f"cancelled in Slurm{by} (scancel from outside the lab)", ""), False
-    killed_for_memory = (seen.signal == 9 or state == "FAILED") and any(m in log_tail for m in slurm.OOM_MARKS)
-    if state == "OUT_OF_MEMORY" or killed_for_memory:
-        limit = f" of {mem / 1024:g} GB" if mem else ""
-        return "failed", Failure("oom", f"Slurm stopped the job{where}: it used more than its memory limit{limit}",
-                                 "give it more memory (`--memory-gb`, the Train page's Resources, or "
-                                 f"LAB_SLURM_MEMORY_GB), or {OOM_STEP.split(', or give')[0]}"), False
-    if state in ("TIMEOUT", "DEADLINE"):
-        last = latest_checkpoint(run_dir / "checkpoints")
-        saved = f"; its last checkpoint is {last.name}" if last else " before it wrote a checkpoint"
-        return "failed", Failure("timeout", f"Slurm stopped the job{where} at its time limit ({state}){saved}",
-                                 "raise the time limit (`--time-limit MINUTES`, or LAB_SLURM_TIME_LIMIT_MIN) or "
-                                 "shorten the run (max_steps, epochs)"), False
-    if state == "NODE_FAIL":
-        return "failed", Failure("lost", f"the node{where.replace(' on', '')} failed under the job (NODE_FAIL)",
-                                 slurm.RETRY_STEP), True
-    if state in ("PREEMPTED", "BOOT_FAIL"):
-        what = "preempted by Slurm (a job of higher priority took its nodes)" if state == "PREEMPTED" \
-            else f"its node{where.replace(' on', '')} did not boot (BOOT_FAIL)"
-        return "failed", Failure("killed", what, slurm.RETRY_STEP), True
-    if seen.signal:
-        name = _signal_name(seen.signal)
-        return "failed", Failure("killed", f"Slurm reports the job{where} ended by {name}",
-                                 "see the end of the run's log.txt; with --max-attempts N it resumes from its last "
-                                 "checkpoint"), False
-    if state == "COMPLETED":
-        status, failure = outcome(seen.exit_code, None, run_dir)
-        return status, failure, False
-    status, failure = outcome(seen.exit_code or 1, None, run_dir)
-    return status, failure, False
+def ending(seen: slurm.Seen, log_tail: str = "", mem_mb: int | None = None) -> Ending:
+    """The facts of an ended Slurm job, as squeue and sacct gave them (lab.outcome decides what they mean)."""
+    return Ending(exit_code=seen.exit_code, cluster_state=seen.state, signal=seen.signal or None, nodes=seen.nodes,
+                  cancelled_by=seen.cancelled_by, log_tail=log_tail, memory_mb=mem_mb)

@@ -15,21 +15,39 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from sqlalchemy.exc import OperationalError
 
-from jobs import outputs, queue
+from jobs import outputs
+from lab import jobstore
 from lab.db import read_session
-from lab.diagnosis import Failure, from_exit, oom_kills
-from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, LabError
+from lab.diagnosis import oom_kills
+from lab.errors import LabError
+from lab.outcome import Ending, Outcome, decide
 from lab.settings import MASK, Settings
 from lab.tables import Experiment, Job, Model
-from lab.workspace import latest_checkpoint, log_tail, new_run_dir
+from lab.workspace import log_tail, new_run_dir
 
-if TYPE_CHECKING:
-    from jobs.worker import Worker
+
+class Link(Protocol):
+    """What a job's supervision uses of the worker that claimed it (jobs.worker.Worker), and nothing more."""
+    settings: Settings
+    id: str  # the worker's id, which owns the job's row while it runs
+    secrets: dict[str, str]  # given to local job processes, masked (`masks`) in what they print
+    masks: list[bytes]
+    echo: bool  # copy the job's output to the worker's own
+    stop: threading.Event  # set: the worker stops; its jobs checkpoint and go back to the queue
+
+    def say(self, message: str) -> None: ...
+
+    def db(self, fn, *args, patient: bool = False, **kwargs):
+        """fn(*args, **kwargs), retried while the database is locked or away (patient: an outcome to record)."""
+
+    def seen_after(self, job_id: int) -> None:
+        """The worker's row once the job has ended: busy with another job, or idle."""
 
 
 def _kill_group(pid: int, sig: int) -> None:
@@ -78,46 +96,15 @@ def job_command(job: Job, env: dict) -> list[str]:
             "--module", "jobs.runner", str(job.id)]
 
 
-def _minutes(seconds: float | None) -> str:
-    minutes = (seconds or 0) / 60
-    return f"{minutes:g} minute" + ("" if minutes == 1 else "s")
-
-
-def outcome(code: int, stopped_for: str | None, run_dir: Path, *, oom_killed: bool = False,
-            time_limit_s: float | None = None) -> tuple[str, Failure | None]:
-    """The job's status from its exit code and why the worker stopped it (cancel, interrupted, timeout, lost, or
-    None)."""
-    if stopped_for == "cancel" or code == CANCELLED_EXIT:
-        return "cancelled", Failure("killed", "cancelled by the user", "")
-    if stopped_for == "interrupted":
-        return "interrupted", Failure("killed", "interrupted: its worker was stopped; the job went back to the queue",
-                                      "")
-    if stopped_for == "timeout":
-        last = latest_checkpoint(run_dir / "checkpoints")
-        saved = f"; its last checkpoint is {last.name}" if last else " before it wrote a checkpoint"
-        return "failed", Failure("timeout", f"the job ran past its time limit of {_minutes(time_limit_s)} and was "
-                                 f"stopped{saved}", "raise the time limit (Resources and retries on the Train page, "
-                                 "`--time-limit MINUTES`) or shorten the run (max_steps, epochs)")
-    if code == INTERRUPTED_EXIT:  # a SIGTERM that did not come from its worker; it left a checkpoint
-        return "failed", Failure("killed", "stopped by SIGTERM from outside the lab, after writing a checkpoint",
-                                 "run it again with --max-attempts 2 or more to resume from that checkpoint")
-    if code == 0 and stopped_for is None:
-        out = run_dir / "output"
-        if out.is_dir() and any(out.iterdir()):
-            return "completed", None
-        return "failed", Failure("no_output", "the job exited normally but wrote nothing to output/",
-                                 "the plugin must save its model or results under ctx.output_dir")
-    return "failed", from_exit(code, stopped_for, oom_killed=oom_killed)
-
-
 class Supervision:
-    """One claimed job run to its end by `worker` (its settings, secrets, stop event and database retries)."""
+    """One claimed job run to its end as a local process for the worker behind `link`. devices: the accelerators
+    the job may use (CUDA_VISIBLE_DEVICES; [] hides them all), or None on a worker that owns none."""
 
-    def __init__(self, worker: Worker, job: Job, devices: list[str] | None = None):
-        self.worker = worker
-        self.settings = worker.settings
+    def __init__(self, link: Link, job: Job, devices: list[str] | None = None):
+        self.worker = link
+        self.settings = link.settings
         self.job = job
-        self.devices = devices or []
+        self.devices = devices
 
     def run(self) -> str:
         """Run the job and record its outcome; returns the final status ("queued" when it went back)."""
@@ -127,9 +114,9 @@ class Supervision:
         log_path = run_dir / "log.txt"
         on = f" on devices {','.join(self.devices)}" if self.devices else ""
         w.say(f"job {job.id} ({job.plugin}){on} started; log: {log_path}")
-        w.db(queue.worker_seen, s, w.id, "busy", job.id, patient=True)
+        w.db(jobstore.worker_seen, s, w.id, "busy", job.id, patient=True)
         env = {**job_environment(s), "LAB_WORKER_PID": str(os.getpid()), **w.secrets}
-        if w.gpus:  # only what was given to this job; a CPU job sees none
+        if self.devices is not None:  # only what was given to this job; a CPU job sees none
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
         oom_before = oom_kills()
         with open(log_path, "ab") as log:
@@ -138,48 +125,48 @@ class Supervision:
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 start_new_session=True, cwd=run_dir, env=env,
             )
-            w.db(queue.started, s, job.id, w.id, proc.pid, str(run_dir), patient=True)
+            w.db(jobstore.started, s, job.id, w.id, proc.pid, str(run_dir), patient=True)
             tee = threading.Thread(target=self._tee, args=(proc, log), daemon=True)
             tee.start()
             stopped_for = self._watch(proc)
             tee.join(timeout=5)
         _kill_group(proc.pid, signal.SIGKILL)  # whatever the job left behind in its group
         oom_after = oom_kills()
-        status, failure = outcome(proc.returncode, stopped_for, run_dir, time_limit_s=job.time_limit_s,
-                                  oom_killed=oom_before is not None and (oom_after or 0) > oom_before)
-        code = proc.returncode
-        retryable = status == "failed" and (stopped_for == "lost" or (
-            stopped_for is None and (code < 0 or code == INTERRUPTED_EXIT)))
-        return self.record(run_dir, status, failure, code, retryable=retryable,
-                           uses_attempt=stopped_for != "interrupted")
+        ending = Ending(exit_code=proc.returncode, stopped_for=stopped_for,
+                        oom_killed=oom_before is not None and (oom_after or 0) > oom_before)
+        return self.record(run_dir, ending)
 
-    def record(self, run_dir: Path, status: str, failure: Failure | None, exit_code: int | None, *,
-               retryable: bool = False, uses_attempt: bool = True) -> str:
-        """Record how the job ended: back in the queue (a retry while attempts remain, or status "interrupted"),
-        or its final status with the output registered. Returns the status ("queued" when it went back)."""
-        s, job, w = self.settings, self.job, self.worker
+    def record(self, run_dir: Path, ending: Ending) -> str:
+        """Decide (lab.outcome) and record how the job ended: back in the queue (a retry while attempts remain, or
+        its worker was stopped), or its final status with the output registered. Returns the status ("queued" when
+        it went back)."""
+        s, w = self.settings, self.worker
+        job = self.job = w.db(jobstore.get, s, self.job.id, patient=True)  # as it is now: its own diagnosis
         log_path = run_dir / "log.txt"
-        if retryable and status == "failed" and job.attempts < job.max_attempts:
-            status = "interrupted"
-            failure = Failure(failure.kind, f"attempt {job.attempts} of {job.max_attempts} {failure.reason}; it goes "
-                              "back to the queue and resumes from its last checkpoint", "")
-        if status == "interrupted":  # back in the queue: a stopped worker, or a retry
+        decided = decide(ending, job, run_dir)
+        if decided.status == "queued":
             with open(log_path, "a") as log:
-                log.write(f"[lab] {failure.reason}\n")
+                log.write(f"[lab] {decided.failure.reason}\n")
             # a stopped worker is not the job's fault: that start does not count against its attempts
-            w.db(queue.requeue, s, job.id, w.id, failure.reason, patient=True, uses_attempt=uses_attempt)
+            w.db(jobstore.requeue, s, job.id, w.id, decided.failure.reason, patient=True,
+                 uses_attempt=decided.uses_attempt)
             w.seen_after(job.id)
-            w.say(f"job {job.id} back in the queue: {failure.reason}")
+            w.say(f"job {job.id} back in the queue: {decided.failure.reason}")
             return "queued"
         completion = None
-        if status == "completed":
-            w.db(queue.set_phase, s, job.id, "registering", patient=True)
+        if decided.status == "completed":
+            w.db(jobstore.set_phase, s, job.id, "registering", patient=True)
             try:
                 completion = outputs.prepare(s, job, run_dir)
             except LabError as exc:
-                status, failure = "failed", Failure("plugin_error", f"the run's output cannot be registered: {exc}",
-                                                    "see the run's output/ folder and log.txt")
-        recorded = w.db(queue.finish, s, job.id, w.id, status, exit_code=exit_code, failure=failure,
+                decided = decide(replace(ending, registration_error=str(exc)), job, run_dir)
+        return self._finish(run_dir, decided, ending, completion)
+
+    def _finish(self, run_dir: Path, decided: Outcome, ending: Ending, completion) -> str:
+        s, job, w = self.settings, self.job, self.worker
+        status, failure, log_path = decided.status, decided.failure, run_dir / "log.txt"
+        exit_code = -ending.signal if ending.signal else ending.exit_code
+        recorded = w.db(jobstore.finish, s, job.id, w.id, status, exit_code=exit_code, failure=failure,
                         log_tail=log_tail(log_path), patient=True,
                         on_complete=completion.write if completion else None)
         if isinstance(recorded, list) and recorded:
@@ -221,10 +208,10 @@ class Supervision:
             try:
                 if now - last_beat >= s.heartbeat_s:
                     last_beat = now
-                    queue.worker_seen(s, w.id, "busy", job_id)
-                    if not queue.heartbeat(s, job_id, w.id):
+                    jobstore.worker_seen(s, w.id, "busy", job_id)
+                    if not jobstore.heartbeat(s, job_id, w.id):
                         reason = "lost"  # the job was taken from us (reaped): stop the process
-                if reason is None and queue.cancel_requested(s, job_id):
+                if reason is None and jobstore.cancel_requested(s, job_id):
                     reason = "cancel"
             except OperationalError:
                 pass  # the database is locked or away: the job goes on, the next beat tries again
@@ -246,7 +233,7 @@ class Supervision:
                 return
             except subprocess.TimeoutExpired:
                 try:
-                    queue.heartbeat(self.settings, self.job.id, self.worker.id)
+                    jobstore.heartbeat(self.settings, self.job.id, self.worker.id)
                 except OperationalError:
                     pass
         _kill_group(proc.pid, signal.SIGKILL)

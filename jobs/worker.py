@@ -1,4 +1,5 @@
-"""The worker loop: claim jobs while resources last and run each under its own supervision (jobs.supervise).
+"""The worker loop: claim jobs while its executor has room (jobs.executor: local processes, or Slurm) and run each
+under its own supervision in a thread.
 
 Idle, the worker looks for queued jobs every `poll_s` (0.1 s) with a read that takes no lock, so a submitted job
 starts within a few tenths of a second.
@@ -16,8 +17,8 @@ import time
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from jobs import queue
-from jobs.supervise import Supervision
+from jobs.executor import executor_for
+from lab import jobstore
 from lab.db import read_session, retrying
 from lab.settings import Settings, read_secrets
 from lab.tables import TERMINAL_STATES, Job
@@ -37,30 +38,16 @@ class Worker:
         self.id = f"{socket.gethostname()}:{os.getpid()}"
         self.echo = echo
         self.say = say
-        self.gpus = list(gpus or [])
-        self.slots = slots
+        self.executor = executor_for(settings, gpus, slots)  # where its jobs run: local processes, or Slurm
         self.secrets = read_secrets(settings)  # given to job processes; never stored, masked in their logs
         self.masks = sorted((v.encode() for v in self.secrets.values() if v), key=len, reverse=True)
-        self.slurm = settings.executor == "slurm"  # jobs go to Slurm (jobs.slurm_supervise); gpus and slots unused
         self.stop = threading.Event()  # set by signal handlers or the owner thread: finish up and exit
         self._lock = threading.Lock()
         self._active: dict[int, tuple[threading.Thread, list[str]]] = {}  # job -> (thread, its devices; [] = a slot)
 
     @property
     def capacity(self) -> str:
-        if self.slurm:
-            s = self.settings
-            where = ", ".join(filter(None, [s.slurm_partition and f"partition {s.slurm_partition}",
-                                            s.slurm_account and f"account {s.slurm_account}"]))
-            return f"slurm ({where + ', ' if where else ''}up to {s.slurm_max_jobs} jobs)"
-        gpus = f"gpus {','.join(self.gpus)} + " if self.gpus else ""
-        return f"{gpus}{self.slots} cpu slot{'s' if self.slots != 1 else ''}"
-
-    def _free(self) -> tuple[list[str], int]:
-        with self._lock:
-            used = [d for _, devices in self._active.values() for d in devices]
-            slots = self.slots - sum(1 for _, devices in self._active.values() if not devices)
-        return [d for d in self.gpus if d not in used], slots
+        return self.executor.capacity
 
     def _reap_threads(self) -> None:
         with self._lock:
@@ -78,11 +65,10 @@ class Worker:
         """Run jobs until stopped. once: at most one job; until_empty: until the queue is empty (and the jobs
         started have ended); until_job: until that job has ended. Returns the number of jobs run."""
         s = self.settings
-        for job_id in self.db(queue.reap_stale, s):
+        for job_id in self.db(jobstore.reap_stale, s):
             self.say(f"job {job_id} had lost its worker: marked failed or put back in the queue")
-        self.db(queue.worker_seen, s, self.id, "idle", capacity=self.capacity)
-        if self.slurm:
-            self._adopt()
+        self.db(jobstore.worker_seen, s, self.id, "idle", capacity=self.capacity)
+        self._adopt()
         ran = 0
         marks = {"beat": time.monotonic(), "reap": time.monotonic()}
         try:
@@ -102,7 +88,7 @@ class Worker:
         finally:
             self._join_all()
             try:
-                queue.worker_seen(s, self.id, "stopped")
+                jobstore.worker_seen(s, self.id, "stopped")
             except OperationalError:
                 pass  # the lease tells the others
         return ran
@@ -115,28 +101,27 @@ class Worker:
         # busy before the look at the queue: a job that ends in between may have queued a follow-up
         was_busy = self.busy
         if not (once and ran):
-            job = self._claim() if queue.has_queued(s) else None
-            if job is not None:
-                self._start(job)
+            claimed = self._claim() if jobstore.has_queued(s) else None
+            if claimed is not None:
+                self._start(*claimed)
                 return "started"
         if (once or until_empty) and not was_busy:
             return "stop"
         now = time.monotonic()
         if now - marks["beat"] >= s.heartbeat_s and not self.busy:  # a running job's supervision beats for it
-            queue.worker_seen(s, self.id, "idle")
+            jobstore.worker_seen(s, self.id, "idle")
             marks["beat"] = now
         if now - marks["reap"] >= s.lease_s / 2:
-            queue.reap_stale(s)
-            if self.slurm:
-                self._adopt()
+            jobstore.reap_stale(s)
+            self._adopt()
             marks["reap"] = now
         return "idle"
 
     def _adopt(self) -> None:
         """Take over following the Slurm jobs of workers that are gone (they go on in Slurm meanwhile)."""
-        for job in self.db(queue.adopt_slurm, self.settings, self.id):
+        for job in self.db(self.executor.orphans, self.id):
             self.say(f"job {job.id}: its worker is gone; following Slurm job {job.slurm_job_id} from here")
-            self._start(job)
+            self._start(job, [])
 
     def db(self, fn, *args, patient: bool = False, patience_s: float | None = None, **kwargs):
         """Call a queue function, retrying while the database is locked or unreachable (lab.db.retrying). Gives up
@@ -145,33 +130,13 @@ class Worker:
                         stop=None if patient else self.stop, say=lambda m: self.say(f"worker {self.id}: {m}"),
                         **kwargs)
 
-    def _claim(self) -> Job | None:
-        if self.slurm:
-            with self._lock:
-                active = len(self._active)
-            if active >= self.settings.slurm_max_jobs:
-                return None
-            return queue.claim_next(self.settings, self.id, cluster=True)
-        free, slots = self._free()
-        if not free and slots < 1:
-            return None
-        return queue.claim_next(self.settings, self.id, free_devices=len(free), free_slots=slots,
-                                owns_devices=bool(self.gpus))
+    def _claim(self) -> tuple[Job, list[str]] | None:
+        with self._lock:
+            busy = [devices for _, devices in self._active.values()]
+        return self.executor.claim(self.id, busy)
 
-    def _start(self, job: Job) -> None:
-        """Give the claimed job its devices (or a CPU slot) and run it in a thread; in Slurm, follow it there."""
-        if self.slurm:
-            from jobs.slurm_supervise import SlurmSupervision
-
-            thread = threading.Thread(target=lambda: SlurmSupervision(self, job).run(), daemon=True,
-                                      name=f"job-{job.id}")
-            with self._lock:
-                self._active[job.id] = (thread, [])
-            thread.start()
-            return
-        free, _ = self._free()
-        wanted = job.processes if job.devices is None and self.gpus else (job.devices or 0)
-        devices = free[:wanted]  # none: the job takes a CPU slot
+    def _start(self, job: Job, devices: list[str]) -> None:
+        """Run the claimed job in a thread of its own, on `devices` (none: a CPU slot, or a job in Slurm)."""
         thread = threading.Thread(target=self.run_job, args=(job, devices), daemon=True, name=f"job-{job.id}")
         with self._lock:
             self._active[job.id] = (thread, devices)
@@ -191,14 +156,14 @@ class Worker:
     def run_job(self, job: Job, devices: list[str] | None = None) -> str:
         """Run a claimed job to its end and record the outcome; returns the final status.
         devices: the accelerators it may use (CUDA_VISIBLE_DEVICES), on a worker that owns some."""
-        return Supervision(self, job, devices).run()
+        return self.executor.supervise(self, job, devices or [])
 
     def seen_after(self, job_id: int) -> None:
         """The worker's row once a job has ended: busy with another job, or idle."""
         with self._lock:
             others = [j for j in self._active if j != job_id]
         status, current = ("busy", others[0]) if others else ("idle", None)
-        self.db(queue.worker_seen, self.settings, self.id, status, current, patient=True)
+        self.db(jobstore.worker_seen, self.settings, self.id, status, current, patient=True)
 
 
 def stop_with_parent(worker: Worker, every_s: float = 1.0) -> None:

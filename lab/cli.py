@@ -488,11 +488,11 @@ def _wait(s: Settings, job_id: int) -> int:
     """Follow a job with a progress bar; run a worker here for the time of the wait when none is alive."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from jobs import queue
     from jobs.worker import Worker
+    from lab import jobstore
 
     worker = thread = None
-    if not queue.live_workers(s):
+    if not jobstore.live_workers(s):
         worker = Worker(s, say=lambda m: err.print(f"[dim]{m}[/]"))
         thread = threading.Thread(target=worker.serve, kwargs={"until_job": job_id}, daemon=True)
         thread.start()
@@ -511,10 +511,10 @@ def _wait(s: Settings, job_id: int) -> int:
                 time.sleep(0.3)
     except KeyboardInterrupt:
         if worker is not None:  # the job runs in this command: Ctrl-C means stop it
-            from jobs import queue
+            from lab import jobstore
 
             if runs.get_job(s, job_id)["status"] in ("queued", "running"):
-                queue.cancel(s, job_id)
+                jobstore.cancel(s, job_id)
             thread.join()
             err.print(f"interrupted: job {job_id} was cancelled")
         else:
@@ -620,18 +620,18 @@ def jobs_logs(job_id: int, follow: Annotated[bool, typer.Option("--follow", "-f"
 @jobs_app.command("cancel")
 def jobs_cancel(job_id: int, workspace: WorkspaceOpt = None):
     """Cancel a queued job, or stop a running one."""
-    from jobs import queue
+    from lab import jobstore
 
-    state = queue.cancel(_settings(workspace), job_id)
+    state = jobstore.cancel(_settings(workspace), job_id)
     out.print(f"job {job_id}: {state}" + (" (its worker stops it within seconds)" if state == "cancelling" else ""))
 
 
 @jobs_app.command("priority")
 def jobs_priority(job_id: int, priority: int, workspace: WorkspaceOpt = None):
     """Change the priority of a queued job (higher runs first)."""
-    from jobs import queue
+    from lab import jobstore
 
-    queue.set_priority(_settings(workspace), job_id, priority)
+    jobstore.set_priority(_settings(workspace), job_id, priority)
     out.print(f"job {job_id}: priority {priority}")
 
 

@@ -13,12 +13,18 @@ from __future__ import annotations
 import importlib.metadata
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from lab.errors import LabError
+
+# The web server runs handlers in threads. transformers and TRL resolve their names lazily, and two threads doing
+# that at once see half-imported modules ("cannot import name 'PreTrainedTokenizerBase' from 'transformers'"): every
+# import of them that a handler can reach happens under this lock (re-entrant: trl() imports transformers too).
+IMPORTS = threading.RLock()
 
 DISTRIBUTION = "llm-lab"
 UPGRADE_HINT = ("reinstall the versions the lab is tested with (`make install`, which follows constraints.txt), "

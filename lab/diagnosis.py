@@ -1,8 +1,9 @@
 """Why a job failed, in the user's terms: a kind, a one-line reason and the next step to take.
 
-The job process diagnoses its own exceptions (`diagnose`); the worker diagnoses what the process cannot say itself
-(a signal, a lost lease, an exit without output: `from_exit`). Both are stored on the job (`failure`, `error`,
-`next_step`) and shown first in the run view, `lab jobs show`, the API and the Jobs page.
+The job process diagnoses its own exceptions here (`diagnose`) and stores them while it runs; what the process cannot
+say itself (a signal, a lost lease, an exit without output, Slurm's end states) and which of the two stands is
+decided in lab.outcome. The job keeps them (`failure`, `error`, `next_step`), shown first in the run view,
+`lab jobs show`, the API and the Jobs page.
 """
 
 from __future__ import annotations
@@ -109,28 +110,6 @@ def diagnose(exc: BaseException, folders: list[Path] = ()) -> Failure:
     if isinstance(exc, LabError):
         return Failure("plugin_error", exc.message, exc.hint or TRACEBACK_STEP)
     return Failure("plugin_error", describe(exc).removeprefix("unexpected ")[:600], TRACEBACK_STEP)
-
-
-def from_exit(code: int | None, stopped_for: str | None, *, oom_killed: bool = False) -> Failure | None:
-    """What the worker sees of a job process that did not report its own failure. None: not a failure."""
-    import signal
-
-    if stopped_for == "lost":
-        return Failure("lost", "the job's lease was lost (no heartbeat in time) and it was stopped",
-                       "check that the worker's machine is up and reaches the database; run the job again")
-    if code is None or code == 0:
-        return None
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        if oom_killed and -code == signal.SIGKILL:
-            return Failure("oom", f"the job was killed by the system's out-of-memory killer ({name})", OOM_STEP)
-        hint = " (a SIGKILL from outside is often the system running out of memory)" if name == "SIGKILL" else ""
-        return Failure("killed", f"killed by {name}{hint}",
-                       "run the job again; with --max-attempts N an interrupted job resumes from its last checkpoint")
-    return Failure("plugin_error", f"exited with code {code}", TRACEBACK_STEP)
 
 
 def oom_kills() -> int | None:

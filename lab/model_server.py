@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from jobs.queue import process_alive
 from lab import registry
 from lab.errors import LabError
 from lab.export import generates, generating_architecture, merge_into
 from lab.guard import HostPolicy, check_port, is_loopback
+from lab.jobstore import process_alive
 from lab.settings import Settings
 
 ROUTES = {("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),

@@ -4,17 +4,11 @@ has a chat template and a padding token."""
 
 from __future__ import annotations
 
-import threading
 import warnings
 
-from lab.dependencies import internal
+from lab.dependencies import IMPORTS, internal
 from lab.errors import LabError
 from lab.registry import CHATML_TEMPLATE
-
-# The web server runs handlers in threads. transformers and TRL resolve their names lazily, and two threads doing
-# that at once see half-imported modules ("cannot import name 'PreTrainedTokenizerBase' from 'transformers'"): every
-# import of them that a handler can reach happens under this lock (re-entrant: trl() imports transformers too).
-IMPORTS = threading.RLock()
 
 
 def trl():

@@ -78,7 +78,7 @@ def stream_answer(model, tokenizer, messages: list[dict], *, max_new_tokens: int
     """Yield the answer as it grows (a background thread generates; TextIteratorStreamer hands over text)."""
     import torch
 
-    from lab.modeling import IMPORTS
+    from lab.dependencies import IMPORTS
 
     with IMPORTS:  # the playground streams from the web server's threads
         from transformers import TextIteratorStreamer

@@ -317,7 +317,7 @@ def import_gguf(settings: Settings, name: str, file: str | Path, source: str = "
     _check_gguf(file)
     import torch
 
-    from lab.modeling import IMPORTS
+    from lab.dependencies import IMPORTS
 
     with IMPORTS:  # a web handler may call this
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -378,7 +378,7 @@ def build_tiny(folder: Path, vocab_size: int = 384, hidden: int = 64, layers: in
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from lab.modeling import IMPORTS
+    from lab.dependencies import IMPORTS
 
     with IMPORTS:  # a web handler may call this
         from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

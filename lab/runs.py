@@ -11,8 +11,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import delete, exists, func, select
 
-from jobs import queue
-from lab import datasets, experiments, formats, plugins, registry
+from lab import datasets, experiments, formats, jobstore, plugins, registry
 from lab.db import plain_rows, read_session, session
 from lab.errors import LabError, ValidationError
 from lab.jobspec import FollowUp, JobSpec
@@ -108,7 +107,7 @@ def submit_many(settings: Settings, spec: JobSpec | dict, variants: list[dict]) 
         then_eval = spec.then_eval.model_copy(update={"params": _as_read(spec.then_eval.params, follow["params"])})
         specs = [s.model_copy(update={"then_eval": then_eval}) for s in specs]
     experiment_id = experiments.get_or_create(settings, spec.experiment)
-    return queue.enqueue_many(settings, [
+    return jobstore.enqueue_many(settings, [
         {"experiment_id": experiment_id, "plugin": j["plugin"], "params": j["params"], "model_id": j["model_id"],
          "dataset_id": j["dataset_id"], "priority": s.priority, "group_name": s.group, "tags": list(s.tags),
          "follow_up": follow, "max_attempts": s.max_attempts, "devices": s.devices, "processes": s.processes,

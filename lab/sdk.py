@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy import insert
 
-from jobs import queue
+from lab import jobstore
 from lab.datasets import iter_rows
 from lab.db import session
 from lab.errors import DataError, Diverged, JobCancelled, JobInterrupted
@@ -96,10 +96,10 @@ class RunContext:
     def set_progress(self, step: int, total: int | None) -> None:
         if not self.is_main:
             return
-        queue.progress(self.settings, self.job_id, step, total)
+        jobstore.progress(self.settings, self.job_id, step, total)
 
     def set_phase(self, phase: str) -> None:
-        """Say what the job does now (loading, training, evaluating, saving, ...: jobs.queue.PHASES); rank 0 only,
+        """Say what the job does now (loading, training, evaluating, saving, ...: lab.jobstore.PHASES); rank 0 only,
         and only when it changes. Written by a background thread, newest first: a busy database never holds the
         job up for what is only shown on the page."""
         if not self.is_main or phase == self._phase:
@@ -118,14 +118,14 @@ class RunContext:
                     self._phase_writer = None
                     return
             try:
-                queue.set_phase(self.settings, self.job_id, phase)
+                jobstore.set_phase(self.settings, self.job_id, phase)
             except Exception:  # noqa: BLE001 (a phase is a courtesy: the next one, or the outcome, follows)
                 pass
 
     def cancelled(self) -> bool:
         """True once the user asked to cancel this job."""
         self._last_cancel_check = time.monotonic()
-        return queue.cancel_requested(self.settings, self.job_id)
+        return jobstore.cancel_requested(self.settings, self.job_id)
 
     def check_cancelled(self, every_s: float = 0.5) -> None:
         """Raise JobCancelled when the job was cancelled; cheap enough to call every step (checks twice a second)."""

@@ -125,4 +125,10 @@ def throwaway_cluster(cpus: int = 8) -> Iterator[Path]:
         time.sleep(0.5)
         if started_munge:
             subprocess.run(["pkill", "-x", "munged"], capture_output=True)
+            # gone before the next cluster looks for it: a munged still exiting answers `munge -n`, and the next
+            # cluster would then rely on a daemon about to vanish
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline and subprocess.run(["pgrep", "-x", "munged"],
+                                                                 capture_output=True).returncode == 0:
+                time.sleep(0.1)
         shutil.rmtree(root, ignore_errors=True)

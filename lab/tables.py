@@ -100,7 +100,7 @@ class Job(Base):
     slurm_state: Mapped[str | None] = mapped_column(String(64), nullable=True)  # last seen, e.g. "PENDING (Priority)"
     node_list: Mapped[str | None] = mapped_column(Text, nullable=True)  # Slurm's node list, e.g. "gpu[01-02]"
     report_to: Mapped[str | None] = mapped_column(String(200), nullable=True)  # trackers; None: settings' default
-    phase: Mapped[str | None] = mapped_column(String(16), nullable=True)  # while running: see jobs.queue.PHASES
+    phase: Mapped[str | None] = mapped_column(String(16), nullable=True)  # while running: see lab.jobstore.PHASES
     worker: Mapped[str | None] = mapped_column(String(128), nullable=True)
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     run_dir: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -173,14 +173,14 @@ def stop_worker_mid_job(s, job_id: int, step: int, what: str, timeout: float = 1
     the queue."""
     import threading
 
-    from jobs import queue
     from jobs.worker import Worker
+    from lab import jobstore
 
     worker = Worker(s, say=lambda m: None)
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: queue.get(s, job_id).step >= step, timeout, what)
+        wait_until(lambda: jobstore.get(s, job_id).step >= step, timeout, what)
         worker.stop.set()
         thread.join(timeout)
     finally:
@@ -188,12 +188,12 @@ def stop_worker_mid_job(s, job_id: int, step: int, what: str, timeout: float = 1
 
 
 def wait_for_status(s, job_id: int, statuses=TERMINAL_STATES, timeout: float = 120) -> str:
-    from jobs import queue
+    from lab import jobstore
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _not_started_in_fast_tier()
-        status = queue.get(s, job_id).status
+        status = jobstore.get(s, job_id).status
         if status in statuses:
             return status
         time.sleep(0.1)

@@ -141,19 +141,19 @@ def test_a_password_protects_the_page_and_the_api(ws, serves):
 def test_workers_stop_when_the_server_is_killed(ws, lab_server):
     import signal
 
-    from jobs import queue
+    from lab import jobstore
 
     server = lab_server.start()
     deadline = time.monotonic() + 30
-    while not queue.live_workers(ws) and time.monotonic() < deadline:
+    while not jobstore.live_workers(ws) and time.monotonic() < deadline:
         time.sleep(0.2)
-    (worker,) = queue.live_workers(ws)
+    (worker,) = jobstore.live_workers(ws)
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     deadline = time.monotonic() + 15
-    while queue.live_workers(ws) and time.monotonic() < deadline:
+    while jobstore.live_workers(ws) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not queue.live_workers(ws), f"worker {worker.id} outlived its server"
+    assert not jobstore.live_workers(ws), f"worker {worker.id} outlived its server"
 
 
 def test_another_front_end_ranks_through_the_api(ws, lab_server, tmp_path):

@@ -297,22 +297,21 @@ XSS = "<img src=x onerror=alert(11)>"
 def test_text_from_users_and_files_never_runs_as_script(ws, lab_server, tiny_model_dir, tmp_path, page):
     """The payload sits in every place the page shows user or file text: it must show literally, and no dialog
     may fire anywhere."""
-    from jobs import queue
-    from lab import experiments
+    from lab import experiments, jobstore
 
     registry.add_folder(ws, "tiny", tiny_model_dir)
     experiments.create(ws, "xss", notes=XSS)
     datasets.add(ws, "cells", write_jsonl(tmp_path / "cells.jsonl", [{"text": XSS, "note": XSS}] * 3))
     datasets.add(ws, "facts", write_jsonl(tmp_path / "facts.jsonl", [{"prompt": "a", "completion": "b"}] * 2))
     job_id = runs.submit(ws, "instant", experiment="xss")
-    claimed = queue.claim_next(ws, "test-worker")
+    claimed = jobstore.claim_next(ws, "test-worker")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "log.txt").write_text(f"step 1\n{XSS}\n")
-    queue.started(ws, job_id, "test-worker", 1, str(run_dir))
+    jobstore.started(ws, job_id, "test-worker", 1, str(run_dir))
     from lab.diagnosis import Failure
 
-    queue.finish(ws, claimed.id, "test-worker", "failed", exit_code=1, log_tail=XSS,
+    jobstore.finish(ws, claimed.id, "test-worker", "failed", exit_code=1, log_tail=XSS,
                  failure=Failure("plugin_error", f"ValueError: {XSS}", f"next {XSS}"))
     dialogs = []
     page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))

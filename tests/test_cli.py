@@ -134,8 +134,7 @@ def test_a_run_is_repeated_from_its_job_json(ws, jobs_worker):
 def test_the_train_page_s_command_line_queues_the_same_job_and_its_evaluation(ws, tmp_path, tiny_model_dir):
     import shlex
 
-    from jobs import queue
-    from lab import datasets, jobspec, registry
+    from lab import datasets, jobspec, jobstore, registry
     from lab.jobspec import JobSpec
 
     registry.add_folder(ws, "tiny", tiny_model_dir)
@@ -147,14 +146,13 @@ def test_the_train_page_s_command_line_queues_the_same_job_and_its_evaluation(ws
     args = shlex.split(line)
     assert args[:2] == ["lab", "run"]
     done = lab_cli(*args[1:], check=True)
-    job = queue.get(ws, int(done.stdout.strip().splitlines()[-1]))
+    job = jobstore.get(ws, int(done.stdout.strip().splitlines()[-1]))
     assert (job.plugin, job.priority, job.max_attempts, job.params["max_steps"]) == ("sft", 3, 2, 2)
     assert job.follow_up["plugin"] == "eval-perplexity" and job.follow_up["params"]["limit"] == 3
 
 
 def test_a_run_config_file_queues_its_job_and_the_command_line_overrides_it(ws, tmp_path, tiny_model_dir):
-    from jobs import queue
-    from lab import datasets, registry
+    from lab import datasets, jobstore, registry
 
     registry.add_folder(ws, "tiny", tiny_model_dir)
     datasets.add(ws, "facts", write_jsonl(tmp_path / "f.jsonl", [{"prompt": "a", "completion": "b"}] * 4))
@@ -163,7 +161,7 @@ def test_a_run_config_file_queues_its_job_and_the_command_line_overrides_it(ws, 
                       "params:\n  max_steps: 10\n  learning_rate: 2.0e-4\n"
                       "then_eval: {plugin: eval-perplexity, dataset: facts, params: {limit: 2}}\n")
     done = lab_cli("run", "--config", str(config), "--set", "max_steps=3", "--priority", "1", check=True)
-    job = queue.get(ws, int(done.stdout.strip().splitlines()[-1]))
+    job = jobstore.get(ws, int(done.stdout.strip().splitlines()[-1]))
     assert (job.plugin, job.priority, job.max_attempts) == ("sft", 1, 2)
     assert job.params["max_steps"] == 3 and job.params["learning_rate"] == 2e-4
     assert job.follow_up["plugin"] == "eval-perplexity" and job.follow_up["params"]["limit"] == 2

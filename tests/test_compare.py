@@ -7,8 +7,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import insert
 
-from jobs import queue
-from lab import compare, experiments, runs
+from lab import compare, experiments, jobstore, runs
 from lab.db import session
 from lab.errors import LabError
 from lab.tables import Metric, utcnow
@@ -17,7 +16,7 @@ from lab.ui.tabs import compare as compare_tab
 
 def _run(s, params: dict, metrics: dict[str, list[float]], plugin: str = "instant") -> int:
     exp = experiments.get_or_create(s, "cmp")
-    job_id = queue.enqueue(s, experiment_id=exp, plugin=plugin, params=params)
+    job_id = jobstore.enqueue(s, experiment_id=exp, plugin=plugin, params=params)
     t0 = utcnow()
     with session(s) as db:
         db.execute(insert(Metric), [

@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from jobs.runner import check_finite
 from jobs.worker import Worker
 from lab import datasets, registry, runs
-from lab.diagnosis import Failure, diagnose, from_exit
+from lab.diagnosis import Failure, diagnose
 from lab.errors import DataError, Diverged
+from lab.outcome import from_exit
 
 FACTS = [{"prompt": f"What is {i} plus {i}?", "completion": f"It is {2 * i}."} for i in range(16)]
 

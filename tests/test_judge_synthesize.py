@@ -149,13 +149,13 @@ def test_synthesize_refuses_what_cannot_work_and_queues_nothing(lab, dataset, pa
 def test_a_stopped_synthesize_job_goes_on_from_its_last_round(lab, jobs_worker):
     from conftest import stop_worker_mid_job
 
-    from jobs import queue
+    from lab import jobstore
 
     params = {"seed_tasks": SEEDS, "num_instructions": 30, "min_words": 1, "max_rounds": 500, "batch_size": 1,
               "temperature": 1.5, "answer_temperature": 1.0, "max_task_tokens": 24, "max_new_tokens": 4}
     job_id = runs.submit(lab, "synthesize", model="tiny", params={k: str(v) for k, v in params.items()})
     stop_worker_mid_job(lab, job_id, 3, "three tasks kept")
-    assert queue.get(lab, job_id).status == "queued"
+    assert jobstore.get(lab, job_id).status == "queued"
     state = json.loads((Path(runs.get_job(lab, job_id)["run_dir"]) / "checkpoints" / "synthesize.json").read_text())
     assert len(state["kept"]) >= 3 and state["round"] >= 3
     jobs_worker(lab).serve(once=True)

@@ -11,8 +11,7 @@ import pytest
 from conftest import lab_cli, stop_worker_mid_job, write_jsonl
 from test_stages import run_job
 
-from jobs import queue
-from lab import datasets, ranking, registry, runs
+from lab import datasets, jobstore, ranking, registry, runs
 from lab.errors import LabError
 
 PROMPTS = [{"prompt": f"Question number {i}: what comes next?", "completion": "ok"} for i in range(10)]
@@ -98,7 +97,7 @@ def test_a_stopped_generate_job_keeps_its_finished_batches(lab, jobs_worker):
                          params={"num_samples": "2", "max_new_tokens": "64", "batch_size": "1",
                                  "temperature": "1.0"})
     stop_worker_mid_job(lab, job_id, 3, "three batches")
-    assert queue.get(lab, job_id).status == "queued"
+    assert jobstore.get(lab, job_id).status == "queued"
     kept = Path(runs.get_job(lab, job_id)["run_dir"]) / "checkpoints" / "answers.jsonl"
     before = [json.loads(line) for line in kept.read_text().splitlines() if line.strip()]
     assert len(before) >= 3

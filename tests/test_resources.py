@@ -9,13 +9,12 @@ from pathlib import Path
 import pytest
 from conftest import write_jsonl
 
-from jobs import queue
-from lab import datasets, registry, runs
+from lab import datasets, jobstore, registry, runs
 from lab.errors import LabError
 
 
 def _given(s, job_id: int) -> dict:
-    return json.loads((Path(queue.get(s, job_id).run_dir) / "resources.json").read_text())
+    return json.loads((Path(jobstore.get(s, job_id).run_dir) / "resources.json").read_text())
 
 
 def _overlap(a: dict, b: dict) -> bool:
@@ -26,7 +25,7 @@ def test_a_worker_runs_jobs_side_by_side_on_the_devices_it_owns(ws, jobs_worker)
     ids = [runs.submit(ws, "sleeping", params={"seconds": "1.5"}, devices=1) for _ in range(3)]
     cpu = runs.submit(ws, "sleeping", params={"seconds": "0.2"}, devices=0)
     assert jobs_worker(ws, gpus=["0", "1"]).serve(until_empty=True) == 4
-    assert [queue.get(ws, i).status for i in [*ids, cpu]] == ["completed"] * 4
+    assert [jobstore.get(ws, i).status for i in [*ids, cpu]] == ["completed"] * 4
     first, second, third = (_given(ws, i) for i in ids)
     assert {first["devices"], second["devices"]} == {"0", "1"}, "one device each, not the same one"
     assert _overlap(first, second), "two one-device jobs fit a two-device worker at once"
@@ -39,10 +38,10 @@ def test_a_job_waits_until_a_worker_has_room_and_smaller_jobs_go_past_it(ws, job
     big = runs.submit(ws, "sleeping", params={"seconds": "0.2"}, devices=2, priority=5)
     small = runs.submit(ws, "sleeping", params={"seconds": "0.2"})  # devices unset: one per process on a GPU worker
     jobs_worker(ws, gpus=["3"]).serve(until_empty=True)
-    assert queue.get(ws, big).status == "queued", "two devices do not fit a one-device worker"
-    assert queue.get(ws, small).status == "completed" and _given(ws, small)["devices"] == "3"
+    assert jobstore.get(ws, big).status == "queued", "two devices do not fit a one-device worker"
+    assert jobstore.get(ws, small).status == "completed" and _given(ws, small)["devices"] == "3"
     jobs_worker(ws, gpus=["0", "1"]).serve(until_empty=True)
-    assert queue.get(ws, big).status == "completed" and _given(ws, big)["devices"] == "0,1"
+    assert jobstore.get(ws, big).status == "completed" and _given(ws, big)["devices"] == "0,1"
 
 
 def test_cpu_slots_run_cpu_jobs_side_by_side(ws, jobs_worker):

@@ -11,8 +11,7 @@ import pytest
 from conftest import wait_until, write_jsonl
 from test_stages import CORPUS, QUESTIONS, preference_rows, spam_rows
 
-from jobs import queue
-from lab import datasets, registry, runs
+from lab import datasets, jobstore, registry, runs
 from lab.errors import LabError
 
 FACTS = [{"prompt": "What is the capital of France?", "completion": "Paris"}] * 8
@@ -54,7 +53,7 @@ def test_a_stopped_worker_checkpoints_its_job_which_then_resumes_there(lab, plug
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: queue.get(lab, job_id).step >= 3, 180, "three steps")
+        wait_until(lambda: jobstore.get(lab, job_id).step >= 3, 180, "three steps")
         worker.stop.set()  # as `lab serve` or a worker does on SIGTERM / Ctrl-C
         thread.join(120)
         assert not thread.is_alive()

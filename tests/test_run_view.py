@@ -7,8 +7,7 @@ import threading
 
 from conftest import wait_until
 
-from jobs import queue
-from lab import runs
+from lab import jobstore, runs
 from lab.ui.tabs import run as run_view
 from lab.workspace import log_tail
 
@@ -23,7 +22,7 @@ def test_a_running_job_says_what_it_is_doing(ws, jobs_worker):
         page = run_view.header(runs.get_job(ws, job_id))
         assert "loading the model and data" in page and "left" not in page
     finally:
-        queue.cancel(ws, job_id)
+        jobstore.cancel(ws, job_id)
         worker.stop.set()
         thread.join(60)
     assert runs.get_job(ws, job_id)["phase"] is None, "a job that is not running has no phase"

@@ -10,10 +10,9 @@ import pytest
 from conftest import ROOT, lab_cli
 from sqlalchemy import update
 
-from jobs import queue
 from jobs.supervise import Supervision
 from jobs.worker import Worker
-from lab import db, runs, settings
+from lab import db, jobstore, runs, settings
 from lab.errors import LabError
 from lab.tables import Base, Job
 
@@ -93,7 +92,7 @@ def test_a_job_cannot_import_code_from_its_run_folder(ws, tmp_path, jobs_worker)
     with db.session(ws) as session:  # the folder a retried job runs in again
         session.execute(update(Job).where(Job.id == job_id).values(run_dir=str(folder)))
     jobs_worker().serve(once=True)
-    assert queue.get(ws, job_id).status == "completed", (folder / "log.txt").read_text()
+    assert jobstore.get(ws, job_id).status == "completed", (folder / "log.txt").read_text()
 
 
 def test_an_uploaded_file_name_never_becomes_a_path(ws, tmp_path):
@@ -150,7 +149,7 @@ def test_every_secret_is_masked_wherever_text_leaves_a_job(ws, tmp_path, monkeyp
     assert "token [secret] and [secret]" in (run_dir / "job.json").read_text()
     for text in [repr(job), *(p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file())]:
         assert SECRET not in text and short not in text
-    stored = queue.get(s, job_id)  # the parameters keep what the user typed: the job needs it
+    stored = jobstore.get(s, job_id)  # the parameters keep what the user typed: the job needs it
     assert "the hub refused token [secret]" in stored.error
     assert SECRET not in stored.error + (stored.log_tail or "") and short not in stored.error + (stored.log_tail or "")
 

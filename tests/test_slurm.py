@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import wait_for_status, wait_until, write_jsonl
 
-from jobs import queue
-from jobs.slurm_supervise import meaning
+from jobs.slurm_supervise import ending
 from jobs.worker import Worker, probe_cluster
-from lab import datasets, jobspec, registry, runs, slurm
+from lab import datasets, jobspec, jobstore, outcome, registry, runs, slurm
 from lab.errors import LabError
 from lab.pgserver import free_port
 from lab.slurm import Seen, sbatch_args
@@ -72,7 +71,8 @@ def test_each_way_slurm_ends_a_job_is_named(tmp_path, seen, log, status, kind, w
     (run_dir / "output").mkdir(parents=True)
     if kind != "no_output":
         (run_dir / "output" / "model.safetensors").write_text("x")
-    got_status, failure, retryable = meaning(seen, _job(), log, run_dir, mem_mb=2048)
+    decided = outcome.decide(ending(seen, log, mem_mb=2048), _job(), run_dir)
+    got_status, failure, retryable = decided.status, decided.failure, decided.retryable
     assert (got_status, retryable) == (status, retry)
     assert (failure.kind if failure else None) == kind
     assert words in (failure.reason if failure else "")
@@ -89,8 +89,8 @@ def test_a_multi_node_job_waits_for_a_slurm_worker_and_needs_a_data_parallel_plu
         runs.submit(ws, "sleeping", memory_gb=-1)
     job_id = runs.submit(ws, "sft", model="tiny", dataset="colours", nodes=2, params=SFT)
     assert "--nodes 2" in jobspec.command_line(runs.spec_of(ws, job_id))
-    assert queue.claim_next(ws, "local:1") is None, "a local worker does not take a multi-node job"
-    assert queue.claim_next(ws, "cluster:1", cluster=True).id == job_id
+    assert jobstore.claim_next(ws, "local:1") is None, "a local worker does not take a multi-node job"
+    assert jobstore.claim_next(ws, "cluster:1", cluster=True).id == job_id
 
 
 def test_the_worker_refuses_an_unknown_executor_and_unsplittable_sbatch_args(ws, jobs_worker):
@@ -143,7 +143,7 @@ def _serve(s, **kwargs) -> tuple[Worker, threading.Thread]:
 def _running_in_slurm(s, job_id: int) -> str:
     """Wait until Slurm runs the job; its Slurm id."""
     job = wait_until(lambda: (lambda j: j if j.slurm_job_id and (j.slurm_state or "").startswith("RUNNING")
-                              else None)(queue.get(s, job_id)), 90, f"job {job_id} running in Slurm")
+                              else None)(jobstore.get(s, job_id)), 90, f"job {job_id} running in Slurm")
     return job.slurm_job_id
 
 
@@ -166,7 +166,7 @@ def test_slurm_runs_an_sft_job_and_names_how_the_others_ended(sws):
         outside_id = _running_in_slurm(s, outside)
         _running_in_slurm(s, inside)
         subprocess.run(["scancel", outside_id], check=True)  # a user on the cluster, not through the lab
-        assert queue.cancel(s, inside) == "cancelling"
+        assert jobstore.cancel(s, inside) == "cancelling"
         assert wait_for_status(s, inside, timeout=30) == "cancelled", "cancelled within seconds"
         for job_id in (sft, hog, outside):
             wait_for_status(s, job_id, timeout=180)

@@ -13,9 +13,8 @@ from pathlib import Path
 from conftest import wait_for_status
 from sqlalchemy import update
 
-from jobs import queue
 from jobs.worker import Worker
-from lab import runs
+from lab import jobstore, runs
 from lab.db import session
 from lab.tables import Job
 
@@ -85,7 +84,7 @@ def test_job_process_killed_with_sigkill_is_failed_and_says_so(ws, jobs_worker):
     try:
         wait_for_status(ws, job_id, ("running",))
         pid = int(_wait_for_file(ws.workspace / "experiments/default/runs" / f"{job_id}-sleeping" / "pid.txt"))
-        run_dir = Path(queue.get(ws, job_id).run_dir or "")  # recorded when the process started
+        run_dir = Path(jobstore.get(ws, job_id).run_dir or "")  # recorded when the process started
         os.kill(pid, signal.SIGKILL)
         assert wait_for_status(ws, job_id, timeout=30) == "failed"
     finally:
@@ -107,7 +106,7 @@ def test_cancelling_a_running_job_stops_its_whole_tree_within_5_seconds(ws, jobs
         pid = int(_wait_for_file(run_dir / "pid.txt"))
         child = int(_wait_for_file(run_dir / "child_pid.txt"))
         t0 = time.monotonic()
-        assert queue.cancel(ws, job_id) == "cancelling"
+        assert jobstore.cancel(ws, job_id) == "cancelling"
         assert wait_for_status(ws, job_id, timeout=10) == "cancelled"
         assert time.monotonic() - t0 < 5
     finally:
@@ -127,7 +126,7 @@ def test_stopping_the_worker_puts_its_running_job_back_in_the_queue(ws, jobs_wor
     thread.join(30)
     job = runs.get_job(ws, job_id)
     assert job["status"] == "queued" and job["error"].startswith("interrupted")
-    assert not _alive(pid) and not queue.live_workers(ws)
+    assert not _alive(pid) and not jobstore.live_workers(ws)
     assert "interrupted" in (run_dir / "log.txt").read_text()
     # the next worker runs it again, in the same folder, to the end
     with session(ws) as s:

@@ -17,8 +17,7 @@ import json
 import gradio as gr
 from gradio import FileData
 
-from jobs import queue
-from lab import datasets, registry, runs
+from lab import datasets, jobstore, registry, runs
 from lab.errors import LabError
 from lab.jobspec import JobSpec
 from lab.ui.common import UI, user_errors
@@ -88,7 +87,7 @@ def register(ui: UI) -> None:
     @api_errors
     def cancel_job(job_id: int) -> str:
         """Cancel a queued job or stop a running one; returns 'cancelled' or 'cancelling'."""
-        return queue.cancel(s, int(job_id))
+        return jobstore.cancel(s, int(job_id))
 
     @api_errors
     def job_metrics(job_id: int, keys: str) -> dict:

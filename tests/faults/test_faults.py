@@ -15,9 +15,8 @@ import pytest
 from conftest import LabServer, wait_for_status, write_jsonl
 from conftest import wait_until as _wait_for
 
-from jobs import queue
 from jobs.worker import Worker
-from lab import datasets, experiments, registry, runs
+from lab import datasets, experiments, jobstore, registry, runs
 from lab.settings import load
 
 FACTS = [{"prompt": "What is the capital of France?", "completion": "Paris"}] * 8
@@ -43,10 +42,10 @@ def test_a_killed_job_is_retried_from_its_last_checkpoint(tiny, jobs_worker):
     job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts", params=params, max_attempts=2)
     worker, thread = _serve_in_thread(tiny)
     try:
-        run_dir = Path(_wait_for(lambda: queue.get(tiny, job_id).run_dir, what="the run folder"))
+        run_dir = Path(_wait_for(lambda: jobstore.get(tiny, job_id).run_dir, what="the run folder"))
         _wait_for(lambda: (run_dir / "checkpoints" / "checkpoint-10" / "trainer_state.json").exists(), 120,
                   "the first checkpoint")
-        os.kill(queue.get(tiny, job_id).pid, signal.SIGKILL)
+        os.kill(jobstore.get(tiny, job_id).pid, signal.SIGKILL)
         assert wait_for_status(tiny, job_id, ("completed", "failed", "cancelled"), timeout=240) == "completed"
     finally:
         worker.stop.set()
@@ -65,9 +64,9 @@ def test_a_killed_job_without_attempts_left_fails_naming_the_signal(ws, jobs_wor
     job_id = runs.submit(ws, "sleeping", params={"seconds": "60"})
     worker, thread = _serve_in_thread(ws)
     try:
-        run_dir = Path(_wait_for(lambda: queue.get(ws, job_id).pid and queue.get(ws, job_id).run_dir))
+        run_dir = Path(_wait_for(lambda: jobstore.get(ws, job_id).pid and jobstore.get(ws, job_id).run_dir))
         _wait_for(lambda: (run_dir / "pid.txt").exists())
-        os.kill(queue.get(ws, job_id).pid, signal.SIGKILL)
+        os.kill(jobstore.get(ws, job_id).pid, signal.SIGKILL)
         assert wait_for_status(ws, job_id, timeout=30) == "failed"
     finally:
         worker.stop.set()
@@ -83,13 +82,13 @@ def test_a_killed_worker_loses_its_job_to_the_lease(any_ws, monkeypatch, attempt
     s = load()
     job_id = runs.submit(s, "sleeping", params={"seconds": "120"}, max_attempts=attempts)
     worker = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.DEVNULL)
-    pid = _wait_for(lambda: queue.get(s, job_id).pid, what="the job's start")
+    pid = _wait_for(lambda: jobstore.get(s, job_id).pid, what="the job's start")
     worker.kill()
     worker.wait()
     _wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
               15, "the orphaned job process to stop")
     time.sleep(2)  # past the lease
-    assert queue.reap_stale(s) == [job_id]
+    assert jobstore.reap_stale(s) == [job_id]
     job = runs.get_job(s, job_id)
     assert job["status"] == ("queued" if attempts == 2 else "failed")
     assert "no heartbeat" in job["error"] and job["failure"] == (None if attempts == 2 else "lost")
@@ -110,8 +109,8 @@ def test_a_killed_worker_takes_its_multi_process_job_with_it(tiny, jobs_worker):
     job_id = runs.submit(tiny, "sft", model="tiny", dataset="facts", processes=2,
                          params={"max_steps": "5000", "batch_size": "2", "precision": "fp32"})
     worker = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.DEVNULL)
-    pgid = _wait_for(lambda: queue.get(tiny, job_id).pid, what="the job's start")
-    log = Path(_wait_for(lambda: queue.get(tiny, job_id).run_dir)) / "log.txt"
+    pgid = _wait_for(lambda: jobstore.get(tiny, job_id).pid, what="the job's start")
+    log = Path(_wait_for(lambda: jobstore.get(tiny, job_id).run_dir)) / "log.txt"
     _wait_for(lambda: log.exists() and "rank 1 of 2: data-parallel training" in log.read_text(), 120,
               "both ranks training")
     worker.kill()
@@ -192,7 +191,7 @@ def test_a_long_writer_makes_workers_wait_not_crash(any_ws, jobs_worker):
         locker = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert locker.stdout.readline().strip() == "locked"
     t0 = time.monotonic()
-    job_id = queue.enqueue(any_ws, experiment_id=exp, plugin="instant", params={"steps": 1})
+    job_id = jobstore.enqueue(any_ws, experiment_id=exp, plugin="instant", params={"steps": 1})
     jobs_worker(any_ws).serve(once=True)
     locker.wait(30)
     assert time.monotonic() - t0 > 1.5, "the writes waited for the lock"
@@ -207,7 +206,7 @@ def test_a_lock_held_past_the_busy_timeout_makes_the_worker_back_off_and_go_on(w
     db.dispose_all()
     monkeypatch.setattr(db, "BUSY_TIMEOUT_MS", 300)
     exp = experiments.get_or_create(ws, "default")
-    job_id = queue.enqueue(ws, experiment_id=exp, plugin="instant", params={"steps": 1})
+    job_id = jobstore.enqueue(ws, experiment_id=exp, plugin="instant", params={"steps": 1})
     path = ws.database_url.removeprefix("sqlite:///")
     locker = subprocess.Popen([sys.executable, "-c", LOCKER_SQLITE, path, "4"], stdout=subprocess.PIPE, text=True)
     assert locker.stdout.readline().strip() == "locked"
@@ -241,18 +240,18 @@ def test_the_ui_answers_while_a_writer_holds_the_database(ws, serves):
 
 RACER = textwrap.dedent("""
     import sys
-    from jobs import queue
+    from lab import jobstore
     from lab import settings
     s = settings.load()
-    while (job := queue.claim_next(s, sys.argv[1])) is not None:
-        queue.finish(s, job.id, sys.argv[1], "completed", exit_code=0)
+    while (job := jobstore.claim_next(s, sys.argv[1])) is not None:
+        jobstore.finish(s, job.id, sys.argv[1], "completed", exit_code=0)
         print(job.id, flush=True)
 """)
 
 
 def test_two_workers_racing_for_1000_jobs_run_each_exactly_once(any_ws):
     exp = experiments.get_or_create(any_ws, "race")
-    ids = queue.enqueue_many(any_ws, [{"experiment_id": exp, "plugin": "instant", "params": {}}] * 1000)
+    ids = jobstore.enqueue_many(any_ws, [{"experiment_id": exp, "plugin": "instant", "params": {}}] * 1000)
     racers = [subprocess.Popen([sys.executable, "-c", RACER, f"racer:{n}"], stdout=subprocess.PIPE, text=True)
               for n in range(2)]
     done = []
@@ -298,9 +297,9 @@ def test_a_worker_killed_before_recording_the_outcome_registers_nothing_twice(ws
     job_id = runs.submit(s, "modelmaker", params={"source": str(tiny_model_dir), "gate": str(gate)},
                          max_attempts=attempts)
     worker = subprocess.Popen([sys.executable, "-m", "lab.cli", "worker"], stdout=subprocess.DEVNULL)
-    log = _wait_for(lambda: (d := queue.get(s, job_id).run_dir) and Path(d) / "log.txt", what="the run folder")
+    log = _wait_for(lambda: (d := jobstore.get(s, job_id).run_dir) and Path(d) / "log.txt", what="the run folder")
     _wait_for(lambda: log.is_file() and "waiting at the gate" in log.read_text(), what="the job at its gate")
-    pid = queue.get(s, job_id).pid
+    pid = jobstore.get(s, job_id).pid
     locker = subprocess.Popen([sys.executable, "-c", LOCKER_SQLITE, s.database_url.removeprefix("sqlite:///"), "60"],
                               stdout=subprocess.PIPE, text=True)
     assert locker.stdout.readline().strip() == "locked"
@@ -314,7 +313,7 @@ def test_a_worker_killed_before_recording_the_outcome_registers_nothing_twice(ws
     locker.kill()
     locker.wait()
     time.sleep(2)  # past the lease
-    assert queue.reap_stale(s) == [job_id]
+    assert jobstore.reap_stale(s) == [job_id]
     assert [m["name"] for m in registry.list_all(s)] == [], "nothing registered for a job not completed"
     if attempts == 1:
         assert runs.get_job(s, job_id)["status"] == "failed"
@@ -366,7 +365,7 @@ def test_a_stopped_lab_serve_checkpoints_its_training_job_which_resumes_after_re
                          params={"max_steps": "150", "batch_size": "2", "precision": "fp32", "logging_steps": "1"})
     server = LabServer(tiny.workspace).start()
     try:
-        _wait_for(lambda: queue.get(tiny, job_id).step >= 3, 180, "three steps")
+        _wait_for(lambda: jobstore.get(tiny, job_id).step >= 3, 180, "three steps")
         server.proc.send_signal(signal.SIGINT)
         assert server.proc.wait(150) == 0
         job = runs.get_job(tiny, job_id)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import gradio as gr
 import pandas as pd
 
-from jobs import queue
-from lab import runs
+from lab import jobstore, runs
 from lab.errors import LabError
 from lab.tables import JOB_STATES
 from lab.ui.common import UI, duration, user_errors
@@ -31,8 +30,8 @@ def table(ui: UI, experiment: str | None, status: str | None) -> pd.DataFrame:
         if j["total_steps"]:
             progress = f"{j['step']}/{j['total_steps']} ({100 * j['step'] / j['total_steps']:.0f}%)"
         if j.get("phase"):  # what a running job is doing now: loading, training, evaluating, saving, ...
-            progress = f"{queue.PHASES.get(j['phase'], j['phase']) if j['phase'] == 'slurm_pending' else j['phase']}" \
-                       f" {progress}".strip()
+            phase = jobstore.PHASES.get(j["phase"], j["phase"]) if j["phase"] == "slurm_pending" else j["phase"]
+            progress = f"{phase} {progress}".strip()
         if j.get("slurm_job_id"):  # where it runs: the Slurm job and its nodes
             where = f"Slurm {j['slurm_job_id']}" + (f" on {j['node_list']}" if j.get("node_list") else "")
             progress = f"{where} · {progress}" if progress else where
@@ -48,7 +47,7 @@ def table(ui: UI, experiment: str | None, status: str | None) -> pd.DataFrame:
 
 
 def workers_line(ui: UI) -> str:
-    live = queue.live_workers(ui.settings)
+    live = jobstore.live_workers(ui.settings)
     if not live:
         return "**No worker is running**: queued jobs wait until one starts (`lab serve` or `lab worker`)."
     busy = [w for w in live if w.status == "busy"]
@@ -98,13 +97,13 @@ def build(ui: UI) -> None:
 
     @user_errors
     def on_cancel(job, e, s):
-        state = queue.cancel(ui.settings, need(job))
+        state = jobstore.cancel(ui.settings, need(job))
         return f"job {int(job)}: {state}", table(ui, e, s)
 
     @user_errors
     def on_priority(job, delta, e, s):
         current = runs.get_job(ui.settings, need(job))["priority"]
-        queue.set_priority(ui.settings, int(job), current + delta)
+        jobstore.set_priority(ui.settings, int(job), current + delta)
         return f"job {int(job)}: priority {current + delta}", table(ui, e, s)
 
     cancel.click(on_cancel, [job_id, *filters], [message, jobs])

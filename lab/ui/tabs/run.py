@@ -12,11 +12,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from jobs.queue import PHASES
 from lab import runs, trackers
 from lab.compare import downsample
 from lab.diagnosis import KINDS
 from lab.errors import LabError
+from lab.jobstore import PHASES
 from lab.ui import charts
 from lab.ui.common import TERMINAL, UI, duration, user_errors
 from lab.ui.html import badge

@@ -1,7 +1,9 @@
-"""The job queue: submit, claim (atomic), heartbeat, finish, cancel, reprioritise, reap stale jobs.
+"""The job store (the queue): every change of a job's state, used alike by the page, the CLI, the API, the workers
+and the job processes: submit, claim (atomic), heartbeat, progress, finish, cancel, reprioritise, reap stale jobs.
 
 States: queued -> running -> completed | failed | cancelled, and queued -> cancelled. Rows are never deleted:
 the history is a feature. Every state change is one guarded UPDATE, so two processes can never both move a job.
+How a job ended is decided by lab.outcome; this module writes what it decided.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from datetime import timedelta
 
 from sqlalchemy import and_, false, or_, select, text, true, update
 
+from lab import outcome
 from lab.db import is_sqlite, read_session, session
 from lab.diagnosis import Failure
 from lab.errors import LabError
@@ -150,12 +153,10 @@ def record_error(settings: Settings, job_id: int, failure: Failure) -> None:
 
 def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit_code: int | None,
            failure: Failure | None = None, log_tail: str | None = None, on_complete=None) -> bool | list[str]:
-    """Record the outcome of a running job owned by `worker_id`. A failure diagnosed by the job itself wins over
-    the worker's view of it (e.g. "exited with code 1").
+    """Record the outcome (lab.outcome.decide) of a running job owned by `worker_id`.
     on_complete(session, job) adds what a completed job leaves (its output model, a follow-up) in the same
     transaction and returns lines for the log; then those lines are returned instead of True."""
     assert status in TERMINAL_STATES
-    error, log_tail = _masked(settings, failure and failure.reason), _masked(settings, log_tail)
     with session(settings) as s:
         job = s.get(Job, job_id)
         if job is None or job.status != "running" or job.worker != worker_id:
@@ -164,14 +165,10 @@ def finish(settings: Settings, job_id: int, worker_id: str, status: str, *, exit
         job.status = status
         job.exit_code = exit_code
         job.finished_at = utcnow()
-        job.log_tail = log_tail
-        if status == "completed":
-            job.error = job.failure = job.next_step = None
-        elif status == "cancelled":
-            job.error, job.failure, job.next_step = error or job.error, None, None
-        elif job.failure is None and failure is not None:  # the job did not diagnose itself: the worker's view
-            job.error = error
-            job.failure, job.next_step = failure.kind, _masked(settings, failure.next_step)
+        job.log_tail = _masked(settings, log_tail)
+        job.error = _masked(settings, failure and failure.reason)
+        job.failure = failure.kind if failure is not None and status == "failed" else None
+        job.next_step = _masked(settings, failure.next_step) if failure is not None and status == "failed" else None
         if status == "completed" and job.total_steps:
             job.step = job.total_steps
         return True if notes is None else notes
@@ -267,17 +264,15 @@ def reap_stale(settings: Settings) -> list[int]:
             same_host = (job.worker or "").split(":")[0] == host
             if same_host and process_alive(job.pid):
                 continue  # its process still runs: it notices its lost worker and stops itself
-            age = (utcnow() - job.heartbeat_at).total_seconds()
-            why = (f"lost: no heartbeat from worker {job.worker} for {age:.0f} s (lease {settings.lease_s:.0f} s); "
-                   "the worker or its machine stopped")
-            if job.attempts < job.max_attempts:  # retried: back in the queue, in its place, with its folder
+            silent = (utcnow() - job.heartbeat_at).total_seconds()
+            ended = outcome.decide(outcome.Ending(silent_s=silent, lease_s=settings.lease_s), job, None)
+            job.error = ended.failure.reason
+            if ended.status == "queued":  # retried: back in the queue, in its place, with its folder
                 job.status, job.worker, job.pid, job.heartbeat_at, job.started_at = "queued", None, None, None, None
-                job.error = f"attempt {job.attempts} of {job.max_attempts} {why}; it was put back in the queue"
                 job.failure, job.next_step = None, None
             else:
-                job.status, job.finished_at, job.error = "failed", utcnow(), why
-                job.failure, job.next_step = "lost", ("check that the worker's machine is up and reaches the "
-                                                      "database; run the job again")
+                job.status, job.finished_at = ended.status, utcnow()
+                job.failure, job.next_step = ended.failure.kind, ended.failure.next_step
             reaped.append(job.id)
     return reaped
 

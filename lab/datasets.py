@@ -191,15 +191,36 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None,
     if _exists(settings, name):
         raise LabError(f"a dataset named {name!r} already exists", "pick another name, or see `lab datasets list`")
     mapped, src, stored, layout, rows, test, notes = _load(file, fmt, columns, encoding, split, test_split)
+    extra = {"columns_mapped": mapped, "encoding": encoding or None, "split": src.split,
+             "test_split": src.test_split}
+    return _store(settings, name, stored, layout, rows, test, notes, source or str(file.resolve()), extra,
+                  original=file if file.is_file() else None, db=db)
+
+
+def add_rows(settings: Settings, name: str, rows: list[dict], fmt: str, source: str, db=None) -> dict:
+    """Register rows the lab made (the preference pairs of rankings) as dataset `name`, validated like an imported
+    file's, with no file in between; all or nothing, and with `db` inside the caller's open session (see `add`)."""
+    check_name(name, "dataset")
+    if _exists(settings, name):
+        raise LabError(f"a dataset named {name!r} already exists", "pick another name, or see `lab datasets list`")
+    loaded = sources.Loaded(rows=[dict(r) for r in rows], places=[f"row {i}" for i in range(1, len(rows) + 1)],
+                            problems=[])
+    stored, layout, kept, notes = prepare(loaded, fmt, {}, name)
+    extra = {"columns_mapped": {}, "encoding": None, "split": None, "test_split": None}
+    return _store(settings, name, stored, layout, kept, None, notes, source, extra, original=None, db=db)
+
+
+def _store(settings: Settings, name: str, stored: str, layout: str, rows: list[dict], test: list[dict] | None,
+           notes: list[str], source: str, extra: dict, *, original: Path | None, db) -> dict:
+    """Write a validated dataset's folder and its row, all or nothing (see `add`)."""
     data = _jsonl_bytes(rows)
     fingerprint = hashlib.sha256(data).hexdigest()
     final = datasets_dir(settings) / name
-    source = source or str(file.resolve())
     cols = columns_of(rows)
     meta = {"name": name, "format": stored, "columns": cols, "rows": len(rows), "fingerprint": fingerprint,
-            "source": source, "layout": layout, "columns_mapped": mapped, "encoding": encoding or None,
-            "split": src.split, "test_split": src.test_split, "test_rows": len(test) if test is not None else None,
-            "notes": notes}
+            "source": source, "layout": layout, "columns_mapped": extra["columns_mapped"],
+            "encoding": extra["encoding"], "split": extra["split"], "test_split": extra["test_split"],
+            "test_rows": len(test) if test is not None else None, "notes": notes}
     moved = False
     try:
         with nullcontext(db) if db is not None else session(settings) as s:
@@ -207,8 +228,8 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None,
                 (tmp / DATA_FILE).write_bytes(data)
                 if test is not None:
                     (tmp / TEST_FILE).write_bytes(_jsonl_bytes(test))
-                if file.is_file():
-                    shutil.copyfile(file, tmp / f"original{file.suffix.lower()}")
+                if original is not None:
+                    shutil.copyfile(original, tmp / f"original{original.suffix.lower()}")
                 (tmp / "dataset.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
                 s.add(Dataset(name=name, format=stored, path=str(final), columns=cols, rows=len(rows),
                               test_rows=meta["test_rows"], fingerprint=fingerprint, source=source))

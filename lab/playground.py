@@ -10,7 +10,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
-from lab import datasets, registry
+from lab import datasets, ranking, registry
 from lab.errors import LabError
 from lab.settings import Settings
 from lab.speed import available_memory
@@ -137,21 +137,13 @@ def record_ranking(settings: Settings, dataset: str, prompt: str, answers: dict[
     if winner is not None and winner not in answers:
         raise LabError(f"{winner} gave no answer here")
     rows = [] if winner is None else [
-        {"prompt": prompt, "chosen": answers[winner], "rejected": text, "chosen_model": winner, "rejected_model": m}
+        ranking.pair_row(prompt, answers[winner], text, winner, m, system=system)
         for m, text in answers.items() if m != winner and text.strip() != answers[winner].strip()]
     if winner is not None and not rows:
         raise LabError("the answers are the same: there is no preference to record")
-    existing = {d["name"]: d for d in datasets.list_all(settings)}
+    existing = {d["name"] for d in datasets.list_all(settings)}
     if rows:
-        if dataset in existing:
-            datasets.append_rows(settings, dataset, rows)
-        else:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / f"{dataset}.jsonl"
-                path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-                datasets.add(settings, dataset, path, "preference", source="playground rankings")
+        ranking.add_pairs(settings, dataset, rows, "playground rankings")
     elif dataset not in existing:
         raise LabError(f"no dataset named {dataset!r} yet: a tie adds no pair, so it cannot start one")
     info = datasets.info(settings, dataset)

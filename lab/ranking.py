@@ -175,13 +175,8 @@ def submit(settings: Settings, name: str, item: str, annotator: str, *, verdict:
     ranking = [shown[p] for p in positions]
     chosen_rejected = pairs_for(verdict, ranking, k, pairs)
     texts = [c["text"] for c in row["candidates"]]
-    new_rows = [{"prompt": row["prompt"] if isinstance(row["prompt"], list) else [
-                     {"role": "user", "content": row["prompt"]}],
-                 "chosen": [{"role": "assistant", "content": texts[c]}],
-                 "rejected": [{"role": "assistant", "content": texts[r]}],
-                 "annotator": annotator, "item": item, "candidates": name,
-                 "chosen_model": row["candidates"][c].get("model") or "", "rejected_model":
-                     row["candidates"][r].get("model") or ""}
+    new_rows = [pair_row(row["prompt"], texts[c], texts[r], row["candidates"][c].get("model") or "",
+                         row["candidates"][r].get("model") or "", annotator=annotator, item=item, candidates=name)
                 for c, r in chosen_rejected if texts[c].strip() != texts[r].strip()]
     identical = len(chosen_rejected) - len(new_rows)
     target = (into or "").strip() or None
@@ -203,10 +198,8 @@ def submit(settings: Settings, name: str, item: str, annotator: str, *, verdict:
         with session(settings) as s:  # the verdict and its pairs in one transaction
             s.add(record)
             s.flush()  # a verdict given twice at once fails here, before any pair is written
-            if new_rows and target in existing:
-                datasets.append_rows(settings, target, new_rows, db=s)
-            elif new_rows:  # a new dataset, created with its first pairs
-                _create(settings, target, new_rows, name, db=s)
+            if new_rows:
+                add_pairs(settings, target, new_rows, f"rankings of {name}", db=s)
     except IntegrityError:
         raise LabError(f"{annotator} has already judged item {item} of {name}") from None
     total = datasets.info(settings, target)["rows"] if target and (new_rows or target in existing) else None
@@ -216,15 +209,39 @@ def submit(settings: Settings, name: str, item: str, annotator: str, *, verdict:
             "ranking": [shown.index(i) + 1 for i in ranking]}
 
 
-def _create(settings: Settings, name: str, rows: list[dict], source: str, db) -> None:
-    import json
-    import tempfile
-    from pathlib import Path
+def pair_row(prompt: str | list[dict], chosen: str, rejected: str, chosen_model: str, rejected_model: str,
+             system: str = "", **provenance) -> dict:
+    """One preference pair as every ranking stores it (the Rank page and the Playground alike): a conversational
+    prompt (the system message first when there is one), one assistant message each for chosen and rejected, the
+    models that wrote them, then where the verdict came from (annotator, item, ...)."""
+    messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    if system and not (messages and messages[0].get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    return {"prompt": messages, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], "chosen_model": chosen_model,
+            "rejected_model": rejected_model, **provenance}
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"{name}.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        datasets.add(settings, name, path, "preference", source=f"rankings of {source}", db=db)
+
+def _plain(row: dict) -> dict:
+    """A pair in the shape of a preference dataset made before rankings were conversational (plain text prompt and
+    answers): appended to such a dataset, new pairs keep its one shape."""
+    user = [m["content"] for m in row["prompt"] if m["role"] == "user"]
+    return {**row, "prompt": user[-1] if user else "", "chosen": row["chosen"][-1]["content"],
+            "rejected": row["rejected"][-1]["content"]}
+
+
+def add_pairs(settings: Settings, into: str, rows: list[dict], source: str, db=None) -> dict:
+    """Append preference pairs (`pair_row`) to dataset `into`, or create it with them: the one way rankings store
+    pairs. With `db`, inside the caller's open session (a verdict and its pairs commit together)."""
+    found = {d["name"]: d for d in datasets.list_all(settings)}
+    if into not in found:
+        return datasets.add_rows(settings, into, rows, "preference", source=source, db=db)
+    if found[into]["format"] != "preference":
+        raise LabError(f"{into} is a {found[into]['format']} dataset: pairs go into a preference dataset")
+    first = next(iter(datasets.preview(settings, into, 1)), None)
+    if first is not None and isinstance(first.get("prompt"), str):
+        rows = [_plain(r) for r in rows]
+    return datasets.append_rows(settings, into, rows, db=db)
 
 
 # --- agreement ------------------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def test_an_endpoint_is_checked_kept_streamed_and_ranked(ws, tiny_model_dir, ser
         from lab import datasets
 
         row = datasets.preview(ws, "prefs", 1)[0]
-        assert (row["chosen"], row["chosen_model"], row["rejected_model"]) == (growing[-1], "endpoint:served", "tiny")
+        assert (row["chosen"][0]["content"], row["chosen_model"], row["rejected_model"]) == (
+            growing[-1], "endpoint:served", "tiny")
     finally:
         _stop(proc)
     with pytest.raises(LabError, match="does not answer"):

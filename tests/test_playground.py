@@ -24,8 +24,9 @@ def test_a_ranking_adds_exactly_one_pair_and_a_reward_job_trains_on_it(lab, jobs
     info = datasets.info(lab, "ranked")
     assert info["format"] == "preference"
     (row,) = datasets.preview(lab, "ranked", 10)
-    assert (row["prompt"], row["chosen"], row["rejected"]) == ("What is the capital of France?",
-                                                                "Paris is the capital.", "I do not know.")
+    assert row["prompt"] == [{"role": "user", "content": "What is the capital of France?"}]
+    assert (row["chosen"], row["rejected"]) == ([{"role": "assistant", "content": "Paris is the capital."}],
+                                                [{"role": "assistant", "content": "I do not know."}])
     assert (row["chosen_model"], row["rejected_model"]) == ("tiny", "other")
 
     before = info["fingerprint"]
@@ -53,6 +54,38 @@ def test_rankings_that_cannot_be_pairs_are_refused_and_store_nothing(lab, prompt
     with pytest.raises(LabError, match=message):
         playground.record_ranking(lab, "fresh", prompt, answers, winner)
     assert datasets.list_all(lab) == []
+
+
+def test_the_playground_and_the_rank_page_store_pairs_in_one_shape(lab):
+    """Both write through ranking.add_pairs, as ranking.pair_row shapes them: a conversational prompt (the system
+    message first), one assistant message each; a dataset made before in plain text keeps its shape."""
+    from lab import ranking
+
+    playground.record_ranking(lab, "both", "Hi?", {"tiny": "Hello!", "other": "No."}, "tiny", system="Be kind.")
+    (played,) = datasets.preview(lab, "both", 10)
+    ranked = ranking.pair_row([{"role": "user", "content": "Hi?"}], "Hello!", "No.", "tiny", "other",
+                              system="Be kind.", annotator="ann")
+    assert {k: v for k, v in ranked.items() if k != "annotator"} == played
+    assert played["prompt"][0] == {"role": "system", "content": "Be kind."}
+    assert datasets.info(lab, "both")["source"] == "playground rankings"
+
+    old = lab.workspace / "old.jsonl"
+    old.write_text(json.dumps({"prompt": "Hi?", "chosen": "Hello!", "rejected": "No."}) + "\n")
+    datasets.add(lab, "old", old, "preference")
+    playground.record_ranking(lab, "old", "Bye?", {"tiny": "Bye!", "other": "What?"}, "tiny")
+    rows = datasets.preview(lab, "old", 10)
+    assert rows[1]["prompt"] == "Bye?" and rows[1]["chosen"] == "Bye!", "appended in the dataset's own shape"
+    assert all(isinstance(r["prompt"], str) for r in rows)
+
+
+def test_rows_the_lab_makes_are_checked_like_a_file_and_nothing_half_stored(lab):
+    with pytest.raises(LabError, match="rejected"):
+        datasets.add_rows(lab, "bad", [{"prompt": "q", "chosen": "a"}], "preference", source="test")
+    assert datasets.list_all(lab) == [] and not (lab.workspace / "datasets" / "bad").exists()
+    done = datasets.add_rows(lab, "good", [{"prompt": "q", "chosen": "a", "rejected": "b"}], "preference", "test")
+    assert (done["rows"], done["format"], done["source"]) == (1, "preference", "test")
+    with pytest.raises(LabError, match="already exists"):
+        datasets.add_rows(lab, "good", [{"prompt": "q", "chosen": "a", "rejected": "b"}], "preference", "test")
 
 
 def test_the_model_cache_keeps_to_its_budget_and_refuses_what_cannot_write(lab, tmp_path):

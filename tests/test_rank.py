@@ -277,17 +277,17 @@ def test_rankings_their_pairs_and_agreement_on_any_database(any_ws, tmp_path):
 
 
 def test_a_verdict_that_fails_half_way_leaves_nothing_and_the_same_submit_then_works(cands, monkeypatch):
-    real_add = datasets.add
+    real_add = datasets.add_rows
 
     def add_then_die(*args, **kwargs):
         real_add(*args, **kwargs)  # the new dataset's folder is in place, its row not yet committed
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(datasets, "add", add_then_die)
+    monkeypatch.setattr(datasets, "add_rows", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         ranking.submit(cands, "cands", "q0", "ann", order="1,2,3", into="prefs")
     assert "prefs" not in [d["name"] for d in datasets.list_all(cands)]
     assert ranking.progress(cands, "cands")["annotators"] == {}, "no verdict without its pairs"
-    monkeypatch.setattr(datasets, "add", real_add)
+    monkeypatch.setattr(datasets, "add_rows", real_add)
     done = ranking.submit(cands, "cands", "q0", "ann", order="1,2,3", into="prefs")
     assert done["added"] == 3 and datasets.info(cands, "prefs")["rows"] == 3

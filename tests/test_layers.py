@@ -65,6 +65,14 @@ def test_services_never_import_the_engine():
     assert offenders(services, ("jobs",)) == []
 
 
+def test_pages_never_import_each_other():
+    """A tab is its layout and its handlers; what pages share (choices, uploads, refresh) is in lab.ui.choices and
+    lab.ui.common, and only lab.ui.app assembles the tabs."""
+    tabs = {n: p for n, p in modules("lab").items() if within(n, ("lab.ui.tabs",)) and n != "lab.ui.tabs"}
+    assert tabs and [f"{n} imports {t}" for n, p in tabs.items() for t in imports(p)
+                     if within(t, ("lab.ui.tabs",)) and not within(t, (n,))] == []
+
+
 def graph(names: dict[str, Path]) -> dict[str, set[str]]:
     """module -> the modules of `names` it imports (an imported name resolves to its module)."""
     edges = {}

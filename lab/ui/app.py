@@ -7,10 +7,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from lab import compare, experiments, registry
+from lab import compare, experiments
 from lab.dependencies import internal
 from lab.settings import Settings
-from lab.ui import api
+from lab.ui import api, choices
 from lab.ui.common import UI
 from lab.ui.tabs import compare as compare_tab
 from lab.ui.tabs import datasets as datasets_tab
@@ -85,46 +85,29 @@ def build(settings: Settings) -> gr.Blocks:
                 rank_tab.build(ui)
         api.register(ui)
 
-        def refresh(saved: str, plugin: str | None, jobs_experiment: str, jobs_status: str):
+        def current_experiment(v: dict) -> dict:
+            names = choices.experiments(ui, include_archived=False)
+            saved = v[remembered]
+            return {ui["experiment"]: gr.update(choices=names, value=saved if saved in names else "default")}
+
+        ui.on_refresh(current_experiment, [ui["experiment"]], inputs=[remembered])
+        # every tab's refresh (UI.on_refresh) in one event: its inputs and outputs are the union of theirs
+        refresh_inputs = list(dict.fromkeys(c for _, inputs, _ in ui.refreshers for c in inputs))
+        refresh_outputs = list(dict.fromkeys(c for _, _, outputs in ui.refreshers for c in outputs))
+
+        def refresh(*values) -> dict:
             """Every list and table read afresh from the database."""
-            if "default" not in experiments_tab.names(ui):
+            if "default" not in choices.experiments(ui):
                 experiments.get_or_create(settings, "default")
-            names = experiments_tab.names(ui, include_archived=False)
-            train_models, train_datasets = train_tab.refresh_choices(ui, plugin)
-            return {
-                ui["experiment"]: gr.update(choices=names, value=saved if saved in names else "default"),
-                ui["exp_table"]: experiments_tab.table(ui),
-                ui["exp_chosen"]: gr.update(choices=experiments_tab.names(ui)),
-                ui["ds_table"]: datasets_tab.table(ui),
-                ui["ds_chosen"]: gr.update(choices=datasets_tab.names(ui)),
-                ui["ds_model"]: gr.update(choices=models_tab.choices(ui)),
-                ui["models_table"]: models_tab.table(ui),
-                ui["models_status"]: models_tab.starter_status(ui),
-                ui["models_export"]: gr.update(choices=[m["name"] for m in registry.list_all(settings)]),
-                ui["models_serve"]: gr.update(choices=[m["name"] for m in registry.list_all(settings)
-                                                       if m["kind"] in ("full", "adapter")]),
-                ui["models_served"]: models_tab.served_text(ui),
-                ui["train_model"]: train_models,
-                ui["train_dataset"]: train_datasets,
-                ui["jobs_experiment"]: gr.update(choices=["all", *experiments_tab.names(ui)]),
-                ui["jobs_table"]: jobs_tab.table(ui, jobs_experiment, jobs_status),
-                ui["jobs_workers"]: jobs_tab.workers_line(ui),
-                **dict(zip([c for c, _ in ui["train_pickers"]], train_tab.picker_updates(ui), strict=True)),
-                **playground_tab.refresh(ui),
-                **rank_tab.refresh(ui),
-            }
+            given = dict(zip(refresh_inputs, values, strict=True))
+            out: dict = {}
+            for fn, _, outputs in ui.refreshers:
+                updates = fn(given)
+                assert set(updates) <= set(outputs), f"{fn.__qualname__} updates components it did not register"
+                out.update(updates)
+            return out
 
-        refresh_inputs = [remembered, ui["train_plugin"], ui["jobs_experiment"], ui["jobs_status"]]
-        refresh_outputs = [ui[n] for n in ("experiment", "exp_table", "exp_chosen", "ds_table", "ds_chosen",
-                                           "ds_model", "models_table", "models_status", "models_export",
-                                           "models_serve", "models_served", "train_model",
-                                           "train_dataset", "jobs_experiment", "jobs_table", "jobs_workers")]
-        refresh_outputs += [c for c, _ in ui["train_pickers"]]
-        refresh_outputs += [ui[n] for n in ("play_chat_model", "play_models", "play_tok_model", "play_target",
-                                            "play_endpoints", "play_endpoint_pick")]
-        refresh_outputs += [ui[n] for n in ("rank_source", "rank_into", "rank_reward")]
-
-        def on_load(saved, plugin, jobs_experiment, jobs_status, request: gr.Request):
+        def on_load(request: gr.Request, *values):
             """The page opens with everything filled; `?job=N` in the address opens that run, `?group=NAME`
             the comparison of a sweep's runs."""
             job = (request.query_params.get("job") or "") if request else ""
@@ -136,7 +119,7 @@ def build(settings: Settings) -> gr.Blocks:
                 opened = {ui["tabs"]: gr.update(selected="compare"),
                           ui["compare_group"]: gr.update(choices=["all", group], value=group),
                           ui["compare_runs"]: gr.update(choices=options, value=[v for _, v in options])}
-            return {**refresh(saved, plugin, jobs_experiment, jobs_status), **opened}
+            return {**refresh(*values), **opened}
 
         demo.load(on_load, refresh_inputs, [*refresh_outputs, ui["run_job"], ui["tabs"], ui["compare_group"],
                                             ui["compare_runs"]])

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from sqlalchemy.exc import OperationalError
 
 from lab.db import retrying, unavailable_reason
-from lab.dependencies import describe
+from lab.dependencies import describe, internal
 from lab.errors import LabError, from_known_error
 from lab.settings import Settings
 from lab.ui.html import text as html_text
+from lab.workspace import inside
 
 log = logging.getLogger("lab.ui")
 TERMINAL = ("completed", "failed", "cancelled")
@@ -25,12 +28,18 @@ TERMINAL = ("completed", "failed", "cancelled")
 class UI:
     settings: Settings
     c: dict[str, Any] = field(default_factory=dict)  # components other tabs wire to, by name
+    refreshers: list[tuple[Callable, list, list]] = field(default_factory=list)  # see on_refresh
 
     def __getitem__(self, name: str):
         return self.c[name]
 
     def __setitem__(self, name: str, component) -> None:
         self.c[name] = component
+
+    def on_refresh(self, fn: Callable[[dict], dict], outputs: list, inputs: list = ()) -> None:
+        """What a tab shows afresh from the database when the page loads and whenever a tab is opened:
+        fn({component: value} of `inputs`) -> {component: update} for `outputs` (lab.ui.app wires them all)."""
+        self.refreshers.append((fn, list(inputs), list(outputs)))
 
 
 DB_PATIENCE_S = 8.0  # how long a page action waits for a database that is locked past its busy timeout or away
@@ -70,3 +79,21 @@ def duration(seconds: float | None) -> str:
         return ""
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def uploaded(file) -> Path:
+    """The path of a file that arrived through an upload to this server. Anything else (a plain path, a dict
+    naming a server file) is refused: reading the server's own files is a command-line matter."""
+    with internal("gradio-upload-folder"):
+        from gradio.utils import get_upload_folder
+
+    if not file:
+        raise LabError("choose a file to upload")
+    path = file.get("path") if isinstance(file, dict) else getattr(file, "path", file)
+    if not isinstance(path, str):
+        raise LabError("the file must be uploaded with the request (gradio_client: handle_file(PATH))")
+    if not inside(Path(get_upload_folder()), Path(path)) or not Path(path).is_file():
+        raise LabError("only a file uploaded with the request can be imported here, not a path on the server",
+                       "upload it (gradio_client: handle_file(PATH)), or on the server run `lab datasets add NAME "
+                       "PATH`")
+    return Path(path).resolve()

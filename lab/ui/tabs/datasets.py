@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
 from lab import datasets, formats, mapping, preview, registry, sources
-from lab.dependencies import internal
 from lab.errors import LabError
-from lab.ui.common import UI, user_errors
+from lab.ui import choices
+from lab.ui.common import UI, uploaded, user_errors
 from lab.ui.html import error_box, md, ok_box, problems_box
-from lab.workspace import inside
 
 COLUMNS = ["name", "format", "rows", "held out", "columns", "created_at"]
 PAGE = 10
@@ -23,10 +21,6 @@ def table(ui: UI) -> pd.DataFrame:
     rows = datasets.list_all(ui.settings)
     return pd.DataFrame([{**{c: r.get(c) for c in COLUMNS}, "columns": ", ".join(r["columns"]),
                           "held out": r["test_rows"] or ""} for r in rows], columns=COLUMNS)
-
-
-def names(ui: UI, accepts: tuple[str, ...] | None = None) -> list[str]:
-    return [d["name"] for d in datasets.list_all(ui.settings) if accepts is None or d["format"] in accepts]
 
 
 CELL_CHARS = 160
@@ -54,24 +48,6 @@ def page_frame(ui: UI, name: str, page: int) -> tuple[pd.DataFrame, str]:
                f"columns {md(', '.join(info['columns']))}. Page {page} of {pages}; long texts are cut at "
                f"{CELL_CHARS} characters. Fingerprint `{info['fingerprint'][:12]}`")
     return frame, summary
-
-
-def uploaded(file) -> Path:
-    """The path of a file that arrived through an upload to this server. Anything else (a plain path, a dict
-    naming a server file) is refused: reading the server's own files is a command-line matter."""
-    with internal("gradio-upload-folder"):
-        from gradio.utils import get_upload_folder
-
-    if not file:
-        raise LabError("choose a file to upload")
-    path = file.get("path") if isinstance(file, dict) else getattr(file, "path", file)
-    if not isinstance(path, str):
-        raise LabError("the file must be uploaded with the request (gradio_client: handle_file(PATH))")
-    if not inside(Path(get_upload_folder()), Path(path)) or not Path(path).is_file():
-        raise LabError("only a file uploaded with the request can be imported here, not a path on the server",
-                       "upload it (gradio_client: handle_file(PATH)), or on the server run `lab datasets add NAME "
-                       "PATH`")
-    return Path(path).resolve()
 
 
 def _format(fmt: str | None) -> str | None:
@@ -130,7 +106,8 @@ def build(ui: UI) -> None:
             ui["ds_table"] = gr.Dataframe(interactive=False, label="Datasets", wrap=True)
     gr.Markdown("#### Browse")
     with gr.Row():
-        chosen = gr.Dropdown(label="Dataset", choices=names(ui), value=None, scale=2, elem_id="dataset-browse")
+        chosen = gr.Dropdown(label="Dataset", choices=choices.datasets(ui), value=None, scale=2,
+                             elem_id="dataset-browse")
         page = gr.Number(label="Page", value=1, precision=0, minimum=1, scale=1)
     summary = gr.Markdown()
     rows = gr.Dataframe(interactive=False, wrap=True, label="Rows", max_height=420, visible=False)
@@ -159,7 +136,6 @@ def build(ui: UI) -> None:
                             scale=1, elem_id="sample-max-length")
         show = gr.Button("Show", scale=1)
     sample = gr.HTML(elem_id="token-sample")
-    ui["ds_chosen"], ui["ds_model"] = chosen, model
 
     read_inputs = [upload, fmt, encoding, split, test_split, *pickers]
 
@@ -171,7 +147,7 @@ def build(ui: UI) -> None:
         held = f", {info['test_rows']} held out for evaluation" if info["test_rows"] is not None else ""
         msg = (f"Imported {info['name']}: {info['rows']} rows{held}, format {info['format']}, "
                f"columns {', '.join(info['columns'])}" + "".join(f"\nNote: {n}" for n in info["notes"]))
-        return ok_box(msg), table(ui), gr.update(choices=names(ui), value=info["name"]), None
+        return ok_box(msg), table(ui), gr.update(choices=choices.datasets(ui), value=info["name"]), None
 
     # the file box is emptied after each try, ready for the next file; the report names what was tried
     go.click(on_import, [*read_inputs[:1], name, *read_inputs[1:]], [report, ui["ds_table"], chosen, upload])
@@ -292,7 +268,11 @@ def build(ui: UI) -> None:
         except LabError as exc:
             return error_box(f"{exc}\nNothing was stored."), gr.update(), gr.update()
         return (ok_box(f"Stored {info['name']}: {info['rows']} rows, format {info['format']}"), table(ui),
-                gr.update(choices=names(ui)))
+                gr.update(choices=choices.datasets(ui)))
 
     show_conv.click(on_preview_conversion, [chosen, target], [conv_report, conv_rows])
     do_conv.click(on_convert, [chosen, target, new_name], [conv_report, ui["ds_table"], chosen])
+    ui.on_refresh(lambda _: {ui["ds_table"]: table(ui), chosen: gr.update(choices=choices.datasets(ui)),
+                             model: gr.update(choices=choices.models(ui))},
+                  [ui["ds_table"], chosen, model])
+

@@ -7,6 +7,7 @@ import pandas as pd
 
 from lab import experiments
 from lab.errors import LabError
+from lab.ui import choices
 from lab.ui.common import UI, user_errors
 from lab.ui.html import ok_box
 
@@ -16,10 +17,6 @@ COLUMNS = ["name", "runs", "notes", "archived", "created_at"]
 def table(ui: UI) -> pd.DataFrame:
     rows = experiments.list_all(ui.settings)
     return pd.DataFrame([{c: r[c] for c in COLUMNS} for r in rows], columns=COLUMNS)
-
-
-def names(ui: UI, include_archived: bool = True) -> list[str]:
-    return [e["name"] for e in experiments.list_all(ui.settings) if include_archived or not e["archived"]]
 
 
 def build(ui: UI) -> None:
@@ -33,7 +30,7 @@ def build(ui: UI) -> None:
             create = gr.Button("Create", variant="primary")
         with gr.Column():
             gr.Markdown("#### Edit an experiment")
-            chosen = gr.Dropdown(label="Experiment", choices=names(ui), allow_custom_value=False)
+            chosen = gr.Dropdown(label="Experiment", choices=choices.experiments(ui), allow_custom_value=False)
             rename_to = gr.Textbox(label="New name")
             notes = gr.Textbox(label="Notes", lines=2)
             with gr.Row():
@@ -42,12 +39,11 @@ def build(ui: UI) -> None:
                 archive = gr.Button("Archive / unarchive")
                 make_current = gr.Button("Make current", variant="primary")
     message = gr.HTML()
-    ui["exp_chosen"] = chosen
 
     def refreshed(msg: str, current_choice: str | None = None):
-        all_names = names(ui)
+        all_names = choices.experiments(ui)
         return (table(ui), gr.update(choices=all_names, value=current_choice), ok_box(msg),
-                gr.update(choices=names(ui, include_archived=False)))
+                gr.update(choices=choices.experiments(ui, include_archived=False)))
 
     outputs = [ui["exp_table"], chosen, message, ui["experiment"]]
 
@@ -88,8 +84,11 @@ def build(ui: UI) -> None:
     def on_make_current(name):
         if not name:
             raise LabError("pick an experiment first")
-        if name not in names(ui, include_archived=False):
+        if name not in choices.experiments(ui, include_archived=False):
             raise LabError(f"{name} is archived: unarchive it to run in it")
         return gr.update(value=name)
 
     make_current.click(on_make_current, [chosen], [ui["experiment"]])
+    ui.on_refresh(lambda _: {ui["exp_table"]: table(ui), chosen: gr.update(choices=choices.experiments(ui))},
+                  [ui["exp_table"], chosen])
+

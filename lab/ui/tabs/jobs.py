@@ -8,6 +8,7 @@ import pandas as pd
 from lab import jobstore, runs
 from lab.errors import LabError
 from lab.tables import JOB_STATES
+from lab.ui import choices
 from lab.ui.common import UI, duration, user_errors
 from lab.ui.html import md
 
@@ -73,6 +74,9 @@ def build(ui: UI) -> None:
             clone = gr.Button("Clone into Train", size="sm")
     message = gr.Markdown()
     ui.c.update(jobs_experiment=experiment, jobs_status=status, jobs_table=jobs, jobs_workers=workers)
+    ui.on_refresh(lambda v: {experiment: gr.update(choices=["all", *choices.experiments(ui)]),
+                             jobs: table(ui, v[experiment], v[status]), workers: workers_line(ui)},
+                  [experiment, jobs, workers], inputs=[experiment, status])
 
     filters = [experiment, status]
     def jobs_tick(e, s):

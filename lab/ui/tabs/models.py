@@ -12,6 +12,7 @@ import pandas as pd
 from lab import gguf_export, model_server, registry
 from lab.dependencies import describe
 from lab.errors import LabError
+from lab.ui import choices
 from lab.ui.common import UI, user_errors
 from lab.ui.html import md, ok_box, problems_box
 
@@ -26,28 +27,11 @@ def _size(n: int | None) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n / 1e3:.1f} K"
 
 
-def origin(m: dict) -> str:
-    if m["source"] == "run":
-        on = f" on {m['base_model']}" if m["kind"] == "adapter" and m["base_model"] else ""
-        return f"output of run {m['job_id']}{on}"
-    on = f" on {m['base_model']}" if m["kind"] == "adapter" and m["base_model"] else ""
-    if m["source"] == "hub":
-        return f"HF cache {m['hub_id']} @ {(m['revision'] or '')[:12]}{on}"
-    return {"starter": "starter (GGUF import)", "gguf": "imported GGUF", "local": "local folder",
-            "tiny": "tiny random model"}.get(m["source"], m["source"]) + on
-
-
 def table(ui: UI) -> pd.DataFrame:
     rows = registry.list_all(ui.settings)
     return pd.DataFrame([{"name": m["name"], "kind": m["kind"], "size": _size(m["parameters"]),
-                          "architecture": m["architecture"], "origin": origin(m), "path": m["path"]} for m in rows],
-                        columns=COLUMNS)
-
-
-def choices(ui: UI) -> list[tuple[str, str]]:
-    """(label, name) pairs for dropdowns: run outputs say which run made them."""
-    return [(f"{m['name']} · {origin(m)}" if m["source"] == "run" else m["name"], m["name"])
-            for m in registry.list_all(ui.settings)]
+                          "architecture": m["architecture"], "origin": choices.origin(m), "path": m["path"]}
+                         for m in rows], columns=COLUMNS)
 
 
 def starter_status(ui: UI) -> str:
@@ -134,10 +118,6 @@ def build(ui: UI) -> None:
             serve_stop = gr.Button("Stop", scale=1, variant="stop", elem_id="serve-stop")
         served = gr.Markdown(elem_id="served")
     message = gr.HTML(elem_id="models-message")
-    ui["models_status"] = status
-    ui["models_export"] = to_export
-    ui["models_serve"] = to_serve
-    ui["models_served"] = served
     outputs = [ui["models_table"], status, message]
 
     def done(msg: str):
@@ -267,3 +247,12 @@ def build(ui: UI) -> None:
     starter.click(on_starter, [], outputs)
     add.click(on_add, [folder_name, folder, adapter_base], outputs)
     imp.click(on_import, [gguf_name, gguf], outputs)
+
+    def refresh(_):
+        return {ui["models_table"]: table(ui), status: starter_status(ui),
+                to_export: gr.update(choices=choices.model_names(ui)),
+                to_serve: gr.update(choices=choices.model_names(ui, ("full", "adapter"))),
+                served: served_text(ui)}
+
+    ui.on_refresh(refresh, [ui["models_table"], status, to_export, to_serve, served])
+

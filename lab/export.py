@@ -197,22 +197,33 @@ def generates(arch: str) -> bool:
     return arch.endswith(("ForCausalLM", "LMHeadModel"))
 
 
-def export(settings: Settings, name: str, export_name: str | None = None, adapter: bool = False) -> dict:
-    """Write workspace/exports/<export_name>/ (the model, its tokenizer, README.md) and <export_name>.tar.gz. An
-    adapter is merged into its base, or with `adapter` exported as an adapter whose base is named portably."""
+def check(settings: Settings, name: str, export_name: str | None = None, adapter: bool = False) -> dict:
+    """What `export` will export (the model's registry entry), or a clear refusal before any work."""
     export_name = check_name(export_name or name, "export")
     info = registry.info(settings, name)
     if adapter and info["kind"] != "adapter":
         raise LabError(f"{name} is a {info['kind']} model, not an adapter", "leave out --adapter to export it")
-    final = exports_dir(settings) / export_name
-    archive = final.with_name(f"{export_name}.tar.gz")
-    if final.exists():  # the folder is published last: it stands for a finished export
+    if (exports_dir(settings) / export_name).exists():  # the folder is published last: a finished export
         raise LabError(f"an export named {export_name!r} already exists in {exports_dir(settings)}",
                        "pick another name")
+    return info
+
+
+def export(settings: Settings, name: str, export_name: str | None = None, adapter: bool = False,
+           say=lambda message: None) -> dict:
+    """Write workspace/exports/<export_name>/ (the model, its tokenizer, README.md) and <export_name>.tar.gz. An
+    adapter is merged into its base, or with `adapter` exported as an adapter whose base is named portably.
+    say(line) hears each step."""
+    info = check(settings, name, export_name, adapter)
+    export_name = export_name or name
+    final = exports_dir(settings) / export_name
+    archive = final.with_name(f"{export_name}.tar.gz")
     with staging(final, "export") as tmp:  # an archive left without its folder by a killed export is overwritten
         if info["kind"] == "adapter" and not adapter:
+            say(f"merging the adapter {name} into its base")
             merge_into(settings, info, tmp)
         else:
+            say(f"copying {name}'s files")
             for item in Path(info["path"]).iterdir():
                 if item.name in ("model.json", "README.md", "training_args.bin") or item.is_dir():
                     continue
@@ -223,6 +234,7 @@ def export(settings: Settings, name: str, export_name: str | None = None, adapte
             (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(settings, name, adapter=adapter))
         partial = tmp / ".archive.partial"  # inside the build folder: removed with it if interrupted
+        say(f"archiving {export_name}.tar.gz")
         with tarfile.open(partial, "w:gz") as tar:
             tar.add(tmp, arcname=export_name, filter=lambda m: None if m.name.endswith("/.archive.partial") else m)
         partial.replace(archive)  # the archive appears whole or not at all; the folder follows it

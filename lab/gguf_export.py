@@ -111,17 +111,23 @@ def _hf_folder(settings: Settings, info: dict, tmp: Path, say: Callable[[str], N
     return merge_into(settings, info, tmp / ".merged")
 
 
+def check_free(settings: Settings, export_name: str) -> str:
+    """The export's name, refused when it is not a safe name or an export of that name exists."""
+    export_name = check_name(export_name, "export")
+    if (exports_dir(settings) / export_name).exists():
+        raise LabError(f"an export named {export_name!r} already exists in {exports_dir(settings)}",
+                       "pick another name with --as")
+    return export_name
+
+
 def export_gguf(settings: Settings, name: str, quant: str = "f16", export_name: str | None = None,
                 say: Callable[[str], None] = print) -> dict:
     """Write workspace/exports/<export_name>/ with the GGUF file, its Modelfile and card; build llama.cpp first if
     this machine has not yet."""
     quant = (quant or "f16").lower()
     info = check(settings, name, quant)
-    export_name = check_name(export_name or f"{name}-{quant}", "export")
+    export_name = check_free(settings, export_name or f"{name}-{quant}")
     final = exports_dir(settings) / export_name
-    if final.exists():
-        raise LabError(f"an export named {export_name!r} already exists in {exports_dir(settings)}",
-                       "pick another name with --as")
     llamacpp.ensure(settings, say)
     if info["architecture"] not in llamacpp.supported_architectures(settings):
         raise LabError(f"llama.cpp's converter does not know the architecture {info['architecture']} of {name}",

@@ -130,7 +130,10 @@ def progress(settings: Settings, job_id: int, step: int, total: int | None) -> N
 
 PHASES = {"loading": "loading the model and data", "training": "training", "evaluating": "evaluating",
           "saving": "saving", "checking": "checking the saved weights", "registering": "registering the output",
-          "generating": "generating answers", "slurm_pending": "queued in Slurm"}
+          "generating": "generating answers", "slurm_pending": "queued in Slurm",
+          # tool jobs (exports, imports)
+          "building": "building llama.cpp", "merging": "merging the adapter", "converting": "converting",
+          "quantizing": "quantizing", "exporting": "exporting", "archiving": "archiving", "importing": "importing"}
 
 
 def set_phase(settings: Settings, job_id: int, phase: str) -> None:

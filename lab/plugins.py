@@ -2,7 +2,8 @@
 
 A plugin is a module with:
     ID: str                  unique id, used in `lab run ID`
-    KIND: str                "train", "eval" or "data" (its output is a dataset: generate, synthesize)
+    KIND: str                "train", "eval", "data" (its output is a dataset: generate, synthesize) or "tool" (an
+                             export or an import: started from the Models page and `lab models`, not Train)
     ACCEPTS: tuple[str, ...] dataset formats it takes (see lab.formats); () when it needs no dataset
     Params: pydantic model   every parameter with default, bounds and description
     run(ctx, params)         does the work (lab.sdk.RunContext)
@@ -38,9 +39,10 @@ from lab.settings import Settings
 BUILTINS = ("plugins.pretrain", "plugins.sft", "plugins.classify", "plugins.reward", "plugins.ppo", "plugins.dpo",
             "plugins.orpo", "plugins.kto", "plugins.grpo", "plugins.eval_perplexity", "plugins.eval_generate",
             "plugins.eval_reward", "plugins.eval_preference", "plugins.eval_classify", "plugins.eval_fewshot",
-            "plugins.generate", "plugins.eval_judge", "plugins.synthesize")
+            "plugins.generate", "plugins.eval_judge", "plugins.synthesize", "plugins.export_hf", "plugins.export_gguf",
+            "plugins.import_gguf")
 ENTRY_POINT_GROUP = "lab.plugins"
-KINDS = ("train", "eval", "data")
+KINDS = ("train", "eval", "data", "tool")
 
 
 @dataclass(frozen=True)

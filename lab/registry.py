@@ -310,11 +310,17 @@ def _check_gguf(file: Path) -> None:
             raise LabError(f"{file.name} is not a GGUF file (it does not start with the GGUF magic bytes)")
 
 
-def import_gguf(settings: Settings, name: str, file: str | Path, source: str = "gguf") -> dict:
-    """Dequantise a GGUF file into an HF folder (fp32 safetensors) under workspace/models and register it."""
+def check_import(settings: Settings, name: str, file: str | Path) -> Path:
+    """The GGUF file `import_gguf` would read, or a clear refusal: a taken or unsafe name, no such file, not GGUF."""
     _ensure_free(settings, name)
     file = Path(file).expanduser().resolve()
     _check_gguf(file)
+    return file
+
+
+def import_gguf(settings: Settings, name: str, file: str | Path, source: str = "gguf") -> dict:
+    """Dequantise a GGUF file into an HF folder (fp32 safetensors) under workspace/models and register it."""
+    file = check_import(settings, name, file)
     import torch
 
     from lab.dependencies import IMPORTS

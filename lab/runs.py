@@ -5,9 +5,11 @@ The CLI and the UI both call these; neither touches the queue tables directly.
 
 from __future__ import annotations
 
+import json
 import math
 from collections import defaultdict
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sqlalchemy import delete, exists, func, select
 
@@ -75,6 +77,29 @@ def submit(settings: Settings, spec: JobSpec | dict | str, **fields) -> int:
     """Validate everything, then queue the job and return its id (nothing is queued on error). The spec's fields are
     documented on lab.jobspec.JobSpec; keyword arguments set or override them."""
     return submit_many(settings, _spec(spec, fields), [{}])[0]
+
+
+TOOLS_EXPERIMENT = "tools"  # exports and imports: apart from the runs an experiment compares
+TOOL_PRIORITY = 10  # ahead of queued training: an export or an import is short next to a run
+TOOL_OUTPUTS = ("export.json", "import.json")  # what a tool job's output/ says it made
+
+
+def submit_tool(settings: Settings, plugin: str, *, model: str | None = None, params: dict | None = None) -> int:
+    """Queue an export or an import (a plugin of kind tool: export-gguf, export-hf, import-gguf) in the tools
+    experiment, ahead of queued training. Refused like any job, before anything is queued."""
+    if plugins.get(settings, plugin).kind != "tool":
+        raise LabError(f"{plugin} is not a tool (an export or an import)")
+    return submit(settings, plugin, model=model, params=params or {}, experiment=TOOLS_EXPERIMENT,
+                  priority=TOOL_PRIORITY)
+
+
+def tool_result(settings: Settings, job_id: int) -> dict:
+    """What a completed tool job made: its output/export.json or import.json."""
+    folder = Path(get_job(settings, job_id)["run_dir"] or ".") / "output"
+    for name in TOOL_OUTPUTS:
+        if (folder / name).is_file():
+            return json.loads((folder / name).read_text())
+    raise LabError(f"job {job_id} left no {' or '.join(TOOL_OUTPUTS)} in {folder}")
 
 
 def submit_many(settings: Settings, spec: JobSpec | dict, variants: list[dict]) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -97,6 +98,21 @@ class RunContext:
         if not self.is_main:
             return
         jobstore.progress(self.settings, self.job_id, step, total)
+
+    def narrator(self, phases: dict[str, str]):
+        """A say(line) for services that report as they go (exports, imports): each line goes to the log, a line
+        that starts with a key of `phases` sets that phase, and one that says "(N/M steps)" sets the progress."""
+
+        def say(line: str) -> None:
+            self.log(line)
+            phase = next((p for start, p in phases.items() if line.startswith(start)), None)
+            if phase is not None:
+                self.set_phase(phase)
+            steps = re.search(r"\((\d+)/(\d+) steps\)", line)  # e.g. llama.cpp's build: "40% (12/30 steps)"
+            if steps:
+                self.set_progress(int(steps[1]), int(steps[2]))
+
+        return say
 
     def set_phase(self, phase: str) -> None:
         """Say what the job does now (loading, training, evaluating, saving, ...: lab.jobstore.PHASES); rank 0 only,

@@ -536,7 +536,7 @@ def test_a_model_is_exported_as_gguf_and_served_from_the_models_page(ws, lab_ser
     page.locator("#export-go").click()
     _wait_for_text(page, "#models-message", r"exported tiny to .*tiny-q8_0\.gguf", 180)
     assert (ws.workspace / "exports" / "tiny-q8_0" / "tiny-q8_0.gguf").is_file()
-    files = page.locator("#export-files").inner_text()
+    files = _wait_for_text(page, "#export-files", "Modelfile", 30)  # drawn just after the message
     assert "tiny-q8_0\n.gguf" in files and "Modelfile" in files  # two downloads; the page shows the extension apart
     page.get_by_text("Serve a model (OpenAI-compatible endpoint)").click()
     _choose(page, "serve-model", "tiny")
@@ -553,6 +553,61 @@ def test_a_model_is_exported_as_gguf_and_served_from_the_models_page(ws, lab_ser
     _wait_for_text(page, "#served", "No model is being served", 30)
     with pytest.raises(openai.APIConnectionError):
         openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0).models.list()
+    _no_error_toast(page)
+
+
+@pytest.mark.llamacpp
+def test_an_export_is_a_job_the_page_follows_finds_after_a_reload_and_cancels(ws, lab_server, tmp_path, page):
+    """Held mid-conversion (its process group stopped), the export shows its phase on the Models page, still shows
+    on the Jobs page after a reload, and Cancel there stops it with nothing published (what it left in the staging
+    area is swept); the same export then succeeds."""
+    import os
+    import signal
+
+    from lab import jobstore, llamacpp
+
+    llamacpp.ensure(ws, say=lambda m: None)
+    folder = tmp_path / "tiny-llama"
+    _tiny_llama_with_starter_tokenizer(folder)
+    registry.add_folder(ws, "tiny", str(folder))
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    _tab(page, "Models")
+    page.get_by_text("Export a model").click()
+    _choose(page, "export-model", "tiny")
+    page.locator("#export-format").get_by_text("GGUF", exact=True).click()
+    _choose(page, "export-quant", "q8_0")
+    page.locator("#export-go").click()
+    job = wait_until(lambda: next((jobstore.get(ws, j["id"]) for j in runs.list_jobs(ws)
+                                   if jobstore.get(ws, j["id"]).phase == "converting"), None), 240,
+                     "the export converting")
+    os.killpg(job.pid, signal.SIGSTOP)  # held in the middle of its conversion
+    try:
+        _wait_for_text(page, "#models-message", rf"exporting tiny: job {job.id} running \(converting\)", 30)
+        page.reload()
+        page.wait_for_timeout(1500)
+        _tab(page, "Jobs")
+        _wait_for_text(page, "#jobs-table", rf"(?s)\b{job.id}\b.*export-gguf.*converting", 30)
+        page.locator("#selected-job input").fill(str(job.id))
+        page.get_by_role("button", name="Cancel").click()
+        # held, it cannot clean up after SIGTERM: the worker kills it after the cancel grace (3 s)
+        wait_until(lambda: runs.get_job(ws, job.id)["status"] == "cancelled", 60, "the export cancelled")
+    finally:
+        try:
+            os.killpg(job.pid, signal.SIGCONT)  # when the test failed before the job was killed
+        except ProcessLookupError:
+            pass
+    exports = ws.workspace / "exports"
+    assert not (exports / "tiny-q8_0").exists(), "a cancelled export publishes nothing"
+    _wait_for_text(page, "#jobs-table", rf"(?s)\b{job.id}\b.*export-gguf.*cancelled", 30)
+    _tab(page, "Models")
+    page.get_by_text("Export a model").click()
+    _choose(page, "export-model", "tiny")
+    page.locator("#export-format").get_by_text("GGUF", exact=True).click()
+    _choose(page, "export-quant", "q8_0")
+    page.locator("#export-go").click()
+    _wait_for_text(page, "#models-message", r"exported tiny to .*tiny-q8_0\.gguf", 180)
+    assert (exports / "tiny-q8_0" / "tiny-q8_0.gguf").is_file() and not (exports / ".staging" / "tiny-q8_0").exists()
     _no_error_toast(page)
 
 

@@ -80,7 +80,7 @@ def chat_ids(folder: Path) -> list[int]:
                                                                           return_dict=False))
 
 
-def test_f16_export_answers_like_the_hf_model_token_for_token(ws, toolchain, tiny_llama):
+def test_f16_export_answers_like_the_hf_model_token_for_token(ws, toolchain, tiny_llama, jobs_worker):
     registry.add_folder(ws, "tiny", str(tiny_llama))
     done = lab_cli("models", "export", "tiny", "--format", "gguf", check=True)
     folder = ws.workspace / "exports" / "tiny-f16"
@@ -158,7 +158,7 @@ def _opt(folder: Path) -> Path:
     return folder
 
 
-def test_models_llama_cpp_cannot_run_are_refused_before_any_work(ws, toolchain, tiny_model_dir, tmp_path):
+def test_models_llama_cpp_cannot_run_are_refused_before_any_work(ws, toolchain, tiny_model_dir, tmp_path, jobs_worker):
     import shutil
 
     from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForSequenceClassification
@@ -198,7 +198,7 @@ def test_models_llama_cpp_cannot_run_are_refused_before_any_work(ws, toolchain, 
     assert not [p for p in exports.glob("*") if p.name != ".staging"]  # nothing was written
 
 
-def test_an_export_killed_mid_conversion_is_repaired_by_the_next_one(ws, toolchain, tiny_llama):
+def test_an_export_killed_mid_conversion_is_repaired_by_the_next_one(ws, toolchain, tiny_llama, jobs_worker):
     registry.add_folder(ws, "tiny", str(tiny_llama))
     proc = subprocess.Popen([sys.executable, "-m", "lab.cli", "models", "export", "tiny", "--format", "gguf",
                              "--quant", "q8_0"], start_new_session=True, stdout=subprocess.PIPE,

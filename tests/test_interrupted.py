@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import lab_cli, write_jsonl
 
-from lab import datasets, registry
+from lab import datasets, jobstore, registry, runs
 
 pytestmark = pytest.mark.interrupts  # each kills a command mid-work and runs it again: the full suite only
 
@@ -123,13 +123,27 @@ def test_a_stale_staging_folder_of_another_name_is_swept(ws, tmp_path):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_export_killed_while_archiving_then_run_again(ws, sig):
+    """The export is a job run by a worker inside the command (none other is running): killing the command stops
+    the job with it (SIGKILL: its job process follows its worker within a second; Ctrl-C: the command cancels it).
+    The export is then published whole or not at all, and running the command again ends with a whole export."""
     lab_cli("models", "create-tiny", "src", "--hidden", "256", "--layers", "4", check=True)  # a few MB to pack
     exports = ws.workspace / "exports"
     partial = exports / ".staging" / "src" / ".archive.partial"
     proc = _start("models", "export", "src")
     _kill_when(proc, lambda: partial.is_file() and partial.stat().st_size > 0, sig)
-    assert not (exports / "src").exists() and not (exports / "src.tar.gz").exists()
-    lab_cli("models", "export", "src", check=True)
+    (job,) = runs.list_jobs(ws)
+    if sig == signal.SIGINT:
+        assert "was cancelled" in proc.stderr.read() and runs.get_job(ws, job["id"])["status"] == "cancelled"
+    deadline = time.monotonic() + 30  # the job process follows its killed worker
+    while time.monotonic() < deadline and _runner_alive(ws, job["id"]):
+        time.sleep(0.1)
+    assert not _runner_alive(ws, job["id"]), "the job process outlived the command that ran it"
+    published = (exports / "src").exists()
+    again = lab_cli("models", "export", "src")
+    if published:  # it had finished before the kill reached it: whole, and a second export is refused
+        assert again.returncode == 2 and "already exists" in again.stderr
+    else:
+        assert again.returncode == 0, again.stderr
     with tarfile.open(exports / "src.tar.gz") as tar:
         names = tar.getnames()
     assert "src/README.md" in names and "src/config.json" in names
@@ -137,6 +151,14 @@ def test_export_killed_while_archiving_then_run_again(ws, sig):
     assert _leftovers(exports) == []
     assert lab_cli("models", "export", "src").returncode == 2, "a finished export is still refused"
 
+
+def _runner_alive(ws, job_id: int) -> bool:
+    """The job's process (its pid as recorded when it started) still runs the job."""
+    pid = jobstore.get(ws, job_id).pid
+    try:
+        return pid is not None and b"jobs.runner" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 @pytest.mark.slow

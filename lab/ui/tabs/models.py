@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import logging
-import queue
-import threading
+import time
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from lab import gguf_export, model_server, registry
-from lab.dependencies import describe
+from lab import gguf_export, jobstore, model_server, registry, runs
 from lab.errors import LabError
 from lab.ui import choices
-from lab.ui.common import UI, user_errors
+from lab.ui.common import TERMINAL, UI, user_errors
 from lab.ui.html import md, ok_box, problems_box
-
-log = logging.getLogger(__name__)
+from lab.workspace import log_tail
 
 COLUMNS = ["name", "kind", "size", "architecture", "origin", "path"]
 
@@ -57,6 +54,26 @@ def served_text(ui: UI) -> str:
                      f"model=\"{name}\", messages=[{{\"role\": \"user\", \"content\": \"Hello\"}}])\n"
                      "print(answer.choices[0].message.content)\n```")
     return "\n\n".join(parts)
+
+
+FOLLOW_S = 1.0  # how often a followed tool job is looked at
+
+
+def follow(ui: UI, job_id: int, what: str):
+    """A queued tool job followed to its end: (None, progress text) while it waits or runs (its phase and the last
+    lines of its log), then (job, its error or "") once it has ended."""
+    while True:
+        job = runs.get_job(ui.settings, job_id)
+        if job["status"] in TERMINAL:
+            reason = job.get("error") or ""
+            yield job, (f"job {job_id} {job['status']}: {reason}" if job["status"] != "completed" else "")
+            return
+        phase = f" ({jobstore.PHASES.get(job['phase'], job['phase'])})" if job.get("phase") else ""
+        tail = log_tail(Path(job["run_dir"]) / "log.txt", 4) if job.get("run_dir") else None
+        lines = [line for line in (tail or "").splitlines() if not line.startswith("[lab]")][-4:]
+        yield None, "\n".join([f"{what}: job {job_id} {job['status']}{phase}; it goes on if you leave this page "
+                               "(the Jobs page shows it, and cancels it)", *lines])
+        time.sleep(FOLLOW_S)
 
 
 def build(ui: UI) -> None:
@@ -123,10 +140,28 @@ def build(ui: UI) -> None:
     def done(msg: str):
         return table(ui), starter_status(ui), ok_box(msg)
 
-    @user_errors
     def on_starter():
-        info = registry.ensure_starter(ui.settings)
-        return done(f"{info['name']} is ready in {info['path']}")
+        if registry.STARTER_NAME in choices.model_names(ui):
+            yield done(f"{registry.STARTER_NAME} is ready")
+            return
+        yield from imported(registry.STARTER_NAME, registry.starter_file(), "starter")
+
+    def imported(name: str, file, source: str = "gguf"):
+        """Queue an import-gguf job and follow it here; it goes on (on the Jobs page) if the page is left."""
+        try:
+            job_id = runs.submit_tool(ui.settings, "import-gguf", params={"name": name, "file": str(file),
+                                                                          "source": source})
+        except LabError as exc:
+            yield gr.update(), gr.update(), problems_box(exc, "nothing was imported")
+            return
+        for job, text in follow(ui, job_id, f"importing {Path(str(file)).name} as {name}"):
+            if job is None:
+                yield gr.update(), gr.update(), ok_box(text)
+            elif job["status"] == "completed":
+                yield done(f"imported {name} into {registry.info(ui.settings, name)['path']} (job {job_id})")
+            else:
+                yield gr.update(), gr.update(), problems_box(LabError(text, job.get("next_step") or ""),
+                                                             "nothing was imported")
 
     @user_errors
     def on_add(name, path, base):
@@ -152,75 +187,67 @@ def build(ui: UI) -> None:
         return (gr.update(value=frame, visible=bool(found)), gr.update(choices=picks, value=None), found,
                 ok_box(note))
 
-    @user_errors
     def on_found_add(pick, name, found):
         if pick in (None, "") or not found or int(pick) >= len(found):
-            raise LabError("look for models, then pick one")
+            yield gr.update(), gr.update(), problems_box(LabError("look for models, then pick one"),
+                                                         "nothing was registered")
+            return
         f = found[int(pick)]
         name = (name or "").strip()
         if f["format"] == "gguf":
-            info = registry.import_gguf(ui.settings, name, f["path"])
-            return done(f"imported {info['name']} from {f['id']} into {info['path']}")
-        info = registry.add_folder(ui.settings, name, f["id"] if f["where"] == "hf-cache" else f["path"])
-        return done(f"registered {info['name']} from {f['id']} ({info['architecture']}, "
-                    f"{_size(info['parameters'])} parameters)")
+            yield from imported(name, f["path"])
+            return
+        try:
+            info = registry.add_folder(ui.settings, name, f["id"] if f["where"] == "hf-cache" else f["path"])
+        except LabError as exc:
+            yield gr.update(), gr.update(), problems_box(exc, "nothing was registered")
+            return
+        yield done(f"registered {info['name']} from {f['id']} ({info['architecture']}, "
+                   f"{_size(info['parameters'])} parameters)")
 
     scan.click(on_scan, [], [found_table, found_pick, found_state, message])
-    found_add.click(on_found_add, [found_pick, found_name, found_state], outputs)
+    # following a job only reads the database now and then: any number at once (one per page, or per user)
+    found_add.click(on_found_add, [found_pick, found_name, found_state], outputs, concurrency_limit=None)
 
-    @user_errors
     def on_import(name, path):
-        info = registry.import_gguf(ui.settings, (name or "").strip(), (path or "").strip())
-        return done(f"imported {info['name']} into {info['path']}")
+        yield from imported((name or "").strip(), (path or "").strip())
 
     def on_export(name, fmt, quant, as_name):
-        """A generator: the long steps (building llama.cpp, merging, converting) report as they go."""
-        from lab.export import export
-
-        as_name = (as_name or "").strip() or None
-        if fmt != "gguf":
-            try:
-                if not name:
-                    raise LabError("pick a model to export")
-                done = export(ui.settings, name, as_name, adapter=fmt == "adapter")
-            except LabError as exc:
-                yield None, problems_box(exc, "nothing was exported")
-                return
-            yield [done["archive"]], ok_box(f"exported {name} to {done['folder']} ({done['bytes'] / 2**20:.1f} MiB)")
+        """Queue the export as a job (export-hf or export-gguf) and follow it here: its phase and last log lines
+        as it goes, the files at the end. Leaving or reloading the page leaves it running (the Jobs page)."""
+        as_name = (as_name or "").strip()
+        try:
+            if not name:
+                raise LabError("pick a model to export")
+            if fmt == "gguf":
+                job_id = runs.submit_tool(ui.settings, "export-gguf", model=name,
+                                          params={"quant": quant, "export_name": as_name})
+            else:
+                job_id = runs.submit_tool(ui.settings, "export-hf", model=name,
+                                          params={"export_name": as_name, "adapter": fmt == "adapter"})
+        except LabError as exc:
+            yield None, problems_box(exc, "nothing was exported")
             return
-        said: queue.Queue = queue.Queue()
-        result: dict = {}
+        for job, text in follow(ui, job_id, f"exporting {name}"):
+            if job is None:
+                yield gr.update(), ok_box(text)
+            elif job["status"] != "completed":
+                yield None, problems_box(LabError(text, job.get("next_step") or ""), "nothing was exported")
+            elif fmt == "gguf":
+                done = runs.tool_result(ui.settings, job_id)
+                yield [done["file"], done["modelfile"]], ok_box(
+                    f"exported {name} to {done['file']} ({done['bytes'] / 2**20:.1f} MiB, {done['quant'].upper()}); "
+                    f"llama.cpp reads it back ({done['llama_cpp']['architecture']}, chat template "
+                    f"{'embedded' if done['llama_cpp']['chat_template'] else 'missing'}). Ollama: `ollama create "
+                    f"{done['name']} -f Modelfile` in that folder; LM Studio: copy the folder into "
+                    "~/.lmstudio/models/llm-lab/")
+            else:
+                done = runs.tool_result(ui.settings, job_id)
+                yield [done["archive"]], ok_box(f"exported {name} to {done['folder']} "
+                                                f"({done['bytes'] / 2**20:.1f} MiB)")
 
-        def work():
-            try:
-                if not name:
-                    raise LabError("pick a model to export")
-                result["done"] = gguf_export.export_gguf(ui.settings, name, quant, as_name, say=said.put)
-            except LabError as exc:
-                result["error"] = exc
-            except Exception as exc:  # kept in the server log; the page says what happened
-                log.exception("GGUF export of %s failed", name)
-                result["error"] = LabError(describe(exc))
-            finally:
-                said.put(None)
-
-        threading.Thread(target=work, daemon=True).start()
-        lines: list[str] = []
-        while (line := said.get()) is not None:
-            lines.append(line)
-            yield None, ok_box("\n".join(lines[-6:]))
-        if "error" in result:
-            yield None, problems_box(result["error"], "nothing was exported")
-            return
-        done = result["done"]
-        yield [done["file"], done["modelfile"]], ok_box(
-            f"exported {name} to {done['file']} ({done['bytes'] / 2**20:.1f} MiB, {done['quant'].upper()}); llama.cpp "
-            f"reads it back ({done['llama_cpp']['architecture']}, chat template "
-            f"{'embedded' if done['llama_cpp']['chat_template'] else 'missing'}). Ollama: `ollama create "
-            f"{done['name']} -f Modelfile` in that folder; LM Studio: copy the folder into "
-            "~/.lmstudio/models/llm-lab/")
-
-    export_go.click(on_export, [to_export, export_fmt, export_quant, export_as], [export_file, message])
+    export_go.click(on_export, [to_export, export_fmt, export_quant, export_as], [export_file, message],
+                    concurrency_limit=None)
     export_fmt.change(lambda f: gr.update(visible=f == "gguf"), export_fmt, export_quant)
 
     @user_errors
@@ -244,9 +271,9 @@ def build(ui: UI) -> None:
 
     serve_go.click(on_serve, [to_serve, serve_port], [served, message])
     serve_stop.click(on_stop, [to_serve], [served, message])
-    starter.click(on_starter, [], outputs)
+    starter.click(on_starter, [], outputs, concurrency_limit=None)
     add.click(on_add, [folder_name, folder, adapter_base], outputs)
-    imp.click(on_import, [gguf_name, gguf], outputs)
+    imp.click(on_import, [gguf_name, gguf], outputs, concurrency_limit=None)
 
     def refresh(_):
         return {ui["models_table"]: table(ui), status: starter_status(ui),

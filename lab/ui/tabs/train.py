@@ -109,7 +109,8 @@ def filled(spec: jobspec.JobSpec, forms_of: dict[str, forms.Form], default_track
     """Named values that put `spec` in the form (Clone, a loaded config): the chosen plugin's form gets its
     parameters, the other plugins' forms are left as they are."""
     if spec.plugin not in forms_of:
-        raise LabError(f"plugin {spec.plugin!r} is not installed here")
+        raise LabError(f"plugin {spec.plugin!r} is not a method of the Train page here",
+                       "exports and imports start again from the Models page; any other plugin must be installed")
     values = forms_of[spec.plugin].fill(dict(spec.params))
     follow = spec.then_eval
     return {"plugin": spec.plugin, "model": spec.model, "dataset": spec.dataset,
@@ -122,6 +123,7 @@ def filled(spec: jobspec.JobSpec, forms_of: dict[str, forms.Form], default_track
 
 def build(ui: UI) -> None:
     found, broken = plugins.discover(ui.settings)
+    found = {k: p for k, p in found.items() if p.kind != "tool"}  # exports and imports start on the Models page
     ids = list(found)
     first = "sft" if "sft" in found else (ids[0] if ids else None)  # the method most people start with
     default_trackers = trackers.parse(ui.settings.report_to) or []

@@ -523,17 +523,10 @@ def test_a_model_is_exported_as_gguf_and_served_from_the_models_page(ws, lab_ser
     from lab.pgserver import free_port
 
     llamacpp.ensure(ws, say=lambda m: None)
-    folder = tmp_path / "tiny-llama"
-    _tiny_llama_with_starter_tokenizer(folder)
-    registry.add_folder(ws, "tiny", str(folder))
+    _register_tiny_llama(ws, tmp_path)
     page.goto(lab_server.start().url)
     page.wait_for_timeout(2000)
-    _tab(page, "Models")
-    page.get_by_text("Export a model").click()
-    _choose(page, "export-model", "tiny")
-    page.locator("#export-format").get_by_text("GGUF", exact=True).click()
-    _choose(page, "export-quant", "q8_0")
-    page.locator("#export-go").click()
+    _export_gguf_from_the_models_page(page)
     _wait_for_text(page, "#models-message", r"exported tiny to .*tiny-q8_0\.gguf", 180)
     assert (ws.workspace / "exports" / "tiny-q8_0" / "tiny-q8_0.gguf").is_file()
     files = _wait_for_text(page, "#export-files", "Modelfile", 30)  # drawn just after the message
@@ -567,17 +560,10 @@ def test_an_export_is_a_job_the_page_follows_finds_after_a_reload_and_cancels(ws
     from lab import jobstore, llamacpp
 
     llamacpp.ensure(ws, say=lambda m: None)
-    folder = tmp_path / "tiny-llama"
-    _tiny_llama_with_starter_tokenizer(folder)
-    registry.add_folder(ws, "tiny", str(folder))
+    _register_tiny_llama(ws, tmp_path)
     page.goto(lab_server.start().url)
     page.wait_for_timeout(2000)
-    _tab(page, "Models")
-    page.get_by_text("Export a model").click()
-    _choose(page, "export-model", "tiny")
-    page.locator("#export-format").get_by_text("GGUF", exact=True).click()
-    _choose(page, "export-quant", "q8_0")
-    page.locator("#export-go").click()
+    _export_gguf_from_the_models_page(page)
     job = wait_until(lambda: next((jobstore.get(ws, j["id"]) for j in runs.list_jobs(ws)
                                    if jobstore.get(ws, j["id"]).phase == "converting"), None), 240,
                      "the export converting")
@@ -600,15 +586,26 @@ def test_an_export_is_a_job_the_page_follows_finds_after_a_reload_and_cancels(ws
     exports = ws.workspace / "exports"
     assert not (exports / "tiny-q8_0").exists(), "a cancelled export publishes nothing"
     _wait_for_text(page, "#jobs-table", rf"(?s)\b{job.id}\b.*export-gguf.*cancelled", 30)
+    _export_gguf_from_the_models_page(page)
+    _wait_for_text(page, "#models-message", r"exported tiny to .*tiny-q8_0\.gguf", 180)
+    assert (exports / "tiny-q8_0" / "tiny-q8_0.gguf").is_file() and not (exports / ".staging" / "tiny-q8_0").exists()
+    _no_error_toast(page)
+
+
+def _register_tiny_llama(ws, tmp_path: Path) -> None:
+    folder = tmp_path / "tiny-llama"
+    _tiny_llama_with_starter_tokenizer(folder)
+    registry.add_folder(ws, "tiny", str(folder))
+
+
+def _export_gguf_from_the_models_page(page) -> None:
+    """Models page: export `tiny` as GGUF Q8_0."""
     _tab(page, "Models")
     page.get_by_text("Export a model").click()
     _choose(page, "export-model", "tiny")
     page.locator("#export-format").get_by_text("GGUF", exact=True).click()
     _choose(page, "export-quant", "q8_0")
     page.locator("#export-go").click()
-    _wait_for_text(page, "#models-message", r"exported tiny to .*tiny-q8_0\.gguf", 180)
-    assert (exports / "tiny-q8_0" / "tiny-q8_0.gguf").is_file() and not (exports / ".staging" / "tiny-q8_0").exists()
-    _no_error_toast(page)
 
 
 def _tiny_llama_with_starter_tokenizer(folder: Path) -> None:

@@ -76,6 +76,8 @@ class SlurmSupervision(Supervision):
         args = slurm.sbatch_args(job, s, run_dir, script)
         with open(run_dir / "log.txt", "a") as log:
             log.write(f"[lab] submitting to Slurm: {shlex.join(args)}\n")
+        # its processes read the run folder from the row: recorded before Slurm can start them
+        self.worker.db(jobstore.started, s, job.id, self.worker.id, None, str(run_dir), patient=True)
         slurm_id = slurm.submit(args, self.environment())
         self.worker.say(f"job {job.id} ({job.plugin}) submitted to Slurm as job {slurm_id}; log: "
                         f"{run_dir / 'log.txt'}")

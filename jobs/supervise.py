@@ -119,6 +119,8 @@ class Supervision:
         if self.devices is not None:  # only what was given to this job; a CPU job sees none
             env["CUDA_VISIBLE_DEVICES"] = ",".join(self.devices)
         oom_before = oom_kills()
+        # the job process reads its run folder from the row: recorded before it starts (the pid once it has)
+        w.db(jobstore.started, s, job.id, w.id, None, str(run_dir), patient=True)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 job_command(job, env),

@@ -115,7 +115,8 @@ def _update_running(settings: Settings, job_id: int, worker_id: str | None = Non
         return s.execute(update(Job).where(*cond).values(**values)).rowcount == 1
 
 
-def started(settings: Settings, job_id: int, worker_id: str, pid: int, run_dir: str) -> bool:
+def started(settings: Settings, job_id: int, worker_id: str, pid: int | None, run_dir: str) -> bool:
+    """The claimed job's run folder (recorded before its process starts: the process reads it) and its pid."""
     return _update_running(settings, job_id, worker_id, pid=pid, run_dir=run_dir)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lab import llamacpp, registry
+from lab import llamacpp, registry, runs
 from lab.errors import LabError
 from lab.gguf_export import export_gguf
 from tests.conftest import lab_cli
@@ -129,6 +129,29 @@ def test_q8_0_export_loads_and_answers(ws, toolchain, tiny_llama):
     assert len(answer) == 16
     assert answer[:4] == reference[:4]  # 8-bit weights keep a clear-cut greedy choice
     assert not list((ws.workspace / "exports").glob("*/.f16.gguf"))  # the intermediate file is gone
+
+
+def test_a_gguf_file_is_imported_by_a_job_and_keeps_its_weights(ws, toolchain, tiny_llama, jobs_worker):
+    """`lab models import-gguf` queues an import-gguf job (the command runs a worker for it): the file is
+    dequantised into a registered HF folder whose weights are the original's, and the job says what it made."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    registry.add_folder(ws, "tiny", str(tiny_llama))
+    done = export_gguf(ws, "tiny", "f32", say=lambda m: None)
+    imported = lab_cli("models", "import-gguf", "back", done["file"], check=True)
+    (job,) = [j for j in runs.list_jobs(ws) if j["plugin"] == "import-gguf"]
+    assert job["status"] == "completed" and job["experiment"] == runs.TOOLS_EXPERIMENT
+    info = registry.info(ws, "back")
+    assert f"imported model back into {info['path']}" in imported.stdout and info["source"] == "gguf"
+    assert runs.tool_result(ws, job["id"]) == {"name": "back", "path": info["path"]}
+    orig = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    back = AutoModelForCausalLM.from_pretrained(info["path"])
+    for name in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):
+        assert torch.allclose(back.state_dict()[name], orig.state_dict()[name], atol=1e-5), name
+    again = lab_cli("models", "import-gguf", "back", done["file"])
+    assert again.returncode == 2 and "already exists" in again.stderr
+    assert len(runs.list_jobs(ws)) == 1, "a refused import queues nothing"
 
 
 def test_an_adapter_is_merged_into_its_base_before_conversion(ws, toolchain, tiny_llama, tmp_path):

@@ -191,3 +191,20 @@ def test_a_new_run_never_reuses_another_runs_folder(ws, jobs_worker):
     assert job["status"] == "completed"
     assert Path(job["run_dir"]).name == "1-instant.2"
     assert (stale / "log.txt").read_text() == "an older run\n"
+
+
+def test_a_job_process_finds_its_run_folder_however_late_its_pid_is_recorded(ws, jobs_worker, monkeypatch):
+    """The process reads its run folder from the job's row: it is recorded before the process starts (a busy
+    database once let a fast job start first and fail with "no run folder")."""
+    real = jobstore.started
+
+    def late(settings, job_id, worker_id, pid, run_dir):
+        if pid is not None:
+            time.sleep(3)  # the job process has long started by now
+        return real(settings, job_id, worker_id, pid, run_dir)
+
+    monkeypatch.setattr(jobstore, "started", late)
+    job_id = runs.submit(ws, "instant", params={"steps": "1"})
+    jobs_worker(ws).serve(once=True)
+    job = runs.get_job(ws, job_id)
+    assert job["status"] == "completed", job

@@ -186,10 +186,8 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None,
     file's columns to a format's fields (`text=v2,label=v1`), `encoding` names a text file's encoding, `split` and
     `test_split` pick a folder's splits. `source` says where it came from. The result's `notes` say what was done
     beyond a plain import (an encoding found, columns dropped or renamed, a layout converted)."""
-    check_name(name, "dataset")
+    _check_free(settings, name)
     file = Path(file).expanduser()
-    if _exists(settings, name):
-        raise LabError(f"a dataset named {name!r} already exists", "pick another name, or see `lab datasets list`")
     mapped, src, stored, layout, rows, test, notes = _load(file, fmt, columns, encoding, split, test_split)
     extra = {"columns_mapped": mapped, "encoding": encoding or None, "split": src.split,
              "test_split": src.test_split}
@@ -197,12 +195,17 @@ def add(settings: Settings, name: str, file: str | Path, fmt: str | None = None,
                   original=file if file.is_file() else None, db=db)
 
 
-def add_rows(settings: Settings, name: str, rows: list[dict], fmt: str, source: str, db=None) -> dict:
-    """Register rows the lab made (the preference pairs of rankings) as dataset `name`, validated like an imported
-    file's, with no file in between; all or nothing, and with `db` inside the caller's open session (see `add`)."""
+def _check_free(settings: Settings, name: str) -> None:
+    """A new dataset's name: safe, and not taken."""
     check_name(name, "dataset")
     if _exists(settings, name):
         raise LabError(f"a dataset named {name!r} already exists", "pick another name, or see `lab datasets list`")
+
+
+def add_rows(settings: Settings, name: str, rows: list[dict], fmt: str, source: str, db=None) -> dict:
+    """Register rows the lab made (the preference pairs of rankings) as dataset `name`, validated like an imported
+    file's, with no file in between; all or nothing, and with `db` inside the caller's open session (see `add`)."""
+    _check_free(settings, name)
     loaded = sources.Loaded(rows=[dict(r) for r in rows], places=[f"row {i}" for i in range(1, len(rows) + 1)],
                             problems=[])
     stored, layout, kept, notes = prepare(loaded, fmt, {}, name)

@@ -102,3 +102,37 @@ def test_a_damaged_or_newer_database_is_named_and_left_untouched(ws, damage):
     assert done.returncode == 2, done.stderr
     assert expected in done.stderr and "Traceback" not in done.stderr and "unexpected" not in done.stderr
     assert _digest(path) == before, "the lab never modifies a database it cannot use"
+
+
+def test_switching_a_new_database_to_wal_waits_for_the_others_switching_it(tmp_path):
+    # Switching to WAL from two connections at once is a lock SQLite answers with "locked" at once, without waiting
+    # (both hold a read lock and want the file to themselves); four processes opening a new workspace did that in CI.
+    import sqlite3
+    import threading
+
+    from lab import db as lab_db
+
+    errors = []
+    for i in range(20):
+        path = tmp_path / f"{i}.db"
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE t (x)")
+        barrier = threading.Barrier(8)
+
+        def switch():
+            conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            barrier.wait()
+            try:
+                lab_db._wal(conn.cursor())
+                errors.extend([] if conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal" else ["not wal"])
+            except sqlite3.OperationalError as exc:
+                errors.append(str(exc))
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=switch) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

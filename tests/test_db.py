@@ -119,7 +119,7 @@ def test_switching_a_new_database_to_wal_waits_for_the_others_switching_it(tmp_p
             conn.execute("CREATE TABLE t (x)")
         barrier = threading.Barrier(8)
 
-        def switch():
+        def switch(path=path, barrier=barrier):
             conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
             barrier.wait()
             try:

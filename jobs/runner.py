@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from lab import datasets as datasets_mod
-from lab import jobspec, jobstore, plugins, runs, trackers
+from lab import jobspec, jobstore, plugins, registry, runs, trackers
 from lab.db import read_session
 from lab.diagnosis import diagnose
 from lab.errors import CANCELLED_EXIT, INTERRUPTED_EXIT, Diverged, JobCancelled, JobInterrupted, LabError
@@ -98,6 +98,18 @@ def _dataset_info(settings: Settings, dataset: Dataset, plugin: plugins.Plugin) 
     return {**found, "split": "train"}
 
 
+def named_models(settings: Settings, plugin: plugins.Plugin, params) -> dict:
+    """The further models its parameters name (a reward model, a judge, ...), resolved once before the run starts:
+    {field: info} (a list of infos for a field of several). The plugin reads them from ctx.models, and job.json
+    records each with its path and fingerprint."""
+    found = {}
+    for field_name, names in plugins.model_names(plugin, params).items():
+        infos = [registry.info(settings, n) for n in names]
+        widget = plugin.params.model_fields[field_name].json_schema_extra["widget"]
+        found[field_name] = infos if widget == "models" else (infos[0] if infos else None)
+    return found
+
+
 def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.Plugin, object]:
     job = jobstore.get(settings, job_id)
     plugin = plugins.get(settings, job.plugin)
@@ -114,6 +126,7 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
         model=_model_info(model, base),
         dataset=None if dataset is None else _dataset_info(settings, dataset, plugin),
     )
+    ctx.models = named_models(settings, plugin, params)
     ctx.report_to, dropped = trackers.for_run(job.report_to, settings.report_to, settings.wandb)
     if dropped and job.report_to is not None:  # asked for by the job: say why it does not happen
         ctx.log(f"[lab] {dropped}")
@@ -135,8 +148,9 @@ def build_context(settings: Settings, job_id: int) -> tuple[RunContext, plugins.
     record = {
         "job_id": job.id, "plugin": plugin.id, "plugin_origin": plugin.origin, "experiment": experiment.name,
         "params": params.model_dump(mode="json"), "seed": getattr(params, "seed", None), "priority": job.priority,
-        "model": ctx.model, "dataset": ctx.dataset and {k: ctx.dataset[k] for k in ("id", "name", "format", "rows",
-                                                                                  "split", "fingerprint", "path")},
+        "model": ctx.model, "models": ctx.models,
+        "dataset": ctx.dataset and {k: ctx.dataset[k] for k in ("id", "name", "format", "rows", "split", "fingerprint",
+                                                                 "path")},
         "worker": job.worker, "attempt": job.attempts, "processes": job.processes, "devices": job.devices,
         "nodes": job.nodes, "slurm_job_id": job.slurm_job_id,
         "created_at": job.created_at.isoformat(),

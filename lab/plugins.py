@@ -8,11 +8,14 @@ A plugin is a module with:
     Params: pydantic model   every parameter with default, bounds and description
     run(ctx, params)         does the work (lab.sdk.RunContext)
 and optionally DESCRIPTION (else the docstring's first line), NEEDS_MODEL (True, False or "optional";
-default True), NEEDS_DATASET ("optional" when a dataset in an accepted format may be left out), PASSTHROUGH (True when
-unknown `--set` names go to `params.extra_args`), RESUMABLE (False for a trainer that cannot resume from a
+default True), NEEDS_DATASET ("optional" when a dataset in an accepted format may be left out), CONFIG (the trainer
+configuration class `extra_args` go to, "trl.DPOConfig"), RESERVED (its configuration arguments the lab sets from the
+plugin's own fields, besides the common RESERVED below), PASSTHROUGH (whether unknown `--set` names go to
+`params.extra_args`; default: when Params has that field), RESUMABLE (False for a trainer that cannot resume from a
 checkpoint: its jobs take no retries), MODEL_KINDS (the registry kinds it starts from; default full and
 adapter), check(params) -> list of problems, and check_inputs(params, model, dataset, settings) -> list of
-problems (model and dataset as registry dicts, or None), both run before queueing.
+problems (model and dataset as registry dicts, or None), both run before queueing. The shared parameter groups and
+`model_field` are in lab.params.
 
 Built-ins are found exactly like third-party plugins: a list of module names, plus the `lab.plugins` entry-point
 group, plus `LAB_EXTRA_PLUGINS`.
@@ -28,12 +31,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from lab.errors import LabError, ValidationError
+from lab.params import TrainParams, advanced, ordered_fields  # noqa: F401 (TrainParams, advanced: for plugins)
 from lab.settings import Settings
 
 BUILTINS = ("plugins.pretrain", "plugins.sft", "plugins.classify", "plugins.reward", "plugins.ppo", "plugins.dpo",
@@ -71,37 +75,100 @@ class Plugin:
 
     def check(self, params: BaseModel) -> list[str]:
         check = getattr(self.module, "check", None)
-        return list(check(params)) if check else []
+        return passed_through_problems(self, params) + (list(check(params)) if check else [])
+
+    def config_class(self) -> type | None:
+        """The trainer configuration class its `extra_args` go to (module attribute CONFIG, "package.Class")."""
+        name = getattr(self.module, "CONFIG", None)
+        if not name:
+            return None
+        import warnings
+
+        from lab.dependencies import IMPORTS
+
+        module_name, _, cls = name.rpartition(".")
+        with IMPORTS, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. TRL's note that its experimental package may change
+            return getattr(importlib.import_module(module_name), cls)
 
     def check_inputs(self, params: BaseModel, model: dict | None, dataset: dict | None, settings) -> list[str]:
         problems = []
         if model is not None and model["kind"] not in self.model_kinds:
             problems.append(f"model {model['name']} is a {model['kind']} model; {self.id} starts from "
                             f"{' or '.join(self.model_kinds)} models")
+        problems += named_model_problems(self, params, settings)
         check = getattr(self.module, "check_inputs", None)
         return problems + (list(check(params, model, dataset, settings)) if check and not problems else [])
 
 
-def advanced(widget: str | None = None, **kw) -> dict:
-    """Field arguments for a parameter that forms fold away: `Field(default, **advanced(ge=0, description=...))`;
-    `widget="slider"` asks for a slider."""
-    return {"json_schema_extra": {"advanced": True, "widget": widget}, **kw}
+def model_names(plugin: Plugin, params: BaseModel) -> dict[str, list[str]]:
+    """The registered models its parameters name (fields made with lab.params.model_field), by field."""
+    out = {}
+    for name, f in plugin.params.model_fields.items():
+        extra = f.json_schema_extra if isinstance(f.json_schema_extra, dict) else {}
+        if extra.get("widget") in ("model", "models"):
+            out[name] = [n.strip() for n in str(getattr(params, name) or "").split(",") if n.strip()]
+    return out
 
 
-class TrainParams(BaseModel):
-    """Parameters every trainer plugin shares (subclass it: `class Params(TrainParams)`): its checkpoints."""
+def model_kinds_of(plugin: Plugin, field_name: str) -> tuple[str, ...]:
+    extra = plugin.params.model_fields[field_name].json_schema_extra
+    kind = extra.get("model_kind") if isinstance(extra, dict) else None
+    return tuple(kind.split("|")) if kind else ()
 
-    save_steps: int = Field(0, **advanced(ge=0, description="Also checkpoint every this many steps; 0: by time only."))
-    save_minutes: float = Field(10.0, **advanced(
-        ge=0, le=10080, description="Checkpoint after this many minutes of training since the last checkpoint (and "
-        "always when the job is stopped), so an interrupted or retried job resumes; 0: only every save_steps."))
-    gradient_checkpointing: Literal["auto", "on", "off"] = Field("auto", **advanced(
-        description="Recompute activations in the backward pass instead of keeping them: less memory, about a third "
-        "more compute. auto: on only when they would take over a quarter of the free memory."))
-    profile_steps: int = Field(0, **advanced(
-        ge=0, le=10, description="Record this many training steps (after the first) with the torch profiler: the "
-        "run's profile.txt lists the ops that took the time, profile.json.gz is a trace for Perfetto, and the metric "
-        "profile/matmul_share is the part of the step time in matrix multiplications. 0: off."))
+
+def named_model_problems(plugin: Plugin, params: BaseModel, settings) -> list[str]:
+    """Each model a parameter names must be registered, and of a kind the field takes."""
+    from lab import registry
+
+    problems = []
+    for field_name, names in model_names(plugin, params).items():
+        kinds = model_kinds_of(plugin, field_name)
+        for name in names:
+            try:
+                info = registry.info(settings, name)
+            except LabError:
+                problems.append(f"`{field_name}`: no model named {name!r}")
+                continue
+            if kinds == ("reward",) and info["kind"] != "reward":
+                problems.append(f"`{field_name}`: {name} is a {info['kind']} model, not a reward model")
+            elif kinds and info["kind"] not in kinds:
+                problems.append(f"`{field_name}`: {name} is a {info['kind']} model: it scores text, it does not "
+                                "write any" if "reward" not in kinds else
+                                f"`{field_name}`: {name} is a {info['kind']} model; it takes {' or '.join(kinds)}")
+    return problems
+
+
+# configuration arguments the lab sets itself for every trainer: passing them through would break the run's folder
+# layout, its tracking or its device
+RESERVED = frozenset({"output_dir", "report_to", "run_name", "logging_dir", "use_cpu", "disable_tqdm", "push_to_hub",
+                      "hub_token", "hub_model_id", "project", "save_total_limit"})
+
+
+def passed_through_problems(plugin: Plugin, params: BaseModel) -> list[str]:
+    """Before queueing: every `extra_args` name must be an argument of the plugin's trainer configuration that the
+    lab does not set itself (RESERVED, and the plugin's own RESERVED), and the configuration must accept the values."""
+    extra = getattr(params, "extra_args", None)
+    if not extra:
+        return []
+    config_cls = plugin.config_class()
+    if config_cls is None:
+        return [f"`extra_args`: {plugin.id} has no trainer configuration to pass arguments to"]
+    import dataclasses
+    import tempfile
+
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    reserved = RESERVED | set(getattr(plugin.module, "RESERVED", ()))
+    problems = [f"unknown parameter `{k}` (neither a {plugin.id} parameter nor a {config_cls.__name__} argument)"
+                for k in extra if k not in known]
+    problems += [f"`{k}` is set by the lab and cannot be passed through" for k in extra if k in reserved]
+    if not problems:
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                config_cls(output_dir=tmp, use_cpu=True, report_to=[], **extra)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{config_cls.__name__} refuses the extra arguments: {exc}")
+    return problems
 
 
 def _example(doc: str) -> str:
@@ -122,7 +189,8 @@ def _load(module_name: str, origin: str) -> Plugin:
         id=module.ID, kind=module.KIND, accepts=tuple(module.ACCEPTS), params=module.Params, module=module,
         description=getattr(module, "DESCRIPTION", None) or (doc.strip().splitlines() or [""])[0],
         origin=origin, needs_model=getattr(module, "NEEDS_MODEL", True),
-        passthrough=getattr(module, "PASSTHROUGH", False), example=_example(doc),
+        passthrough=getattr(module, "PASSTHROUGH", "extra_args" in module.Params.model_fields),
+        example=_example(doc),
         model_kinds=tuple(getattr(module, "MODEL_KINDS", ("full", "adapter"))),
         distributed=bool(getattr(module, "DISTRIBUTED", False)),
         resumable=bool(getattr(module, "RESUMABLE", True)),
@@ -279,7 +347,8 @@ def describe_params(plugin: Plugin) -> list[dict]:
     and `model_kind` (which models a model widget offers, e.g. "reward" or "full|adapter"), which a field sets with
     json_schema_extra."""
     out = []
-    for name, f in plugin.params.model_fields.items():
+    for name in ordered_fields(plugin.params):
+        f = plugin.params.model_fields[name]
         bounds = {}
         for m in f.metadata:
             for attr in ("ge", "gt", "le", "lt"):

@@ -32,6 +32,7 @@ class RunContext:
     run_dir: Path
     model: dict | None = None  # registry info: name, path, kind, ...; None for plugins that need no model
     dataset: dict | None = None  # dataset info: name, path, format, rows, ...
+    models: dict = field(default_factory=dict)  # the further models its parameters name, resolved: {field: info}
     report_to: list[str] = field(default_factory=list)  # the trackers (lab.trackers), set by the runner
     perplexity: bool = False  # also log exp(loss) (pretraining)
     resume_from: Path | None = None  # a retried job's last complete checkpoint (`train` resumes from it)
@@ -179,13 +180,14 @@ class RunContext:
         (learning_rate, epochs, max_steps, batch_size, grad_accum, scheduler, warmup_steps, weight_decay, max_length,
         logging_steps, eval_steps, save_steps, seed, gradient_checkpointing): the run's folders and name, the
         device, precision, logging, checkpoints, and (given the model) whether to recompute activations. `own`
-        holds the method's own arguments and wins over the shared ones."""
+        holds the method's own arguments and wins over the shared ones; the parameters' `extra_args` win over both."""
         import dataclasses
 
         from lab import speed
 
         names = {f.name for f in dataclasses.fields(config_cls)}
         p = params.model_dump()
+        own = {**own, **p.get("extra_args", {})}  # what the user passed through wins over the lab's choices
         seed = p.get("seed", 42)
         shared = dict(
             output_dir=str(self.checkpoints_dir), report_to=list(self.report_to),
@@ -216,6 +218,47 @@ class RunContext:
         if "ddp_find_unused_parameters" in names:
             shared["ddp_find_unused_parameters"] = False  # every trainable weight takes part in each step
         return config_cls(**{k: v for k, v in {**shared, **own}.items() if k in names or k in own})
+
+    def split(self, data, params, unit: str = "rows"):
+        """(train, held_out): `params.eval_split` of the rows held out, by `params.seed` (held_out is None at 0)."""
+        share = getattr(params, "eval_split", 0)
+        train, held_out = data, None
+        if share > 0:
+            parts = data.train_test_split(test_size=share, seed=getattr(params, "seed", 42))
+            train, held_out = parts["train"], parts["test"]
+        self.log(f"[lab] {len(train)} training {unit}" + (f", {len(held_out)} held out" if held_out else ""))
+        return train, held_out
+
+    def lora(self, params, model=None, task_type: str = "CAUSAL_LM"):
+        """The peft LoraConfig from the parameters' LoRA group; None without LoRA, or when `model` carries an adapter
+        already (an earlier run's, which goes on training)."""
+        if not getattr(params, "use_lora", False):
+            return None
+        from peft import LoraConfig, PeftModel
+
+        if isinstance(model, PeftModel):
+            return None
+        from lab import modeling
+
+        return LoraConfig(task_type=task_type, r=params.lora_r, lora_alpha=params.lora_alpha,
+                          lora_dropout=params.lora_dropout, target_modules=modeling.lora_targets(params.lora_target))
+
+    def save(self, model, tokenizer, params=None, *, merge: bool = True, what: str = "model") -> None:
+        """Write the output in Hugging Face format with its tokenizer (rank 0 only). merge=True: a LoRA adapter is
+        merged in, so the next stage loads a whole model; merge=False: the adapter alone, and also the merged model
+        under output/merged when the parameters ask for it (`merge`)."""
+        if not self.is_main:
+            return
+        from peft import PeftModel
+
+        adapter = isinstance(model, PeftModel)
+        final = model.merge_and_unload() if adapter and merge else model
+        final.save_pretrained(str(self.output_dir))
+        tokenizer.save_pretrained(str(self.output_dir))
+        if adapter and not merge and getattr(params, "merge", False):
+            model.merge_and_unload().save_pretrained(str(self.output_dir / "merged"))
+            tokenizer.save_pretrained(str(self.output_dir / "merged"))
+        self.log(f"[lab] saved {'adapter' if adapter and not merge else what} to {self.output_dir}")
 
     def train(self, trainer, params=None, *, resumable: bool = True) -> None:
         """Train with the lab's callback (metrics, progress, cancel, divergence guard, checkpoints by time and on a

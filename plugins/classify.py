@@ -11,48 +11,31 @@ merged in before saving), registered as model `classify-<job id>`.
 from __future__ import annotations
 
 import json
-from typing import Literal
 
 from pydantic import ConfigDict, Field
 
 from lab import evaluation, modeling
 from lab.errors import DataError
-from lab.plugins import TrainParams, advanced
+from lab.params import Lora, Optimiser, Passthrough, Precision, Split, TrainParams, advanced
 
 ID = "classify"
 KIND = "train"
 DISTRIBUTED = True  # data-parallel under torchrun (the Trainer shards the data)
 ACCEPTS = ("classification",)
 DESCRIPTION = "Classification fine-tuning on text/label data, e.g. spam vs ham (LoRA or full)."
+CONFIG = "transformers.TrainingArguments"
 
 
-
-class Params(TrainParams):
+class Params(TrainParams, Optimiser, Lora, Split, Precision, Passthrough):
     model_config = ConfigDict(extra="forbid")
 
-    use_lora: bool = Field(True, description="Train a LoRA adapter (and the new scoring head), not every weight.")
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (2e-4 for LoRA, 3e-5 full).")
-    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the data (ignored when max_steps is set).")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
-    batch_size: int = Field(8, ge=1, le=4096, description="Examples per device per step.")
     max_length: int = Field(128, ge=8, le=131072, description="Longest text in tokens; longer ones are cut.")
+    use_lora: bool = Field(True, description="Train a LoRA adapter (and the new scoring head), not every weight.")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (2e-4 for LoRA, 3e-5 full).")
+    batch_size: int = Field(8, ge=1, le=4096, description="Examples per device per step.")
     eval_split: float = Field(0.1, ge=0, lt=0.5, description="Fraction of rows held out for accuracy and F1.",
                               json_schema_extra={"widget": "slider"})
-    seed: int = Field(42, description="Random seed for shuffling, the split and the new head.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
-    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling; commonly twice the rank."))
-    lora_dropout: float = Field(0.0, **advanced("slider", ge=0, lt=1, description="Dropout inside the LoRA layers "
-                                                "(its random masks cost about a sixth of a step on a CPU)."))
-    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
-    grad_accum: int = Field(1, **advanced(ge=1, le=1024, description="Steps whose gradients are summed."))
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
-        "linear", **advanced(description="Learning-rate schedule."))
-    warmup_steps: int = Field(0, **advanced(ge=0, description="Steps of linear warm-up."))
-    weight_decay: float = Field(0.0, **advanced(ge=0, le=1, description="AdamW weight decay."))
     logging_steps: int = Field(5, **advanced(ge=1, description="Record metrics every this many steps."))
-    eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps."))
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
@@ -78,7 +61,7 @@ def examples(fmt: str, rows: list[dict]) -> list[dict]:
 def run(ctx, params: Params) -> None:
     import numpy as np
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     # 1. data: labels as read from the rows, in a stable order
@@ -88,22 +71,16 @@ def run(ctx, params: Params) -> None:
         raise DataError(f"classification needs at least two labels; the data has only {labels}")
     index = {label: i for i, label in enumerate(labels)}
     data = Dataset.from_list([{"text": r["text"], "label": index[r["label"]]} for r in rows])
-    train, held_out = data, None
-    if params.eval_split > 0:
-        split = data.train_test_split(test_size=params.eval_split, seed=params.seed)
-        train, held_out = split["train"], split["test"]
+    train, held_out = ctx.split(data, params)
     majority = max(np.bincount(train["label"])) / len(train)
-    ctx.log(f"[lab] labels {labels}; {len(train)} training rows" + (f", {len(held_out)} held out" if held_out else "")
-            + f"; majority-class share {majority:.3f}")
+    ctx.log(f"[lab] labels {labels}; majority-class share {majority:.3f}")
 
     # 2. model: a scoring head on the base (an earlier run's adapter is merged in first)
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
     base = modeling.merged_folder(ctx.model, ctx.run_dir / "base-merged", log=ctx.log)
     model = modeling.sequence_classifier(base, len(labels), tokenizer.pad_token_id, labels)
     if params.use_lora:
-        model = get_peft_model(model, LoraConfig(
-            task_type="SEQ_CLS", r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-            target_modules=modeling.lora_targets(params.lora_target)))
+        model = get_peft_model(model, ctx.lora(params, task_type="SEQ_CLS"))
     bf16 = ctx.use_bf16(params.precision, model, tokenizer)
 
     def tokenize(batch):
@@ -138,11 +115,5 @@ def run(ctx, params: Params) -> None:
         ctx.log(f"[lab] held-out accuracy {found['accuracy']:.3f} (majority class {majority:.3f}), "
                 f"macro F1 {found['macro_f1']:.3f}")
 
-    if not ctx.is_main:  # under torchrun, rank 0 saves
-        return
-    # 6. save a plain classifier (LoRA merged in) with its label map, and the tokenizer
-    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
-    final.save_pretrained(str(ctx.output_dir))
-    tokenizer.save_pretrained(str(ctx.output_dir))
-    ctx.log(f"[lab] saved the classifier ({len(labels)} labels) to {ctx.output_dir}")
-
+    # 6. save a plain classifier (LoRA merged in) with its label map, and the tokenizer (rank 0 under torchrun)
+    ctx.save(trainer.model, tokenizer, what=f"the classifier ({len(labels)} labels)")

@@ -20,7 +20,8 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lab import evaluation, formats, modeling, registry
+from lab import evaluation, formats, modeling
+from lab.params import model_field
 
 ID = "eval-judge"
 KIND = "eval"
@@ -36,10 +37,9 @@ CHOICES = ("A", "B", "C")
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    judge: str = Field("", description="The model that judges; required (a bigger model judges better).",
-                       json_schema_extra={"widget": "model", "model_kind": "full|adapter"})
-    against: str = Field("", description="The model this one is compared with; required.",
-                         json_schema_extra={"widget": "model", "model_kind": "full|adapter"})
+    judge: str = model_field(description="The model that judges; required (a bigger model judges better).",
+                             kind="full|adapter")
+    against: str = model_field(description="The model this one is compared with; required.", kind="full|adapter")
     limit: int = Field(100, ge=1, le=100_000, description="Prompts judged (from the start of the dataset).")
     max_new_tokens: int = Field(128, ge=1, le=8192, description="Longest answer when the models answer here.")
     batch_size: int = Field(8, ge=1, le=512, description="Judgements (or answers) computed at once.")
@@ -163,7 +163,7 @@ def run(ctx, params: Params) -> None:
     else:
         prompts = examples(fmt, rows)
         answers = {}
-        for info in (ctx.model, registry.info(ctx.settings, params.against)):
+        for info in (ctx.model, ctx.models["against"]):
             ctx.set_phase("loading")
             model, tokenizer = evaluation.load_generator(info, log=ctx.log)
             ctx.set_phase("generating")
@@ -173,7 +173,7 @@ def run(ctx, params: Params) -> None:
             ctx.check_cancelled()
         pairs = [(p, a, b) for p, a, b in zip(prompts, answers[ours_name], answers[params.against], strict=True)]
     ctx.set_phase("loading")
-    judge, tokenizer = evaluation.load_generator(registry.info(ctx.settings, params.judge), log=ctx.log)
+    judge, tokenizer = evaluation.load_generator(ctx.models["judge"], log=ctx.log)
     ctx.set_phase("evaluating")
     texts = []
     for prompt, ours, theirs in pairs:

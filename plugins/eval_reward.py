@@ -12,6 +12,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 
 from lab import evaluation, formats, modeling, registry
+from lab.params import model_field
 
 ID = "eval-reward"
 KIND = "eval"
@@ -22,10 +23,9 @@ DESCRIPTION = "Answers scored by a reward model; win rate of this model over ano
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    reward_model: str = Field("", description="The reward model that scores the answers; required.",
-                              json_schema_extra={"widget": "model", "model_kind": "reward"})
-    compare_to: str = Field("", description="A second model answering the same prompts (for the win rate).",
-                            json_schema_extra={"widget": "model"})
+    reward_model: str = model_field(description="The reward model that scores the answers; required.", kind="reward")
+    compare_to: str = model_field(description="A second model answering the same prompts (for the win rate).",
+                                  kind="full|adapter")
     limit: int = Field(50, ge=1, le=100_000, description="Prompts answered.")
     max_new_tokens: int = Field(96, ge=1, le=8192, description="Longest answer in tokens.")
     temperature: float = Field(0.0, ge=0, le=5, description="0 for greedy answers.")
@@ -37,20 +37,9 @@ def check(params: Params) -> list[str]:
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
-    problems = modeling.not_causal(model)
-    for field, want in (("reward_model", "reward"), ("compare_to", None)):
-        name = getattr(params, field)
-        if not name:
-            continue
-        try:
-            info = registry.info(settings, name)
-        except Exception:
-            problems.append(f"`{field}`: no model named {name!r}")
-            continue
-        if want and info["kind"] != want:
-            problems.append(f"`{field}`: {name} is a {info['kind']} model, not a {want} model")
-        if not want:
-            problems += [f"`{field}`: {p}" for p in modeling.not_causal(info)]
+    problems = modeling.not_causal(model)  # the models named are registered and of their kinds (checked before)
+    if params.compare_to:
+        problems += [f"`compare_to`: {p}" for p in modeling.not_causal(registry.info(settings, params.compare_to))]
     return problems
 
 
@@ -69,14 +58,14 @@ def examples(fmt: str, rows: list[dict]) -> list[list[dict]]:
 def run(ctx, params: Params) -> None:
     fmt = ctx.dataset["format"]
     prompts = examples(fmt, ctx.rows()[: params.limit])
-    score = evaluation.reward_scorer(registry.info(ctx.settings, params.reward_model)["path"])
+    score = evaluation.reward_scorer(ctx.models["reward_model"]["path"])
     ours = answers_of(ctx.model, prompts, params, ctx.log)
     ours_scores = score(prompts, ours)
     summary = {"mean_reward": sum(ours_scores) / len(ours_scores), "rows": len(prompts)}
     scored = [{"row": i + 1, "prompt": p[-1]["content"], "answer": a, "reward": s}
                 for i, (p, a, s) in enumerate(zip(prompts, ours, ours_scores, strict=True))]
     if params.compare_to:
-        other = registry.info(ctx.settings, params.compare_to)
+        other = ctx.models["compare_to"]
         theirs = answers_of(other, prompts, params, ctx.log)
         theirs_scores = score(prompts, theirs)
         wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours_scores, theirs_scores, strict=True)]

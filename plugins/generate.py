@@ -17,8 +17,9 @@ import time
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from lab import evaluation, formats, modeling, registry
+from lab import evaluation, formats, modeling
 from lab.formats import MAX_CANDIDATES
+from lab.params import model_field
 
 ID = "generate"
 KIND = "data"
@@ -31,9 +32,9 @@ class Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_samples: int = Field(4, ge=1, le=MAX_CANDIDATES, description="Answers per prompt from each model.")
-    also_models: str = Field("", description="Further models, comma-separated, each giving num_samples answers "
-                                             "too (a fine-tune beside its base, say).",
-                             json_schema_extra={"widget": "models", "model_kind": "full|adapter"})
+    also_models: str = model_field(description="Further models, comma-separated, each giving num_samples answers "
+                                               "too (a fine-tune beside its base, say).", kind="full|adapter",
+                                   several=True)
     temperature: float = Field(0.8, ge=0, le=5, description="Sampling temperature; 0 for greedy (one answer per "
                                                              "model then).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling: keep the smallest set of tokens whose "
@@ -111,7 +112,7 @@ def _done(path) -> dict[tuple[str, int], list[list[dict]]]:
 def run(ctx, params: Params) -> None:
     rows = ctx.rows()
     items = prompts_of(ctx.dataset["format"], rows[: params.limit or None])
-    models = [ctx.model] + [registry.info(ctx.settings, n) for n in further_models(params)]
+    models = [ctx.model] + ctx.models["also_models"]
     partial = ctx.checkpoints_dir / PARTIAL
     done = _done(partial)
     if done:

@@ -15,46 +15,36 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal
 
 from pydantic import ConfigDict, Field
 
-from lab import evaluation, formats, modeling, registry
+from lab import evaluation, formats, modeling
 from lab.errors import DataError
-from lab.plugins import TrainParams, advanced
+from lab.params import Lora, Optimiser, Passthrough, Precision, TrainParams, advanced, model_field
 
 ID = "grpo"
 KIND = "train"
 ACCEPTS = ("prompt_completion", "alpaca", "chat", "preference")
 DESCRIPTION = "GRPO: sample answer groups, reward them (reward model and/or rules), reinforce the better ones."
+CONFIG = "trl.GRPOConfig"
 
 
-class Params(TrainParams):
+class Params(TrainParams, Optimiser, Lora, Precision, Passthrough):
     model_config = ConfigDict(extra="forbid")
 
-    reward_model: str = Field("", description="A reward model (output of a `reward` run) that scores answers.",
-                              json_schema_extra={"widget": "model", "model_kind": "reward"})
+    reward_model: str = model_field(description="A reward model (output of a `reward` run) that scores answers.",
+                                    kind="reward")
     length_target: int = Field(0, ge=0, le=10_000, description="Rule: reward answers near this many words (0: off).")
     format_regex: str = Field("", description="Rule: reward 1 when the answer matches this regular expression.")
     exact_match: bool = Field(False, description="Rule: reward 1 when the answer equals the row's reference.")
     num_generations: int = Field(4, ge=2, le=64, description="Answers sampled per prompt (the group).")
     max_completion_length: int = Field(64, ge=1, le=8192, description="Longest answer in tokens.")
-    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate (1e-5 full, 5e-5 LoRA).")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
-    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the prompts (ignored when max_steps is set).")
-    batch_size: int = Field(4, ge=1, le=4096, description="Answers per device per step (a multiple of the group).")
-    use_lora: bool = Field(True, description="Train a LoRA adapter instead of every weight.")
-    seed: int = Field(42, description="Random seed for sampling and shuffling.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
     beta: float = Field(0.0, **advanced(ge=0, le=10, description="KL penalty towards the starting policy."))
     temperature: float = Field(1.0, **advanced(gt=0, le=5, description="Sampling temperature."))
     max_prompt_tokens: int = Field(256, **advanced(ge=8, description="Prompts longer than this are left out."))
-    lora_r: int = Field(16, **advanced(ge=1, le=1024, description="LoRA rank."))
-    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling."))
-    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters."))
-    logging_steps: int = Field(1, **advanced(ge=1, description="Record metrics every this many steps."))
     sample_every: int = Field(5, **advanced(ge=1, description="Keep generations every this many scoring rounds."))
+    learning_rate: float = Field(1e-5, gt=0, le=1, description="Peak learning rate (1e-5 full, 5e-5 LoRA).")
+    batch_size: int = Field(4, ge=1, le=4096, description="Answers per device per step (a multiple of the group).")
 
 
 def check(params: Params) -> list[str]:
@@ -73,14 +63,7 @@ def check(params: Params) -> list[str]:
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
-    problems = modeling.not_causal(model)
-    if params.reward_model:
-        try:
-            kind = registry.info(settings, params.reward_model)["kind"]
-        except Exception:
-            return problems + [f"`reward_model`: no model named {params.reward_model!r}"]
-        if kind != "reward":
-            problems.append(f"`reward_model`: {params.reward_model} is a {kind} model, not a reward model")
+    problems = modeling.not_causal(model)  # a reward model named is registered and a reward model (checked before)
     if params.exact_match and dataset and dataset["format"] == "preference":
         problems.append("`exact_match` needs a reference answer: use prompt/completion, alpaca or chat data")
     return problems
@@ -140,7 +123,6 @@ def examples(fmt: str, rows: list[dict]) -> list[dict]:
 
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
     # 1. prompts (and the reference answer where the format has one)
@@ -161,24 +143,17 @@ def run(ctx, params: Params) -> None:
     samples = Samples(ctx.run_dir / "samples.jsonl", params.sample_every)
     rewards = rule_rewards(params, samples)
     if params.reward_model:
-        scorer = evaluation.reward_scorer(registry.info(ctx.settings, params.reward_model)["path"])
+        scorer = evaluation.reward_scorer(ctx.models["reward_model"]["path"])
         rewards.insert(0, samples.wrap(scorer))
 
     # 3. configuration, 4. trainer, 5. train
     args = ctx.trainer_args(GRPOConfig, params, model=model, bf16=bf16, num_generations=params.num_generations,
                             max_completion_length=params.max_completion_length, temperature=params.temperature,
                             beta=params.beta)
-    peft_config = None
-    if params.use_lora:
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
-                                 target_modules=modeling.lora_targets(params.lora_target))
     trainer = GRPOTrainer(model=model, reward_funcs=rewards, args=args, train_dataset=Dataset.from_list(rows),
-                          processing_class=tokenizer, peft_config=peft_config)
+                          processing_class=tokenizer, peft_config=ctx.lora(params))
     ctx.train(trainer, params)
 
     # 6. save the policy as a full model
-    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
-    final.save_pretrained(str(ctx.output_dir))
     tokenizer.padding_side = "right"
-    tokenizer.save_pretrained(str(ctx.output_dir))
-    ctx.log(f"[lab] saved the tuned policy to {ctx.output_dir}; sample generations in samples.jsonl")
+    ctx.save(trainer.model, tokenizer, what="the tuned policy (sample generations in samples.jsonl)")

@@ -11,39 +11,28 @@ policy as a full model.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import ConfigDict, Field
 
 from lab import formats, modeling, preview
 from lab.errors import DataError
-from lab.plugins import TrainParams, advanced
+from lab.params import Lora, Optimiser, Passthrough, Precision, TrainParams
 
 ID = "kto"
 KIND = "train"
 ACCEPTS = ("preference",)
 DESCRIPTION = "KTO: preference tuning from answers marked desirable or undesirable one by one."
+CONFIG = "trl.KTOConfig"
 
 
-class Params(TrainParams):
+class Params(TrainParams, Optimiser, Lora, Precision, Passthrough):
     model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.1, gt=0, le=10, description="Strength of the pull towards the reference policy.")
     desirable_weight: float = Field(1.0, gt=0, le=100, description="Weight of the desirable (chosen) examples.")
     undesirable_weight: float = Field(1.0, gt=0, le=100, description="Weight of the undesirable examples.")
-    use_lora: bool = Field(True, description="Train a LoRA adapter instead of every weight.")
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    learning_rate: float = Field(5e-5, gt=0, le=1, description="Peak learning rate.")
-    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the data (ignored when max_steps is set).")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
-    batch_size: int = Field(4, ge=2, le=4096, description="Examples per device per step (at least 2 for KL).")
     max_length: int = Field(512, ge=8, le=131072, description="Longest prompt plus answer in tokens.")
-    seed: int = Field(42, description="Random seed.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
-    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling; commonly twice the rank."))
-    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
-    logging_steps: int = Field(1, **advanced(ge=1, description="Record metrics every this many steps."))
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="Peak learning rate.")
+    batch_size: int = Field(4, ge=2, le=4096, description="Examples per device per step (at least 2 for KL).")
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
@@ -66,7 +55,6 @@ def examples(fmt: str, rows: list[dict]) -> list[dict]:
 
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import KTOConfig, KTOTrainer
 
     data = Dataset.from_list(examples(ctx.dataset["format"], ctx.rows())).shuffle(seed=params.seed)
@@ -76,16 +64,9 @@ def run(ctx, params: Params) -> None:
     bf16 = ctx.use_bf16(params.precision, model, tokenizer)
     args = ctx.trainer_args(KTOConfig, params, model=model, bf16=bf16, beta=params.beta,
                             desirable_weight=params.desirable_weight, undesirable_weight=params.undesirable_weight)
-    peft_config = None
-    if params.use_lora:
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
-                                 target_modules=modeling.lora_targets(params.lora_target))
     trainer = KTOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                         peft_config=peft_config)
+                         peft_config=ctx.lora(params))
     ctx.keep_trainable(trainer, len(data), params.max_length, unit="examples",
                        rule="the prompt alone fills max_length, leaving no answer token")  # TRL drops those
     ctx.train(trainer, params)
-    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
-    final.save_pretrained(str(ctx.output_dir))
-    tokenizer.save_pretrained(str(ctx.output_dir))
-    ctx.log(f"[lab] saved the tuned policy to {ctx.output_dir}")
+    ctx.save(trainer.model, tokenizer, what="the tuned policy")

@@ -10,37 +10,25 @@ rewards/accuracies, rewards/margins, log_odds_ratio, nll_loss. The output is the
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import ConfigDict, Field
 
 from lab import formats, modeling, preview
 from lab.dependencies import internal
-from lab.plugins import TrainParams, advanced
+from lab.params import Lora, Optimiser, Passthrough, Precision, TrainParams
 
 ID = "orpo"
 KIND = "train"
 ACCEPTS = ("preference",)
 DESCRIPTION = "ORPO: fine-tuning and preference alignment in one stage, without a reference model."
+CONFIG = "trl.experimental.orpo.ORPOConfig"
 
 
-class Params(TrainParams):
+class Params(TrainParams, Optimiser, Lora, Precision, Passthrough):
     model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.1, gt=0, le=10, description="Weight of the odds-ratio (preference) term.")
-    use_lora: bool = Field(True, description="Train a LoRA adapter instead of every weight.")
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    learning_rate: float = Field(5e-5, gt=0, le=1, description="Peak learning rate.")
-    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the pairs (ignored when max_steps is set).")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
-    batch_size: int = Field(4, ge=1, le=4096, description="Pairs per device per step.")
     max_length: int = Field(512, ge=8, le=131072, description="Longest prompt plus answer in tokens.")
-    seed: int = Field(42, description="Random seed.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
-    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling; commonly twice the rank."))
-    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
-    logging_steps: int = Field(1, **advanced(ge=1, description="Record metrics every this many steps."))
+    learning_rate: float = Field(5e-5, gt=0, le=1, description="Peak learning rate.")
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
@@ -54,7 +42,6 @@ def examples(fmt: str, rows: list[dict]) -> list[dict]:
 
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
-    from peft import LoraConfig
 
     with internal("trl-orpo"):
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -65,12 +52,8 @@ def run(ctx, params: Params) -> None:
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
     bf16 = ctx.use_bf16(params.precision, model, tokenizer)
     args = ctx.trainer_args(ORPOConfig, params, model=model, bf16=bf16, beta=params.beta)
-    peft_config = None
-    if params.use_lora:
-        peft_config = LoraConfig(task_type="CAUSAL_LM", r=params.lora_r, lora_alpha=params.lora_alpha,
-                                 target_modules=modeling.lora_targets(params.lora_target))
     trainer = ORPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                          peft_config=peft_config)
+                          peft_config=ctx.lora(params))
     ctx.keep_trainable(trainer, len(data), params.max_length, unit="pairs",
                        rule="an answer is cut to nothing (ORPO shortens both answers by the amount the prompt and "
                             "the longer answer exceed max_length; the loss would be NaN)",
@@ -80,7 +63,4 @@ def run(ctx, params: Params) -> None:
                                                    strict=True)) / len(tokenized)
     trainer.add_callback(ctx.token_counter(per_pair * params.batch_size))
     ctx.train(trainer, params)
-    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
-    final.save_pretrained(str(ctx.output_dir))
-    tokenizer.save_pretrained(str(ctx.output_dir))
-    ctx.log(f"[lab] saved the tuned policy to {ctx.output_dir}")
+    ctx.save(trainer.model, tokenizer, what="the tuned policy")

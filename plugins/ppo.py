@@ -16,28 +16,27 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from lab import formats, modeling, registry
 from lab.dependencies import internal
 from lab.errors import DataError
-from lab.plugins import advanced
+from lab.params import Passthrough, Precision, advanced, model_field
 
 ID = "ppo"
 KIND = "train"
 ACCEPTS = ("prompt_completion", "alpaca", "chat", "preference")
 DESCRIPTION = "RLHF stage 2: PPO against a reward model, with a KL leash to the starting policy."
-
-
+CONFIG = "trl.experimental.ppo.PPOConfig"
 RESUMABLE = False  # TRL's PPOTrainer.train() takes no checkpoint to resume from: a retry would start over
 
-class Params(BaseModel):
+
+class Params(Precision, Passthrough):
     model_config = ConfigDict(extra="forbid")
 
-    reward_model: str = Field("", description="The reward model (output of a `reward` run); required.",
-                              json_schema_extra={"widget": "model", "model_kind": "reward"})
+    reward_model: str = model_field(description="The reward model (output of a `reward` run); required.",
+                                    kind="reward")
     total_episodes: int = Field(64, ge=1, description="Prompts answered and scored in all.")
     batch_size: int = Field(4, ge=1, le=1024, description="Episodes per update.")
     response_length: int = Field(48, ge=1, le=4096, description="Longest answer in tokens.")
@@ -45,8 +44,6 @@ class Params(BaseModel):
     kl_coef: float = Field(0.05, ge=0, le=10, description="Penalty on drifting from the reference policy.")
     temperature: float = Field(0.7, gt=0, le=5, description="Sampling temperature of the answers.")
     seed: int = Field(42, description="Random seed.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
     missing_eos_penalty: float = Field(1.0, **advanced(ge=0, description="Score taken off answers that never end."))
     num_ppo_epochs: int = Field(1, **advanced(ge=1, le=16, description="PPO passes over each batch of episodes."))
     num_mini_batches: int = Field(1, **advanced(ge=1, le=64, description="Mini-batches per PPO pass."))
@@ -67,13 +64,8 @@ def check(params: Params) -> list[str]:
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
-    problems = modeling.not_causal(model)
-    try:
-        reward = registry.info(settings, params.reward_model)
-    except Exception:
-        return problems + [f"`reward_model`: no model named {params.reward_model!r}"]
-    if reward["kind"] != "reward":
-        return problems + [f"`reward_model`: {reward['name']} is a {reward['kind']} model, not a reward model"]
+    problems = modeling.not_causal(model)  # the reward model is registered and a reward model (checked before)
+    reward = registry.info(settings, params.reward_model)
     theirs, ours = _vocabulary(reward["path"]), _vocabulary(model["path"]) if model else None
     if theirs and ours and theirs != ours:
         problems.append(f"`reward_model`: {reward['name']} reads another vocabulary than {model['name']}; train the "
@@ -130,7 +122,7 @@ def run(ctx, params: Params) -> None:
     # 2. the four models: policy, frozen reference, reward model, and the value model starting from it
     policy = modeling.causal_lm(ctx.model, adapter="merge", log=ctx.log)
     reference = modeling.causal_lm(ctx.model, adapter="merge", log=lambda m: None)
-    reward_path = registry.info(ctx.settings, params.reward_model)["path"]
+    reward_path = ctx.models["reward_model"]["path"]
     reward = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(reward_path, num_labels=1, dtype=torch.float32)
     for m in (reward, value):

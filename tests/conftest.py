@@ -32,8 +32,8 @@ MARKED_BY_FIXTURE = {"jobs_worker": "jobs", "lab_server": "server", "serves": "s
 # what a command line that starts a job, a worker, a server, a cluster or a browser looks like
 STARTS = re.compile(r"jobs\.runner|jobs\.worker|lab\.model_backend|torchrun|\bsbatch\b|\bsrun\b|slurmctld|slurmd\b|"
                     r"munged|initdb|pg_ctl|chrom")
-STARTS_IN_CLI = {"--wait", "serve", "worker", "demo", "export", "import-gguf", "starter"}  # `lab ...` arguments
-# that run jobs or a server (an export or an import is a job the command follows)
+# `lab ...` arguments that run jobs or a server (an export or an import, the starter's too, is a job it follows)
+STARTS_IN_CLI = {"--wait", "serve", "worker", "demo", "setup", "export", "import-gguf", "starter"}
 STARTED_IN_FAST_TIER: list[str] = []  # what the running test tried to start; the waits below fail at once on it
 
 

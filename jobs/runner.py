@@ -212,6 +212,18 @@ def _on_sigterm(ctx_box: list):
     return handler
 
 
+def _record_peak_memory(settings: Settings, ctx: RunContext) -> None:
+    """The job's peak memory, at its last step, as metrics (the Run page and Compare show them) and in the log."""
+    from lab.speed import peak_memory
+
+    try:
+        found = peak_memory()
+        ctx.log_metrics(jobstore.get(settings, ctx.job_id).step or 0, found)
+        ctx.log("[lab] peak memory: " + ", ".join(f"{k.removesuffix('_mb')} {v:,.0f} MiB" for k, v in found.items()))
+    except Exception as exc:  # a figure to show: never the reason a job fails
+        ctx.log(f"[lab] peak memory not recorded: {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job_id = int(argv[0])
@@ -251,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         jobstore.record_error(settings, job_id, failure)
         return 1
     finally:
+        if ctx_box and ctx_box[0].is_main:
+            _record_peak_memory(settings, ctx_box[0])
         if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
             sys.modules["wandb"].finish()  # flush the offline run before the hard exit below
     print(f"[lab] job {job_id} finished; outputs in {ctx.output_dir}", flush=True)

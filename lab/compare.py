@@ -336,9 +336,10 @@ def leaders(columns: list[str], rows: list[dict]) -> dict[str, list[int]]:
 
 
 def shown_columns(columns: list[str], diagnostics: bool = False) -> list[str]:
-    """The leaderboard's columns as shown: scores and losses (metrics with a better direction) by default;
-    diagnostics (gradient norm, entropy, KL, log-probabilities, speed) only when asked."""
-    return [c for c in columns if diagnostics or c in ("run", "status") or direction(c) is not None]
+    """The leaderboard's columns as shown: scores and losses (metrics with a better direction) and the peak memory
+    by default; diagnostics (gradient norm, entropy, KL, log-probabilities, speed) only when asked."""
+    return [c for c in columns if diagnostics or c in ("run", "status") or direction(c) is not None
+            or c.startswith("peak_") and c.endswith("memory_mb")]
 
 
 def config_diff(settings: Settings, job_ids: list[int], only_differences: bool = True,

@@ -16,6 +16,21 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def peak_memory() -> dict[str, float]:
+    """This process's peak memory so far, in MiB: `peak_memory_mb` is the largest resident set of the process or of
+    any process it started and waited for (what the machine had to hold; a job process is started fresh, so it is
+    the job's own), and `peak_gpu_memory_mb` what torch allocated at most on this process's GPU."""
+    import resource
+    import sys
+
+    kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    found = {"peak_memory_mb": kib / 1024}  # Linux counts ru_maxrss in KiB
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        found["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return found
+
+
 def bf16_supported() -> bool:
     """bf16 matrix instructions: a GPU that has them, or a CPU with AVX512-BF16 or AMX."""
     import torch

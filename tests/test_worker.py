@@ -61,6 +61,26 @@ def test_completed_job_has_metrics_log_and_job_json(ws, jobs_worker):
     assert '"plugin": "instant"' in record and '"steps": 4' in record and '"versions"' in record
 
 
+def test_a_jobs_peak_memory_is_recorded_at_its_last_step(ws, jobs_worker):
+    small = runs.submit(ws, "instant", params={"steps": "2"})
+    big = runs.submit(ws, "instant", params={"steps": "2", "hold_mb": "400"})
+    worker = jobs_worker()
+    worker.serve(once=True)
+    worker.serve(once=True)
+    peaks = {}
+    for job_id in (small, big):
+        points = runs.metrics(ws, [job_id])[job_id]["peak_memory_mb"]
+        assert [p[0] for p in points] == [2], "one point, at the job's last step"
+        peaks[job_id] = points[0][1]
+        assert f"peak memory: peak_memory {peaks[job_id]:,.0f} MiB" in runs.get_job(ws, job_id)["log_tail"]
+    assert 20 < peaks[small] < 2000
+    assert peaks[big] > 400 + 20 and peaks[big] > peaks[small], peaks  # the 400 MiB held, with Python around them
+    from lab import compare
+
+    columns, _, _ = compare.leaderboard(ws, [small, big])
+    assert "peak_memory_mb" in compare.shown_columns(columns), "Compare shows it without asking for diagnostics"
+
+
 def test_plugin_exception_fails_the_job_with_its_reason(ws, jobs_worker):
     job_id = runs.submit(ws, "failing")
     jobs_worker().serve(once=True)

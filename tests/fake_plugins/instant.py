@@ -14,11 +14,16 @@ class Params(BaseModel):
     steps: int = Field(3, ge=0, le=1000, description="Metric points to log.")
     tokens: int = Field(0, ge=0, description="Tokens each step counts (num_tokens), when above 0.")
     scores: bool = Field(False, description="Also log evaluation scores once and write a confusion matrix.")
+    hold_mb: int = Field(0, ge=0, le=4096, description="Hold this many MiB in memory (every page touched) at first.")
 
 
 def run(ctx, params: Params) -> None:
     import json
 
+    held = bytearray(params.hold_mb * 2**20)
+    for i in range(0, len(held), 4096):
+        held[i] = 1  # touched: resident, not only reserved
+    del held
     for step in range(1, params.steps + 1):
         ctx.log_metrics(step, {"loss": 1.0 / step, **({"num_tokens": params.tokens * step} if params.tokens else {})})
         ctx.set_progress(step, params.steps)

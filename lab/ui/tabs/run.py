@@ -24,8 +24,9 @@ from lab.workspace import log_tail
 
 LOG_LINES = 200
 DEFAULT_KEYS = ("loss", "eval_loss", "eval_accuracy", "eval_macro_f1", "reward")
-SCORE = ("eval/", "final/", "eval_")  # keys of scores: shown as a table besides any curve
-NOT_DEFAULT = re.compile(r"^(epoch|learning_rate|grad_norm|num_tokens|tokens_per_s|mfu|.*runtime|.*per_second)$")
+SCORE = ("eval/", "final/", "eval_", "peak_")  # keys of scores and the peak memory: a table besides any curve
+NOT_DEFAULT = re.compile(r"^(epoch|learning_rate|grad_norm|num_tokens|tokens_per_s|mfu|.*runtime|.*per_second"
+                         r"|peak_.*)$")
 
 
 def default_keys(available: list[str]) -> list[str]:
@@ -36,7 +37,8 @@ def default_keys(available: list[str]) -> list[str]:
 
 
 def scores(points: dict[str, list]) -> list[list]:
-    """The evaluation scores a run logged (eval/..., final/..., eval_...): metric, last value, its step."""
+    """The evaluation scores a run logged (eval/..., final/..., eval_...) and its peak memory: metric, last value,
+    its step."""
     rows = []
     for key in sorted(points):
         if key.startswith(SCORE) and not key.endswith(("runtime", "per_second")) and len(points[key]):

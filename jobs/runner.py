@@ -212,16 +212,27 @@ def _on_sigterm(ctx_box: list):
     return handler
 
 
-def _record_peak_memory(settings: Settings, ctx: RunContext) -> None:
-    """The job's peak memory, at its last step, as metrics (the Run page and Compare show them) and in the log."""
+def _record_peak_memory(settings: Settings, ctx: RunContext, wait_s: float = 5.0) -> None:
+    """The job's peak memory, at its last step, as metrics (the Run page and Compare show them) and in the log. A
+    figure to show, never a reason to fail or to wait: a database busy for longer than `wait_s` goes without it."""
     from lab.speed import peak_memory
 
     try:
         found = peak_memory()
-        ctx.log_metrics(jobstore.get(settings, ctx.job_id).step or 0, found)
-        ctx.log("[lab] peak memory: " + ", ".join(f"{k.removesuffix('_mb')} {v:,.0f} MiB" for k, v in found.items()))
-    except Exception as exc:  # a figure to show: never the reason a job fails
-        ctx.log(f"[lab] peak memory not recorded: {exc}")
+    except Exception as exc:
+        ctx.log(f"[lab] peak memory not measured: {exc}")
+        return
+    ctx.log("[lab] peak memory: " + ", ".join(f"{k.removesuffix('_mb')} {v:,.0f} MiB" for k, v in found.items()))
+
+    def write() -> None:
+        try:
+            ctx.log_metrics(jobstore.get(settings, ctx.job_id).step or 0, found)
+        except Exception as exc:
+            ctx.log(f"[lab] peak memory not recorded: {exc}")
+
+    writer = threading.Thread(target=write, daemon=True)  # the process exits without waiting for it (os._exit)
+    writer.start()
+    writer.join(wait_s)
 
 
 def main(argv: list[str] | None = None) -> int:

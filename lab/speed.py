@@ -17,14 +17,20 @@ def device() -> str:
 
 
 def peak_memory() -> dict[str, float]:
-    """This process's peak memory so far, in MiB: `peak_memory_mb` is the largest resident set of the process or of
-    any process it started and waited for (what the machine had to hold; a job process is started fresh, so it is
-    the job's own), and `peak_gpu_memory_mb` what torch allocated at most on this process's GPU."""
+    """This process's peak memory so far, in MiB: `peak_memory_mb` is the largest resident set of the process (its
+    own, since its program started: the kernel's VmHWM, which a fresh program starts anew, unlike getrusage's
+    ru_maxrss, which keeps the peak of the process it was forked from) or of any process it started and waited for;
+    `peak_gpu_memory_mb` is what torch allocated at most on this process's GPU."""
     import resource
     import sys
 
-    kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-    found = {"peak_memory_mb": kib / 1024}  # Linux counts ru_maxrss in KiB
+    try:
+        own = next(int(line.split()[1]) for line in Path("/proc/self/status").read_text().splitlines()
+                   if line.startswith("VmHWM:"))  # KiB
+    except (OSError, StopIteration, ValueError):  # not Linux
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kib = max(own, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    found = {"peak_memory_mb": kib / 1024}
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         found["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated() / 2**20

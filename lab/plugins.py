@@ -130,12 +130,11 @@ def named_model_problems(plugin: Plugin, params: BaseModel, settings) -> list[st
             except LabError:
                 problems.append(f"`{field_name}`: no model named {name!r}")
                 continue
-            if kinds == ("reward",) and info["kind"] != "reward":
-                problems.append(f"`{field_name}`: {name} is a {info['kind']} model, not a reward model")
-            elif kinds and info["kind"] not in kinds:
-                problems.append(f"`{field_name}`: {name} is a {info['kind']} model: it scores text, it does not "
-                                "write any" if "reward" not in kinds else
-                                f"`{field_name}`: {name} is a {info['kind']} model; it takes {' or '.join(kinds)}")
+            if kinds and info["kind"] not in kinds:
+                wanted = (", not a reward model" if kinds == ("reward",) else
+                          ": it scores text, it does not write any" if kinds == ("full", "adapter") else
+                          f"; it takes {' or '.join(kinds)} models")
+                problems.append(f"`{field_name}`: {name} is a {info['kind']} model{wanted}")
     return problems
 
 

@@ -52,6 +52,11 @@ CSS = """
 
 
 def build(settings: Settings) -> gr.Blocks:
+    return assemble(settings)[0]
+
+
+def assemble(settings: Settings) -> tuple[gr.Blocks, UI]:
+    """The page and its UI (the components and pages by name, for tests that call handlers without a browser)."""
     ui = UI(settings)
     with gr.Blocks(title="LLM Lab") as demo:
         with gr.Row(equal_height=True):
@@ -74,7 +79,7 @@ def build(settings: Settings) -> gr.Blocks:
             with gr.Tab("Models", id="models"):
                 models_tab.build(ui)
             with gr.Tab("Train", id="train"):
-                train_tab.build(ui)
+                ui.train = train_tab.build(ui)
             with gr.Tab("Jobs", id="jobs"):
                 jobs_tab.build(ui)
             run_tab_block.render()
@@ -126,13 +131,13 @@ def build(settings: Settings) -> gr.Blocks:
         tabs.select(refresh, refresh_inputs, refresh_outputs, show_progress="hidden")
         filters_fn, filters_out = ui["compare_refresh"]
         tabs.select(filters_fn, [], filters_out, show_progress="hidden")
-        preview_fn, preview_inputs, preview_outputs = ui["train_preview"]
-        demo.load(preview_fn, preview_inputs, preview_outputs, show_progress="hidden")
+        demo.load(*ui.train.event(train_tab.command_and_estimate, list(train_tab.NAMED), ["command", "estimate"]),
+                  show_progress="hidden")
         ui["experiment"].change(lambda name: name, [ui["experiment"]], [remembered])
         for fn in demo.fns.values():  # the page's own events stay out of the API documentation
             if fn.api_name not in api.NAMES and fn.api_visibility == "public":
                 fn.api_visibility = "undocumented"
-    return demo
+    return demo, ui
 
 
 def served_paths(settings: Settings) -> tuple[list[str], list[str]]:

@@ -29,6 +29,7 @@ class UI:
     settings: Settings
     c: dict[str, Any] = field(default_factory=dict)  # components other tabs wire to, by name
     refreshers: list[tuple[Callable, list, list]] = field(default_factory=list)  # see on_refresh
+    train: Any = None  # the Train page (lab.ui.tabs.train.TrainPage): Jobs, Rank and the Playground fill it
 
     def __getitem__(self, name: str):
         return self.c[name]

@@ -115,12 +115,13 @@ def build(ui: UI) -> None:
     down.click(lambda j, e, s: on_priority(j, -1, e, s), [job_id, *filters], [message, jobs])
     open_.click(user_errors(lambda j: (need(j), gr.update(selected="run"))), [job_id], [ui["run_job"], ui["tabs"]])
 
-    fill, fill_outputs, held = ui["train_fill"]
+    ui["jobs_job"] = job_id
 
     @user_errors
-    def on_clone(job, held_values):
+    def on_clone(page, v: dict) -> dict:
         """The job's whole spec back in the Train form (method, model, dataset, parameters, resources, follow-up)."""
-        spec = runs.spec_of(ui.settings, need(job))
-        return {**fill(spec, held_values), ui["tabs"]: gr.update(selected="train")}
+        spec = runs.spec_of(ui.settings, need(v["jobs_job"]))
+        return {**page.fill(spec, v["held"]), "tabs": gr.update(selected="train")}
 
-    clone.click(on_clone, [job_id, held], [*fill_outputs, ui["tabs"]]).success(*ui["train_after"])
+    ui.train.on(clone.click, on_clone, ["jobs_job", "held"], [*ui.train.filled_names(), "tabs"]).success(
+        *ui.train.after_plugin())

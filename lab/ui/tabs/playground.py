@@ -9,7 +9,6 @@ import gradio as gr
 
 from lab import datasets, endpoints, playground, registry
 from lab.errors import LabError
-from lab.ui import choices
 from lab.ui.common import UI, user_errors
 from lab.ui.html import error_box, md, ok_box
 
@@ -219,21 +218,15 @@ def build(ui: UI) -> None:
 
     def go_train(plugin: str):
         @user_errors
-        def handler(dataset, names):
-            if dataset not in preference_sets(ui):
+        def handler(page, v: dict) -> dict:
+            if v["play_target"] not in preference_sets(ui):
                 raise LabError("rank some answers first: the dataset does not exist yet")
-            base = (names or [None])[0]
-            fitting = [d["name"] for d in datasets.list_all(ui.settings) if d["format"] == "preference"]
-            models = [m["name"] for m in registry.list_all(ui.settings)]
-            # the choices with the values: a value outside its dropdown's choices is an error on the next event
-            return (gr.update(selected="train"), plugin, gr.update(choices=fitting, value=dataset),
-                    gr.update(choices=choices.models(ui), value=base) if base in models else gr.update())
+            return page.open_with(plugin, v["play_target"], (v.get("play_models") or [None])[0])
         return handler
 
     for button, plugin in ((to_reward, "reward"), (to_dpo, "dpo")):
-        button.click(go_train(plugin), [target, models],
-                     [ui["tabs"], ui["train_plugin"], ui["train_dataset"], ui["train_model"]]).success(
-            *ui["train_after"])
+        ui.train.on(button.click, go_train(plugin), ["play_target", "play_models"],
+                    ["tabs", "plugin", "dataset", "model"]).success(*ui.train.after_plugin())
 
     # -- tokenizer view
     @user_errors

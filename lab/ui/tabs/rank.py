@@ -14,7 +14,6 @@ import gradio as gr
 from lab import datasets, ranking, registry
 from lab.errors import LabError
 from lab.formats import MAX_CANDIDATES
-from lab.ui import choices
 from lab.ui.common import UI, user_errors
 from lab.ui.html import error_box, md, tag, text
 
@@ -220,22 +219,17 @@ def build(ui: UI) -> None:
 
     def go_train(plugin: str):
         @user_errors
-        def handler(target, name):
-            if target not in preference_sets(ui):
+        def handler(page, v: dict) -> dict:
+            if v["rank_into"] not in preference_sets(ui):
                 raise LabError("rank some answers first: the preference dataset does not exist yet")
-            models = [m["name"] for m in registry.list_all(ui.settings)]
-            first = None
-            if name:
-                rows = ranking.items(ui.settings, name)
-                first = next((c.get("model") for _, r in rows[:1] for c in r["candidates"]), None)
-            return (gr.update(selected="train"), plugin, gr.update(choices=preference_sets(ui), value=target),
-                    gr.update(choices=choices.models(ui), value=first) if first in models else gr.update())
+            rows = ranking.items(ui.settings, v["rank_source"]) if v.get("rank_source") else []
+            first = next((c.get("model") for _, r in rows[:1] for c in r["candidates"]), None)
+            return page.open_with(plugin, v["rank_into"], first)
         return handler
 
     for button, plugin in ((to_reward, "reward"), (to_dpo, "dpo")):
-        button.click(go_train(plugin), [into, source],
-                     [ui["tabs"], ui["train_plugin"], ui["train_dataset"], ui["train_model"]]).success(
-            *ui["train_after"])
+        ui.train.on(button.click, go_train(plugin), ["rank_into", "rank_source"],
+                    ["tabs", "plugin", "dataset", "model"]).success(*ui.train.after_plugin())
     ui.on_refresh(lambda _: refresh(ui), [ui[n] for n in ("rank_source", "rank_into", "rank_reward")])
 
 

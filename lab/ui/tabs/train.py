@@ -5,7 +5,10 @@ parameters are widgets generated from the spec's options (`spec_widget`)."""
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +124,95 @@ def filled(spec: jobspec.JobSpec, forms_of: dict[str, forms.Form], default_track
             "held": {**(held or {}), spec.plugin: values}, "form": values}
 
 
-def build(ui: UI) -> None:
+@dataclass
+class TrainPage:
+    """The Train page's components by name, laid out by `build`; the handlers below (module-level functions of the
+    page and named values, testable without a browser) read and answer by these names. `w` holds the spec's
+    widgets (NAMED); `parts` the rest: command, estimate, message, grid, config_out, load_config, description, each
+    plugin's form as "form:ID" and its fields as "ID.FIELD". Any other name is a component another tab put on the
+    UI (tabs, run_job, compare_group, ...)."""
+    ui: UI
+    found: dict[str, plugins.Plugin]
+    forms: dict[str, forms.Form]
+    default_trackers: list[str]
+    w: dict[str, Any] = field(default_factory=dict)
+    parts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fields(self) -> list[gr.components.Component]:
+        """Every form's fields, in form order."""
+        return [c for f in self.forms.values() for c in f.components]
+
+    def component(self, name: str):
+        for where in (self.w, self.parts):
+            if name in where:
+                return where[name]
+        return self.ui[name]
+
+    def named(self, data: dict) -> dict[str, Any]:
+        """A handler's {component: value} by name. Where the handler was sent the forms' fields themselves (Launch,
+        sweep, save), they win over `held`, whose update may still wait behind another event."""
+        by_component = {c: name for name, c in (*self.ui.c.items(), *self.parts.items(), *self.w.items())
+                        if isinstance(c, gr.blocks.Block)}
+        v = {by_component[c]: value for c, value in data.items() if c in by_component}
+        fields = self.fields
+        if fields and fields[0] in data:
+            v["held"] = {fid: [data[c] for c in form.components] for fid, form in self.forms.items()}
+        return v
+
+    def answer(self, out: dict[str, Any]) -> dict:
+        """A handler's {name: value} as Gradio's {component: value}."""
+        return {self.component(n): x for n, x in out.items()}
+
+    def event(self, handler: Callable[[TrainPage, dict], dict], inputs: list[str], outputs: list[str],
+              with_fields: bool = False) -> tuple[Callable, set, list]:
+        """(fn, inputs, outputs) for a Gradio event that runs `handler(page, named values) -> {name: value}`;
+        with_fields: every form's fields are sent too."""
+        def run(data: dict) -> dict:
+            return self.answer(handler(self, self.named(data)))
+
+        run.__name__ = handler.__name__  # Gradio names the event by it
+
+        sent = {self.component(n) for n in inputs} | (set(self.fields) if with_fields else set())
+        return run, sent, [self.component(n) for n in outputs]
+
+    def on(self, trigger, handler, inputs: list[str], outputs: list[str], with_fields: bool = False, **kwargs):
+        return trigger(*self.event(handler, inputs, outputs, with_fields), **kwargs)
+
+    def spec(self, v: dict) -> jobspec.JobSpec:
+        return spec_from_form(v, self.found, self.forms, self.default_trackers)
+
+    def filled_names(self) -> list[str]:
+        """What `fill` may update: the spec's widgets and every form's fields."""
+        return [*NAMED, *(f"{fid}.{n}" for fid, form in self.forms.items() for n in form.names)]
+
+    def fill(self, spec: jobspec.JobSpec, held: dict | None) -> dict:
+        return fill(self, spec, held)
+
+    def open_with(self, plugin: str, dataset: str, model: str | None) -> dict:
+        return open_with(self, plugin, dataset, model)
+
+    def after_plugin(self) -> tuple[Callable, set, list]:
+        """`choose_plugin` as an event, for a page that sets the method itself: `.success(*page.after_plugin())`
+        (rather than on `change`, which could read the model and dataset before that update reached them)."""
+        return self.event(choose_plugin, ["plugin", "dataset", "model"],
+                          ["description", "dataset", "model", *(f"form:{fid}" for fid in self.forms)])
+
+
+def build(ui: UI) -> TrainPage:
+    """The page's layout; `wire` connects its events to the handlers."""
     found, broken = plugins.discover(ui.settings)
     found = {k: p for k, p in found.items() if p.kind != "tool"}  # exports and imports start on the Models page
     ids = list(found)
     first = "sft" if "sft" in found else (ids[0] if ids else None)  # the method most people start with
-    default_trackers = trackers.parse(ui.settings.report_to) or []
-    w: dict[str, gr.components.Component] = {"experiment": ui["experiment"]}  # the spec's widgets, by field name
+    page = TrainPage(ui, found, {}, trackers.parse(ui.settings.report_to) or [])
+    w, parts = page.w, page.parts
+    w["experiment"] = ui["experiment"]
     with gr.Row():
         w["plugin"] = gr.Dropdown(label=jobspec.meta("plugin")["label"], choices=[
             (f"{p.id}: {p.description}", p.id) for p in found.values()], value=first, scale=3)
-        w["priority"] = spec_widget("priority", default_trackers)
-    description = gr.Markdown(value=_describe(found[first]) if first else "No plugins are installed.")
+        w["priority"] = spec_widget("priority", page.default_trackers)
+    parts["description"] = gr.Markdown(value=_describe(found[first]) if first else "No plugins are installed.")
     with gr.Row():
         w["model"] = gr.Dropdown(label="Base model: a registered model or an earlier run's output", choices=[],
                                  value=None, scale=1, elem_id="train-model", allow_custom_value=True)
@@ -140,23 +220,22 @@ def build(ui: UI) -> None:
         # new choices, which must not be an error toast; what is launched is checked by the queue
         w["dataset"] = gr.Dropdown(label="Dataset (only formats this method accepts)", choices=[], value=None,
                                    scale=1, elem_id="train-dataset", allow_custom_value=True)
-    form_of: dict[str, forms.Form] = {}
-    groups = []
     for pid, p in found.items():
         with gr.Column(visible=pid == first) as group:
-            form_of[pid] = forms.build(p)
-        groups.append(group)
-    all_fields = [c for f in form_of.values() for c in f.components]
+            page.forms[pid] = forms.build(p)
+        parts[f"form:{pid}"] = group
+        parts.update({f"{pid}.{n}": c for n, c in zip(page.forms[pid].names, page.forms[pid].components,
+                                                      strict=True)})
     # each form's current values, per session: a form's own changes update its entry (sending that form alone),
     # and the estimate reads the chosen plugin's entry; Launch, the sweep and saving a config are sent the fields
     # themselves, as a click can reach the server before the change that typed its last value
-    w["held"] = gr.State({fid: form.fill({}) for fid, form in form_of.items()})
+    w["held"] = gr.State({fid: form.fill({}) for fid, form in page.forms.items()})
     with gr.Row(equal_height=True):
         with gr.Column(scale=3):
-            command = gr.Code(label="The same job from the command line", language="shell", interactive=False,
-                              elem_id="train-command", wrap_lines=True, lines=1)
+            parts["command"] = gr.Code(label="The same job from the command line", language="shell",
+                                       interactive=False, elem_id="train-command", wrap_lines=True, lines=1)
         with gr.Column(scale=2):
-            estimate = gr.Markdown(elem_id="train-estimate")
+            parts["estimate"] = gr.Markdown(elem_id="train-estimate")
     evaluators = [p for p in found.values() if p.kind == "eval"]
     with gr.Accordion("Evaluate after training, sweeps and groups", open=False):
         with gr.Row():
@@ -167,183 +246,205 @@ def build(ui: UI) -> None:
                                           placeholder="limit=200", elem_id="train-eval-params")
         with gr.Row():
             for name in section_fields(jobspec.GROUPING):
-                w[name] = spec_widget(name, default_trackers)
+                w[name] = spec_widget(name, page.default_trackers)
         with gr.Row():
-            grid = gr.Textbox(label="Sweep grid: one `parameter=value1,value2` per line; every combination is queued "
-                              "as one group", lines=3, placeholder="learning_rate=1e-4,2e-4\nlora_r=8,16", scale=3)
-            sweep = gr.Button("Launch sweep", scale=1, elem_id="launch-sweep")
+            parts["grid"] = gr.Textbox(label="Sweep grid: one `parameter=value1,value2` per line; every combination "
+                                       "is queued as one group", lines=3, scale=3,
+                                       placeholder="learning_rate=1e-4,2e-4\nlora_r=8,16")
+            parts["sweep"] = gr.Button("Launch sweep", scale=1, elem_id="launch-sweep")
     for section in (jobspec.RESOURCES, jobspec.CLUSTER):
         with gr.Accordion(section, open=False), gr.Row():
             for name in section_fields(section):
-                w[name] = spec_widget(name, default_trackers)
+                w[name] = spec_widget(name, page.default_trackers)
     with gr.Accordion("Run config file (YAML)", open=False), gr.Row():
-        save_config = gr.Button("Save this form as a run config", scale=1, elem_id="train-save-config")
-        config_out = gr.File(label="Run config (`lab run --config FILE`)", interactive=False, scale=2,
-                             elem_id="train-config-file")
-        load_config = gr.File(label="Load a run config", file_types=[".yaml", ".yml", ".json"], type="filepath",
-                              scale=2, elem_id="train-load-config")
-    launch = gr.Button("Launch", variant="primary", elem_id="launch")
-    message = gr.HTML(elem_id="train-message")
+        parts["save_config"] = gr.Button("Save this form as a run config", scale=1, elem_id="train-save-config")
+        parts["config_out"] = gr.File(label="Run config (`lab run --config FILE`)", interactive=False, scale=2,
+                                      elem_id="train-config-file")
+        parts["load_config"] = gr.File(label="Load a run config", file_types=[".yaml", ".yml", ".json"],
+                                       type="filepath", scale=2, elem_id="train-load-config")
+    parts["launch"] = gr.Button("Launch", variant="primary", elem_id="launch")
+    parts["message"] = gr.HTML(elem_id="train-message")
     if broken:
         gr.Markdown("Plugins that failed to load: " + "; ".join(md(b) for b in broken))
     assert set(w) == set(NAMED), set(w) ^ set(NAMED)
-    ui.c.update(train_plugin=w["plugin"], train_model=w["model"], train_dataset=w["dataset"])
-    ui["train_forms"] = form_of
-    ui["train_pickers"] = [p for form in form_of.values() for p in form.model_pickers]
-    pickers = [c for c, _ in ui["train_pickers"]]
+    wire(page)
+    return page
+
+
+def wire(page: TrainPage) -> None:
+    """The page's events, each a handler below by the names it reads and answers."""
+    ui, w, parts = page.ui, page.w, page.parts
+    pickers = [c for form in page.forms.values() for c, _ in form.model_pickers]
 
     def refresh(v: dict) -> dict:
         models, fitting = refresh_choices(ui, v[w["plugin"]])
-        return {w["model"]: models, w["dataset"]: fitting, **dict(zip(pickers, picker_updates(ui), strict=True))}
+        return {w["model"]: models, w["dataset"]: fitting, **dict(zip(pickers, picker_updates(page), strict=True))}
 
     ui.on_refresh(refresh, [w["model"], w["dataset"], *pickers], inputs=[w["plugin"]])
-    inputs = set(w.values())
-
-    def named(data: dict) -> dict:
-        """The handler's dict of component -> value, by field name. Where the handler was sent the forms' fields
-        themselves (Launch, sweep, save), they win over `held`, whose update may still wait behind another event."""
-        v = {name: data[c] for name, c in w.items() if c in data}
-        if all_fields[0] in data:
-            v["held"] = {fid: [data[c] for c in form.components] for fid, form in form_of.items()}
-        return v
-
-    def spec_of_form(data: dict) -> jobspec.JobSpec:
-        return spec_from_form(named(data), found, form_of, default_trackers)
-
-    for fid, form in form_of.items():
-        def capture(held, *vals, fid=fid):
-            return {**(held or {}), fid: list(vals)}
-
-        gr.on([c.change for c in form.components], capture, [w["held"], *form.components], [w["held"]],
-              show_progress="hidden", concurrency_id="train-form", queue=True)
-
-    def on_plugin(pid, ds_name, model_name):
-        p = found[pid]
-        fitting = choices.datasets(ui, p.accepts)
-        models = model_choices(ui, p)
-        names = [name for _, name in models]
-        return ([gr.update(visible=fid == pid) for fid in form_of]
-                + [_describe(p), gr.update(choices=fitting, value=_kept_or_only(ds_name, fitting),
-                                           visible=p.needs_dataset),
-                   gr.update(visible=bool(p.needs_model), label=_model_label(p), choices=models,
-                             value=_kept_or_only(model_name, names))])
-
-    # on the user's choice; a page that sets the method itself runs this after its own update (`ui["train_after"]`)
-    # rather than on `change`, which could read the model and dataset before that update reached them
-    after = (on_plugin, [w["plugin"], w["dataset"], w["model"]], [*groups, description, w["dataset"], w["model"]])
-    w["plugin"].input(*after)
-    ui["train_after"] = after
-
-    def on_preview(data: dict):
-        """The command line and the estimate for the form as it is. It leaves the launch message alone: a late
-        estimate must not wipe out the answer to a launch made after it."""
-        if not named(data).get("plugin"):
-            return "", ""
-        try:
-            spec = spec_of_form(data)
-        except LabError as exc:
-            return "", error_box(str(exc))
-        return jobspec.command_line(spec), estimate_text(ui, found, spec)
-
-    gr.on([c.change for c in w.values()], on_preview, inputs, [command, estimate], trigger_mode="always_last",
-          show_progress="hidden")
-    ui["train_preview"] = (on_preview, inputs, [command, estimate])
-
-    def refused(exc: LabError) -> str:
-        return problems_box(exc, "Nothing was queued.")
-
-    def on_launch(data: dict):
-        try:
-            spec = spec_of_form(data)
-            missing(found, spec)
-            job_id = runs.submit(ui.settings, spec)
-        except LabError as exc:
-            return refused(exc), gr.update(), gr.update()
-        return "", gr.update(selected="run"), job_id
-
-    launch.click(on_launch, {*inputs, *all_fields}, [message, ui["tabs"], ui["run_job"]], concurrency_id="train-form")
-
-    def on_sweep(data: dict):
-        try:
-            spec = spec_of_form(data)
-            missing(found, spec)
-            axes = runs.parse_grid([line for line in (data[grid] or "").splitlines() if line.strip()])
-            group_name, ids = runs.sweep(ui.settings, spec, axes)
-        except LabError as exc:
-            return refused(exc), gr.update(), gr.update(), gr.update()
-        options = [(f"#{i} {spec.plugin} {spec.model or ''}".strip(), str(i)) for i in ids]
-        return ("", gr.update(selected="compare"), gr.update(choices=["all", group_name], value=group_name),
-                gr.update(choices=options, value=[v for _, v in options]))
-
-    sweep.click(on_sweep, {*inputs, *all_fields, grid}, [message, ui["tabs"], ui["compare_group"], ui["compare_runs"]],
-                concurrency_id="train-form")
-
-    def on_save_config(data: dict):
-        import tempfile
-
-        try:
-            spec = spec_of_form(data)
-            axes = runs.parse_grid([line for line in (data[grid] or "").splitlines() if line.strip()])
-        except LabError as exc:
-            return refused(exc), None
-        folder = Path(tempfile.mkdtemp(prefix="lab-config-"))
-        name = f"{spec.plugin}-{spec.model or 'model'}-{spec.dataset or 'data'}.yaml".replace("/", "-")
-        (folder / name).write_text(jobspec.to_config(spec, axes or None))
-        return "", str(folder / name)
-
-    save_config.click(on_save_config, {*inputs, *all_fields, grid}, [message, config_out])
-
-    fill_outputs = [w[n] for n in NAMED] + all_fields
-
-    def fill(spec: jobspec.JobSpec, held: dict | None) -> dict:
-        """Component updates that put `spec` in the form (Clone on the Jobs page, a loaded config)."""
-        values = filled(spec, form_of, default_trackers, held)
-        out = {w[n]: gr.update(value=values[n]) for n in NAMED if n not in ("experiment", "eval_dataset")}
-        out[w["eval_dataset"]] = on_evaluator(values["then_eval"], values["eval_dataset"])
-        out.update(zip(form_of[spec.plugin].components, (gr.update(value=v) for v in values["form"]), strict=True))
-        active = active_experiments()
-        if spec.experiment in active:  # the run lands where the job did; else in the current experiment
-            out[w["experiment"]] = gr.update(choices=active, value=spec.experiment)
-        return out
-
-    def active_experiments() -> list[str]:
-        return [e["name"] for e in experiments.list_all(ui.settings) if not e["archived"]]
-
-    ui["train_fill"] = (fill, fill_outputs, w["held"])
-
-    def on_load_config(file, held):
-        """The form filled from a run config: method, model, dataset, parameters, resources, follow-up."""
-        from lab import run_config
-
-        if not file:
-            return {message: ""}
-        try:
-            path = uploaded(file)
-            cfg = run_config.load(path)
-            pid = cfg.spec.get("plugin")
-            if pid not in found:
-                raise LabError(f"{path.name} names the plugin {pid!r}, which this lab does not have"
-                               if pid else f"{path.name} names no plugin")
-            spec = jobspec.JobSpec.of(cfg.spec, path.name)
-            plugins.validate_params(found[pid], dict(spec.params))
-        except LabError as exc:
-            return {message: problems_box(exc, "The form was not changed.")}
-        lines = [f"{k}={','.join(map(str, v))}" for k, v in (cfg.grid or {}).items()]
-        elsewhere = ("" if spec.experiment in active_experiments() else
-                     f" Its experiment {spec.experiment} is not an active one here: the run goes into the current "
-                     "experiment.")
-        return {message: ok_box(f"Loaded {path.name}: check the form, then Launch.{elsewhere}"), **fill(spec, held),
-                **({grid: "\n".join(lines)} if lines else {})}
-
-    load_config.upload(on_load_config, [load_config, w["held"]], [message, *fill_outputs, grid]).success(*after)
-
-    def on_evaluator(evaluator, current=None):
-        accepts = found[evaluator].accepts if evaluator in found else ()
-        fitting = choices.datasets(ui, accepts) if evaluator else []
-        return gr.update(choices=fitting, value=current if current in fitting else None)
-
+    for fid, form in page.forms.items():
+        gr.on([c.change for c in form.components], functools.partial(hold, fid), [w["held"], *form.components],
+              [w["held"]], show_progress="hidden", concurrency_id="train-form", queue=True)
+    w["plugin"].input(*page.after_plugin())  # on the user's choice
+    page.on(functools.partial(gr.on, [c.change for c in w.values()]), command_and_estimate,
+            list(NAMED), ["command", "estimate"],
+            trigger_mode="always_last", show_progress="hidden")
+    page.on(parts["launch"].click, launch, list(NAMED), ["message", "tabs", "run_job"], with_fields=True,
+            concurrency_id="train-form")
+    page.on(parts["sweep"].click, sweep, [*NAMED, "grid"], ["message", "tabs", "compare_group", "compare_runs"],
+            with_fields=True, concurrency_id="train-form")
+    page.on(parts["save_config"].click, save_config, [*NAMED, "grid"], ["message", "config_out"], with_fields=True)
+    page.on(parts["load_config"].upload, load_config, ["load_config", "held"],
+            ["message", *page.filled_names(), "grid"]).success(*page.after_plugin())
     # on the user's choice only: a fill (Clone, a loaded config) sets the dataset with the evaluator itself
-    w["then_eval"].input(on_evaluator, [w["then_eval"], w["eval_dataset"]], [w["eval_dataset"]])
+    page.on(w["then_eval"].input, choose_evaluator, ["then_eval", "eval_dataset"], ["eval_dataset"])
+
+
+# --- handlers: (page, named values) -> {name: value} --------------------------------------------------------------
+
+
+def hold(fid: str, held: dict | None, *values) -> dict:
+    """A form's own change: its entry in `held` (the chosen plugin's is what the estimate reads)."""
+    return {**(held or {}), fid: list(values)}
+
+
+def choose_plugin(page: TrainPage, v: dict) -> dict:
+    """The method's form shown, its description, and the models and datasets it takes (a value kept when still
+    offered, or the only choice)."""
+    p = page.found[v["plugin"]]
+    fitting = choices.datasets(page.ui, p.accepts)
+    models = model_choices(page.ui, p)
+    names = [name for _, name in models]
+    return {**{f"form:{fid}": gr.update(visible=fid == p.id) for fid in page.forms}, "description": _describe(p),
+            "dataset": gr.update(choices=fitting, value=_kept_or_only(v.get("dataset"), fitting),
+                                 visible=p.needs_dataset),
+            "model": gr.update(visible=bool(p.needs_model), label=_model_label(p), choices=models,
+                               value=_kept_or_only(v.get("model"), names))}
+
+
+def command_and_estimate(page: TrainPage, v: dict) -> dict:
+    """The command line and the estimate for the form as it is. It leaves the launch message alone: a late
+    estimate must not wipe out the answer to a launch made after it."""
+    if not v.get("plugin"):
+        return {"command": "", "estimate": ""}
+    try:
+        spec = page.spec(v)
+    except LabError as exc:
+        return {"command": "", "estimate": error_box(str(exc))}
+    return {"command": jobspec.command_line(spec), "estimate": estimate_text(page.ui, page.found, spec)}
+
+
+def refused(exc: LabError) -> dict:
+    return {"message": problems_box(exc, "Nothing was queued.")}
+
+
+def launch(page: TrainPage, v: dict) -> dict:
+    """The form queued as one job; the page then opens its run."""
+    try:
+        spec = page.spec(v)
+        missing(page.found, spec)
+        job_id = runs.submit(page.ui.settings, spec)
+    except LabError as exc:
+        return refused(exc)
+    return {"message": "", "tabs": gr.update(selected="run"), "run_job": job_id}
+
+
+def _grid(v: dict) -> dict:
+    return runs.parse_grid([line for line in (v.get("grid") or "").splitlines() if line.strip()])
+
+
+def sweep(page: TrainPage, v: dict) -> dict:
+    """Every combination of the grid queued as one group; the page then compares them."""
+    try:
+        spec = page.spec(v)
+        missing(page.found, spec)
+        group_name, ids = runs.sweep(page.ui.settings, spec, _grid(v))
+    except LabError as exc:
+        return refused(exc)
+    options = [(f"#{i} {spec.plugin} {spec.model or ''}".strip(), str(i)) for i in ids]
+    return {"message": "", "tabs": gr.update(selected="compare"),
+            "compare_group": gr.update(choices=["all", group_name], value=group_name),
+            "compare_runs": gr.update(choices=options, value=[x for _, x in options])}
+
+
+def save_config(page: TrainPage, v: dict) -> dict:
+    """The form (and its sweep grid) as a run config file to download."""
+    import tempfile
+
+    try:
+        spec = page.spec(v)
+        p = page.found[spec.plugin]  # the grid's values typed (and checked) by the plugin's parameters
+        axes = {k: [getattr(plugins.validate_params(p, {**spec.params, k: x}), k) for x in xs]
+                for k, xs in _grid(v).items()}
+    except LabError as exc:
+        return {"message": problems_box(exc, "Nothing was queued."), "config_out": None}
+    folder = Path(tempfile.mkdtemp(prefix="lab-config-"))
+    name = f"{spec.plugin}-{spec.model or 'model'}-{spec.dataset or 'data'}.yaml".replace("/", "-")
+    (folder / name).write_text(jobspec.to_config(spec, axes or None))
+    return {"message": "", "config_out": str(folder / name)}
+
+
+def fill(page: TrainPage, spec: jobspec.JobSpec, held: dict | None) -> dict:
+    """Updates that put `spec` in the form (Clone on the Jobs page, a loaded config), by the names of FILLED and
+    the chosen form's fields."""
+    values = filled(spec, page.forms, page.default_trackers, held)
+    out = {n: gr.update(value=values[n]) for n in NAMED if n not in ("experiment", "eval_dataset")}
+    out["eval_dataset"] = choose_evaluator(page, {"then_eval": values["then_eval"],
+                                                  "eval_dataset": values["eval_dataset"]})["eval_dataset"]
+    form = page.forms[spec.plugin]
+    out.update({f"{spec.plugin}.{n}": gr.update(value=x) for n, x in zip(form.names, values["form"], strict=True)})
+    active = active_experiments(page.ui)
+    if spec.experiment in active:  # the run lands where the job did; else in the current experiment
+        out["experiment"] = gr.update(choices=active, value=spec.experiment)
+    return out
+
+
+def active_experiments(ui: UI) -> list[str]:
+    return [e["name"] for e in experiments.list_all(ui.settings) if not e["archived"]]
+
+
+def load_config(page: TrainPage, v: dict) -> dict:
+    """The form filled from an uploaded run config: method, model, dataset, parameters, resources, follow-up."""
+    from lab import run_config
+
+    if not v.get("load_config"):
+        return {"message": ""}
+    try:
+        path = uploaded(v["load_config"])
+        cfg = run_config.load(path)
+        pid = cfg.spec.get("plugin")
+        if pid not in page.found:
+            raise LabError(f"{path.name} names the plugin {pid!r}, which this lab does not have"
+                           if pid else f"{path.name} names no plugin")
+        spec = jobspec.JobSpec.of(cfg.spec, path.name)
+        plugins.validate_params(page.found[pid], dict(spec.params))
+    except LabError as exc:
+        return {"message": problems_box(exc, "The form was not changed.")}
+    lines = [f"{k}={','.join(map(str, x))}" for k, x in (cfg.grid or {}).items()]
+    elsewhere = ("" if spec.experiment in active_experiments(page.ui) else
+                 f" Its experiment {spec.experiment} is not an active one here: the run goes into the current "
+                 "experiment.")
+    return {"message": ok_box(f"Loaded {path.name}: check the form, then Launch.{elsewhere}"),
+            **fill(page, spec, v.get("held")), **({"grid": "\n".join(lines)} if lines else {})}
+
+
+def choose_evaluator(page: TrainPage, v: dict) -> dict:
+    """The follow-up evaluation's datasets: those its plugin reads."""
+    evaluator = v.get("then_eval")
+    accepts = page.found[evaluator].accepts if evaluator in page.found else ()
+    fitting = choices.datasets(page.ui, accepts) if evaluator else []
+    current = v.get("eval_dataset")
+    return {"eval_dataset": gr.update(choices=fitting, value=current if current in fitting else None)}
+
+
+def open_with(page: TrainPage, plugin: str, dataset: str, model: str | None) -> dict:
+    """The Train page opened on `plugin` with `dataset` (and `model` where it is registered), from another page
+    (Rank, Playground): the choices go with the values, as a value outside its dropdown's choices is an error on
+    the next event. Follow it with `page.after_plugin()`."""
+    fitting = choices.datasets(page.ui, page.found[plugin].accepts) if plugin in page.found else [dataset]
+    models = [m["name"] for m in registry.list_all(page.ui.settings)]
+    return {"tabs": gr.update(selected="train"), "plugin": plugin,
+            "dataset": gr.update(choices=fitting, value=dataset),
+            "model": gr.update(choices=choices.models(page.ui), value=model) if model in models else gr.update()}
 
 
 def estimate_text(ui: UI, found: dict, spec: jobspec.JobSpec) -> str:
@@ -405,12 +506,12 @@ def _describe(p: plugins.Plugin) -> str:
     return f"**{md(p.id)}** ({p.kind}): {md(p.description)} Accepts: {md(accepts)}. Example: `{p.example}`"
 
 
-def picker_updates(ui: UI) -> list:
+def picker_updates(page: TrainPage) -> list:
     """Fresh choices for the form fields that name a model of some kind (e.g. a PPO run's reward model)."""
-    models = registry.list_all(ui.settings)
+    models = registry.list_all(page.ui.settings)
     return [gr.update(choices=([] if getattr(c, "multiselect", False) else [""])
                       + [m["name"] for m in models if kind is None or m["kind"] in kind.split("|")])
-            for c, kind in ui["train_pickers"]]
+            for form in page.forms.values() for c, kind in form.model_pickers]
 
 
 def _kept_or_only(value, names: list[str]):

@@ -11,6 +11,7 @@ from pathlib import Path
 from lab import formats
 from lab.datasets import iter_rows
 from lab.dependencies import internal
+from lab.errors import LabError
 
 CHAT_FORMATS = ("chat", "alpaca", "prompt_completion")
 
@@ -297,9 +298,10 @@ def _config(path: str) -> dict:
         return {}
 
 
-def estimate(settings, model_name: str, dataset_name: str, params: dict) -> dict:
-    """Rough training memory (GB) and tokens per optimizer step for a form's choices."""
-    from lab import datasets, registry, speed
+def estimate(settings, model_name: str, dataset_name: str, params: dict, method: str = "sft") -> dict:
+    """Training memory at the worst step (GB, and its parts in MiB: lab.memory) and tokens per optimizer step for
+    a form's choices."""
+    from lab import datasets, memory, registry, speed
 
     model = registry.get(settings, model_name)
     base = registry.base_of(settings, model)
@@ -307,18 +309,64 @@ def estimate(settings, model_name: str, dataset_name: str, params: dict) -> dict
     cfg = _config(base.path)
     n = base.parameters or 0
     hidden, layers = cfg.get("hidden_size", 0), cfg.get("num_hidden_layers", 0)
-    inter, vocab = cfg.get("intermediate_size", 4 * hidden), cfg.get("vocab_size", 0)
+    inter = cfg.get("intermediate_size", 4 * hidden)
     kv = hidden * cfg.get("num_key_value_heads", 1) // max(1, cfg.get("num_attention_heads", 1))
     batch, accum = int(params.get("batch_size", 1)), int(params.get("grad_accum", 1))
     max_len = int(params.get("max_length", 1024))
+    lengths = _sequence_lengths(model.path, dataset.path, dataset.fingerprint, dataset.format)
     mean = _mean_tokens(model.path, dataset.path, dataset.fingerprint, dataset.format, max_len)
-    seq = max_len if params.get("packing") else mean
-    if params.get("use_lora", True):
+    full = not params.get("use_lora", True)
+    if full:
+        trainable = n
+    else:
         r = int(params.get("lora_r", 16))  # LoRA on every linear layer: r * (inputs + outputs) each
         trainable = layers * r * ((hidden + hidden) * 2 + (hidden + kv) * 2 + (hidden + inter) * 3)
-    else:
-        trainable = n
-    total = 4 * n + 12 * trainable  # fp32 weights; gradient and two Adam moments per trainable weight
-    total += speed.activation_bytes(hidden, layers, vocab, batch, seq)  # without gradient checkpointing
-    return {"memory_gb": round(total / 1e9, 3), "tokens_per_step": round(batch * accum * seq),
+    step = memory.step_of(method, params, max((k for row in lengths for k in row), default=max_len))
+    by_part = memory.parts(cfg, n, trainable, full, method, step, str(params.get("precision", "fp32")),
+                           float(params.get("lora_dropout", 0.05)))
+    available = speed.available_memory()
+    # gradient checkpointing as the run will choose it (lab.speed.choose_checkpointing's rule, one process)
+    asked = str(params.get("gradient_checkpointing", "auto"))
+    vocab = cfg.get("vocab_size", 0)
+    on = asked == "on" or (asked == "auto" and available is not None and speed.activation_bytes(
+        hidden, layers, vocab, batch, max_len, cfg.get("num_attention_heads", 1), method,
+        params) > speed.CHECKPOINT_SHARE * available)
+    if on:
+        by_part = memory.checkpointed(by_part, cfg, step, str(params.get("precision", "fp32")))
+    need = sum(by_part.values())
+    return {"memory_gb": round(need / 1e9, 3), "parts": by_part,
+            "available_gb": round(available / 1e9, 3) if available else None,
+            "verdict": memory.verdict(need, available), "checkpointing": on,
+            "remedies": memory.remedies(by_part, method, full, step, checkpointing=on),
+            "worst_step": f"{step.sequences} x {step.length} tokens{' (one flat sequence)' if step.flat else ''}",
+            "tokens_per_step": round(batch * accum * (max_len if params.get("packing") else mean)),
             "mean_row_tokens": round(mean, 1), "trainable_parameters": trainable, "parameters": n}
+
+
+def does_not_fit(settings, spec, params: dict) -> LabError | None:
+    """Why a run of `spec` (its parameters as the plugin read them) would not fit the memory it will have, or None:
+    the memory_gb it asks for, else this machine's available memory when a local worker runs it here. Only for the
+    methods and the device the estimate was measured on (lab.memory.MEASURED, the CPU); a failed estimate never
+    blocks a launch."""
+    from lab import memory, speed
+
+    if spec.plugin not in memory.MEASURED or not (spec.model and spec.dataset) or speed.device() != "cpu":
+        return None
+    if spec.memory_gb is not None:
+        room, where = spec.memory_gb * 1e9, f"the {spec.memory_gb:g} GB it asks for (memory_gb)"
+    elif settings.executor == "local":
+        room, where = speed.available_memory(), "this machine's available memory"
+    else:
+        return None
+    try:
+        est = estimate(settings, spec.model, spec.dataset, params, method=spec.plugin)
+    except Exception:  # a courtesy, like the Train page's estimate
+        return None
+    need = est["memory_gb"] * 1e9 * spec.processes  # each process holds its own copy
+    if not room or need <= room:
+        return None
+    return LabError(f"{spec.plugin} on {spec.model} would need about {need / 1e9:.1f} GB at its worst step "
+                    f"({est['worst_step']}{', per process' if spec.processes > 1 else ''}), more than {where}, "
+                    f"{room / 1e9:.1f} GB",
+                    "to need less: " + "; ".join(est["remedies"] or ["a smaller batch_size or max_length"])
+                    + ". If it will run on another machine with more memory, set memory_gb to that memory")

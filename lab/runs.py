@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import delete, exists, func, select
 
-from lab import datasets, experiments, formats, jobstore, plugins, registry
+from lab import datasets, experiments, formats, jobstore, plugins, preview, registry
 from lab.db import plain_rows, read_session, session
 from lab.errors import LabError, ValidationError
 from lab.jobspec import FollowUp, JobSpec
@@ -125,6 +125,10 @@ def submit_many(settings: Settings, spec: JobSpec | dict, variants: list[dict]) 
     # what the spec keeps of the parameters: the ones given, as the plugin reads them ("2" from a command line is 2)
     specs = [s.model_copy(update={"params": _as_read(s.params, j["params"])})
              for j, s in zip(jobs, specs, strict=True)]
+    for s, j in zip(specs, jobs, strict=True):
+        problem = preview.does_not_fit(settings, s, j["params"])
+        if problem is not None:
+            raise problem
     follow = _follow_up(settings, spec.then_eval)
     if follow and jobs[0]["kind"] != "train":
         raise LabError("only a training run can have an evaluation queued after it")

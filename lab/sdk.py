@@ -218,7 +218,7 @@ class RunContext:
         if model is not None and named and not asked:
             shared[named] = speed.choose_checkpointing(
                 p.get("gradient_checkpointing", "auto"), model, p.get("batch_size", 8), _sequence_tokens(p), self.log,
-                processes=self.world_size)
+                processes=self.world_size, method=self.plugin, params=p)
         if "ddp_find_unused_parameters" in names:
             shared["ddp_find_unused_parameters"] = False  # every trainable weight takes part in each step
         return config_cls(**{k: v for k, v in {**shared, **own}.items() if k in names or k in own})

@@ -189,16 +189,25 @@ def available_memory() -> int | None:
     return None
 
 
-def activation_bytes(hidden: int, layers: int, vocab: int, batch: int, tokens: float) -> float:
-    """Activations and logits one training step keeps for its backward pass without gradient checkpointing, for
-    `batch` sequences of `tokens` (a rule of thumb: 34 bytes per hidden unit and layer, 8 bytes per logit)."""
-    return batch * tokens * (hidden * layers * 34 + vocab * 8)
+def activation_bytes(hidden: int, layers: int, vocab: int, batch: int, tokens: float, heads: int = 1,
+                     method: str = "", params: dict | None = None) -> float:
+    """What one training step of `method` keeps for its backward pass without gradient checkpointing, for `batch`
+    sequences of `tokens`: activations, attention scores and logits, as lab.memory estimates them (calibrated on
+    measured peaks)."""
+    from lab import memory
+
+    step = memory.step_of(method, {**(params or {}), "batch_size": batch, "max_length": int(tokens)}, int(tokens))
+    config = {"hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads, "vocab_size": vocab}
+    lora = bool((params or {}).get("use_lora"))  # LoRA's dropout keeps copies of the adapted layers' inputs
+    by_part = memory.parts(config, 0, 0, not lora, method, step, lora_dropout=(params or {}).get("lora_dropout", 0.05))
+    return by_part["activations"] + by_part["attention"] + by_part["logits"]
 
 
 CHECKPOINT_SHARE = 0.25  # auto checkpoints when the activations would take more than this part of the free memory
 
 
-def choose_checkpointing(requested: str, model, batch: int, tokens: int, log, processes: int = 1) -> bool:
+def choose_checkpointing(requested: str, model, batch: int, tokens: int, log, processes: int = 1, method: str = "",
+                         params: dict | None = None) -> bool:
     """`gradient_checkpointing` of a trainer: on, off, or auto. Checkpointing recomputes each layer's activations
     in the backward pass instead of keeping them: less memory for a third more compute (and a second pass through
     LoRA's dropout). auto turns it on only when the activations would take over a quarter of the free memory (the
@@ -208,7 +217,8 @@ def choose_checkpointing(requested: str, model, batch: int, tokens: int, log, pr
         return requested == "on"
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     need = activation_bytes(getattr(config, "hidden_size", 0) or 0, getattr(config, "num_hidden_layers", 0) or 0,
-                            getattr(config, "vocab_size", 0) or 0, batch, tokens)
+                            getattr(config, "vocab_size", 0) or 0, batch, tokens,
+                            getattr(config, "num_attention_heads", 1) or 1, method, params)
     if device() == "cuda":
         import torch
 

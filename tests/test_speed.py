@@ -175,7 +175,8 @@ def test_gradient_checkpointing_is_on_only_where_the_activations_need_the_memory
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     c = model.config
-    need = speed.activation_bytes(c.hidden_size, c.num_hidden_layers, c.vocab_size, 4, 256)
+    need = speed.activation_bytes(c.hidden_size, c.num_hidden_layers, c.vocab_size, 4, 256, c.num_attention_heads,
+                                  "sft", sft.Params(batch_size=4, max_length=256).model_dump())
     ctx = RunContext(settings=ws, job_id=1, plugin="sft", experiment="default", run_dir=tmp_path)
 
     def checkpointing(free, **chosen) -> bool:

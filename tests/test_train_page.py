@@ -129,7 +129,7 @@ def test_another_page_opens_train_on_a_method_and_its_data(page):
 def test_the_command_line_shown_is_the_specs(page):
     spec = JobSpec.of({"plugin": "sft", "model": "tiny", "dataset": "facts", "params": {"max_steps": 3}})
     out = train.command_and_estimate(page, named(page, spec))
-    assert out["command"] == jobspec.command_line(spec) and "Rough estimate" in out["estimate"]
+    assert out["command"] == jobspec.command_line(spec) and "at the worst step" in out["estimate"]
     assert train.command_and_estimate(page, {"plugin": None}) == {"command": "", "estimate": ""}
 
 

@@ -460,16 +460,33 @@ def estimate_text(ui: UI, found: dict, spec: jobspec.JobSpec) -> str:
     if not (model_name and ds_name):
         return "Pick a model and a dataset to see the estimate."
     try:
-        est = preview.estimate(ui.settings, model_name, ds_name, resolved.model_dump())
+        est = preview.estimate(ui.settings, model_name, ds_name, resolved.model_dump(), method=pid)
     except Exception as exc:  # an estimate is a courtesy: never block the form
         return f"No estimate: {md(exc)}"
-    gb = est["memory_gb"]
-    memory = f"{gb:.1f} GB" if gb >= 1 else f"{gb * 1000:.0f} MB"
+    return memory_text(est, pid) + truncation_warning(ui, pid, model_name, ds_name, resolved.model_dump())
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} KB"
+
+
+def memory_text(est: dict, pid: str) -> str:
+    """Whether the run fits this machine's memory, with its numbers: the parts of the estimate, the worst step it
+    was made for, and what to change when it is tight."""
+    from lab.memory import NAMES
+
+    parts = ", ".join(f"{NAMES[k]} {_size(v)}" for k, v in est["parts"].items() if v)
+    label = {"fits": "Fits", "tight": "Tight", "does not fit": "Does not fit", "unknown": "Memory"}[est["verdict"]]
+    of = f" of {_size(est['available_gb'] * 1e9)} available" if est["available_gb"] else ""
+    how = " with gradient checkpointing (an estimate not measured yet)" if est["checkpointing"] else ""
+    text = (f"**{label}**: about **{_size(est['memory_gb'] * 1e9)}**{of} at the worst step ({est['worst_step']})"
+            f"{how}: {parts}.")
+    if est["verdict"] in ("tight", "does not fit") and est["remedies"]:
+        text += " To need less: " + "; ".join(est["remedies"]) + "."
     rows = "pairs (chosen and rejected)" if pid in preview.PAIR_METHODS else "rows"
-    text = (f"**Rough estimate**: about **{memory}** of memory, "
-            f"**{est['tokens_per_step']:,} tokens per step** ({rows} average {est['mean_row_tokens']:.0f} "
-            f"tokens), {est['trainable_parameters']:,} trainable of {est['parameters']:,} parameters.")
-    return text + truncation_warning(ui, pid, model_name, ds_name, resolved.model_dump())
+    return text + (f"\n\n**{est['tokens_per_step']:,} tokens per step** ({rows} average "
+                   f"{est['mean_row_tokens']:.0f} tokens), {est['trainable_parameters']:,} trainable of "
+                   f"{est['parameters']:,} parameters.")
 
 
 def truncation_warning(ui: UI, pid, model_name, ds_name, params) -> str:

@@ -336,6 +336,7 @@ def estimate(settings, model_name: str, dataset_name: str, params: dict, method:
     need = sum(by_part.values())
     return {"memory_gb": round(need / 1e9, 3), "parts": by_part,
             "available_gb": round(available / 1e9, 3) if available else None,
+            "total_gb": round(speed.total_memory() / 1e9, 3) if speed.total_memory() else None,
             "verdict": memory.verdict(need, available), "checkpointing": on,
             "remedies": memory.remedies(by_part, method, full, step, checkpointing=on),
             "worst_step": f"{step.sequences} x {step.length} tokens{' (one flat sequence)' if step.flat else ''}",
@@ -345,7 +346,8 @@ def estimate(settings, model_name: str, dataset_name: str, params: dict, method:
 
 def does_not_fit(settings, spec, params: dict) -> LabError | None:
     """Why a run of `spec` (its parameters as the plugin read them) would not fit the memory it will have, or None:
-    the memory_gb it asks for, else this machine's available memory when a local worker runs it here. Only for the
+    the memory_gb it asks for, else this machine's whole memory when a local worker runs it here (the Train page's
+    label compares with the memory available now). Only for the
     methods and the device the estimate was measured on (lab.memory.MEASURED, the CPU); a failed estimate never
     blocks a launch."""
     from lab import memory, speed
@@ -354,8 +356,8 @@ def does_not_fit(settings, spec, params: dict) -> LabError | None:
         return None
     if spec.memory_gb is not None:
         room, where = spec.memory_gb * 1e9, f"the {spec.memory_gb:g} GB it asks for (memory_gb)"
-    elif settings.executor == "local":
-        room, where = speed.available_memory(), "this machine's available memory"
+    elif settings.executor == "local":  # all of it: the jobs running now end before a queued one starts
+        room, where = speed.total_memory(), "this machine's memory"
     else:
         return None
     try:

@@ -180,9 +180,18 @@ def step_profiler(ctx, steps: int):
 
 def available_memory() -> int | None:
     """Bytes the kernel says can still be used (MemAvailable); None where that is unknown."""
+    return _meminfo("MemAvailable")
+
+
+def total_memory() -> int | None:
+    """This machine's memory in bytes (MemTotal); None where that is unknown."""
+    return _meminfo("MemTotal")
+
+
+def _meminfo(field: str) -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass

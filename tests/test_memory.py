@@ -62,6 +62,7 @@ def page(ws, tiny_model_dir, tmp_path):
                                                                                                     "**Memory**")])
 def test_the_train_page_says_whether_the_run_fits_with_its_numbers(page, monkeypatch, available, label):
     monkeypatch.setattr(speed, "available_memory", lambda: available)
+    monkeypatch.setattr(speed, "total_memory", lambda: available)
     spec = JobSpec.of({"plugin": "sft", "model": "tiny", "dataset": "facts", "params": {"batch_size": 8}})
     text = train.command_and_estimate(page, train.filled(spec, page.forms, [], None) | {"experiment": "default"})[
         "estimate"]
@@ -73,16 +74,20 @@ def test_the_train_page_says_whether_the_run_fits_with_its_numbers(page, monkeyp
 
 def test_a_launch_that_would_not_fit_is_refused_with_what_to_change(page, monkeypatch):
     s = page.ui.settings
-    monkeypatch.setattr(speed, "available_memory", lambda: 300 * 10**6)  # less than the process alone
+    monkeypatch.setattr(speed, "total_memory", lambda: 300 * 10**6)  # less than the process alone
     spec = {"plugin": "sft", "model": "tiny", "dataset": "facts", "params": {"batch_size": 8}}
     with pytest.raises(LabError) as refused:
         runs.submit(s, spec)
     said = str(refused.value)
-    assert "would need about" in said and "this machine's available memory, 0.3 GB" in said, said
+    assert "would need about" in said and "this machine's memory, 0.3 GB" in said, said
     assert "smaller batch_size" in said and "set memory_gb" in said and runs.list_jobs(s) == []
     out = train.launch(page, train.filled(JobSpec.of(spec), page.forms, [], None) | {"experiment": "default"})
     assert "Nothing was queued" in out["message"] and "would need about" in out["message"]
     assert runs.list_jobs(s) == []
+    # what other jobs hold now is theirs only until they end: the launch compares with the whole machine
+    monkeypatch.setattr(speed, "total_memory", lambda: 10**12)
+    monkeypatch.setattr(speed, "available_memory", lambda: 300 * 10**6)
+    assert runs.submit(s, spec)
     # a job that will run elsewhere says how much memory it will have there
     assert runs.submit(s, {**spec, "memory_gb": 64})
     # methods the estimate was not measured on are not refused

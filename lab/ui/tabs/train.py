@@ -483,6 +483,9 @@ def memory_text(est: dict, pid: str) -> str:
             f"{how}: {parts}.")
     if est["verdict"] in ("tight", "does not fit") and est["remedies"]:
         text += " To need less: " + "; ".join(est["remedies"]) + "."
+    if est["verdict"] == "does not fit" and est["total_gb"] and est["memory_gb"] <= est["total_gb"]:
+        text += (f" It would fit this machine's {_size(est['total_gb'] * 1e9)} once other programs and jobs free "
+                 "theirs: Launch queues it.")
     rows = "pairs (chosen and rejected)" if pid in preview.PAIR_METHODS else "rows"
     return text + (f"\n\n**{est['tokens_per_step']:,} tokens per step** ({rows} average "
                    f"{est['mean_row_tokens']:.0f} tokens), {est['trainable_parameters']:,} trainable of "

@@ -187,8 +187,8 @@ def _publish(settings: Settings, name: str, source: str, build, **extra) -> dict
                 s.add(_row(name, tmp, final, source, **extra))
                 s.flush()  # a taken name fails here, before the folder is moved into place
             published = True
-    except Exception:
-        if published:  # the commit failed after the rename: take the folder back out
+    except BaseException:  # Ctrl-C too: one between the rename and the commit must not leave a folder behind
+        if published:  # the commit failed (or was interrupted) after the rename: take the folder back out
             shutil.rmtree(final, ignore_errors=True)
         raise
     return info(settings, name)

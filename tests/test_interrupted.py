@@ -66,6 +66,26 @@ def test_create_tiny_killed_mid_build_then_run_again(ws, sig):
     assert lab_cli("models", "create-tiny", "t1").returncode == 2, "a finished model is still refused"
 
 
+def test_ctrl_c_between_the_rename_and_the_commit_takes_the_folder_back_out(ws, monkeypatch):
+    """The moment a killed build can race to under load: the folder is in place and the row not yet committed."""
+    import contextlib
+
+    real = registry.session
+
+    @contextlib.contextmanager
+    def interrupted_before_the_commit(settings):
+        with real(settings) as s:
+            yield s
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(registry, "session", interrupted_before_the_commit)
+    with pytest.raises(KeyboardInterrupt):
+        registry.create_tiny(ws, "t9")
+    assert not (ws.workspace / "models" / "t9").exists() and registry.list_all(ws) == []
+    monkeypatch.undo()
+    assert registry.create_tiny(ws, "t9")["name"] == "t9"
+
+
 def test_a_published_folder_without_its_row_is_rebuilt(ws):
     """The command died between the rename and the commit: the folder is there, the registry knows nothing."""
     stray = ws.workspace / "models" / "t2"

@@ -27,6 +27,11 @@ SCORED = ("reward", "classify")  # a score head instead of the vocabulary's logi
 FLAT = ("sft",)  # padding-free by default: a step's rows are one flat sequence
 
 
+def _width(precision: str) -> int:
+    """Bytes per weight and activation value."""
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
 @dataclass(frozen=True)
 class Step:
     """How the worst step of a method lays out its tokens: `sequences` sequences of `length` tokens that keep
@@ -59,7 +64,7 @@ def parts(config: dict, parameters: int, trainable: int, full: bool, method: str
           precision: str = "fp32", lora_dropout: float = 0.05) -> dict[str, float]:
     """Bytes by part for a run of the model `config` (its config.json) with `parameters` weights of which
     `trainable` are trained (LoRA on every linear layer unless `full`)."""
-    width = 2 if precision in ("bf16", "fp16") else 4
+    width = _width(precision)
     hidden, layers = config.get("hidden_size", 0), config.get("num_hidden_layers", 0)
     heads, vocab = config.get("num_attention_heads", 1), config.get("vocab_size", 0)
     inter = config.get("intermediate_size", 4 * hidden)
@@ -80,7 +85,7 @@ def checkpointed(by_part: dict[str, float], config: dict, step: Step, precision:
     """The parts with gradient checkpointing: each layer keeps only its input, and one layer's activations and
     attention scores are rebuilt at a time in the backward pass (not measured yet: bench/memory.py runs without)."""
     layers = max(1, config.get("num_hidden_layers", 1))
-    width = 2 if precision in ("bf16", "fp16") else 4
+    width = _width(precision)
     boundaries = step.tokens * layers * config.get("hidden_size", 0) * width
     return {**by_part, "activations": boundaries + by_part["activations"] / layers,
             "attention": by_part["attention"] / layers}

@@ -322,9 +322,9 @@ def estimate(settings, model_name: str, dataset_name: str, params: dict, method:
         r = int(params.get("lora_r", 16))  # LoRA on every linear layer: r * (inputs + outputs) each
         trainable = layers * r * ((hidden + hidden) * 2 + (hidden + kv) * 2 + (hidden + inter) * 3)
     step = memory.step_of(method, params, max((k for row in lengths for k in row), default=max_len))
-    by_part = memory.parts(cfg, n, trainable, full, method, step, str(params.get("precision", "fp32")),
-                           float(params.get("lora_dropout", 0.05)))
-    available = speed.available_memory()
+    precision = str(params.get("precision", "fp32"))
+    by_part = memory.parts(cfg, n, trainable, full, method, step, precision, float(params.get("lora_dropout", 0.05)))
+    available, total = speed.available_memory(), speed.total_memory()
     # gradient checkpointing as the run will choose it (lab.speed.choose_checkpointing's rule, one process)
     asked = str(params.get("gradient_checkpointing", "auto"))
     vocab = cfg.get("vocab_size", 0)
@@ -332,11 +332,11 @@ def estimate(settings, model_name: str, dataset_name: str, params: dict, method:
         hidden, layers, vocab, batch, max_len, cfg.get("num_attention_heads", 1), method,
         params) > speed.CHECKPOINT_SHARE * available)
     if on:
-        by_part = memory.checkpointed(by_part, cfg, step, str(params.get("precision", "fp32")))
+        by_part = memory.checkpointed(by_part, cfg, step, precision)
     need = sum(by_part.values())
     return {"memory_gb": round(need / 1e9, 3), "parts": by_part,
             "available_gb": round(available / 1e9, 3) if available else None,
-            "total_gb": round(speed.total_memory() / 1e9, 3) if speed.total_memory() else None,
+            "total_gb": round(total / 1e9, 3) if total else None,
             "verdict": memory.verdict(need, available), "checkpointing": on,
             "remedies": memory.remedies(by_part, method, full, step, checkpointing=on),
             "worst_step": f"{step.sequences} x {step.length} tokens{' (one flat sequence)' if step.flat else ''}",
@@ -347,9 +347,8 @@ def estimate(settings, model_name: str, dataset_name: str, params: dict, method:
 def does_not_fit(settings, spec, params: dict) -> LabError | None:
     """Why a run of `spec` (its parameters as the plugin read them) would not fit the memory it will have, or None:
     the memory_gb it asks for, else this machine's whole memory when a local worker runs it here (the Train page's
-    label compares with the memory available now). Only for the
-    methods and the device the estimate was measured on (lab.memory.MEASURED, the CPU); a failed estimate never
-    blocks a launch."""
+    label compares with the memory available now). Only for the methods and the device the estimate was measured
+    on (lab.memory.MEASURED, the CPU); a failed estimate never blocks a launch."""
     from lab import memory, speed
 
     if spec.plugin not in memory.MEASURED or not (spec.model and spec.dataset) or speed.device() != "cpu":

@@ -149,12 +149,17 @@ class TrainPage:
                 return where[name]
         return self.ui[name]
 
+    @functools.cached_property
+    def names(self) -> dict[gr.blocks.Block, str]:
+        """Every component's name (the page's own first), built at the first event: by then every tab has put its
+        components on the UI."""
+        return {c: name for name, c in (*self.ui.c.items(), *self.parts.items(), *self.w.items())
+                if isinstance(c, gr.blocks.Block)}
+
     def named(self, data: dict) -> dict[str, Any]:
         """A handler's {component: value} by name. Where the handler was sent the forms' fields themselves (Launch,
         sweep, save), they win over `held`, whose update may still wait behind another event."""
-        by_component = {c: name for name, c in (*self.ui.c.items(), *self.parts.items(), *self.w.items())
-                        if isinstance(c, gr.blocks.Block)}
-        v = {by_component[c]: value for c, value in data.items() if c in by_component}
+        v = {self.names[c]: value for c, value in data.items() if c in self.names}
         fields = self.fields
         if fields and fields[0] in data:
             v["held"] = {fid: [data[c] for c in form.components] for fid, form in self.forms.items()}
@@ -376,7 +381,7 @@ def save_config(page: TrainPage, v: dict) -> dict:
         axes = {k: [getattr(plugins.validate_params(p, {**spec.params, k: x}), k) for x in xs]
                 for k, xs in _grid(v).items()}
     except LabError as exc:
-        return {"message": problems_box(exc, "Nothing was queued."), "config_out": None}
+        return {**refused(exc), "config_out": None}
     folder = Path(tempfile.mkdtemp(prefix="lab-config-"))
     name = f"{spec.plugin}-{spec.model or 'model'}-{spec.dataset or 'data'}.yaml".replace("/", "-")
     (folder / name).write_text(jobspec.to_config(spec, axes or None))

@@ -65,7 +65,7 @@ def assemble(settings: Settings) -> tuple[gr.Blocks, UI]:
                                            allow_custom_value=False, scale=0, min_width=240,
                                            elem_id="current-experiment")
         remembered = gr.BrowserState("default", storage_key="lab-current-experiment")
-        ui["timer"] = gr.Timer(REFRESH_S)
+        timer = gr.Timer(REFRESH_S)
         with gr.Tabs() as tabs:
             ui["tabs"] = tabs
             with gr.Tab("Run", id="run", render=False) as run_tab_block:
@@ -129,6 +129,15 @@ def assemble(settings: Settings) -> tuple[gr.Blocks, UI]:
         demo.load(on_load, refresh_inputs, [*refresh_outputs, ui["run_job"], ui["tabs"], ui["compare_group"],
                                             ui["compare_runs"]])
         tabs.select(refresh, refresh_inputs, refresh_outputs, show_progress="hidden")
+        tick_inputs = list(dict.fromkeys(c for _, inputs, _ in ui.tickers for c in inputs))
+        tick_outputs = list(dict.fromkeys(c for _, _, outputs in ui.tickers for c in outputs))
+
+        def tick(*values) -> dict:
+            """What the Jobs table and the Run view follow live, in one event."""
+            given = dict(zip(tick_inputs, values, strict=True))
+            return {c: u for fn, _, _ in ui.tickers for c, u in fn(given).items()}
+
+        timer.tick(tick, tick_inputs, tick_outputs, show_progress="hidden")
         filters_fn, filters_out = ui["compare_refresh"]
         tabs.select(filters_fn, [], filters_out, show_progress="hidden")
         demo.load(*ui.train.event(train_tab.command_and_estimate, list(train_tab.NAMED), ["command", "estimate"]),

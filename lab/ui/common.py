@@ -29,6 +29,7 @@ class UI:
     settings: Settings
     c: dict[str, Any] = field(default_factory=dict)  # components other tabs wire to, by name
     refreshers: list[tuple[Callable, list, list]] = field(default_factory=list)  # see on_refresh
+    tickers: list[tuple[Callable, list, list]] = field(default_factory=list)  # see on_tick
     train: Any = None  # the Train page (lab.ui.tabs.train.TrainPage): Jobs, Rank and the Playground fill it
 
     def __getitem__(self, name: str):
@@ -41,6 +42,12 @@ class UI:
         """What a tab shows afresh from the database when the page loads and whenever a tab is opened:
         fn({component: value} of `inputs`) -> {component: update} for `outputs` (lab.ui.app wires them all)."""
         self.refreshers.append((fn, list(inputs), list(outputs)))
+
+    def on_tick(self, fn: Callable[[dict], dict], outputs: list, inputs: list = ()) -> None:
+        """What a tab follows live, every few seconds: fn({component: value} of `inputs`) -> {component: update}
+        for those of `outputs` that changed. lab.ui.app wires them all into one timer event: the browser's cost of
+        an event grows with the page's components, not with the event's outputs, so one event beats several."""
+        self.tickers.append((fn, list(inputs), list(outputs)))
 
 
 DB_PATIENCE_S = 8.0  # how long a page action waits for a database that is locked past its busy timeout or away

@@ -79,13 +79,11 @@ def build(ui: UI) -> None:
                   [experiment, jobs, workers], inputs=[experiment, status])
 
     filters = [experiment, status]
-    def jobs_tick(e, s):
-        return table(ui, e, s), workers_line(ui)
-
     def jobs_filter(e, s):
         return table(ui, e, s)
 
-    ui["timer"].tick(jobs_tick, filters, [jobs, workers], show_progress="hidden")
+    ui.on_tick(lambda v: {jobs: table(ui, v[experiment], v[status]), workers: workers_line(ui)}, [jobs, workers],
+               inputs=filters)
     experiment.change(jobs_filter, filters, [jobs])
     status.change(jobs_filter, filters, [jobs])
 

@@ -264,23 +264,23 @@ def build(ui: UI) -> None:
     refresh.click(show, [job_id, keys, held], outputs)
     keys.input(show, [job_id, keys, held], outputs)
 
-    def tick(jid, chosen, state):
-        unchanged = [gr.update()] * len(outputs)
+    def tick(v: dict) -> dict:
+        jid, state = v[job_id], v[held]
         if not jid:
-            return unchanged
+            return {}
         try:
             job = runs.get_job(ui.settings, int(jid))
         except LabError:
-            return unchanged
+            return {}
         last = state["signature"] if state else None
         if last is not None and last[0] == job["id"] and job["status"] in TERMINAL and last[1] == job["status"]:
-            return unchanged  # a finished run shown as finished: nothing changes any more
-        found = read(job, chosen, state)
+            return {}  # a finished run shown as finished: nothing changes any more
+        found = read(job, v[keys], state)
         if _signature(*found) == last:  # nothing new to draw (no chart, file walk or picture); the time goes on
-            return [header(job, found[3]) if job["status"] == "running" else gr.update()] + unchanged[1:]
-        return render(*found)
+            return {head: header(job, found[3])} if job["status"] == "running" else {}
+        return dict(zip(outputs, render(*found), strict=True))
 
-    ui["timer"].tick(tick, [job_id, keys, held], outputs, show_progress="hidden")
+    ui.on_tick(tick, outputs, inputs=[job_id, keys, held])
 
 
 def _signature(job: dict, found: runs.Points, chosen: list[str], log_text: str) -> tuple:

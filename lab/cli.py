@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lab import datasets, plugins, registry, runs
+from lab import compare, datasets, plugins, registry, runs
 from lab.dependencies import describe
 from lab.diagnosis import KINDS
 from lab.errors import LabError, from_known_error
@@ -574,6 +574,48 @@ def _fmt_duration(seconds: float | None) -> str:
         return ""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@app.command("compare")
+def compare_cmd(
+    job_ids: Annotated[list[int] | None, typer.Argument(help="Runs to compare; the first is the one the others "
+                                                             "are measured against.")] = None,
+    group: Annotated[str | None, typer.Option(help="Every run of a sweep (its group), oldest first.")] = None,
+    diagnostics: Annotated[bool, typer.Option(help="Also gradient norms, entropy, KL, speed.")] = False,
+    workspace: WorkspaceOpt = None, as_json: JsonOpt = False,
+):
+    """Runs side by side (final and best values, evaluation scores, peak memory) and whether each difference in
+    evaluation scores against the first run is real: a paired bootstrap interval, and a judge's sign test."""
+    s = _settings(workspace)
+    ids = list(job_ids or [])
+    if group:
+        in_group = sorted(j["id"] for j in compare.select_runs(s, group=group))
+        if not in_group:
+            raise LabError(f"no runs in the group {group!r}", "see `lab jobs list` for the groups of sweeps")
+        ids += in_group
+    if not ids:
+        raise LabError("name the runs to compare", "lab compare 3 4, or lab compare --group NAME")
+    found = runs.jobs_by_id(s, ids)
+    missing = sorted(set(ids) - {j["id"] for j in found})
+    if missing:
+        raise LabError(f"no job {', '.join(map(str, missing))}", "see `lab jobs list`")
+    ids = list(dict.fromkeys(ids))
+    columns, rows, best = compare.leaderboard(s, ids, jobs=found)
+    columns = compare.shown_columns(columns, diagnostics)
+    real = compare.differences(s, ids, jobs=found)
+    if as_json:
+        return _print_json({"columns": columns, "runs": rows, "best": best, "differences": real})
+
+    def cell(row: dict, c: str) -> str:
+        v = row.get(c)
+        text = f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
+        return text + (" *" if best.get(c) == row["id"] else "")
+
+    # a row per figure, a column per run: runs are few, figures many
+    names = [r["run"] for r in rows]
+    _table([{"figure": c, **{name: cell(r, c) for name, r in zip(names, rows, strict=True)}} for c in columns[1:]],
+           ["figure", *names], "runs (* the best)")
+    _table(real, ["run", "against", "score", "difference", "examples"], "is the difference real (95 %)")
 
 
 @jobs_app.command("list")

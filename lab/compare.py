@@ -3,13 +3,15 @@ leaderboard of final and best values and evaluation scores, and diff their confi
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 from collections import OrderedDict, defaultdict
+from pathlib import Path
 
 from sqlalchemy import func, select
 
-from lab import runs
+from lab import runs, significance
 from lab.db import plain_rows, read_session
 from lab.errors import LabError
 from lab.settings import Settings
@@ -373,3 +375,67 @@ def best_run(settings: Settings, job_ids: list[int], column: str) -> int | None:
     """The run with the best value in a leaderboard column (a sweep's winner)."""
     return leaderboard(settings, job_ids)[2].get(column)
 
+
+def _examples_of(s, job_ids: list[int]) -> dict[int, dict[str, tuple[str, dict]]]:
+    """{run: {evaluation plugin: (its eval/examples.jsonl, its parameters)}}: a selected evaluation's own file, and
+    for a training run the files of the latest completed evaluations of its output."""
+    outputs = dict(s.execute(select(Model.id, Model.job_id).where(Model.job_id.in_(job_ids))).all())
+    found = s.execute(select(Job.id, Job.model_id, Job.plugin, Job.run_dir, Job.params).where(
+        Job.status == "completed", (Job.id.in_(job_ids)) | (Job.model_id.in_(list(outputs) or [-1])))
+        .order_by(Job.id)).all()
+    out: dict[int, dict[str, tuple[str, dict]]] = defaultdict(dict)
+    for job_id, model_id, plugin, run_dir, params in found:
+        path = Path(run_dir or ".") / "eval" / "examples.jsonl"
+        if path.is_file():  # an evaluation counts for itself and for the run whose output it scored
+            for owner in {job_id, outputs.get(model_id)} & set(job_ids):
+                out[owner][plugin] = (str(path), params or {})  # the latest evaluation with a plugin wins
+    return out
+
+
+def _scored(path: str) -> list[dict]:
+    """An evaluation's per-example rows; a judge's outcome also as a number (`win`: 1, a tie 0.5, a loss 0)."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for row in rows:
+        if row.get("outcome") in OUTCOMES:
+            row["win"] = OUTCOMES[row["outcome"]]
+    return rows
+
+
+OUTCOMES = {"win": 1.0, "tie": 0.5, "loss": 0.0}
+
+
+def differences(settings: Settings, job_ids: list[int], jobs: list[dict] | None = None) -> list[dict]:
+    """Whether a difference is real. For every per-example score that the first run and another were both
+    evaluated on with the same plugin: b - a with its paired bootstrap interval. For a run judged against another
+    model (eval-judge): an exact sign test of its wins against its losses. Rows: run, against, score, difference
+    (text), examples, significant."""
+    with read_session(settings) as s:
+        files = _examples_of(s, job_ids)
+    jobs = _by_id(settings, job_ids, jobs)
+    rows = []
+    for run in job_ids:
+        path, params = files.get(run, {}).get("eval-judge", (None, {}))
+        if path:
+            outcomes = [r["outcome"] for r in _scored(path) if r.get("outcome") in OUTCOMES]
+            wins, losses = outcomes.count("win"), outcomes.count("loss")
+            p = significance.sign_test(wins, losses)
+            rows.append({"run": label(jobs[run]), "against": str(params.get("against") or "its opponent"),
+                         "score": "eval-judge:wins against losses",
+                         "difference": f"{wins} wins, {losses} losses, {len(outcomes) - wins - losses} ties: "
+                                       f"p = {p:.3g}, {'significant' if p < 0.05 else 'not significant'}",
+                         "examples": len(outcomes), "significant": p < 0.05})
+    first = job_ids[0] if job_ids else None
+    for other in job_ids[1:]:
+        for plugin in sorted(set(files.get(first, {})) & set(files.get(other, {}))):
+            a, b = _scored(files[first][plugin][0]), _scored(files[other][plugin][0])
+            keys = sorted({k for row in a[:1] + b[:1] for k, v in row.items() if significance.is_number(v)}
+                          - {"row"})
+            for key in keys:
+                x, y = significance.paired_examples(a, b, key)
+                if len(x) < 2:
+                    continue
+                d = significance.paired_bootstrap(x, y)
+                rows.append({"run": label(jobs[other]), "against": label(jobs[first]), "score": f"{plugin}:{key}",
+                             "difference": d.text(), "examples": d.n, "significant": d.significant})
+    return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 import pytest
@@ -188,3 +189,78 @@ def test_a_finished_runs_leaderboard_figures_are_read_once_and_again_when_it_sta
     with session(any_ws) as db:  # a running run is read on every call
         db.execute(insert(Metric), [{"job_id": b, "step": 4, "key": "loss", "value": 0.5, "time": utcnow()}])
     assert compare.leaderboard(any_ws, [a, b])[1][1]["loss"] == 0.5
+
+
+def _evaluation(s, tmp_path, scores: list, plugin: str = "eval-generate", params: dict | None = None) -> int:
+    """A completed evaluation whose eval/examples.jsonl holds one `accuracy` per example (a judge's: an
+    `outcome`)."""
+    import json
+
+    from sqlalchemy import update
+
+    from lab.tables import Job
+
+    job_id = _run(s, params or {}, {"eval/rows": [len(scores)]}, plugin=plugin)
+    folder = tmp_path / f"run{job_id}"
+    (folder / "eval").mkdir(parents=True)
+    field = "outcome" if plugin == "eval-judge" else "accuracy"
+    (folder / "eval" / "examples.jsonl").write_text("".join(
+        json.dumps({"row": i + 1, "prompt": f"q{i}", field: v, "answer": "x", "probabilities": {"A": 0.5}}) + "\n"
+        for i, v in enumerate(scores)))
+    with session(s) as db:
+        db.execute(update(Job).where(Job.id == job_id).values(status="completed", run_dir=str(folder)))
+    return job_id
+
+
+def test_compare_says_whether_a_difference_in_scores_is_real(ws, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    base = (rng.random(400) < 0.5).astype(float)
+    better = np.where(rng.random(400) < 0.2, 1.0, base)  # right on a fifth more of the examples
+    noise = base.copy()  # ten examples flipped each way: the same mean, a different run
+    noise[np.flatnonzero(base == 1)[:10]] = 0
+    noise[np.flatnonzero(base == 0)[:10]] = 1
+    a, b, c = (_evaluation(ws, tmp_path, list(x)) for x in (base, better, noise))
+    rows = compare.differences(ws, [a, b, c])
+    by_run = {r["run"].split()[0]: r for r in rows if r["score"] == "eval-generate:accuracy"}
+    assert by_run[f"#{b}"]["significant"] and by_run[f"#{b}"]["difference"].startswith("+0.")
+    assert not by_run[f"#{c}"]["significant"] and by_run[f"#{c}"]["examples"] == 400
+    assert {r["score"] for r in rows} == {"eval-generate:accuracy"}, "text fields are not scores"
+    assert compare.differences(ws, [a]) == []
+
+
+def test_a_judged_run_gets_a_sign_test_of_its_wins_against_its_losses(ws, tmp_path):
+    from scipy.stats import binomtest
+
+    clear = _evaluation(ws, tmp_path, ["win"] * 15 + ["loss"] * 3 + ["tie"] * 2, "eval-judge", {"against": "base"})
+    close = _evaluation(ws, tmp_path, ["win"] * 9 + ["loss"] * 8 + ["tie"] * 3, "eval-judge", {"against": "base"})
+    rows = compare.differences(ws, [clear, close])
+    signs = {r["run"].split()[0]: r for r in rows if r["score"] == "eval-judge:wins against losses"}
+    p = binomtest(15, 18).pvalue
+    assert signs[f"#{clear}"]["difference"] == f"15 wins, 3 losses, 2 ties: p = {p:.3g}, significant"
+    assert signs[f"#{clear}"]["against"] == "base" and signs[f"#{clear}"]["examples"] == 20
+    assert not signs[f"#{close}"]["significant"] and f"p = {binomtest(9, 17).pvalue:.3g}," in \
+        signs[f"#{close}"]["difference"]
+    # the two judged runs against each other, example by example: a win counts 1, a tie a half
+    paired = [r for r in rows if r["score"] == "eval-judge:win"]
+    assert len(paired) == 1 and paired[0]["difference"].startswith(f"{(9 + 1.5 - 15 - 1) / 20:+.3g} ± ")
+    assert {r["score"] for r in rows} == {"eval-judge:wins against losses", "eval-judge:win"}, "row numbers and " \
+        "probabilities are not scores"
+
+
+def test_lab_compare_prints_the_runs_and_whether_their_difference_is_real(ws, tmp_path):
+    from conftest import lab_cli
+
+    a = _evaluation(ws, tmp_path, [0.0, 1.0] * 50)
+    b = _evaluation(ws, tmp_path, [1.0, 1.0] * 50)
+    found = json.loads(lab_cli("compare", str(a), str(b), "--json", check=True).stdout)
+    assert [r["id"] for r in found["runs"]] == [a, b]
+    assert found["differences"] == compare.differences(ws, [a, b])
+    assert found["differences"][0]["difference"].startswith("+0.5 ± ")
+    shown = lab_cli("compare", str(a), str(b), check=True).stdout
+    assert "is the difference real" in shown and "significant" in shown and f"#{b}" in shown
+    for args, message in ((["999"], "no job 999"), ([], "name the runs to compare"),
+                          (["--group", "<b>none</b>"], "no runs in the group '<b>none</b>'")):
+        failed = lab_cli("compare", *args)
+        assert failed.returncode != 0 and message in failed.stderr and "Traceback" not in failed.stderr

@@ -187,6 +187,12 @@ def test_compare_page_overlays_two_runs_and_shows_their_difference(ws, lab_serve
     assert sorted(drawn["legend"]) == sorted(names), "a legend entry per run"
     assert drawn["lines"][names[0]][2] == "lines+markers", "few points: each one marked"
     _no_error_toast(page)
+    # once drawn, the page stays still (the runs' multiselect once re-ran the leaderboard on every status update)
+    page.wait_for_timeout(2000)
+    page.evaluate("() => { window.boardChanges = 0; new MutationObserver(() => window.boardChanges++).observe("
+                  "document.querySelector('#compare-board'), {subtree: true, childList: true, characterData: true}); }")
+    page.wait_for_timeout(6000)
+    assert page.evaluate("window.boardChanges") == 0, "the leaderboard is drawn again and again"
 
     # each x axis draws the data it names (a chart once kept the previous choice's data under the new title)
     for axis, want in (("tokens", [100, 200, 300]), ("time", None), ("step", [1, 2, 3])):

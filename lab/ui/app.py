@@ -126,8 +126,8 @@ def assemble(settings: Settings) -> tuple[gr.Blocks, UI]:
                           ui["compare_runs"]: gr.update(choices=options, value=[v for _, v in options])}
             return {**refresh(*values), **opened}
 
-        demo.load(on_load, refresh_inputs, [*refresh_outputs, ui["run_job"], ui["tabs"], ui["compare_group"],
-                                            ui["compare_runs"]])
+        ui["compare_after"](demo.load(on_load, refresh_inputs, [*refresh_outputs, ui["run_job"], ui["tabs"],
+                                                                ui["compare_group"], ui["compare_runs"]]))
         tabs.select(refresh, refresh_inputs, refresh_outputs, show_progress="hidden")
         tick_inputs = list(dict.fromkeys(c for _, inputs, _ in ui.tickers for c in inputs))
         tick_outputs = list(dict.fromkeys(c for _, _, outputs in ui.tickers for c in outputs))

@@ -74,6 +74,11 @@ def build(ui: UI) -> None:
     with gr.Row():
         rank_by = gr.Dropdown(label="Best run by", choices=[], scale=2)
         winner = gr.Markdown(elem_id="compare-winner")
+    gr.Markdown("#### Is the difference real\nEach run's evaluation scores against the oldest run's, example by "
+                "example: the difference of means with its 95 % paired bootstrap interval, significant when the "
+                "interval leaves out zero. A run judged against another model (eval-judge): an exact sign test of "
+                "its wins against its losses.")
+    real = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-significance")
     gr.Markdown("#### Configuration")
     show_all = gr.Checkbox(label="Show every setting (not only the ones that differ)", value=False)
     diff = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-diff")
@@ -103,7 +108,8 @@ def build(ui: UI) -> None:
         options = [(compare.label(j), str(j["id"])) for j in found]
         return gr.update(choices=options, value=[v for _, v in options]), note
 
-    pick.click(user_errors(on_pick), [experiment, plugin, status, group, tag, kind, last, mix], [chosen, picked])
+    picking = pick.click(user_errors(on_pick), [experiment, plugin, status, group, tag, kind, last, mix],
+                         [chosen, picked])
 
     def ids_of(values) -> list[int]:
         return [int(v) for v in values or []]
@@ -121,13 +127,17 @@ def build(ui: UI) -> None:
         diff_cols, diff_rows = compare.config_diff(ui.settings, ids, jobs=jobs)
         lines = "\n".join(f"- **{md(name)}**: {md(chain)}"
                           for name, chain in compare.lineages(ui.settings, ids, jobs=jobs))
+        differences = compare.differences(ui.settings, sorted(ids), jobs=jobs)  # against the oldest run
         return (gr.update(choices=keys, value=metric), _styled(columns, rows, best) if rows else None,
                 gr.update(choices=ranked, value=default or (ranked[0] if ranked else None)),
                 pd.DataFrame(diff_rows, columns=diff_cols) if ids else None,
-                ("#### Lineage\n" + lines) if lines else "")
+                ("#### Lineage\n" + lines) if lines else "",
+                pd.DataFrame(differences, columns=["run", "against", "score", "difference", "examples"])
+                if differences else None)
 
-    chosen.change(user_errors(on_runs), [chosen, key, diagnostics], [key, board, rank_by, diff, lineage])
-    diagnostics.change(user_errors(on_runs), [chosen, key, diagnostics], [key, board, rank_by, diff, lineage])
+    shown = [key, board, rank_by, diff, lineage, real]
+    chosen.input(user_errors(on_runs), [chosen, key, diagnostics], shown)
+    diagnostics.change(user_errors(on_runs), [chosen, key, diagnostics], shown)
 
     def on_chart(values, metric, axis, weight, log):
         ids = ids_of(values)
@@ -144,8 +154,19 @@ def build(ui: UI) -> None:
         return charts.lines(series, x_title=titles[axis], y_title=metric, log_y=bool(log),
                             whole_x=axis in ("step", "tokens"), height=400, empty=missing)
 
-    for trigger in (key.change, x.change, smoothing.release, log_scale.change, chosen.change):
+    for trigger in (key.change, x.change, smoothing.release, log_scale.change, chosen.input):
         trigger(user_errors(on_chart), [chosen, key, x, smoothing, log_scale], [chart], show_progress="hidden")
+
+    def after(event) -> None:
+        """Show the runs an event chose (Select, a sweep launched on Train, the page opened on ?group=). The
+        chosen runs are followed on the user's edits (`input`) and after each such event, not on `change`: this
+        Gradio's multiselect fires `change` again whenever the page updates any loading status (its list value
+        is copied and compared by identity), which re-drew the Compare page every second or so while it was open."""
+        event.then(user_errors(on_runs), [chosen, key, diagnostics], shown)
+        event.then(user_errors(on_chart), [chosen, key, x, smoothing, log_scale], [chart], show_progress="hidden")
+
+    ui["compare_after"] = after
+    after(picking)
 
     def on_rank(values, column):
         ids = ids_of(values)

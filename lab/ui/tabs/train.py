@@ -295,8 +295,9 @@ def wire(page: TrainPage) -> None:
             trigger_mode="always_last", show_progress="hidden")
     page.on(parts["launch"].click, launch, list(NAMED), ["message", "tabs", "run_job"], with_fields=True,
             concurrency_id="train-form")
-    page.on(parts["sweep"].click, sweep, [*NAMED, "grid"], ["message", "tabs", "compare_group", "compare_runs"],
-            with_fields=True, concurrency_id="train-form")
+    ui["compare_after"](page.on(parts["sweep"].click, sweep, [*NAMED, "grid"],
+                                ["message", "tabs", "compare_group", "compare_runs"], with_fields=True,
+                                concurrency_id="train-form"))
     page.on(parts["save_config"].click, save_config, [*NAMED, "grid"], ["message", "config_out"], with_fields=True)
     page.on(parts["load_config"].upload, load_config, ["load_config", "held"],
             ["message", *page.filled_names(), "grid"]).success(*page.after_plugin())

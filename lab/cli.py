@@ -915,9 +915,7 @@ def rank_status(
     if rows:
         _table(rows, ["annotators", "items", "pairs", "agreement", "kappa"], "annotator pairs")
     if reward_model:
-        r = found["reward_model"]
-        rate = "—" if r["agreement"] is None else f"{r['agreement']:.3f}"
-        out.print(f"{reward_model} agrees with the people on {rate} of {r['pairs']} ranked pairs", markup=False)
+        out.print(ranking.reward_agreement_text(reward_model, found["reward_model"]), markup=False)
 
 
 

@@ -297,18 +297,46 @@ def agreement(settings: Settings, name: str) -> list[dict]:
 
 def reward_agreement(settings: Settings, name: str, scores: dict[str, list[float]],
                      annotator: str | None = None) -> dict:
-    """How often a reward model's scores (per item, one per stored answer) order the people's strict preferences
-    the same way (a score tie counts half)."""
+    """How a reward model's scores (per item, one per stored answer) agree with the people's verdicts (ties and
+    skips left out): the share of ranked answer pairs it orders the same way (a score tie counts half); Cohen's
+    kappa over those pairs (each pair's label: the first answer better, worse, or for the model also equal); and,
+    per verdict, Kendall's tau and Spearman's rho between the answers' standing in it (wins minus losses) and their
+    scores, averaged over the verdicts where both are defined."""
+    from lab import significance
+
     found = _candidates(settings, name)
     agree = total = 0.0
+    people, model, taus, rhos = [], [], [], []
     for v in _verdicts(settings, found.id, annotator):
         if v.item not in scores or v.verdict in ("tie", "skip"):
             continue
         s = scores[v.item]
+        standing = [0] * len(s)
         for c, r in pairs_for(v.verdict, v.ranking, len(s), "all"):
             total += 1
             agree += 1.0 if s[c] > s[r] else 0.5 if s[c] == s[r] else 0.0
-    return {"pairs": int(total), "agreement": agree / total if total else None}
+            standing[c] += 1
+            standing[r] -= 1
+        for (i, j), label in relations(v.verdict, v.ranking, len(s)).items():
+            people.append(label)
+            model.append(">" if s[i] > s[j] else "<" if s[i] < s[j] else "=")
+        placed = sorted({i for pair in relations(v.verdict, v.ranking, len(s)) for i in pair})
+        tau = significance.kendall_tau([standing[i] for i in placed], [s[i] for i in placed])
+        rho = significance.spearman([standing[i] for i in placed], [s[i] for i in placed])
+        taus += [tau] if tau is not None else []
+        rhos += [rho] if rho is not None else []
+    return {"pairs": int(total), "agreement": agree / total if total else None,
+            "kappa": kappa(people, model) if people else None,
+            "kendall": sum(taus) / len(taus) if taus else None,
+            "spearman": sum(rhos) / len(rhos) if rhos else None, "rankings": len(taus)}
+
+
+def reward_agreement_text(name: str, found: dict) -> str:
+    """One sentence of reward_agreement's figures (the Rank page and `lab rank status` say the same)."""
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    return (f"{name} agrees with the people on {fmt(found['agreement'])} of {found['pairs']} ranked answer pairs "
+            f"(a score tie counts half), Cohen's kappa {fmt(found['kappa'])}; per ranking, Kendall's tau "
+            f"{fmt(found['kendall'])} and Spearman's rho {fmt(found['spearman'])} (mean of {found['rankings']}).")
 
 
 def score_items(settings: Settings, name: str, reward_model: str, only: set[str] | None = None,

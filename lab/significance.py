@@ -70,3 +70,35 @@ def paired_examples(a: list[dict], b: list[dict], metric: str) -> tuple[list[flo
 
 def is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float | None:
+    """Kendall's tau-b of two scorings of the same things (ties in either counted as scipy does); None where
+    either side is constant."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    i, j = np.triu_indices(len(a), k=1)
+    da, db = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    untied_a, untied_b = np.count_nonzero(da), np.count_nonzero(db)
+    if untied_a == 0 or untied_b == 0:
+        return None
+    return float((da * db).sum() / math.sqrt(untied_a * untied_b))
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rho: the correlation of the two scorings' ranks (ties share their mean rank); None where either
+    side is constant."""
+    a, b = _ranks(x), _ranks(y)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    v = np.asarray(values, dtype=float)
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(1, len(v) + 1)
+    for value in np.unique(v):  # ties share the mean of their ranks
+        tied = v == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks

@@ -190,7 +190,8 @@ def test_compare_page_overlays_two_runs_and_shows_their_difference(ws, lab_serve
     # once drawn, the page stays still (the runs' multiselect once re-ran the leaderboard on every status update)
     page.wait_for_timeout(2000)
     page.evaluate("() => { window.boardChanges = 0; new MutationObserver(() => window.boardChanges++).observe("
-                  "document.querySelector('#compare-board'), {subtree: true, childList: true, characterData: true}); }")
+                  "document.querySelector('#compare-board'), {subtree: true, childList: true, characterData: true});"
+                  " }")
     page.wait_for_timeout(6000)
     assert page.evaluate("window.boardChanges") == 0, "the leaderboard is drawn again and again"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import lab_cli, stop_worker_mid_job, write_jsonl
 from test_stages import run_job
@@ -182,7 +183,20 @@ def test_agreement_between_two_annotators_is_computed_as_by_hand(cands):
     scores = {f"q{i}": [3.0, 2.0, 1.0] for i in range(5)}
     agree = ranking.reward_agreement(cands, "cands", scores)
     assert agree["pairs"] == 18 and agree["agreement"] == pytest.approx(10 / 18)
-    assert ranking.reward_agreement(cands, "cands", scores, annotator="ann") == {"pairs": 6, "agreement": 0.5}
+    # each verdict's standing (wins minus losses) against the scores, by scipy; kappa over the pairs' labels: people
+    # ann > > > | < < <, bob > > < | < > > | < < < | > > >; the model > > > everywhere
+    from scipy.stats import kendalltau, spearmanr
+
+    orders = ["abc", "acb", "bac", "cba", "cba", "abc"]  # ann q0, bob q0, bob q1, ann q2, bob q2, bob q3
+    standing = [[2 - 2 * o.index(x) for x in "abc"] for o in orders]
+    assert agree["kendall"] == pytest.approx(np.mean([kendalltau(s, [3, 2, 1]).statistic for s in standing]))
+    assert agree["spearman"] == pytest.approx(np.mean([spearmanr(s, [3, 2, 1]).statistic for s in standing]))
+    assert agree["rankings"] == 6
+    people = list(">>>") + list(">><") + list("<>>") + list("<<<") * 2 + list(">>>")
+    observed, expected = people.count(">") / 18, people.count(">") / 18  # the model says > on every pair
+    assert agree["kappa"] == pytest.approx((observed - expected) / (1 - expected))  # 0: no better than chance
+    assert ranking.reward_agreement(cands, "cands", scores, annotator="ann") == {
+        "pairs": 6, "agreement": 0.5, "kappa": 0.0, "kendall": 0.0, "spearman": 0.0, "rankings": 2}
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -291,3 +305,18 @@ def test_a_verdict_that_fails_half_way_leaves_nothing_and_the_same_submit_then_w
     monkeypatch.setattr(datasets, "add_rows", real_add)
     done = ranking.submit(cands, "cands", "q0", "ann", order="1,2,3", into="prefs")
     assert done["added"] == 3 and datasets.info(cands, "prefs")["rows"] == 3
+
+
+def test_the_rank_page_says_how_a_reward_model_agrees_with_the_people(cands, monkeypatch):
+    from lab.ui.common import UI
+    from lab.ui.tabs import rank as rank_tab
+
+    for item in ("q0", "q1"):
+        shown = shown_numbers(cands, "cands", "ann", [c["text"] for c in dict(
+            (r["id"], r["candidates"]) for r in candidates_rows())[item]])
+        ranking.submit(cands, "cands", item, "ann", order=shown, into="prefs")
+    monkeypatch.setattr(rank_tab, "scores_for", lambda ui, name, model, wanted: {i: [3.0, 2.0, 1.0] for i in wanted})
+    html = rank_tab.agreement_html(UI(cands), "cands", "<b>rm</b>")
+    assert "&lt;b&gt;rm&lt;/b&gt; agrees with the people on 1.000 of 6 ranked answer pairs" in html
+    assert "Kendall&#x27;s tau 1.000 and Spearman&#x27;s rho 1.000 (mean of 2)" in html
+    assert "Cohen&#x27;s kappa —" in html, "the people said > on every pair and so did the model: kappa undefined"

@@ -41,3 +41,18 @@ def test_examples_are_paired_by_position_and_only_numbers_count():
     assert significance.paired_examples(a, b, "acc") == ([1.0, 0.0], [0.0, 1.0])
     with pytest.raises(ValueError, match="same examples"):
         significance.paired_bootstrap([1.0], [1.0, 2.0])
+
+
+def test_rank_correlations_match_scipys_with_ties_and_none_when_a_side_is_constant():
+    rng = np.random.default_rng(3)
+    for n in (2, 3, 5, 12):
+        for _ in range(20):
+            x = list(rng.integers(0, 4, n).astype(float))  # ties likely
+            y = list(rng.normal(size=n).round(1))
+            if len(set(x)) < 2 or len(set(y)) < 2:
+                assert significance.kendall_tau(x, y) is None and significance.spearman(x, y) is None
+                continue
+            assert significance.kendall_tau(x, y) == pytest.approx(scipy_stats.kendalltau(x, y).statistic)
+            assert significance.spearman(x, y) == pytest.approx(scipy_stats.spearmanr(x, y).statistic)
+    assert significance.kendall_tau([1, 2, 3], [3, 2, 1]) == -1.0
+    assert significance.spearman([1, 2], [1, 2]) == pytest.approx(1.0)

@@ -111,9 +111,7 @@ def agreement_html(ui: UI, name: str, reward_model: str | None) -> str:
         judged = ranking.judged_items(ui.settings, name)
         scores = scores_for(ui, name, reward_model, judged)
         found = ranking.reward_agreement(ui.settings, name, scores)
-        rate = "—" if found["agreement"] is None else f"{found['agreement']:.3f}"
-        parts.append(tag("div", text(f"{reward_model} agrees with the people on {rate} of {found['pairs']} "
-                                     "ranked answer pairs (a score tie counts half)."), cls="rank-reward"))
+        parts.append(tag("div", text(ranking.reward_agreement_text(reward_model, found)), cls="rank-reward"))
     return "".join(parts)
 
 

@@ -174,7 +174,8 @@ def test_upload_launch_watch_reload(ws, lab_server, tiny_model_dir, tmp_path, pa
 
 
 def test_compare_page_overlays_two_runs_and_shows_their_difference(ws, lab_server, page):
-    group, ids = runs.sweep(ws, {"plugin": "instant", "params": {"tokens": "100"}}, {"steps": [3, 5]})
+    group, ids = runs.sweep(ws, {"plugin": "instant", "params": {"tokens": "100", "scores": "true"}},
+                            {"steps": [3, 5]})
     from jobs.worker import Worker
 
     Worker(ws, say=lambda m: None).serve(until_empty=True)
@@ -211,6 +212,10 @@ def test_compare_page_overlays_two_runs_and_shows_their_difference(ws, lab_serve
     assert "steps" in diff and "record" not in diff, "only the setting that differs"
     board = page.locator("#compare-board").inner_text()
     assert f"#{ids[0]} instant" in board and "loss" in board
+    # right on 160 of 200 examples instead of 133: +0.135, its 95 % interval clear of zero
+    real = _wait_for_text(page, "#compare-significance", "instant:correct", 30)
+    assert re.search(rf"#{ids[1]} instant\s+#{ids[0]} instant\s+instant:correct\s+\+0\.135 ± 0\.0\d+, significant"
+                     r"\s+200", real), real
     _shot(page, "compare")
 
 

@@ -13,7 +13,8 @@ class Params(BaseModel):
     record: str = Field("", description="File to which the job id is appended (to count runs).")
     steps: int = Field(3, ge=0, le=1000, description="Metric points to log.")
     tokens: int = Field(0, ge=0, description="Tokens each step counts (num_tokens), when above 0.")
-    scores: bool = Field(False, description="Also log evaluation scores once and write a confusion matrix.")
+    scores: bool = Field(False, description="Also log evaluation scores once and write a confusion matrix and "
+                                            "200 examples' `correct` (all but every `steps`-th).")
     hold_mb: int = Field(0, ge=0, le=4096, description="Hold this many MiB in memory (every page touched) at first.")
 
 
@@ -32,6 +33,8 @@ def run(ctx, params: Params) -> None:
         (ctx.run_dir / "eval").mkdir(exist_ok=True)
         (ctx.run_dir / "eval" / "confusion_matrix.json").write_text(json.dumps(
             {"labels": ["ham", "spam"], "matrix": [[5, 1], [2, 4]]}))
+        (ctx.run_dir / "eval" / "examples.jsonl").write_text("".join(
+            json.dumps({"row": i + 1, "correct": float(i % params.steps != 0)}) + "\n" for i in range(200)))
     (ctx.output_dir / "result.txt").write_text(f"job {ctx.job_id}\n")
     if params.record:
         with open(params.record, "a") as f:

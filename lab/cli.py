@@ -161,6 +161,25 @@ def _tool(s: Settings, plugin: str, *, model: str | None = None, params: dict, w
     return runs.tool_result(s, job_id)
 
 
+@models_app.command("merge")
+def models_merge(
+    names: Annotated[list[str], typer.Argument(help="The adapters to merge (LoRA fine-tunes of one base).")],
+    method: Annotated[str, typer.Option(help="linear, ties, dare_linear or dare_ties.")] = "linear",
+    weights: Annotated[str, typer.Option(help="One weight per adapter, comma-separated [default: 1/n each for "
+                                              "linear, 1 each otherwise].")] = "",
+    density: Annotated[float, typer.Option(help="ties and dare: the share of each adapter's changes kept.")] = 0.5,
+    no_wait: NoWaitOpt = False, workspace: WorkspaceOpt = None,
+):
+    """Merge adapters into one new adapter on their base (a merge job): registered as merge-N, its lineage naming
+    every parent and weight."""
+    s = _settings(workspace)
+    params = {"adapters": ",".join(names[1:]), "method": method, "weights": weights, "density": density}
+    done = _tool(s, "merge", model=names[0], params=params, wait=not no_wait)
+    if done is not None:
+        parts = ", ".join(f"{p['model']} × {p['weight']:g}" for p in done["parents"])
+        out.print(f"merged {parts} ({done['method']}) as model {done['output_model']}", markup=False)
+
+
 @models_app.command("serve")
 def models_serve(
     name: str,

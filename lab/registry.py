@@ -455,7 +455,8 @@ def _info(row: Model, bases: dict[int, Model]) -> dict:
             "created_at": row.created_at.isoformat(timespec="seconds")}
 
 
-SIDE_INPUTS = ("reward_model",)  # job parameters that name a further model the run used
+# job parameters that name a further model the run used, and how a merge weighed its parents
+SIDE_INPUTS = ("reward_model", "adapters", "method", "weights")
 
 
 def lineage(settings: Settings, name: str) -> list[dict]:

@@ -81,7 +81,7 @@ def submit(settings: Settings, spec: JobSpec | dict | str, **fields) -> int:
 
 TOOLS_EXPERIMENT = "tools"  # exports and imports: apart from the runs an experiment compares
 TOOL_PRIORITY = 10  # ahead of queued training: an export or an import is short next to a run
-TOOL_OUTPUTS = ("export.json", "import.json")  # what a tool job's output/ says it made
+TOOL_OUTPUTS = ("export.json", "import.json", "merge.json")  # what a tool job's output/ says it made
 
 
 def submit_tool(settings: Settings, plugin: str, *, model: str | None = None, params: dict | None = None) -> int:
@@ -94,11 +94,13 @@ def submit_tool(settings: Settings, plugin: str, *, model: str | None = None, pa
 
 
 def tool_result(settings: Settings, job_id: int) -> dict:
-    """What a completed tool job made: its output/export.json or import.json."""
-    folder = Path(get_job(settings, job_id)["run_dir"] or ".") / "output"
+    """What a completed tool job made: its output/export.json, import.json or merge.json (with `output_model`, the
+    model registered from its output, if any)."""
+    job = get_job(settings, job_id)
+    folder = Path(job["run_dir"] or ".") / "output"
     for name in TOOL_OUTPUTS:
         if (folder / name).is_file():
-            return json.loads((folder / name).read_text())
+            return {**json.loads((folder / name).read_text()), "output_model": job["output_model"]}
     raise LabError(f"job {job_id} left no {' or '.join(TOOL_OUTPUTS)} in {folder}")
 
 

@@ -144,7 +144,7 @@ def test_a_gguf_file_is_imported_by_a_job_and_keeps_its_weights(ws, toolchain, t
     assert job["status"] == "completed" and job["experiment"] == runs.TOOLS_EXPERIMENT
     info = registry.info(ws, "back")
     assert f"imported model back into {info['path']}" in imported.stdout and info["source"] == "gguf"
-    assert runs.tool_result(ws, job["id"]) == {"name": "back", "path": info["path"]}
+    assert runs.tool_result(ws, job["id"]) == {"name": "back", "path": info["path"], "output_model": None}
     orig = AutoModelForCausalLM.from_pretrained(tiny_llama)
     back = AutoModelForCausalLM.from_pretrained(info["path"])
     for name in ("model.layers.0.mlp.down_proj.weight", "model.embed_tokens.weight"):

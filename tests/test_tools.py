@@ -28,7 +28,7 @@ def _jobs(ws) -> int:
 def test_every_tool_is_a_plugin_of_kind_tool_that_needs_no_dataset(ws):
     found, _ = plugins.discover(ws)
     tools = sorted(p.id for p in found.values() if p.kind == "tool")
-    assert tools == ["export-gguf", "export-hf", "import-gguf"]
+    assert tools == ["export-gguf", "export-hf", "import-gguf", "merge"]
     assert not any(found[t].needs_dataset for t in tools) and not any(found[t].resumable for t in tools)
 
 

@@ -1,0 +1,103 @@
+"""Merging LoRA adapters of one base (the `merge` tool job, `lab models merge`): what the merge computes, its
+lineage, and bad merges refused before anything is queued."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import lab_cli
+
+from lab import registry, runs
+from lab.errors import LabError
+
+
+def _adapter(base: Path, folder: Path, seed: int) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(folder)
+    return folder
+
+
+def _logits(settings, name: str):
+    import torch
+
+    from lab import modeling
+
+    model = modeling.causal_lm(registry.info(settings, name), adapter="merge", log=lambda m: None).eval()
+    with torch.no_grad():
+        return model(torch.tensor([[1, 5, 9, 14, 3, 7]])).logits
+
+
+@pytest.fixture
+def adapters(ws, tiny_model_dir, tmp_path):
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    for name, seed in (("a", 1), ("b", 2)):
+        registry.add_folder(ws, name, _adapter(tiny_model_dir, tmp_path / name, seed), base="tiny")
+    return ws
+
+
+def test_an_adapter_merged_alone_at_weight_one_gives_the_same_logits(adapters, jobs_worker):
+    import torch
+
+    job_id = runs.submit_tool(adapters, "merge", model="a", params={"weights": "1"})
+    jobs_worker(adapters).serve(once=True)
+    job = runs.get_job(adapters, job_id)
+    assert job["status"] == "completed", job
+    merged = job["output_model"]
+    info = registry.info(adapters, merged)
+    assert (info["kind"], info["base_model"]) == ("adapter", "tiny")
+    assert torch.allclose(_logits(adapters, merged), _logits(adapters, "a"), atol=1e-5)
+    assert not torch.allclose(_logits(adapters, "a"), _logits(adapters, "tiny"), atol=1e-3), "the adapter matters"
+
+
+def test_a_linear_merge_of_two_adapters_is_their_weighted_sum_and_its_lineage_names_both(adapters, jobs_worker):
+    import torch
+
+    done = lab_cli("models", "merge", "a", "b", "--method", "linear", "--weights", "0.5,0.5", check=True)
+    (listed,) = [j for j in runs.list_jobs(adapters) if j["plugin"] == "merge"]
+    job = runs.get_job(adapters, listed["id"])
+    merged = job["output_model"]
+    assert f"merged a × 0.5, b × 0.5 (linear) as model {merged}" in done.stdout
+    result = json.loads((Path(job["run_dir"]) / "output" / "merge.json").read_text())
+    assert result["parents"] == [{"model": "a", "weight": 0.5}, {"model": "b", "weight": 0.5}]
+    assert "adapters b, method linear, weights 0.5,0.5" in job["lineage"]
+    # peft's linear merge sums the adapters' A and B, each scaled by sqrt(weight): the two differ from either one
+    ours = _logits(adapters, merged)
+    assert not torch.allclose(ours, _logits(adapters, "a"), atol=1e-4)
+    assert not torch.allclose(ours, _logits(adapters, "b"), atol=1e-4)
+
+
+def test_a_ties_merge_runs_and_names_its_density(adapters, jobs_worker):
+    job_id = runs.submit_tool(adapters, "merge", model="a", params={"adapters": "b", "method": "ties",
+                                                                    "density": 0.3})
+    jobs_worker(adapters).serve(once=True)
+    job = runs.get_job(adapters, job_id)
+    assert job["status"] == "completed", job
+    assert runs.tool_result(adapters, job_id)["density"] == 0.3
+    assert "merged a × 1, b × 1 (ties, density 0.3)" in (Path(job["run_dir"]) / "log.txt").read_text()
+
+
+@pytest.mark.parametrize(("model", "params", "message"), [
+    ("a", {}, "name at least one adapter to merge with"),
+    ("a", {"adapters": "a"}, "named twice"),
+    ("a", {"adapters": "b", "weights": "1"}, "1 weight(s) for 2 adapters"),
+    ("a", {"adapters": "b", "weights": "1,<b>x</b>"}, "is not a comma-separated list of numbers"),
+    ("a", {"adapters": "nope"}, "no model named 'nope'"),
+    ("a", {"adapters": "tiny"}, "tiny is a full model"),
+    ("tiny", {"adapters": "a"}, "full"),
+    ("a", {"adapters": "b", "density": 0}, "density"),
+    ("a", {"adapters": "c"}, "adapters of different base models do not merge"),
+])
+def test_a_bad_merge_is_refused_before_anything_is_queued(adapters, tmp_path, model, params, message):
+    registry.create_tiny(adapters, "other", hidden=32, layers=1)
+    registry.add_folder(adapters, "c", _adapter(registry.info(adapters, "other")["path"], tmp_path / "c", 3),
+                        base="other")
+    with pytest.raises(LabError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        runs.submit_tool(adapters, "merge", model=model, params=params)
+    assert runs.list_jobs(adapters) == []

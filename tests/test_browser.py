@@ -666,3 +666,31 @@ def test_an_openai_endpoint_is_added_in_the_playground_and_ranked_against_a_lab_
         _no_error_toast(page)
     finally:
         _stop(proc)
+
+
+def test_two_adapters_are_merged_from_the_models_page(ws, lab_server, tiny_model_dir, tmp_path, page):
+    from test_merge import _adapter
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    for name, seed in (("lora-a", 1), ("lora-b", 2)):
+        registry.add_folder(ws, name, _adapter(tiny_model_dir, tmp_path / name, seed), base="tiny")
+    page.goto(lab_server.start().url)
+    page.wait_for_timeout(2000)
+    _tab(page, "Models")
+    page.get_by_text("Merge adapters").click()
+    page.locator("#merge-go").click()  # nothing picked: said, nothing queued
+    _wait_for_text(page, "#models-message", "pick the adapters to merge", 30)
+    assert runs.list_jobs(ws) == []
+    _choose(page, "merge-models", "lora-a")
+    _choose(page, "merge-models", "lora-b")
+    _choose(page, "merge-method", "ties")
+    page.locator("#merge-weights textarea").fill("0.7,0.3")
+    page.locator("#merge-go").click()
+    made = _wait_for_text(page, "#models-message", r"merged lora-a × 0\.7, lora-b × 0\.3 \(ties\) as model merge-\d+",
+                          180)
+    name = re.search(r"as model (merge-\d+)", made).group(1)
+    info = registry.info(ws, name)
+    assert (info["kind"], info["base_model"]) == ("adapter", "tiny")
+    assert re.search(rf"{name}\s+adapter", _wait_for_text(page, "#models-table", name, 30)), "the table shows it"
+    _no_error_toast(page)
+    _shot(page, "models-merge")

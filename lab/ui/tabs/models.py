@@ -79,7 +79,7 @@ def follow(ui: UI, job_id: int, what: str):
 def build(ui: UI) -> None:
     status = gr.Markdown()
     starter = gr.Button("Import the starter model", size="sm")
-    ui["models_table"] = gr.Dataframe(interactive=False, label="Models", wrap=True)
+    ui["models_table"] = gr.Dataframe(interactive=False, label="Models", wrap=True, elem_id="models-table")
     with gr.Row():
         with gr.Column():
             gr.Markdown("#### Register a model or an adapter\nA Hugging Face folder (it stays where it is; "
@@ -122,6 +122,21 @@ def build(ui: UI) -> None:
             export_as = gr.Textbox(label="Export name (optional)", scale=2)
             export_go = gr.Button("Export", scale=1, elem_id="export-go")
         export_file = gr.File(label="Files", interactive=False, file_count="multiple", elem_id="export-files")
+    with gr.Accordion("Merge adapters", open=False):
+        gr.Markdown("LoRA fine-tunes of one base merged into one new adapter (a `merge` job, peft's "
+                    "`add_weighted_adapter`): **linear** is a weighted sum; **ties** keeps each adapter's largest "
+                    "changes (*density*), elects a sign and averages the changes that agree; **dare** drops changes "
+                    "at random and rescales the rest. The new model's lineage names every parent and weight.")
+        with gr.Row():
+            to_merge = gr.Dropdown(label="Adapters (two or more, one base)", choices=[], value=[], multiselect=True,
+                                   scale=3, elem_id="merge-models")
+            merge_method = gr.Dropdown(["linear", "ties", "dare_linear", "dare_ties"], value="linear",
+                                       label="Method", scale=1, elem_id="merge-method")
+            merge_weights = gr.Textbox(label="Weights", placeholder="one per adapter: 0.5,0.5 (default: 1/n each "
+                                       "for linear, 1 each otherwise)", scale=2, elem_id="merge-weights")
+            merge_density = gr.Number(label="Density (ties, dare)", value=0.5, minimum=0.01, maximum=1, scale=1,
+                                      elem_id="merge-density")
+            merge_go = gr.Button("Merge", scale=1, elem_id="merge-go")
     with gr.Accordion("Serve a model (OpenAI-compatible endpoint)", open=False):
         gr.Markdown("Serves a model on this machine's loopback address with transformers' own server: any tool that "
                     "speaks the OpenAI API (the `openai` client, chat front-ends, agents) can use it. The model's "
@@ -248,6 +263,31 @@ def build(ui: UI) -> None:
 
     export_go.click(on_export, [to_export, export_fmt, export_quant, export_as], [export_file, message],
                     concurrency_limit=None)
+
+    def on_merge(names, method, weights, density):
+        """Queue a merge job and follow it here, like an export; the merged adapter is registered at its end."""
+        names = list(names or [])
+        try:
+            if not names:
+                raise LabError("pick the adapters to merge (two or more)")
+            job_id = runs.submit_tool(ui.settings, "merge", model=names[0], params={
+                "adapters": ",".join(names[1:]), "method": method, "weights": (weights or "").strip(),
+                "density": 0.5 if density in (None, "") else density})
+        except LabError as exc:
+            yield gr.update(), gr.update(), problems_box(exc, "nothing was merged")
+            return
+        for job, text in follow(ui, job_id, f"merging {', '.join(names)}"):
+            if job is None:
+                yield gr.update(), gr.update(), ok_box(text)
+            elif job["status"] != "completed":
+                yield gr.update(), gr.update(), problems_box(LabError(text, job.get("next_step") or ""),
+                                                             "nothing was merged")
+            else:
+                made = runs.tool_result(ui.settings, job_id)
+                parts = ", ".join(f"{p['model']} × {p['weight']:g}" for p in made["parents"])
+                yield done(f"merged {parts} ({made['method']}) as model {made['output_model']} (job {job_id})")
+
+    merge_go.click(on_merge, [to_merge, merge_method, merge_weights, merge_density], outputs, concurrency_limit=None)
     export_fmt.change(lambda f: gr.update(visible=f == "gguf"), export_fmt, export_quant)
 
     @user_errors
@@ -279,7 +319,7 @@ def build(ui: UI) -> None:
         return {ui["models_table"]: table(ui), status: starter_status(ui),
                 to_export: gr.update(choices=choices.model_names(ui)),
                 to_serve: gr.update(choices=choices.model_names(ui, ("full", "adapter"))),
-                served: served_text(ui)}
+                to_merge: gr.update(choices=choices.model_names(ui, ("adapter",))), served: served_text(ui)}
 
-    ui.on_refresh(refresh, [ui["models_table"], status, to_export, to_serve, served])
+    ui.on_refresh(refresh, [ui["models_table"], status, to_export, to_serve, to_merge, served])
 

@@ -101,3 +101,52 @@ def test_a_bad_merge_is_refused_before_anything_is_queued(adapters, tmp_path, mo
     with pytest.raises(LabError, match=message.replace("(", r"\(").replace(")", r"\)")):
         runs.submit_tool(adapters, "merge", model=model, params=params)
     assert runs.list_jobs(adapters) == []
+
+
+def _trained(base: Path, folder: Path, text: str) -> Path:
+    """An adapter that has learned one sentence by heart (a few dozen steps on it alone)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    ids = AutoTokenizer.from_pretrained(base)(text, return_tensors="pt").input_ids
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"]))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(100):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(folder)
+    return folder
+
+
+def _loss(settings, name: str, text: str) -> float:
+    import torch
+    from transformers import AutoTokenizer
+
+    from lab import modeling
+
+    info = registry.info(settings, name)
+    ids = AutoTokenizer.from_pretrained(info.get("base_path") or info["path"])(text, return_tensors="pt").input_ids
+    model = modeling.causal_lm(info, adapter="merge", log=lambda m: None).eval()
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def test_a_ties_merge_of_adapters_trained_on_different_data_keeps_what_each_learned(ws, tiny_model_dir, tmp_path,
+                                                                                    jobs_worker):
+    texts = {"facts": "the capital of france is paris and the capital of italy is rome.",
+             "sums": "two plus two makes four and three plus three makes six."}
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    for name, text in texts.items():
+        registry.add_folder(ws, name, _trained(tiny_model_dir, tmp_path / name, text), base="tiny")
+    job_id = runs.submit_tool(ws, "merge", model="facts", params={"adapters": "sums", "method": "ties",
+                                                                  "weights": "1,1", "density": 0.5})
+    jobs_worker(ws).serve(once=True)
+    merged = runs.get_job(ws, job_id)["output_model"]
+    for text in texts.values():  # on each evaluation: between the two parents or better, and better than the base
+        own, other = sorted(_loss(ws, name, text) for name in texts)
+        ours = _loss(ws, merged, text)
+        assert ours <= other and ours < _loss(ws, "tiny", text), (text, own, ours, other)

@@ -22,7 +22,8 @@ PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#d
 COUNTERS = re.compile(r"(^|[:/])(num_tokens|rows|tokens|episode)$")  # totals, not scores: no best value
 LOWER_IS_BETTER = re.compile(r"loss|perplexity|error", re.IGNORECASE)
 HIGHER_IS_BETTER = re.compile(r"accurac(y|ies)|(^|[/_:])(macro_)?f1|precision|recall|score|bleu|rouge|chrf|exact_match"
-                              r"|contains|margin|win_rate|mean_preference|(^|[/:])rewards?(/mean|/chosen)?$",
+                              r"|contains|margin|win_rate|mean_preference|people_(agreement|kappa|kendall|spearman)"
+                              r"|(^|[/:])rewards?(/mean|/chosen)?$",
                               re.IGNORECASE)
 
 

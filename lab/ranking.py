@@ -331,6 +331,45 @@ def reward_agreement(settings: Settings, name: str, scores: dict[str, list[float
             "spearman": sum(rhos) / len(rhos) if rhos else None, "rankings": len(taus)}
 
 
+def people_on(settings: Settings, name: str, pairs: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """Every person's label for one pair of stored answers (i, j) per item: '>' (i better), '<', or '=' (a tie
+    verdict); skips, and verdicts that leave the pair undecided (best and worst only), are left out."""
+    found = _candidates(settings, name)
+    sizes = {item: len(row["candidates"]) for item, row in items(settings, name)}
+    out: dict[str, list[str]] = {}
+    for v in _verdicts(settings, found.id):
+        if v.verdict == "skip" or v.item not in pairs or v.item not in sizes:
+            continue
+        i, j = pairs[v.item]
+        label = relations(v.verdict, v.ranking, sizes[v.item]).get((min(i, j), max(i, j)))
+        if label is not None:
+            out.setdefault(v.item, []).append(label if i < j else {">": "<", "<": ">", "=": "="}[label])
+    return out
+
+
+def agreement_with_people(judged: dict[str, tuple[str, float]], people: dict[str, list[str]]) -> dict:
+    """How a judge agrees with the people on the same pairs of answers. judged: {item: (its label '>', '<' or '=',
+    its preference for the first answer in 0-1)}; people: {item: their labels} (people_on). Over every (item,
+    person): the share of the same label, Cohen's kappa, and Kendall's tau and Spearman's rho between the judge's
+    preference and the person's (1 better, 0.5 tie, 0 worse); None where undefined."""
+    from lab import significance
+
+    theirs, ours, soft, hard = [], [], [], []
+    for item, labels in people.items():
+        if item in judged:
+            for label in labels:
+                theirs.append(label)
+                ours.append(judged[item][0])
+                soft.append(judged[item][1])
+                hard.append({">": 1.0, "=": 0.5, "<": 0.0}[label])
+    n = len(theirs)
+    return {"people_pairs": n,
+            "people_agreement": sum(a == b for a, b in zip(ours, theirs, strict=True)) / n if n else None,
+            "people_kappa": kappa(theirs, ours) if n else None,
+            "people_kendall": significance.kendall_tau(soft, hard) if n > 1 else None,
+            "people_spearman": significance.spearman(soft, hard) if n > 1 else None}
+
+
 def reward_agreement_text(name: str, found: dict) -> str:
     """One sentence of reward_agreement's figures (the Rank page and `lab rank status` say the same)."""
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731

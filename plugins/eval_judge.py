@@ -90,6 +90,13 @@ def answer_pairs(fmt: str, rows: list[dict], ours: str, theirs: str) -> list[tup
     return out
 
 
+def answer_indices(row: dict, ours: str, theirs: str) -> tuple[int, int]:
+    """The stored positions of the two answers answer_pairs takes from a candidates row."""
+    mine = [i for i, c in enumerate(row["candidates"]) if c.get("model") == ours]
+    other = [i for i, c in enumerate(row["candidates"]) if c.get("model") == theirs]
+    return mine[0], other[1 if ours == theirs else 0]
+
+
 def missing_models(row: dict, ours: str, theirs: str) -> str | None:
     """Why a candidates row cannot give the pair (no answer by a model; one model against itself needs two)."""
     counts: dict[str, int] = {}
@@ -194,10 +201,33 @@ def run(ctx, params: Params) -> None:
         disagreements.append(disagree)
         preferences.append(preference(first, second))
         scored.append({"row": i + 1, "prompt": prompt[-1]["content"], "answer": ours, "other_answer": theirs,
-                       "outcome": outcome, "ours_first": pick[0], "ours_second": pick[1],
+                       "outcome": outcome, "preference": preferences[-1], "ours_first": pick[0],
+                       "ours_second": pick[1],
                        "probabilities_ours_first": first, "probabilities_ours_second": second})
     found = summary_of(outcomes, disagreements, preferences)
+    if fmt == "candidates":  # where people ranked the same answers (the Rank page): does the judge agree?
+        found.update(with_people(ctx, rows, ours_name, params.against, outcomes, preferences))
     ctx.log(f"[lab] {ours_name} against {params.against}, judged by {params.judge}: win rate "
             f"{found['win_rate']:.3f} ({found['win_rate_low']:.3f}-{found['win_rate_high']:.3f}), the two orders "
             f"disagree on {found['position_disagreement']:.0%}")
     evaluation.record(ctx, found, scored)
+
+
+def with_people(ctx, rows: list[dict], ours: str, theirs: str, outcomes: list[str], preferences: list[float]) -> dict:
+    """The judge's agreement with the people's verdicts on the same pairs (lab.ranking.agreement_with_people):
+    metrics only where someone ranked them."""
+    from lab import ranking
+
+    ids = [str(row.get("id", i)) for i, row in enumerate(rows, start=1)]
+    pairs = {item: answer_indices(row, ours, theirs) for item, row in zip(ids, rows, strict=True)}
+    people = ranking.people_on(ctx.settings, ctx.dataset["name"], pairs)
+    if not people:
+        return {}
+    judged = {item: ({"win": ">", "loss": "<", "tie": "="}[o], p)
+              for item, o, p in zip(ids, outcomes, preferences, strict=True)}
+    found = ranking.agreement_with_people(judged, people)
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    ctx.log(f"[lab] the judge agrees with the people on {fmt(found['people_agreement'])} of "
+            f"{found['people_pairs']} verdicts, Cohen's kappa {fmt(found['people_kappa'])}, Kendall's tau "
+            f"{fmt(found['people_kendall'])}, Spearman's rho {fmt(found['people_spearman'])}")
+    return {k: v for k, v in found.items() if v is not None}

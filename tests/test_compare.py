@@ -70,7 +70,8 @@ def test_leaderboard_marks_the_best_value_of_each_column(any_ws):
     ("rewards/margins", "higher"), ("rewards/accuracies", "higher"), ("reward", "higher"), ("eval_fewshot:accuracy",
                                                                                           "higher"),
     ("grad_norm", None), ("entropy", None), ("kl", None), ("tokens_per_s", None), ("mfu", None),
-    ("rewards/rejected", None), ("logps/chosen", None), ("learning_rate", None)])
+    ("rewards/rejected", None), ("logps/chosen", None), ("learning_rate", None), ("eval-judge:people_kappa", "higher"),
+    ("eval/people_spearman", "higher"), ("eval/people_pairs", None)])
 def test_every_metric_has_a_direction_or_none(key, way):
     assert compare.direction(key) == way
 

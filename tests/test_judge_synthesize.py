@@ -8,11 +8,12 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import write_jsonl
 from test_stages import run_job
 
-from lab import compare, datasets, formats, registry, runs
+from lab import compare, datasets, formats, ranking, registry, runs
 from lab.errors import LabError
 from plugins import eval_judge, synthesize
 
@@ -66,9 +67,30 @@ def test_a_model_judged_against_itself_wins_half_with_its_position_bias_shown(la
 def test_eval_judge_reads_a_candidates_dataset_and_refuses_one_without_both_models(lab, jobs_worker):
     gen = run_job(lab, "generate", "tiny", "questions", num_samples=2, max_new_tokens=5, limit=4)
     name = gen["output_dataset"]
+    # people ranked some of the same answers first: ann the first answer better, better, worse; bob a tie
+    fingerprint, ids = datasets.info(lab, name)["fingerprint"], [item for item, _ in ranking.items(lab, name)]
+    for item, first_better in zip(ids, (True, True, False), strict=False):
+        shown = ranking.shown_order(fingerprint, item, "ann", 2)
+        ranking.submit(lab, name, item, "ann", into="prefs", order=",".join(
+            str(shown.index(i) + 1) for i in ((0, 1) if first_better else (1, 0))))
+    ranking.submit(lab, name, ids[0], "bob", verdict="tie")
     job = run_job(lab, "eval-judge", "tiny", name, judge="tiny", against="tiny")  # its two samples, one another
     found = results(job)
     assert found["rows"] == 4 and 0 <= found["win_rate"] <= 1
+    # the judge against the people, recomputed from its examples (scipy for the rank correlations)
+    from scipy.stats import kendalltau, spearmanr
+
+    judged = [json.loads(line) for line in (Path(job["run_dir"]) / "eval" / "examples.jsonl").open()]
+    label = {"win": ">", "loss": "<", "tie": "="}
+    people = [(0, ">"), (0, "="), (1, ">"), (2, "<")]
+    ours = [label[judged[row]["outcome"]] for row, _ in people]
+    assert found["people_pairs"] == 4
+    assert found["people_agreement"] == pytest.approx(sum(a == b for a, (_, b) in zip(ours, people, strict=True)) / 4)
+    soft, hard = [judged[row]["preference"] for row, _ in people], [{">": 1, "=": 0.5, "<": 0}[b] for _, b in people]
+    for key, ref in (("people_spearman", spearmanr), ("people_kendall", kendalltau)):
+        expected = ref(soft, hard).statistic
+        assert found.get(key) == (None if np.isnan(expected) else pytest.approx(expected)), key
+    assert "the judge agrees with the people on" in (Path(job["run_dir"]) / "log.txt").read_text()
     with pytest.raises(LabError, match="has no answer by tiny-b"):
         runs.submit(lab, "eval-judge", model="tiny", dataset=name, params={"judge": "tiny", "against": "tiny-b"})
     with pytest.raises(LabError, match="`against` is required"):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+import typing
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
-from lab import gguf_export, jobstore, model_server, registry, runs
+from lab import gguf_export, jobstore, model_server, plugins, registry, runs
 from lab.errors import LabError
 from lab.ui import choices
 from lab.ui.common import TERMINAL, UI, user_errors
@@ -130,8 +131,9 @@ def build(ui: UI) -> None:
         with gr.Row():
             to_merge = gr.Dropdown(label="Adapters (two or more, one base)", choices=[], value=[], multiselect=True,
                                    scale=3, elem_id="merge-models")
-            merge_method = gr.Dropdown(["linear", "ties", "dare_linear", "dare_ties"], value="linear",
-                                       label="Method", scale=1, elem_id="merge-method")
+            methods = typing.get_args(plugins.get(ui.settings, "merge").params.model_fields["method"].annotation)
+            merge_method = gr.Dropdown(list(methods), value=methods[0], label="Method", scale=1,
+                                       elem_id="merge-method")
             merge_weights = gr.Textbox(label="Weights", placeholder="one per adapter: 0.5,0.5 (default: 1/n each "
                                        "for linear, 1 each otherwise)", scale=2, elem_id="merge-weights")
             merge_density = gr.Number(label="Density (ties, dare)", value=0.5, minimum=0.01, maximum=1, scale=1,

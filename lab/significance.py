@@ -43,8 +43,9 @@ def paired_bootstrap(a: list[float], b: list[float], resamples: int = RESAMPLES,
         raise ValueError("no examples to compare")
     diffs = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(diffs), size=(resamples, len(diffs)))
-    means = diffs[picks].mean(axis=1)
+    step = max(1, 2_000_000 // len(diffs))  # resamples drawn at a time: a few MB, however many the examples
+    means = np.concatenate([diffs[rng.integers(0, len(diffs), size=(min(step, resamples - start), len(diffs)))]
+                            .mean(axis=1) for start in range(0, resamples, step)])
     tail = (1 - level) / 2
     low, high = np.quantile(means, [tail, 1 - tail])
     return Difference(float(diffs.mean()), float(low), float(high), len(diffs), level)

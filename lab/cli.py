@@ -599,7 +599,7 @@ def _fmt_duration(seconds: float | None) -> str:
 def compare_cmd(
     job_ids: Annotated[list[int] | None, typer.Argument(help="Runs to compare; the first is the one the others "
                                                              "are measured against.")] = None,
-    group: Annotated[str | None, typer.Option(help="Every run of a sweep (its group), oldest first.")] = None,
+    group: Annotated[str | None, typer.Option(help="Every training run of a sweep (its group), oldest first.")] = None,
     diagnostics: Annotated[bool, typer.Option(help="Also gradient norms, entropy, KL, speed.")] = False,
     workspace: WorkspaceOpt = None, as_json: JsonOpt = False,
 ):

@@ -317,10 +317,11 @@ def reward_agreement(settings: Settings, name: str, scores: dict[str, list[float
             agree += 1.0 if s[c] > s[r] else 0.5 if s[c] == s[r] else 0.0
             standing[c] += 1
             standing[r] -= 1
-        for (i, j), label in relations(v.verdict, v.ranking, len(s)).items():
+        decided = relations(v.verdict, v.ranking, len(s))
+        for (i, j), label in decided.items():
             people.append(label)
             model.append(">" if s[i] > s[j] else "<" if s[i] < s[j] else "=")
-        placed = sorted({i for pair in relations(v.verdict, v.ranking, len(s)) for i in pair})
+        placed = sorted({i for pair in decided for i in pair})
         tau = significance.kendall_tau([standing[i] for i in placed], [s[i] for i in placed])
         rho = significance.spearman([standing[i] for i in placed], [s[i] for i in placed])
         taus += [tau] if tau is not None else []

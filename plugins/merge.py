@@ -22,7 +22,6 @@ ACCEPTS = ()
 RESUMABLE = False
 MODEL_KINDS = ("adapter",)
 DESCRIPTION = "Merge LoRA adapters of one base into one: linear, TIES or DARE (peft's add_weighted_adapter)."
-METHODS = {"linear": "linear", "ties": "ties", "dare_linear": "dare_linear", "dare_ties": "dare_ties"}
 
 
 class Params(BaseModel):
@@ -49,6 +48,7 @@ def weights_of(params: Params, n: int) -> list[float]:
 
 def check_inputs(params: Params, model: dict | None, dataset: dict | None, settings) -> list[str]:
     from lab import registry
+    from lab.errors import LabError
 
     names = parents(params, model)
     problems = []
@@ -67,7 +67,7 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
     for name in names:
         try:
             bases[name] = registry.info(settings, name).get("base_model")
-        except Exception:  # an unknown name is reported by the model field's own check
+        except LabError:  # an unknown name is reported by the model field's own check
             continue
     if len(set(bases.values())) > 1:
         problems.append("adapters of different base models do not merge: "
@@ -93,7 +93,7 @@ def run(ctx, params: Params) -> None:
     ctx.set_phase("merging")
     names = [f"m{i}" for i in range(len(infos))]
     kwargs = {} if params.method == "linear" else {"density": params.density}
-    model.add_weighted_adapter(names, weights, "merged", combination_type=METHODS[params.method], **kwargs)
+    model.add_weighted_adapter(names, weights, "merged", combination_type=params.method, **kwargs)
     for name in names:
         model.delete_adapter(name)
     model.set_adapter("merged")

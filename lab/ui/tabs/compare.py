@@ -116,6 +116,8 @@ def build(ui: UI) -> None:
 
     def on_runs(values, current_key, show_diagnostics=False):
         ids = ids_of(values)
+        if not ids:  # nothing chosen (every page load without ?group=): nothing to read
+            return gr.update(choices=[], value=None), None, gr.update(choices=[], value=None), None, "", None
         keys = compare.keys(ui.settings, ids)
         metric = current_key if current_key in keys else ("loss" if "loss" in keys else (keys[0] if keys else None))
         jobs = runs.jobs_by_id(ui.settings, ids)  # read once for the leaderboard, the diff and the lineage

@@ -107,7 +107,9 @@ def test_a_job_past_its_time_limit_writes_a_checkpoint_and_fails_as_timeout(lab,
     assert "time limit of 0.3 minutes" in job["error"] and "raise the time limit" in job["next_step"]
     saved = job["error"].split("its last checkpoint is ")[1]
     log = (Path(job["run_dir"]) / "log.txt").read_text()
-    assert f"asked to stop: saving {saved}" in log and "[lab] step 2/" in log
+    assert f"asked to stop: saving {saved}" in log, log[-3000:]
+    # under a loaded machine the limit can come after the first step only: the checkpoint is that of the last step
+    assert f"[lab] step {saved.split('-')[1]}/" in log, log[-3000:]
     assert (Path(job["run_dir"]) / "checkpoints" / saved / "trainer_state.json").is_file()
     assert job["attempts"] == 1 and job["output_model"] is None
 

@@ -22,7 +22,7 @@ PALETTE = ("#2563eb", "#dc2626", "#059669", "#d97706", "#7c3aed", "#0891b2", "#d
 COUNTERS = re.compile(r"(^|[:/])(num_tokens|rows|tokens|episode)$")  # totals, not scores: no best value
 LOWER_IS_BETTER = re.compile(r"loss|perplexity|error", re.IGNORECASE)
 HIGHER_IS_BETTER = re.compile(r"accurac(y|ies)|(^|[/_:])(macro_)?f1|precision|recall|score|bleu|rouge|chrf|exact_match"
-                              r"|contains|margin|win_rate|mean_preference|people_(agreement|kappa|kendall|spearman)"
+                              r"|contains|margin|win_rate|mean_preference|people_(agreement|kappa|kendall|spearman)|(^|[/_:])acc(_norm)?$|mcc"
                               r"|(^|[/:])rewards?(/mean|/chosen)?$",
                               re.IGNORECASE)
 
@@ -30,9 +30,9 @@ HIGHER_IS_BETTER = re.compile(r"accurac(y|ies)|(^|[/_:])(macro_)?f1|precision|re
 def direction(key: str) -> str | None:
     """Which way a metric is better: "lower" (losses, perplexity, error), "higher" (accuracy, F1, rewards,
     margins, text-overlap scores) or None for diagnostics (gradient norm, entropy, KL, speed, log-probabilities,
-    a rejected answer's reward), which are never marked best."""
+    a rejected answer's reward, a standard error), which are never marked best."""
     name = key.removeprefix("best ").split(":", 1)[-1]
-    if "rejected" in name or name.startswith(("logps", "logits")):
+    if "rejected" in name or name.startswith(("logps", "logits")) or "_stderr" in name:
         return None
     if LOWER_IS_BETTER.search(name):
         return "lower"
@@ -340,9 +340,13 @@ def leaders(columns: list[str], rows: list[dict]) -> dict[str, list[int]]:
 
 def shown_columns(columns: list[str], diagnostics: bool = False) -> list[str]:
     """The leaderboard's columns as shown: scores and losses (metrics with a better direction) and the peak memory
-    by default; diagnostics (gradient norm, entropy, KL, log-probabilities, speed) only when asked."""
-    return [c for c in columns if diagnostics or c in ("run", "status") or direction(c) is not None
-            or c.startswith("peak_") and c.endswith("memory_mb")]
+    by default, each figure's standard error (`<figure>_stderr`, as eval-harness records them) right after it;
+    diagnostics (gradient norm, entropy, KL, log-probabilities, speed) only when asked."""
+    errors = {c for c in columns if c.endswith("_stderr") and c.removesuffix("_stderr") in columns}
+    shown = [c for c in columns if c not in errors and (
+        diagnostics or c in ("run", "status") or direction(c) is not None
+        or c.startswith("peak_") and c.endswith("memory_mb"))]
+    return [col for c in shown for col in (c, f"{c}_stderr") if col == c or col in errors]
 
 
 def config_diff(settings: Settings, job_ids: list[int], only_differences: bool = True,
@@ -430,8 +434,8 @@ def differences(settings: Settings, job_ids: list[int], jobs: list[dict] | None 
     for other in job_ids[1:]:
         for plugin in sorted(set(files.get(first, {})) & set(files.get(other, {}))):
             a, b = _scored(files[first][plugin][0]), _scored(files[other][plugin][0])
-            keys = sorted({k for row in a[:1] + b[:1] for k, v in row.items() if significance.is_number(v)}
-                          - {"row"})
+            keys = sorted({k for row in a + b for k, v in row.items() if significance.is_number(v)}
+                          - {"row", "doc_id", "chosen"})
             for key in keys:
                 x, y = significance.paired_examples(a, b, key)
                 if len(x) < 2:

@@ -109,6 +109,20 @@ def _gradio_plot_data() -> None:
         raise TypeError(f"PlotData has the fields {sorted(PlotData.model_fields)}, not type and plot")
 
 
+def _lm_eval() -> None:
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    _takes(TaskManager.__init__, "include_path", "include_defaults", "verbosity")
+    for method in ("_model_call", "_model_generate"):
+        if not callable(getattr(HFLM, method, None)):
+            raise AttributeError(f"HFLM has no {method}")
+    entry = TaskManager(include_path=[str(Path(__file__).parent / "demo" / "benchmarks")],
+                        include_defaults=False, verbosity="ERROR").task_index["capitals"]
+    if not (isinstance(entry.cfg, dict) and entry.yaml_path):
+        raise AttributeError("TaskManager.task_index entries no longer carry cfg and yaml_path")
+
+
 # The internals the lab uses; pyproject.toml pins each library below its next minor, with the reason beside it
 INTERNALS = (
     Internal("transformers-server", "transformers",
@@ -125,6 +139,9 @@ INTERNALS = (
     Internal("gradio-upload-folder", "gradio", "gradio.utils.get_upload_folder", "lab/ui/tabs/datasets.py",
              _gradio_upload_folder),
     Internal("gradio-plot-data", "gradio", "gradio.components.plot.PlotData", "lab/ui/charts.py", _gradio_plot_data),
+    Internal("lm-eval-tasks", "lm-eval", "TaskManager's index (task_index entries' cfg and yaml_path) and the "
+             "HFLM methods a job wraps to be cancellable (_model_call, _model_generate)", "plugins/eval_harness.py",
+             _lm_eval),
 )
 
 

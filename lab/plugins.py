@@ -43,8 +43,8 @@ from lab.settings import Settings
 BUILTINS = ("plugins.pretrain", "plugins.sft", "plugins.classify", "plugins.reward", "plugins.ppo", "plugins.dpo",
             "plugins.orpo", "plugins.kto", "plugins.grpo", "plugins.eval_perplexity", "plugins.eval_generate",
             "plugins.eval_reward", "plugins.eval_preference", "plugins.eval_classify", "plugins.eval_fewshot",
-            "plugins.generate", "plugins.eval_judge", "plugins.synthesize", "plugins.export_hf", "plugins.export_gguf",
-            "plugins.import_gguf", "plugins.merge")
+            "plugins.eval_harness", "plugins.generate", "plugins.eval_judge", "plugins.synthesize",
+            "plugins.export_hf", "plugins.export_gguf", "plugins.import_gguf", "plugins.merge")
 ENTRY_POINT_GROUP = "lab.plugins"
 KINDS = ("train", "eval", "data", "tool")
 

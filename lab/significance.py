@@ -62,9 +62,14 @@ def sign_test(wins: int, losses: int) -> float:
 
 
 def paired_examples(a: list[dict], b: list[dict], metric: str) -> tuple[list[float], list[float]]:
-    """The scores of `metric` for the examples both runs scored, paired by their position in the evaluation's
-    rows (both ran on the same dataset in the same order) where each has a number."""
-    pairs = [(x.get(metric), y.get(metric)) for x, y in zip(a, b, strict=False)]
+    """The scores of `metric` for the examples both runs scored, where each has a number: paired by their task
+    and doc_id where the rows carry one (eval-harness), else by their position in the evaluation's rows (both ran
+    on the same dataset in the same order)."""
+    if a and b and all("doc_id" in r for r in a + b):
+        theirs = {(r.get("task"), r["doc_id"]): r for r in b}
+        pairs = [(x.get(metric), theirs.get((x.get("task"), x["doc_id"]), {}).get(metric)) for x in a]
+    else:
+        pairs = [(x.get(metric), y.get(metric)) for x, y in zip(a, b, strict=False)]
     kept = [(float(x), float(y)) for x, y in pairs if is_number(x) and is_number(y)]
     return [x for x, _ in kept], [y for _, y in kept]
 

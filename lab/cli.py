@@ -599,7 +599,8 @@ def _fmt_duration(seconds: float | None) -> str:
 def compare_cmd(
     job_ids: Annotated[list[int] | None, typer.Argument(help="Runs to compare; the first is the one the others "
                                                              "are measured against.")] = None,
-    group: Annotated[str | None, typer.Option(help="Every training run of a sweep (its group), oldest first.")] = None,
+    group: Annotated[str | None, typer.Option(help="The runs of a group, oldest first: its training runs (a "
+                                                    "sweep), or all of them when it has none.")] = None,
     diagnostics: Annotated[bool, typer.Option(help="Also gradient norms, entropy, KL, speed.")] = False,
     workspace: WorkspaceOpt = None, as_json: JsonOpt = False,
 ):
@@ -608,7 +609,7 @@ def compare_cmd(
     s = _settings(workspace)
     ids = list(job_ids or [])
     if group:
-        in_group = sorted(j["id"] for j in compare.select_runs(s, group=group))
+        in_group = sorted(j["id"] for j in compare.group_runs(s, group))
         if not in_group:
             raise LabError(f"no runs in the group {group!r}", "see `lab jobs list` for the groups of sweeps")
         ids += in_group

@@ -66,6 +66,12 @@ def select_runs(settings: Settings, *, experiment: str | None = None, plugin: st
     return rows[:last] if last else rows
 
 
+def group_runs(settings: Settings, group: str) -> list[dict]:
+    """A group's runs to compare, newest first: its training runs, or all of them when it has none (a group of
+    evaluations, e.g. `lab run eval-harness --group G` on several models)."""
+    return select_runs(settings, group=group) or select_runs(settings, group=group, kind=None)
+
+
 def keys(settings: Settings, job_ids: list[int]) -> list[str]:
     """Every metric logged by any of the runs."""
     if not job_ids:

@@ -119,15 +119,18 @@ def assemble(settings: Settings) -> tuple[gr.Blocks, UI]:
             group = (request.query_params.get("group") or "") if request else ""
             opened = {ui["run_job"]: int(job), ui["tabs"]: gr.update(selected="run")} if job.isdigit() else {}
             if group:
-                found = compare.select_runs(settings, group=group)
+                trained = compare.select_runs(settings, group=group)  # else a group of evaluations: all its runs
+                found = trained or compare.select_runs(settings, group=group, kind=None)
                 options = [(compare.label(j), str(j["id"])) for j in found]
                 opened = {ui["tabs"]: gr.update(selected="compare"),
                           ui["compare_group"]: gr.update(choices=["all", group], value=group),
+                          ui["compare_kind"]: "train" if trained else "all",
                           ui["compare_runs"]: gr.update(choices=options, value=[v for _, v in options])}
             return {**refresh(*values), **opened}
 
         ui["compare_after"](demo.load(on_load, refresh_inputs, [*refresh_outputs, ui["run_job"], ui["tabs"],
-                                                                ui["compare_group"], ui["compare_runs"]]))
+                                                                ui["compare_group"], ui["compare_kind"],
+                                                                ui["compare_runs"]]))
         tabs.select(refresh, refresh_inputs, refresh_outputs, show_progress="hidden")
         tick_inputs = list(dict.fromkeys(c for _, inputs, _ in ui.tickers for c in inputs))
         tick_outputs = list(dict.fromkeys(c for _, _, outputs in ui.tickers for c in outputs))

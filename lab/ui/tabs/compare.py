@@ -83,8 +83,8 @@ def build(ui: UI) -> None:
     show_all = gr.Checkbox(label="Show every setting (not only the ones that differ)", value=False)
     diff = gr.Dataframe(interactive=False, wrap=True, elem_id="compare-diff")
     lineage = gr.Markdown(elem_id="compare-lineage")
-    ui.c.update(compare_group=group, compare_runs=chosen, compare_pick=pick, compare_filters=[experiment, plugin,
-                                                                                             group, tag])
+    ui.c.update(compare_group=group, compare_kind=kind, compare_runs=chosen, compare_pick=pick,
+                compare_filters=[experiment, plugin, group, tag])
 
     def refresh_filters():
         f = _filters(ui)

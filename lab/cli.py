@@ -163,15 +163,17 @@ def _tool(s: Settings, plugin: str, *, model: str | None = None, params: dict, w
 
 @models_app.command("merge")
 def models_merge(
-    names: Annotated[list[str], typer.Argument(help="The adapters to merge (LoRA fine-tunes of one base).")],
+    names: Annotated[list[str], typer.Argument(help="The fine-tunes of one base to merge: LoRA adapters, or full "
+                                                   "models.")],
     method: Annotated[str, typer.Option(help="linear, ties, dare_linear or dare_ties.")] = "linear",
-    weights: Annotated[str, typer.Option(help="One weight per adapter, comma-separated [default: 1/n each for "
+    weights: Annotated[str, typer.Option(help="One weight per model, comma-separated [default: 1/n each for "
                                               "linear, 1 each otherwise].")] = "",
-    density: Annotated[float, typer.Option(help="ties and dare: the share of each adapter's changes kept.")] = 0.5,
+    density: Annotated[float, typer.Option(help="ties and dare: the share of each model's changes kept.")] = 0.5,
     no_wait: NoWaitOpt = False, workspace: WorkspaceOpt = None,
 ):
-    """Merge adapters into one new adapter on their base (a merge job): registered as merge-N, its lineage naming
-    every parent and weight."""
+    """Merge fine-tunes of one base (a merge job): adapters into a new adapter on that base (peft), full models into
+    a new full model (mergekit, weights normalised to sum 1); registered as merge-N, its lineage naming every parent
+    and weight."""
     s = _settings(workspace)
     params = {"adapters": ",".join(names[1:]), "method": method, "weights": weights, "density": density}
     done = _tool(s, "merge", model=names[0], params=params, wait=not no_wait)

@@ -678,9 +678,9 @@ def test_two_adapters_are_merged_from_the_models_page(ws, lab_server, tiny_model
     page.goto(lab_server.start().url)
     page.wait_for_timeout(2000)
     _tab(page, "Models")
-    page.get_by_text("Merge adapters").click()
+    page.get_by_text("Merge fine-tunes").click()
     page.locator("#merge-go").click()  # nothing picked: said, nothing queued
-    _wait_for_text(page, "#models-message", "pick the adapters to merge", 30)
+    _wait_for_text(page, "#models-message", "pick the models to merge", 30)
     assert runs.list_jobs(ws) == []
     _choose(page, "merge-models", "lora-a")
     _choose(page, "merge-models", "lora-b")

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import lab_cli
+from conftest import lab_cli, write_jsonl
 
 from lab import registry, runs
 from lab.errors import LabError
@@ -150,3 +150,88 @@ def test_a_ties_merge_of_adapters_trained_on_different_data_keeps_what_each_lear
         own, other = sorted(_loss(ws, name, text) for name in texts)
         ours = _loss(ws, merged, text)
         assert ours <= other and ours < _loss(ws, "tiny", text), (text, own, ours, other)
+
+
+def problems_of(settings, model: str, params: dict) -> list[str]:
+    from lab import plugins
+
+    plugin = plugins.get(settings, "merge")
+    return plugin.module.check_inputs(plugins.validate_params(plugin, params), registry.info(settings, model), None,
+                                      settings)
+
+
+@pytest.fixture
+def full_finetunes(ws, tiny_model_dir, tmp_path, jobs_worker):
+    """Two full fine-tunes of tiny (sft jobs without LoRA, on two different sentences): sft-1 and sft-2."""
+    from lab import datasets
+
+    registry.add_folder(ws, "tiny", tiny_model_dir)
+    for i, text in enumerate(("the sky is blue and the grass is green.", "one two three four five six seven.")):
+        rows = [{"prompt": "say it", "completion": text}] * 4
+        datasets.add(ws, f"d{i}", write_jsonl(tmp_path / f"d{i}.jsonl", rows))
+        runs.submit(ws, "sft", model="tiny", dataset=f"d{i}",
+                    params={"use_lora": "false", "max_steps": "4", "learning_rate": "0.01", "precision": "fp32"})
+    jobs_worker(ws).serve(until_empty=True)
+    assert [j["status"] for j in runs.list_jobs(ws)] == ["completed"] * 2
+    return ws
+
+
+def test_full_fine_tunes_merge_with_mergekit_into_a_model_that_exports(full_finetunes, jobs_worker):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ws = full_finetunes
+    a, b = registry.info(ws, "sft-1"), registry.info(ws, "sft-2")
+    assert (a["kind"], a["base_model"]) == ("full", "tiny")
+    alone = runs.submit_tool(ws, "merge", model="sft-1", params={"method": "ties", "weights": "1", "density": 1})
+    halves = runs.submit_tool(ws, "merge", model="sft-1", params={"adapters": "sft-2", "weights": "0.5,0.5"})
+    ties = runs.submit_tool(ws, "merge", model="sft-1", params={"adapters": "sft-2", "method": "ties"})
+    jobs_worker(ws).serve(until_empty=True)
+    for job_id in (alone, halves, ties):
+        job = runs.get_job(ws, job_id)
+        assert job["status"] == "completed", f"{job['error']}\n{job['log_tail']}"
+        assert registry.info(ws, job["output_model"])["kind"] == "full"
+
+    def weights(path):
+        return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+    base, wa, wb = weights(registry.info(ws, "tiny")["path"]), weights(a["path"]), weights(b["path"])
+    out = {j: weights(registry.info(ws, runs.get_job(ws, j)["output_model"])["path"]) for j in (alone, halves, ties)}
+    for key in wa:
+        # TIES of one model with every change kept is that model; a linear merge at 0.5 each is the average
+        assert torch.allclose(out[alone][key], wa[key], atol=1e-6), key
+        assert torch.allclose(out[halves][key], (wa[key] + wb[key]) / 2, atol=1e-6), key
+    changed = [k for k in wa if not torch.equal(wa[k], base[k])]
+    assert changed, "the fine-tunes moved the weights"
+    assert any(not torch.allclose(out[ties][k], out[halves][k], atol=1e-6) for k in changed), "TIES is not linear"
+    result = runs.tool_result(ws, ties)
+    assert (result["kind"], result["method"], result["density"]) == ("full", "ties", 0.5)
+    assert "adapters sft-2, method ties" in runs.get_job(ws, ties)["lineage"]
+
+    registry.create_tiny(ws, "other")
+    with pytest.raises(LabError, match="models of different base models do not merge: sft-1 on tiny, other on no"):
+        runs.submit_tool(ws, "merge", model="sft-1", params={"adapters": "other", "method": "ties"})
+    assert problems_of(ws, "sft-1", {"adapters": "tiny", "method": "ties"}) == [], "a fine-tune merges with its base"
+
+    # a merged model is a model like any other: it exports
+    merged = runs.get_job(ws, halves)["output_model"]
+    export = runs.submit_tool(ws, "export-hf", model=merged)
+    jobs_worker(ws).serve(once=True)
+    assert runs.get_job(ws, export)["status"] == "completed", runs.get_job(ws, export)["error"]
+    exported = Path(runs.tool_result(ws, export)["folder"])
+    assert torch.allclose(weights(exported)["lm_head.weight"], out[halves]["lm_head.weight"])
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"adapters": "other"}, "models of different shapes do not merge"),
+    ({"adapters": "tiny2", "method": "ties"}, "tiny, tiny2 have none recorded: use method linear"),
+    ({"adapters": "a"}, "adapters and full models do not merge together"),
+])
+def test_full_models_that_cannot_merge_are_refused(adapters, tmp_path, params, message):
+    import shutil
+
+    registry.create_tiny(adapters, "other", hidden=32, layers=1)
+    registry.add_folder(adapters, "tiny2", shutil.copytree(registry.info(adapters, "tiny")["path"], tmp_path / "t2"))
+    with pytest.raises(LabError, match=message):
+        runs.submit_tool(adapters, "merge", model="tiny", params=params)
+    assert runs.list_jobs(adapters) == []

@@ -123,18 +123,20 @@ def build(ui: UI) -> None:
             export_as = gr.Textbox(label="Export name (optional)", scale=2)
             export_go = gr.Button("Export", scale=1, elem_id="export-go")
         export_file = gr.File(label="Files", interactive=False, file_count="multiple", elem_id="export-files")
-    with gr.Accordion("Merge adapters", open=False):
-        gr.Markdown("LoRA fine-tunes of one base merged into one new adapter (a `merge` job, peft's "
-                    "`add_weighted_adapter`): **linear** is a weighted sum; **ties** keeps each adapter's largest "
-                    "changes (*density*), elects a sign and averages the changes that agree; **dare** drops changes "
-                    "at random and rescales the rest. The new model's lineage names every parent and weight.")
+    with gr.Accordion("Merge fine-tunes", open=False):
+        gr.Markdown("Fine-tunes of one base merged into one new model (a `merge` job): LoRA adapters into a new "
+                    "adapter (peft's `add_weighted_adapter`), full models into a new full model (mergekit, weights "
+                    "normalised to sum 1). **linear** is a weighted sum; **ties** keeps each model's largest "
+                    "changes from the base (*density*), elects a sign and averages the changes that agree; **dare** "
+                    "drops changes at random and rescales the rest. The new model's lineage names every parent and "
+                    "weight.")
         with gr.Row():
-            to_merge = gr.Dropdown(label="Adapters (two or more, one base)", choices=[], value=[], multiselect=True,
-                                   scale=3, elem_id="merge-models")
+            to_merge = gr.Dropdown(label="Models (two or more fine-tunes of one base: all adapters, or all full)",
+                                   choices=[], value=[], multiselect=True, scale=3, elem_id="merge-models")
             methods = typing.get_args(plugins.get(ui.settings, "merge").params.model_fields["method"].annotation)
             merge_method = gr.Dropdown(list(methods), value=methods[0], label="Method", scale=1,
                                        elem_id="merge-method")
-            merge_weights = gr.Textbox(label="Weights", placeholder="one per adapter: 0.5,0.5 (default: 1/n each "
+            merge_weights = gr.Textbox(label="Weights", placeholder="one per model: 0.5,0.5 (default: 1/n each "
                                        "for linear, 1 each otherwise)", scale=2, elem_id="merge-weights")
             merge_density = gr.Number(label="Density (ties, dare)", value=0.5, minimum=0.01, maximum=1, scale=1,
                                       elem_id="merge-density")
@@ -267,11 +269,11 @@ def build(ui: UI) -> None:
                     concurrency_limit=None)
 
     def on_merge(names, method, weights, density):
-        """Queue a merge job and follow it here, like an export; the merged adapter is registered at its end."""
+        """Queue a merge job and follow it here, like an export; the merged model is registered at its end."""
         names = list(names or [])
         try:
             if not names:
-                raise LabError("pick the adapters to merge (two or more)")
+                raise LabError("pick the models to merge (two or more)")
             job_id = runs.submit_tool(ui.settings, "merge", model=names[0], params={
                 "adapters": ",".join(names[1:]), "method": method, "weights": (weights or "").strip(),
                 "density": 0.5 if density in (None, "") else density})
@@ -321,7 +323,7 @@ def build(ui: UI) -> None:
         return {ui["models_table"]: table(ui), status: starter_status(ui),
                 to_export: gr.update(choices=choices.model_names(ui)),
                 to_serve: gr.update(choices=choices.model_names(ui, ("full", "adapter"))),
-                to_merge: gr.update(choices=choices.model_names(ui, ("adapter",))), served: served_text(ui)}
+                to_merge: gr.update(choices=choices.model_names(ui, ("adapter", "full"))), served: served_text(ui)}
 
     ui.on_refresh(refresh, [ui["models_table"], status, to_export, to_serve, to_merge, served])
 

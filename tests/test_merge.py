@@ -235,3 +235,20 @@ def test_full_models_that_cannot_merge_are_refused(adapters, tmp_path, params, m
     with pytest.raises(LabError, match=message):
         runs.submit_tool(adapters, "merge", model="tiny", params=params)
     assert runs.list_jobs(adapters) == []
+
+
+def test_a_merged_adapter_is_served_like_any_model(adapters, jobs_worker, serves):
+    import openai
+    from test_model_server import _start, _stop
+
+    job_id = runs.submit_tool(adapters, "merge", model="a", params={"adapters": "b", "method": "dare_ties"})
+    jobs_worker(adapters).serve(once=True)
+    merged = runs.get_job(adapters, job_id)["output_model"]
+    proc, base = _start(adapters, merged)
+    try:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        answer = client.chat.completions.create(model=merged, messages=[{"role": "user", "content": "Hi"}],
+                                                max_tokens=4)
+        assert answer.model == merged and answer.choices[0].message.content is not None
+    finally:
+        _stop(proc)

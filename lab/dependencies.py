@@ -53,7 +53,8 @@ def _takes(function: Callable, *names: str) -> None:
 def _transformers_server() -> None:
     from transformers.cli.serve import Serve
 
-    _takes(Serve.__init__, "force_model", "device", "dtype", "log_level")
+    _takes(Serve.__init__, "force_model", "device", "dtype", "log_level", "continuous_batching", "cb_block_size",
+           "cb_num_blocks", "cb_max_batch_tokens")
     _takes(Serve.run, "socket", "engine_connection")
 
 

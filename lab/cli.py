@@ -611,7 +611,7 @@ def compare_cmd(
     s = _settings(workspace)
     ids = list(job_ids or [])
     if group:
-        in_group = sorted(j["id"] for j in compare.group_runs(s, group))
+        in_group = sorted(j["id"] for j in compare.group_runs(s, group)[0])
         if not in_group:
             raise LabError(f"no runs in the group {group!r}", "see `lab jobs list` for the groups of sweeps")
         ids += in_group

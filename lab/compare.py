@@ -66,10 +66,12 @@ def select_runs(settings: Settings, *, experiment: str | None = None, plugin: st
     return rows[:last] if last else rows
 
 
-def group_runs(settings: Settings, group: str) -> list[dict]:
-    """A group's runs to compare, newest first: its training runs, or all of them when it has none (a group of
-    evaluations, e.g. `lab run eval-harness --group G` on several models)."""
-    return select_runs(settings, group=group) or select_runs(settings, group=group, kind=None)
+def group_runs(settings: Settings, group: str) -> tuple[list[dict], str | None]:
+    """A group's runs to compare, newest first, and the kind they were picked by: its training runs ("train"), or
+    all of them (None) when it has none (a group of evaluations, e.g. `lab run eval-harness --group G` on several
+    models)."""
+    trained = select_runs(settings, group=group)
+    return (trained, "train") if trained else (select_runs(settings, group=group, kind=None), None)
 
 
 def keys(settings: Settings, job_ids: list[int]) -> list[str]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import os
 import re
 from pathlib import Path
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from lab import evaluation, modeling
 from lab.dependencies import internal
 from lab.errors import DataError
+from lab.significance import is_number
 
 ID = "eval-harness"
 KIND = "eval"
@@ -71,8 +71,8 @@ def _local_index(folders: list[Path]):
     import logging
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    from lm_eval.tasks import TaskManager
-
+    with modeling.IMPORTS:  # the web server checks a launch in a handler thread: lm_eval imports transformers
+        from lm_eval.tasks import TaskManager
     return TaskManager(include_path=[str(f) for f in folders], include_defaults=False, verbosity="ERROR")
 
 
@@ -102,23 +102,18 @@ def check_inputs(params: Params, model: dict | None, dataset: dict | None, setti
     return problems
 
 
-def _figure(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(
-        value) else None
-
-
 def summary_of(results: dict) -> dict[str, float]:
     """{task/metric: value, task/metric_stderr: its standard error} from the harness's results (a filter other
     than `none` is kept in the name: task/exact_match/strict-match and task/exact_match/strict-match_stderr)."""
     out = {}
     for task, figures in results.items():
         for key, value in figures.items():
-            if "," not in key or _figure(value) is None:
+            if "," not in key or not is_number(value):
                 continue
             metric, filt = key.split(",", 1)
             base = metric.removesuffix("_stderr")
             name = f"{task}/{base}" + ("" if filt == "none" else f"/{filt}") + ("_stderr" if base != metric else "")
-            out[name] = _figure(value)
+            out[name] = float(value)
     return out
 
 
@@ -130,14 +125,14 @@ def examples_of(samples: dict) -> list[dict]:
         for s in sorted(samples[task], key=lambda s: s["doc_id"]):
             row = {"task": task, "doc_id": s["doc_id"], "target": str(s.get("target"))}
             resps = s.get("filtered_resps") or []
-            if resps and all(isinstance(r, (list, tuple)) and r and _figure(r[0]) is not None for r in resps):
+            if resps and all(isinstance(r, (list, tuple)) and r and is_number(r[0]) for r in resps):
                 row["chosen"] = max(range(len(resps)), key=lambda i: resps[i][0])  # a multiple-choice answer
             elif resps and isinstance(resps[0], str):
                 row["answer"] = resps[0]
             suffix = "" if s.get("filter", "none") == "none" else f"/{s['filter']}"
             for metric in s.get("metrics", []):
-                if _figure(s.get(metric)) is not None:
-                    row[f"{task}/{metric}{suffix}"] = _figure(s[metric])
+                if is_number(s.get(metric)):
+                    row[f"{task}/{metric}{suffix}"] = float(s[metric])
             rows.append(row)
     return rows
 

@@ -119,12 +119,11 @@ def assemble(settings: Settings) -> tuple[gr.Blocks, UI]:
             group = (request.query_params.get("group") or "") if request else ""
             opened = {ui["run_job"]: int(job), ui["tabs"]: gr.update(selected="run")} if job.isdigit() else {}
             if group:
-                trained = compare.select_runs(settings, group=group)  # else a group of evaluations: all its runs
-                found = trained or compare.select_runs(settings, group=group, kind=None)
+                found, kind = compare.group_runs(settings, group)
                 options = [(compare.label(j), str(j["id"])) for j in found]
                 opened = {ui["tabs"]: gr.update(selected="compare"),
                           ui["compare_group"]: gr.update(choices=["all", group], value=group),
-                          ui["compare_kind"]: "train" if trained else "all",
+                          ui["compare_kind"]: kind or "all",
                           ui["compare_runs"]: gr.update(choices=options, value=[v for _, v in options])}
             return {**refresh(*values), **opened}
 
